@@ -1,0 +1,224 @@
+"""Writing the comic: PNG pages, one multi-page PDF, a CBZ with ComicInfo.xml, panel PNGs.
+
+Every file is written to a temporary file in the destination folder and then renamed over the
+target (`os.replace`, atomic on one file system): an interrupted or failed write leaves no
+partial file and keeps the earlier version intact. OS failures become `OutputError` naming the
+path. No torch.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import xml.etree.ElementTree as ET
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image
+
+from anystory_cli.errors import OutputError
+
+# Files we create get the usual rw-r--r--: mkstemp makes them 0600, which would be surprising
+# on a comic a user wants to share.
+NEW_FILE_MODE = 0o644
+
+
+def ensure_dir(path: str | os.PathLike[str]) -> Path:
+    """Create `path` (and parents) if needed; OutputError if that is impossible."""
+    folder = Path(path)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
+    if not folder.is_dir():
+        raise OutputError(f"output path {folder} exists and is not a folder")
+    return folder
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+    """Call `write(handle)` on a temp file next to `path`, then rename it over `path`."""
+    target = Path(path)
+    folder = ensure_dir(target.parent)
+    try:
+        fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
+    except OSError as exc:
+        raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())  # the rename must not land before the data
+        os.chmod(temp_name, _mode_for(target))
+        os.replace(temp_name, target)
+    except BaseException as exc:
+        _remove_quietly(temp_name)
+        if isinstance(exc, OSError):
+            raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
+        raise
+    return target
+
+
+def _mode_for(target: Path) -> int:
+    try:
+        return target.stat().st_mode & 0o777  # keep the permissions of the file we replace
+    except OSError:
+        return NEW_FILE_MODE
+
+
+def _remove_quietly(name: str) -> None:
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+
+
+def write_png(image: Image.Image, path: str | os.PathLike[str], dpi: int | None = None) -> Path:
+    extra = {"dpi": (dpi, dpi)} if dpi else {}
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG", **extra))
+
+
+def write_pages_png(
+    pages: Sequence[Image.Image], folder: str | os.PathLike[str], dpi: int | None = None,
+    stem: str = "page",
+) -> list[Path]:
+    """page-001.png, page-002.png, ... in `folder`."""
+    return [
+        write_png(page, Path(folder) / f"{stem}-{number:03d}.png", dpi)
+        for number, page in enumerate(pages, start=1)
+    ]
+
+
+def write_panels_png(
+    panels: Sequence[Image.Image], folder: str | os.PathLike[str],
+    indices: Sequence[int] | None = None,
+) -> list[Path]:
+    """panel-001.png, ... named by story panel index + 1 (`indices`, default 0, 1, 2, ...)."""
+    numbers = range(len(panels)) if indices is None else indices
+    if len(numbers) != len(panels):
+        raise ValueError("one index per panel image")
+    return [
+        write_png(panel, Path(folder) / f"panel-{index + 1:03d}.png")
+        for index, panel in zip(numbers, panels)
+    ]
+
+
+def write_pdf(
+    pages: Sequence[Image.Image], path: str | os.PathLike[str], title: str = "", dpi: int = 150
+) -> Path:
+    """All pages in one PDF, each page sized by `dpi`."""
+    if not pages:
+        raise ValueError("a PDF needs at least one page")
+    rgb = [page.convert("RGB") for page in pages]
+
+    def write(handle: BinaryIO) -> None:
+        rgb[0].save(
+            handle, format="PDF", save_all=True, append_images=rgb[1:], resolution=float(dpi),
+            title=title, creator="anystory",
+        )
+
+    return atomic_write(path, write)
+
+
+def comic_info_xml(
+    title: str,
+    page_sizes: Sequence[tuple[int, int, int]],
+    reading_order: str = "ltr",
+    characters: Sequence[str] = (),
+) -> bytes:
+    """ComicInfo.xml (schema 2.0). `page_sizes` are (width, height, bytes) per page.
+
+    Elements follow the schema's order (some readers validate it).
+    """
+    root = ET.Element(
+        "ComicInfo",
+        {
+            "xmlns:xsi": "http://www.w3.org/2001/XMLSchema-instance",
+            "xmlns:xsd": "http://www.w3.org/2001/XMLSchema",
+        },
+    )
+    ET.SubElement(root, "Title").text = title
+    ET.SubElement(root, "Notes").text = "Made with anystory (AnyStory, arXiv 2501.09503)"
+    ET.SubElement(root, "PageCount").text = str(len(page_sizes))
+    ET.SubElement(root, "Manga").text = "YesAndRightToLeft" if reading_order == "rtl" else "No"
+    if characters:
+        ET.SubElement(root, "Characters").text = ", ".join(characters)
+    pages = ET.SubElement(root, "Pages")
+    for number, (width, height, size) in enumerate(page_sizes):
+        attributes = {
+            "Image": str(number),
+            "ImageSize": str(size),
+            "ImageWidth": str(width),
+            "ImageHeight": str(height),
+        }
+        if number == 0:
+            attributes["Type"] = "FrontCover"
+        ET.SubElement(pages, "Page", attributes)
+    ET.indent(root)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def write_cbz(
+    pages: Sequence[Image.Image],
+    path: str | os.PathLike[str],
+    title: str,
+    reading_order: str = "ltr",
+    characters: Sequence[str] = (),
+) -> Path:
+    """A comic book archive: 001.png, 002.png, ... and ComicInfo.xml."""
+    encoded = [_png_bytes(page) for page in pages]
+    sizes = [(page.width, page.height, len(data)) for page, data in zip(pages, encoded)]
+    info = comic_info_xml(title, sizes, reading_order, characters)
+
+    def write(handle: BinaryIO) -> None:
+        # PNGs are already compressed: store them; deflate only the XML.
+        with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
+            for number, data in enumerate(encoded, start=1):
+                archive.writestr(f"{number:03d}.png", data)
+            archive.writestr("ComicInfo.xml", info, compress_type=zipfile.ZIP_DEFLATED)
+
+    return atomic_write(path, write)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@dataclass
+class ExportResult:
+    pages: list[Path] = field(default_factory=list)
+    pdf: Path | None = None
+    cbz: Path | None = None
+    panels: list[Path] = field(default_factory=list)
+
+    @property
+    def files(self) -> list[Path]:
+        extra = [p for p in (self.pdf, self.cbz) if p is not None]
+        return [*self.pages, *extra, *self.panels]
+
+
+def export_comic(
+    pages: Sequence[Image.Image],
+    folder: str | os.PathLike[str],
+    title: str,
+    *,
+    reading_order: str = "ltr",
+    dpi: int = 150,
+    characters: Sequence[str] = (),
+    panels: Sequence[Image.Image] = (),
+    stem: str = "comic",
+) -> ExportResult:
+    """Everything at once: pages/page-NNN.png, <stem>.pdf, <stem>.cbz, panels/panel-NNN.png."""
+    out = ensure_dir(folder)
+    result = ExportResult()
+    result.pages = write_pages_png(pages, out / "pages", dpi)
+    result.pdf = write_pdf(pages, out / f"{stem}.pdf", title, dpi)
+    result.cbz = write_cbz(pages, out / f"{stem}.cbz", title, reading_order, characters)
+    if panels:
+        result.panels = write_panels_png(panels, out / "panels")
+    return result

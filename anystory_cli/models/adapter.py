@@ -1,0 +1,229 @@
+"""The AnyStory adapter: every trainable module, its configuration, and installation on a UNet.
+
+An adapter is made for one base UNet architecture. Its config records that UNet's config (to
+rebuild the ReferenceNet) and the shape of every attention layer it injects into, so a weights
+file alone rebuilds the modules and a mismatched base model is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import nn
+
+from ..errors import ModelError
+from .attention import CrossAttentionProcessor, SelfAttentionProcessor
+from .qformer import QFormer, QFormerConfig
+from .reference_net import ReferenceNet, forward_order
+from .router import LayerRouter
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    name: str  # e.g. "down_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    query_dim: int  # width of the latent tokens
+    inner_dim: int  # heads * head_dim of the attention
+    context_dim: int  # width of what keys/values are projected from
+
+
+@dataclass(frozen=True)
+class AnyStoryConfig:
+    unet_config: dict
+    cross_layers: tuple[LayerSpec, ...]  # forward order
+    self_layers: tuple[LayerSpec, ...]  # forward order
+    image_embed_dim: int  # width of the image encoder's penultimate hidden states
+    image_size: int = 224  # image encoder input size
+    num_subject_tokens: int = 64  # m (paper)
+    qformer_hidden_dim: int = 768
+    qformer_depth: int = 4  # paper: 4 layers for both QFormers
+    qformer_heads: int = 8
+    routing_dim: int = 768  # width of the routing features R_i
+    router_hidden_dim: int = 64
+    max_characters: int = 4
+    reference_size: int = 512  # paper: 512x512 references
+    image_mean: tuple[float, float, float] = CLIP_MEAN
+    image_std: tuple[float, float, float] = CLIP_STD
+
+    @property
+    def reference_layers(self) -> tuple[LayerSpec, ...]:
+        """Self-attention layers fed by the ReferenceNet: all but the first (paper)."""
+        return self.self_layers[1:]
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.cross_layers[0].context_dim
+
+    def subject_qformer(self) -> QFormerConfig:
+        return QFormerConfig(
+            self.image_embed_dim, self.cross_attention_dim, self.num_subject_tokens,
+            self.qformer_hidden_dim, self.qformer_depth, self.qformer_heads,
+        )
+
+    def routing_qformer(self) -> QFormerConfig:
+        return QFormerConfig(
+            self.image_embed_dim, self.routing_dim, 1,
+            self.qformer_hidden_dim, self.qformer_depth, self.qformer_heads,
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AnyStoryConfig":
+        data = json.loads(text)
+        data["cross_layers"] = tuple(LayerSpec(**x) for x in data["cross_layers"])
+        data["self_layers"] = tuple(LayerSpec(**x) for x in data["self_layers"])
+        for key in ("image_mean", "image_std"):
+            data[key] = tuple(data[key])
+        return cls(**data)
+
+    @classmethod
+    def for_unet(cls, unet: nn.Module, image_embed_dim: int, **options) -> "AnyStoryConfig":
+        """The config of an adapter for `unet`; `options` override the defaults above."""
+        cross, own = _layer_specs(unet)
+        if not cross:
+            raise ModelError("the UNet has no cross-attention layers to inject characters into")
+        unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
+        return cls(unet_config=json.loads(json.dumps(unet_config)), cross_layers=cross,
+                   self_layers=own, image_embed_dim=image_embed_dim, **options)
+
+
+def _layer_specs(unet: nn.Module) -> tuple[tuple[LayerSpec, ...], tuple[LayerSpec, ...]]:
+    """Cross- and self-attention layers of the transformer blocks, in forward order."""
+    modules = dict(unet.named_modules())
+
+    def specs(suffix):
+        names = forward_order([n for n in modules if n.endswith(suffix)])
+        return tuple(LayerSpec(n, modules[n].to_q.in_features, modules[n].to_k.out_features,
+                               modules[n].to_k.in_features) for n in names)
+
+    return specs(".attn2"), specs(".attn1")
+
+
+def module_key(layer_name: str) -> str:
+    """nn.ModuleDict keys cannot contain dots."""
+    return layer_name.replace(".", "__")
+
+
+def _kv_pair(spec: LayerSpec) -> nn.ModuleDict:
+    return nn.ModuleDict({
+        "to_k": nn.Linear(spec.context_dim, spec.inner_dim, bias=False),
+        "to_v": nn.Linear(spec.context_dim, spec.inner_dim, bias=False),
+    })
+
+
+class AnyStoryAdapter(nn.Module):
+    """Subject QFormer, routing QFormer, ReferenceNet, per-layer routers and the new K/V weights
+    (Ŵ for cross-attention, W̃ for self-attention)."""
+
+    def __init__(self, config: AnyStoryConfig, reference_net: ReferenceNet | None = None):
+        super().__init__()
+        self.config = config
+        self.subject_qformer = QFormer(config.subject_qformer())
+        self.routing_qformer = QFormer(config.routing_qformer())
+        self.reference_net = reference_net if reference_net is not None else ReferenceNet(config.unet_config)
+        self.routers = nn.ModuleDict({
+            module_key(s.name): LayerRouter(config.routing_dim, s.query_dim, config.router_hidden_dim)
+            for s in config.cross_layers
+        })
+        self.subject_kv = nn.ModuleDict({module_key(s.name): _kv_pair(s) for s in config.cross_layers})
+        # Reference features are the ReferenceNet's attn1 inputs: width query_dim.
+        self.reference_kv = nn.ModuleDict({
+            module_key(s.name): _kv_pair(replace(s, context_dim=s.query_dim)) for s in config.reference_layers
+        })
+
+    @classmethod
+    def from_unet(cls, unet: nn.Module, image_embed_dim: int, **options) -> "AnyStoryAdapter":
+        """A fresh adapter: ReferenceNet copied from `unet`; Ŵ and W̃ initialised from the layer's
+        text and self-attention K/V (paper), QFormers and routers random."""
+        adapter = cls(AnyStoryConfig.for_unet(unet, image_embed_dim, **options), ReferenceNet.from_unet(unet))
+        modules = dict(unet.named_modules())
+        with torch.no_grad():
+            for spec in adapter.config.cross_layers:
+                _copy_kv(adapter.subject_kv[module_key(spec.name)], modules[spec.name])
+            for spec in adapter.config.reference_layers:
+                _copy_kv(adapter.reference_kv[module_key(spec.name)], modules[spec.name])
+        return adapter.to(dtype=unet.dtype)
+
+    def encode_features(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, image_embed_dim) -> subject tokens (B, m, d_c), routing features (B, d_r)."""
+        return self.subject_qformer(image_features), self.routing_qformer(image_features)[:, 0]
+
+    def fingerprint(self) -> str:
+        """A short id of these weights: encodings made with other weights are refused."""
+        digest = hashlib.sha256(self.config.to_json().encode())
+        with torch.no_grad():
+            for name, tensor in self.state_dict().items():
+                t = tensor.detach().float().flatten()
+                digest.update(name.encode())
+                digest.update(repr((tuple(tensor.shape), float(t.sum()), float(t.abs().sum()))).encode())
+                digest.update(t[:16].numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def _copy_kv(target: nn.ModuleDict, attn: nn.Module) -> None:
+    target["to_k"].weight.copy_(attn.to_k.weight)
+    target["to_v"].weight.copy_(attn.to_v.weight)
+
+
+@dataclass
+class InstalledAdapter:
+    """Processors installed on a UNet; `remove()` restores the original processors."""
+
+    unet: nn.Module
+    originals: dict
+    hook: object = field(repr=False)
+
+    def remove(self) -> None:
+        self.unet.set_attn_processor(dict(self.originals))  # set_attn_processor empties its argument
+        self.hook.remove()
+
+
+def _begin_forward_hook(module, args, kwargs):
+    context = (kwargs.get("cross_attention_kwargs") or {}).get("anystory")
+    if context is not None:
+        sample = args[0] if args else kwargs["sample"]
+        context.begin_forward(sample.shape[0])
+
+
+def check_fits(config: AnyStoryConfig, unet: nn.Module) -> None:
+    """Refuse a base UNet whose attention layers differ from the ones the adapter was made for."""
+    cross, own = _layer_specs(unet)
+    if (cross, own) == (config.cross_layers, config.self_layers):
+        return
+    expected = {s.name: s for s in config.cross_layers + config.self_layers}
+    found = {s.name: s for s in cross + own}
+    for name in sorted(set(expected) | set(found)):
+        if expected.get(name) != found.get(name):
+            raise ModelError(
+                f"adapter does not fit this base model at {name}: adapter expects "
+                f"{expected.get(name)}, the UNet has {found.get(name)}"
+            )
+
+
+def install(adapter: AnyStoryAdapter, unet: nn.Module) -> InstalledAdapter:
+    """Put AnyStory processors on every transformer attention layer of `unet`."""
+    check_fits(adapter.config, unet)
+    originals = dict(unet.attn_processors)
+    processors = {}
+    for key, original in originals.items():
+        layer = key.removesuffix(".processor")
+        mk = module_key(layer)
+        if mk in adapter.routers:
+            kv = adapter.subject_kv[mk]
+            processors[key] = CrossAttentionProcessor(layer, adapter.routers[mk], kv["to_k"], kv["to_v"], original)
+        elif layer.endswith(".attn1"):
+            # The first self-attention layer gets no references, but still takes the context.
+            kv = adapter.reference_kv[mk] if mk in adapter.reference_kv else {"to_k": None, "to_v": None}
+            processors[key] = SelfAttentionProcessor(layer, kv["to_k"], kv["to_v"], original)
+        else:
+            processors[key] = original
+    unet.set_attn_processor(processors)
+    hook = unet.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True)
+    return InstalledAdapter(unet, originals, hook)

@@ -1,0 +1,379 @@
+"""Attention processors that inject characters into a diffusers UNet (paper Eqs. 5-8).
+
+Cross-attention (Eq. 5), at every ``attn2``:
+    out = Attn(Q, K_text, V_text) + η · Σ_i σ(M_i) ⊙ Attn(Q, E_i Ŵ_k, E_i Ŵ_v)
+Self-attention (Eqs. 6-8), at every ``attn1``: the keys/values are ``[own; G_1 W̃_k; …; G_N W̃_k]``
+with an additive bias: 0 on own tokens; on character i's reference tokens γ where the pixel was
+routed to i by the *previous* cross-attention layer, else masked. Background pixels see no
+reference tokens.
+
+Everything one UNet call injects travels in an ``AnyStoryContext`` passed as
+``cross_attention_kwargs={"anystory": context}``; without it, the processors defer to the
+layer's original processor, so an installed adapter changes nothing until it is used.
+
+Two equivalent code paths: *dense* (every entry's attention at every pixel, weighted by the gates;
+differentiable through σ, used in training and when gates are not one-hot) and *gathered* (each
+pixel computes only the attention of the entry it is routed to; used at inference, much cheaper).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .router import MASKED, LayerRouter, hard_routes
+
+
+@dataclass
+class InjectionInputs:
+    """What one generation injects, per batch row of the *conditional* branch (plain tensors).
+
+    E = N + 1 entries per row: N characters (padded rows marked invalid), then the background,
+    whose subject tokens are the null subject's (an all-zero reference image).
+    """
+
+    subject_tokens: torch.Tensor  # (B, E, m, d_c)
+    routing_features: torch.Tensor  # (B, E, d_r)
+    reference_features: dict[str, torch.Tensor]  # attn1 name -> (B, N, L_ref, C); may be empty
+    entry_valid: torch.Tensor  # (B, E) bool; background always True
+    latent_size: tuple[int, int]  # (h, w) of the denoised latents
+    null_tokens: torch.Tensor | None = None  # (m, d_c): all entries' tokens in the unconditional branch
+    region_masks: torch.Tensor | None = None  # (B, N, h, w): 1 where character i may appear
+    fixed_routes: torch.Tensor | None = None  # (B, E, h, w) gates that replace the router
+    subject_scale: float = 1.0  # η
+    reference_scale: float | None = 0.0  # γ; None switches reference features off
+    training: bool = False
+    record_maps: bool = False
+
+    @property
+    def num_entries(self) -> int:
+        return self.subject_tokens.shape[1]
+
+
+def _expand_rows(x: torch.Tensor | None, repeats: int) -> torch.Tensor | None:
+    return None if x is None else x.repeat(repeats, *([1] * (x.dim() - 1)))
+
+
+def _for_batch(inputs: InjectionInputs, batch: int) -> InjectionInputs:
+    """Rows for a UNet batch. diffusers' pipelines stack classifier-free guidance as
+    [unconditional; conditional]; the unconditional half gets the null subject as every entry's
+    tokens, while routing and reference features stay (paper: references in both branches)."""
+    rows = inputs.subject_tokens.shape[0]
+    if batch == rows:
+        return inputs
+    if batch != 2 * rows or inputs.null_tokens is None:
+        raise ValueError(f"UNet batch {batch} does not match {rows} rows of AnyStory inputs")
+    uncond_tokens = inputs.null_tokens.expand_as(inputs.subject_tokens)
+    return InjectionInputs(
+        subject_tokens=torch.cat([uncond_tokens, inputs.subject_tokens]),
+        routing_features=_expand_rows(inputs.routing_features, 2),
+        reference_features={k: _expand_rows(v, 2) for k, v in inputs.reference_features.items()},
+        entry_valid=_expand_rows(inputs.entry_valid, 2),
+        latent_size=inputs.latent_size,
+        null_tokens=inputs.null_tokens,
+        region_masks=_expand_rows(inputs.region_masks, 2),
+        fixed_routes=_expand_rows(inputs.fixed_routes, 2),
+        subject_scale=inputs.subject_scale,
+        reference_scale=inputs.reference_scale,
+        training=inputs.training,
+        record_maps=inputs.record_maps,
+    )
+
+
+@dataclass
+class AnyStoryContext:
+    """Per-generation state shared by the processors of one UNet.
+
+    ``inputs`` never changes. Per UNet forward: ``previous_routes`` (the last cross-attention
+    layer's gates, read by the next self-attention layer) and ``maps`` (each cross-attention
+    layer's soft map, kept when recording or training). Projections of subject and reference
+    tokens do not depend on the timestep, so they are computed once per generation.
+    """
+
+    inputs: InjectionInputs
+    batch: InjectionInputs | None = None
+    previous_routes: torch.Tensor | None = None  # (B, E, h, w)
+    maps: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (layer, (B, E, h, w))
+    coarse_maps: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # recorded in training
+    _memo: dict = field(default_factory=dict)
+
+    def begin_forward(self, batch_size: int) -> None:
+        if self.batch is None or self.batch.subject_tokens.shape[0] != batch_size:
+            self.batch = _for_batch(self.inputs, batch_size)
+            self._memo.clear()
+        self.previous_routes = None
+        self.maps = []
+        self.coarse_maps = []
+
+    def memo(self, key, compute):
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
+
+    def spatial_size(self, num_tokens: int) -> tuple[int, int]:
+        """(h, w) of a layer with `num_tokens` latent tokens (each downsample halves, rounding up)."""
+        h0, w0 = self.inputs.latent_size
+        for level in range(8):
+            h, w = math.ceil(h0 / 2**level), math.ceil(w0 / 2**level)
+            if h * w == num_tokens:
+                return h, w
+        raise ValueError(f"{num_tokens} tokens do not match latents of size {h0}x{w0}")
+
+    def logit_bias(self, size: tuple[int, int]) -> torch.Tensor:
+        """(B, E, L): MASKED for padded entries and for a character outside its region."""
+
+        def compute():
+            b = self.batch
+            allowed = b.entry_valid[:, :, None].expand(-1, -1, size[0] * size[1]).clone()
+            if b.region_masks is not None:
+                regions = F.interpolate(b.region_masks.float(), size=size, mode="nearest") > 0.5
+                allowed[:, :-1] &= regions.flatten(2)
+            bias = torch.zeros(allowed.shape, dtype=b.routing_features.dtype, device=allowed.device)
+            return bias.masked_fill(~allowed, MASKED)
+
+        return self.memo(("bias", size), compute)
+
+    def gates_at(self, routes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """(B, E, h', w') gates -> (B, E, h*w), nearest-neighbour at a resolution change."""
+        if routes.shape[-2:] != size:
+            routes = F.interpolate(routes, size=size, mode="nearest")
+        return routes.flatten(2)
+
+
+# ---------------------------------------------------------------------------------------------
+# shared pieces of both processors
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    # (..., L, heads * d) -> (..., heads, L, d)
+    *lead, length, inner = x.shape
+    return x.view(*lead, length, heads, inner // heads).transpose(-3, -2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    # (..., heads, L, d) -> (..., L, heads * d)
+    *lead, heads, length, d = x.shape
+    return x.transpose(-3, -2).reshape(*lead, length, heads * d)
+
+
+def _check_supported(attn: nn.Module, layer: str) -> None:
+    if attn.spatial_norm is not None or attn.group_norm is not None:
+        raise ValueError(f"{layer}: AnyStory supports transformer-block attention only")
+
+
+def _finish(attn, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """Output projection, dropout, residual and rescale, as diffusers' AttnProcessor2_0 does."""
+    hidden_states = attn.to_out[0](hidden_states)
+    hidden_states = attn.to_out[1](hidden_states)
+    if attn.residual_connection:
+        hidden_states = hidden_states + residual
+    return hidden_states / attn.rescale_output_factor
+
+
+def _mask_for_sdpa(attn, attention_mask, length, batch):
+    if attention_mask is None:
+        return None
+    attention_mask = attn.prepare_attention_mask(attention_mask, length, batch)
+    return attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+
+
+def _qkv(attn, hidden_states, context):
+    """Query, key and value heads (B, heads, L, d) of the layer's own projections."""
+    query = _split_heads(attn.to_q(hidden_states), attn.heads)
+    key = _split_heads(attn.to_k(context), attn.heads)
+    value = _split_heads(attn.to_v(context), attn.heads)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value
+
+
+def _base_attention(attn, hidden_states, context, attention_mask):
+    """The layer's own attention, the same operations as AttnProcessor2_0 (so that with nothing to
+    inject the result is bit-identical). Returns (query heads, merged output (B, L, inner))."""
+    mask = _mask_for_sdpa(attn, attention_mask, context.shape[1], hidden_states.shape[0])
+    query, key, value = _qkv(attn, hidden_states, context)
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, is_causal=False)
+    return query, _merge_heads(out).to(query.dtype)
+
+
+def _groups(gates: torch.Tensor):
+    """Yield (row, entry, pixel indices) of one-hot gates (B, E, L), skipping empty groups."""
+    owner = gates.argmax(dim=1)  # (B, L)
+    for row in range(gates.shape[0]):
+        for entry in range(gates.shape[1]):
+            index = (owner[row] == entry).nonzero(as_tuple=True)[0]
+            if index.numel():
+                yield row, entry, index
+
+
+def _is_one_hot(gates: torch.Tensor) -> bool:
+    return bool(((gates == 0) | (gates == 1)).all() and (gates.sum(dim=1) == 1).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# cross-attention: routed subject tokens
+
+
+class CrossAttentionProcessor:
+    """Eq. 5 at one ``attn2``. Owns no weights: it points at its layer's router and Ŵ_k, Ŵ_v,
+    which live in the adapter (so installing never changes the UNet's state dict)."""
+
+    def __init__(self, layer: str, router: LayerRouter, to_k: nn.Linear, to_v: nn.Linear, original):
+        self.layer, self.router, self.to_k, self.to_v, self.original = layer, router, to_k, to_v, original
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        anystory: AnyStoryContext | None = None,
+    ) -> torch.Tensor:
+        if anystory is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        _check_supported(attn, self.layer)
+        residual = hidden_states
+        context = encoder_hidden_states
+        if attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        query, out = _base_attention(attn, hidden_states, context, attention_mask)
+
+        inputs = anystory.batch
+        size = anystory.spatial_size(hidden_states.shape[1])
+        coarse, soft, gates = self._route(anystory, hidden_states, size)
+        if inputs.record_maps or inputs.training:
+            anystory.maps.append((self.layer, soft.view(*soft.shape[:2], *size)))
+        if inputs.training and coarse is not None:
+            anystory.coarse_maps.append((self.layer, coarse.view(*coarse.shape[:2], *size)))
+        anystory.previous_routes = gates.view(*gates.shape[:2], *size)
+        if inputs.subject_scale != 0:
+            out = out + inputs.subject_scale * self._subject_attention(anystory, query, gates)
+        return _finish(attn, out, residual)
+
+    def _route(self, ctx: AnyStoryContext, hidden_states, size):
+        """Coarse soft map (or None), refined soft map M and gates σ(M), each (B, E, L)."""
+        inputs = ctx.batch
+        if inputs.fixed_routes is not None:
+            gates = ctx.gates_at(inputs.fixed_routes.to(hidden_states.dtype), size)
+            return None, gates, gates
+        if inputs.num_entries == 1:  # background only: nothing to decide
+            ones = hidden_states.new_ones(hidden_states.shape[0], 1, hidden_states.shape[1])
+            return None, ones, ones
+        routing = inputs.routing_features.to(hidden_states.dtype)
+        coarse, fine = self.router(routing, hidden_states, ctx.logit_bias(size))
+        return coarse.softmax(dim=1), fine.softmax(dim=1), hard_routes(fine, training=inputs.training)
+
+    def _subject_kv(self, ctx: AnyStoryContext, heads: int):
+        def compute():
+            tokens = ctx.batch.subject_tokens  # (B, E, m, d_c)
+            tokens = tokens.to(self.to_k.weight.dtype)
+            return _split_heads(self.to_k(tokens), heads), _split_heads(self.to_v(tokens), heads)
+
+        return ctx.memo(("subject", self.layer), compute)  # (B, E, heads, m, d) each
+
+    def _subject_attention(self, ctx: AnyStoryContext, query, gates) -> torch.Tensor:
+        """Σ_i σ(M_i) ⊙ Attn(Q, E_i Ŵ_k, E_i Ŵ_v), merged heads: (B, L, inner)."""
+        key, value = self._subject_kv(ctx, query.shape[1])
+        if ctx.batch.training or not _is_one_hot(gates):
+            out = 0
+            for entry in range(gates.shape[1]):
+                attended = F.scaled_dot_product_attention(query, key[:, entry], value[:, entry])
+                out = out + gates[:, entry, :, None] * _merge_heads(attended)
+            return out
+        out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1] * query.shape[3])
+        for row, entry, index in _groups(gates):
+            q = query[row, :, index]  # (heads, n, d)
+            out[row, index] = _merge_heads(F.scaled_dot_product_attention(q, key[row, entry], value[row, entry]))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# self-attention: routed reference features
+
+
+class SelfAttentionProcessor:
+    """Eqs. 6-8 at one ``attn1``; points at its layer's W̃_k, W̃_v in the adapter."""
+
+    def __init__(self, layer: str, to_k: nn.Linear | None, to_v: nn.Linear | None, original):
+        self.layer, self.to_k, self.to_v, self.original = layer, to_k, to_v, original
+
+    def __call__(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        anystory: AnyStoryContext | None = None,
+    ) -> torch.Tensor:
+        if anystory is None:
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        _check_supported(attn, self.layer)
+        residual = hidden_states
+        inputs = anystory.batch
+        features = inputs.reference_features.get(self.layer)
+        if (
+            features is None
+            or self.to_k is None
+            or inputs.reference_scale is None
+            or anystory.previous_routes is None  # first self-attention layer of the UNet
+            or attention_mask is not None
+        ):
+            _, out = _base_attention(attn, hidden_states, hidden_states, attention_mask)
+            return _finish(attn, out, residual)
+
+        query, key, value = _qkv(attn, hidden_states, hidden_states)
+        ref_key, ref_value = self._reference_kv(anystory, attn.heads)  # (B, N, heads, Lr, d)
+        size = anystory.spatial_size(hidden_states.shape[1])
+        gates = anystory.gates_at(anystory.previous_routes, size)  # (B, E, L)
+        if inputs.training or not _is_one_hot(gates):
+            out = self._dense(query, key, value, ref_key, ref_value, gates, inputs.reference_scale)
+        else:
+            out = self._gathered(query, key, value, ref_key, ref_value, gates, inputs.reference_scale)
+        return _finish(attn, _merge_heads(out).to(query.dtype), residual)
+
+    def _reference_kv(self, ctx: AnyStoryContext, heads: int):
+        def compute():
+            features = ctx.batch.reference_features[self.layer].to(self.to_k.weight.dtype)
+            return _split_heads(self.to_k(features), heads), _split_heads(self.to_v(features), heads)
+
+        return ctx.memo(("reference", self.layer), compute)  # (B, N, heads, Lr, d) each
+
+    @staticmethod
+    def _dense(query, key, value, ref_key, ref_value, gates, gamma):
+        """All reference tokens as extra keys, masked per pixel by the gates (B, E, L)."""
+        b, n, heads, lr, d = ref_key.shape
+        keys = torch.cat([key, ref_key.permute(0, 2, 1, 3, 4).reshape(b, heads, n * lr, d)], dim=2)
+        values = torch.cat([value, ref_value.permute(0, 2, 1, 3, 4).reshape(b, heads, n * lr, d)], dim=2)
+        routed = gates[:, :n] > 0  # (B, N, L); the background entry sees no references
+        ref_bias = torch.where(routed, float(gamma), MASKED).to(query.dtype)  # (B, N, L)
+        ref_bias = ref_bias.permute(0, 2, 1)[..., None].expand(b, -1, n, lr).reshape(b, -1, n * lr)
+        own_bias = query.new_zeros(b, key.shape[2], key.shape[2])
+        bias = torch.cat([own_bias, ref_bias], dim=-1)[:, None]  # (B, 1, L, L + N*Lr)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias)
+
+    @staticmethod
+    def _gathered(query, key, value, ref_key, ref_value, gates, gamma):
+        """Each pixel group attends to [own; its character's references] only."""
+        n = ref_key.shape[1]
+        out = torch.empty_like(query)
+        for row, entry, index in _groups(gates):
+            q = query[row, :, index]  # (heads, n_pix, d)
+            if entry >= n:  # background
+                out[row, :, index] = F.scaled_dot_product_attention(q, key[row], value[row])
+                continue
+            keys = torch.cat([key[row], ref_key[row, entry]], dim=1)
+            values = torch.cat([value[row], ref_value[row, entry]], dim=1)
+            bias = None
+            if gamma != 0:
+                bias = torch.zeros(keys.shape[1], dtype=q.dtype, device=q.device)
+                bias[key.shape[2]:] = gamma
+            out[row, :, index] = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
+        return out

@@ -1,0 +1,107 @@
+"""The decoupled instance-aware router (paper §3.3).
+
+At every cross-attention layer, N+1 routing features (N characters, then the background) are
+compared with the layer's latent tokens:
+
+1. coarse map   = projected inner product of routing features and tokens;
+2. refinement   = each routing feature attends to the tokens whose coarse argmax is itself
+                  (masked cross-attention), residual update of the routing features;
+3. refined map  = projected inner product again; softmax over the N+1 entries.
+
+The refined soft map ``M`` is what the routing loss supervises; the hard map ``σ(M)`` (argmax
+one-hot at inference, straight-through hard Gumbel-softmax in training) is what gates injection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A large finite negative instead of -inf: a fully masked softmax row stays finite (no NaN).
+MASKED = -1e4
+ROUTING_LOSS_WEIGHT = 0.1  # λ in paper Eq. 4
+
+
+class LayerRouter(nn.Module):
+    """Router of one cross-attention layer: (B, E, routing_dim) x (B, L, latent_dim) -> (B, E, L)."""
+
+    def __init__(self, routing_dim: int, latent_dim: int, hidden_dim: int):
+        super().__init__()
+        self.scale = hidden_dim**-0.5
+        self.coarse_routing = nn.Linear(routing_dim, hidden_dim)
+        self.coarse_latent = nn.Linear(latent_dim, hidden_dim)
+        self.refine_norm = nn.LayerNorm(routing_dim)
+        self.refine_q = nn.Linear(routing_dim, hidden_dim)
+        self.refine_k = nn.Linear(latent_dim, hidden_dim)
+        self.refine_v = nn.Linear(latent_dim, routing_dim)
+        self.fine_routing = nn.Linear(routing_dim, hidden_dim)
+        self.fine_latent = nn.Linear(latent_dim, hidden_dim)
+
+    def _inner_product(self, routing, latents, proj_routing, proj_latent):
+        # (B, E, D) x (B, L, D) -> (B, E, L)
+        return torch.einsum("bed,bld->bel", proj_routing(routing), proj_latent(latents)) * self.scale
+
+    def forward(
+        self,
+        routing_features: torch.Tensor,  # (B, E, routing_dim), E = N + 1, background last
+        hidden_states: torch.Tensor,  # (B, L, latent_dim): the normed input of the cross-attention
+        logit_bias: torch.Tensor | None = None,  # (B, E, L): 0 allowed, MASKED forbidden
+    ) -> torch.Tensor:
+        """Returns (coarse, refined) routing logits, each (B, E, L); softmax over E gives a map.
+        Only the refined map gates injection. The coarse map only picks, through its argmax, what
+        each routing feature may attend to; that choice carries no gradient, so the routing loss
+        supervises the coarse map as well (our choice; the paper is silent on it)."""
+        coarse = self._inner_product(
+            routing_features, hidden_states, self.coarse_routing, self.coarse_latent
+        )
+        if logit_bias is not None:
+            coarse = coarse + logit_bias
+        # Masked cross-attention: entry e attends only to the tokens whose coarse argmax is e.
+        owner = coarse.argmax(dim=1)  # (B, L)
+        entries = torch.arange(coarse.shape[1], device=coarse.device)
+        own = owner[:, None, :] == entries[None, :, None]  # (B, E, L)
+        attn_logits = torch.einsum(
+            "bed,bld->bel", self.refine_q(self.refine_norm(routing_features)), self.refine_k(hidden_states)
+        ) * self.scale
+        attn_logits = attn_logits.masked_fill(~own, MASKED)
+        refined = routing_features + attn_logits.softmax(dim=-1) @ self.refine_v(hidden_states)
+        fine = self._inner_product(refined, hidden_states, self.fine_routing, self.fine_latent)
+        if logit_bias is not None:
+            fine = fine + logit_bias
+        return coarse, fine
+
+
+def hard_routes(logits: torch.Tensor, training: bool, tau: float = 1.0) -> torch.Tensor:
+    """σ(M): one-hot over the entry axis (dim 1). Training uses straight-through hard Gumbel-softmax
+    so the diffusion loss reaches the router through the gates."""
+    if training:
+        return F.gumbel_softmax(logits, tau=tau, hard=True, dim=1)
+    index = logits.argmax(dim=1, keepdim=True)
+    return torch.zeros_like(logits).scatter_(1, index, 1.0)
+
+
+def downsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, N, H, W) instance masks in [0, 1] -> (B, N, h, w) coverage fractions (area average)."""
+    return F.interpolate(masks.float(), size=size, mode="area")
+
+
+def routing_loss(
+    soft_maps: list[torch.Tensor],  # per layer: (B, E, h, w) softmax maps, background last
+    instance_masks: torch.Tensor,  # (B, N, H, W) ground truth, N = E - 1 (padding: all zero)
+    character_valid: torch.Tensor | None = None,  # (B, N) bool, False for padded entries
+) -> torch.Tensor:
+    """Paper Eq. 4: λ · mean over layers and characters of ‖M_i^l − M_i^gt‖² (mean over pixels).
+    The background entry is supervised only through the softmax."""
+    if not soft_maps:
+        raise ValueError("routing_loss needs at least one layer's maps")
+    n = instance_masks.shape[1]
+    if character_valid is None:
+        character_valid = torch.ones(instance_masks.shape[:2], dtype=torch.bool, device=instance_masks.device)
+    weight = character_valid.float()  # (B, N)
+    per_layer = []
+    for maps in soft_maps:
+        target = downsample_masks(instance_masks, maps.shape[-2:])
+        err = (maps[:, :n] - target).pow(2).mean(dim=(-2, -1))  # (B, N)
+        per_layer.append((err * weight).sum() / weight.sum().clamp(min=1.0))
+    return ROUTING_LOSS_WEIGHT * torch.stack(per_layer).mean()

@@ -1,0 +1,268 @@
+"""AnyStoryPipeline: a diffusers text-to-image pipeline plus characters that stay themselves.
+
+It wraps an existing ``StableDiffusionPipeline`` or ``StableDiffusionXLPipeline`` (the base),
+installs the AnyStory attention processors on its UNet, and passes per-generation character data
+to them through ``cross_attention_kwargs``; prompt encoding, guidance, scheduler and decoding are
+the base pipeline's own. Without characters and with subject strength 0 it draws exactly what the
+base pipeline draws.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .errors import InputError, ModelError
+from .masks import prepare_reference
+from .models.adapter import AnyStoryAdapter, install
+from .models.attention import AnyStoryContext, InjectionInputs
+from .weights import CharacterEncoding, load_adapter
+
+# A region is a box (x0, y0, x1, y1) in 0..1 image coordinates, or a mask (H, W) of any size.
+Region = tuple[float, float, float, float] | np.ndarray | Image.Image | torch.Tensor | None
+
+
+@dataclass
+class AnyStoryOutput:
+    images: list  # PIL images (or whatever `output_type` asked the base pipeline for)
+    # Per image (E, H, W): soft routing maps at image resolution, averaged over the cross-attention
+    # layers of the last denoising step; entries are the characters in order, then the background.
+    routing_maps: torch.Tensor | None = None  # (B, E, H, W)
+    routing_layers: dict[str, torch.Tensor] | None = None  # layer -> (B, E, h, w), last step
+
+
+class AnyStoryPipeline:
+    def __init__(self, base, image_encoder, adapter: AnyStoryAdapter, model_id: str | None = None):
+        from transformers import CLIPImageProcessorPil
+
+        self.base = base
+        self.image_encoder = image_encoder.eval().requires_grad_(False)
+        self.adapter = adapter.eval().requires_grad_(False)
+        config = adapter.config
+        encoder_width = image_encoder.config.hidden_size
+        if encoder_width != config.image_embed_dim:
+            raise ModelError(f"adapter expects image features of width {config.image_embed_dim}, "
+                             f"the image encoder gives {encoder_width}")
+        self.adapter.to(device=base.unet.device, dtype=base.unet.dtype)
+        self.image_encoder.to(device=base.unet.device)
+        self._installed = install(self.adapter, base.unet)
+        self.model_id = model_id or adapter.fingerprint()
+        self.clip_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": config.image_size},
+            crop_size={"height": config.image_size, "width": config.image_size},
+            image_mean=list(config.image_mean),
+            image_std=list(config.image_std),
+        )
+        self._null_subject = None
+
+    @classmethod
+    def from_pipe(cls, pipe, image_encoder, adapter: AnyStoryAdapter | str | Path, model_id: str | None = None):
+        """Wrap a diffusers pipeline; `adapter` is a module or a file written by `save_adapter`."""
+        if not isinstance(adapter, AnyStoryAdapter):
+            adapter = load_adapter(adapter)
+        return cls(pipe, image_encoder, adapter, model_id=model_id)
+
+    def unload(self) -> None:
+        """Restore the base pipeline's original attention processors."""
+        self._installed.remove()
+
+    @property
+    def device(self) -> torch.device:
+        return self.base.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.base.unet.dtype
+
+    @property
+    def max_characters(self) -> int:
+        return self.adapter.config.max_characters
+
+    # -----------------------------------------------------------------------------------------
+    # characters
+
+    def _image_features(self, rgb: np.ndarray) -> torch.Tensor:
+        """(S, S, 3) uint8 -> (1, T, image_embed_dim): the image encoder's penultimate hidden states."""
+        pixels = self.clip_processor(images=[Image.fromarray(rgb)], return_tensors="pt").pixel_values
+        pixels = pixels.to(device=self.device, dtype=self.image_encoder.dtype)
+        hidden = self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states
+        return hidden[-2].to(self.dtype)
+
+    def _reference_latents(self, rgb: np.ndarray) -> torch.Tensor:
+        vae = self.base.vae
+        x = torch.from_numpy(rgb).permute(2, 0, 1)[None].to(device=self.device, dtype=vae.dtype)
+        latents = vae.encode(x / 127.5 - 1.0).latent_dist.mean  # the mean: deterministic
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).to(self.dtype)
+
+    @torch.no_grad()
+    def null_subject(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subject tokens (m, d_c) and routing feature (d_r,) of an all-zero image: the background
+        entry, and every entry's tokens in the unconditional branch."""
+        if self._null_subject is None:
+            size = self.adapter.config.reference_size
+            tokens, routing = self.adapter.encode_features(self._image_features(np.zeros((size, size, 3), np.uint8)))
+            self._null_subject = (tokens[0], routing[0])
+        return self._null_subject
+
+    @torch.no_grad()
+    def encode_character(self, image: Image.Image, mask=None, name: str = "") -> CharacterEncoding:
+        """Encode a reference once: subject tokens, routing feature, ReferenceNet features.
+
+        `mask` (PIL image or 2-D array, the image's size) marks the character; without it the
+        image's alpha channel does. The ReferenceNet runs here, once, at t = 0 — never per step.
+        """
+        if not isinstance(image, Image.Image):
+            raise InputError(f"character {name or '?'}: expected a PIL image, got {type(image).__name__}")
+        size = self.adapter.config.reference_size
+        try:
+            reference = prepare_reference(image, mask, size)
+        except InputError as exc:
+            raise InputError(f"character {name or '?'}: {exc}") from None
+        tokens, routing = self.adapter.encode_features(self._image_features(reference.rgb))
+        latents = self._reference_latents(reference.rgb)
+        mask_latent = F.interpolate(
+            torch.from_numpy(reference.mask)[None, None].to(self.device, self.dtype),
+            size=latents.shape[-2:], mode="area",
+        )
+        features = self.adapter.reference_net(latents, mask_latent, (size, size))
+        return CharacterEncoding(
+            subject_tokens=tokens[0],
+            routing_feature=routing[0],
+            reference_features={k: v[0] for k, v in features.items()},
+            model_id=self.model_id,
+            name=name,
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # generation
+
+    def _check_inputs(self, characters, regions, subject_scale, reference_scale):
+        if len(characters) > self.max_characters:
+            raise InputError(f"{len(characters)} characters in one image, but this model supports at "
+                             f"most {self.max_characters}")
+        for i, character in enumerate(characters):
+            if not isinstance(character, CharacterEncoding):
+                raise InputError(f"characters[{i}]: expected a CharacterEncoding from encode_character(), "
+                                 f"got {type(character).__name__}")
+            if character.model_id != self.model_id:
+                raise InputError(f"{character.name or f'characters[{i}]'}: encoded by model "
+                                 f"{character.model_id!r}, not by this one ({self.model_id!r}); "
+                                 f"encode the character again")
+        if regions is not None and len(regions) != len(characters):
+            raise InputError(f"{len(regions)} regions for {len(characters)} characters; give one per "
+                             f"character (None where the router decides alone)")
+        if not math.isfinite(subject_scale):
+            raise InputError(f"subject_scale must be a finite number, got {subject_scale}")
+        if reference_scale is not None and not math.isfinite(reference_scale):
+            raise InputError(f"reference_scale must be a finite number or None, got {reference_scale}")
+
+    def _region_masks(self, regions, latent_size) -> torch.Tensor | None:
+        if regions is None or all(r is None for r in regions):
+            return None
+        return torch.stack([_region_to_mask(r, latent_size, i) for i, r in enumerate(regions)]).to(self.device)
+
+    def _injection_inputs(self, characters, regions, rows, latent_size, subject_scale, reference_scale, record):
+        null_tokens, null_routing = self.null_subject()
+        tokens = torch.stack([c.subject_tokens.to(self.device, self.dtype) for c in characters] + [null_tokens])
+        routing = torch.stack([c.routing_feature.to(self.device, self.dtype) for c in characters] + [null_routing])
+        references = {}
+        if characters:
+            for layer in characters[0].reference_features:
+                stacked = torch.stack([c.reference_features[layer] for c in characters])
+                references[layer] = stacked.to(self.device, self.dtype).expand(rows, -1, -1, -1)
+        regions = self._region_masks(regions, latent_size)
+        return InjectionInputs(
+            subject_tokens=tokens.expand(rows, -1, -1, -1),
+            routing_features=routing.expand(rows, -1, -1),
+            reference_features=references,
+            entry_valid=torch.ones(rows, len(characters) + 1, dtype=torch.bool, device=self.device),
+            latent_size=latent_size,
+            null_tokens=null_tokens,
+            region_masks=None if regions is None else regions.expand(rows, -1, -1, -1),
+            subject_scale=float(subject_scale),
+            reference_scale=None if reference_scale is None else float(reference_scale),
+            record_maps=record,
+        )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        characters: Sequence[CharacterEncoding] = (),
+        regions: Sequence[Region] | None = None,
+        subject_scale: float = 1.0,
+        reference_scale: float | None = 0.0,
+        return_routing: bool = False,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        **base_kwargs,
+    ) -> AnyStoryOutput:
+        """Generate images with `characters` (from `encode_character`).
+
+        subject_scale (η) weights the routed subject tokens; reference_scale (γ) is the bias on
+        routed reference features (None switches them off). `regions`, one per character, confine
+        each character's routing to a box or mask. Other keyword arguments (num_inference_steps,
+        guidance_scale, generator, negative_prompt, output_type, callback_on_step_end, ...) go to
+        the base pipeline unchanged.
+        """
+        characters = list(characters)
+        self._check_inputs(characters, regions, subject_scale, reference_scale)
+        scale = self.base.vae_scale_factor
+        height = height or self.base.unet.config.sample_size * scale
+        width = width or self.base.unet.config.sample_size * scale
+        if height % scale or width % scale:
+            raise InputError(f"height and width must be multiples of {scale}, got {height}x{width}")
+        rows = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
+        inputs = self._injection_inputs(characters, regions, rows, (height // scale, width // scale),
+                                        subject_scale, reference_scale, return_routing)
+        context = AnyStoryContext(inputs)
+        result = self.base(
+            prompt=prompt, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
+            cross_attention_kwargs={"anystory": context}, **base_kwargs,
+        )
+        output = AnyStoryOutput(images=result.images)
+        if return_routing:
+            # The last forward's conditional rows (classifier-free guidance stacks them last).
+            layers = {name: maps[-rows:].float() for name, maps in context.maps}
+            output.routing_layers = layers
+            output.routing_maps = torch.stack([
+                F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
+                for m in layers.values()
+            ]).mean(dim=0)
+        return output
+
+
+def _region_to_mask(region: Region, size: tuple[int, int], index: int) -> torch.Tensor:
+    """A box in 0..1 or a mask of any size -> (h, w) float mask at latent resolution."""
+    h, w = size
+    if region is None:
+        return torch.ones(h, w)
+    if isinstance(region, (tuple, list)):
+        if len(region) != 4 or not all(isinstance(v, (int, float)) for v in region):
+            raise InputError(f"regions[{index}]: a box is (x0, y0, x1, y1) in 0..1, got {region!r}")
+        x0, y0, x1, y1 = region
+        if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+            raise InputError(f"regions[{index}]: box {tuple(region)} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1")
+        mask = torch.zeros(h, w)
+        # At least one latent pixel, even for a thin box.
+        r0, r1 = int(y0 * h), max(int(y0 * h) + 1, math.ceil(y1 * h))
+        c0, c1 = int(x0 * w), max(int(x0 * w) + 1, math.ceil(x1 * w))
+        mask[r0:r1, c0:c1] = 1.0
+        return mask
+    if isinstance(region, Image.Image):
+        region = np.asarray(region.convert("L"), dtype=np.float32) / 255.0
+    mask = torch.as_tensor(np.asarray(region, dtype=np.float32) if not isinstance(region, torch.Tensor) else region).float()
+    if mask.dim() != 2 or mask.numel() == 0:
+        raise InputError(f"regions[{index}]: a mask must be 2-D (H, W), got shape {tuple(mask.shape)}")
+    if not (mask > 0.5).any():
+        raise InputError(f"regions[{index}]: the mask is empty")
+    return (F.interpolate(mask[None, None], size=size, mode="area")[0, 0] > 0.25).float()

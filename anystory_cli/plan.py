@@ -1,0 +1,332 @@
+"""Story -> panel plans: what each panel shows, with which seed, where it goes on which page.
+
+Pure functions over plain values (frozen dataclasses), except `character_fingerprints()`,
+which reads the reference images to hash them. No torch.
+
+Pagination:
+- a panel with `page_break: true` or a `page_layout` starts a new page;
+- `page_layout` (else `page.layout`) shapes that page; pages that overflow from it use
+  `page.layout`;
+- `auto`: at most 6 panels and 3 rows a page, rows of 2 preferred (3 when space is short),
+  a wide panel takes a row alone;
+- a template (e.g. `grid-6` = rows of 2, 2, 2) or a list of panels per row: panels fill each
+  row in turn; a wide panel takes the next row alone; a page shows only the rows it uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from anystory_cli.layout import CHARACTER_TOP, LAYOUT_TEMPLATES, PLACEMENT_BOXES
+from anystory_cli.story import Box as BoxSpec
+from anystory_cli.story import CharacterRef, Panel, Story
+
+BoxTuple = tuple[float, float, float, float]
+
+AUTO_MAX_PANELS = 6
+AUTO_MAX_ROWS = 3
+# Bump when the meaning of a content key changes, so old renders are not reused by mistake.
+CONTENT_KEY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PlacedCharacter:
+    name: str
+    box: BoxTuple  # where in the panel image, 0..1, (x0, y0, x1, y1)
+
+
+@dataclass(frozen=True)
+class SpokenLine:
+    who: str
+    text: str
+
+
+@dataclass(frozen=True)
+class PanelPlan:
+    index: int  # position in the story's panel list
+    page: int
+    slot: int  # position on its page in reading order
+    row: int  # row on its page, top to bottom
+    wide: bool
+    prompt: str  # style prefix and suffix applied
+    negative_prompt: str
+    characters: tuple[PlacedCharacter, ...]  # routing-map order
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    subject_strength: float
+    reference_strength: float
+    caption: str | None
+    dialogue: tuple[SpokenLine, ...]
+    content_key: str  # sha256 of everything that changes the panel's pixels
+
+
+@dataclass(frozen=True)
+class PagePlan:
+    index: int
+    rows: tuple[int, ...]  # panels per row, top to bottom
+    panels: tuple[int, ...]  # story panel indices in reading order
+
+
+def derive_seed(story_seed: int, panel_index: int) -> int:
+    """A panel's default seed: stable across runs, machines and Python versions (sha256,
+    not hash(), which is salted per process for strings)."""
+    digest = hashlib.sha256(f"anystory/panel-seed/{story_seed}/{panel_index}".encode()).digest()
+    return int.from_bytes(digest[:4], "big")
+
+
+def build_plan(
+    story: Story,
+    *,
+    seed: int | None = None,
+    steps: int | None = None,
+    model_id: str = "",
+    character_keys: Mapping[str, str] | None = None,
+) -> list[PanelPlan]:
+    """One plan per panel, in story order.
+
+    `seed` replaces the story seed and `steps` the style's steps (CLI overrides); explicit
+    panel seeds still win. `model_id` (e.g. a hash of the weights) and `character_keys`
+    (from `character_fingerprints`) go into the content keys, so that a new model or an edited
+    reference image invalidates earlier renders. Without them, a character's key covers its
+    paths and description only.
+    """
+    story_seed = story.seed if seed is None else seed
+    num_steps = story.style.steps if steps is None else steps
+    keys = dict(character_keys) if character_keys is not None else _spec_keys(story)
+    positions = _positions(story)
+    plans = []
+    for index, panel in enumerate(story.panels):
+        page, row, slot = positions[index]
+        characters = tuple(
+            PlacedCharacter(ref.name, box)
+            for ref, box in zip(panel.characters, placement_boxes(panel.characters))
+        )
+        values = dict(
+            prompt=_join_prompt(story.style.prompt_prefix, panel.prompt, story.style.prompt_suffix),
+            negative_prompt=story.style.negative_prompt,
+            seed=panel.seed if panel.seed is not None else derive_seed(story_seed, index),
+            num_inference_steps=num_steps,
+            guidance_scale=story.style.guidance,
+            subject_strength=story.style.subject_strength,
+            reference_strength=story.style.reference_strength,
+        )
+        key = content_key(
+            model=f"{story.model}|{model_id}",
+            wide=panel.span == "wide",
+            characters=[(c.name, c.box, keys.get(c.name, "")) for c in characters],
+            **values,
+        )
+        plans.append(
+            PanelPlan(
+                index=index, page=page, slot=slot, row=row, wide=panel.span == "wide",
+                characters=characters, caption=panel.caption,
+                dialogue=tuple(SpokenLine(d.who, d.text) for d in panel.dialogue),
+                content_key=key, **values,
+            )
+        )
+    return plans
+
+
+def group_pages(plans: Sequence[PanelPlan]) -> list[PagePlan]:
+    """Pages with their row structure, from the plans' page/row/slot."""
+    pages: dict[int, list[PanelPlan]] = {}
+    for plan in plans:
+        pages.setdefault(plan.page, []).append(plan)
+    result = []
+    for page_index in sorted(pages):
+        members = sorted(pages[page_index], key=lambda p: p.slot)
+        row_count = max(p.row for p in members) + 1
+        rows = tuple(sum(1 for p in members if p.row == r) for r in range(row_count))
+        result.append(PagePlan(page_index, rows, tuple(p.index for p in members)))
+    return result
+
+
+def content_key(**values: Any) -> str:
+    """sha256 of canonical JSON: equal inputs give equal keys on every machine."""
+    payload = json.dumps(
+        {"version": CONTENT_KEY_VERSION, **values}, sort_keys=True, separators=(",", ":"),
+        ensure_ascii=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def character_fingerprints(story: Story) -> dict[str, str]:
+    """sha256 per character of its reference image and mask bytes and its description.
+    Reads files (the only function here that does)."""
+    keys = {}
+    for name, character in story.characters.items():
+        digest = hashlib.sha256()
+        for path in (character.image, character.mask):
+            digest.update(b"\x00file\x00")
+            if path is not None:
+                digest.update(path.read_bytes())
+        digest.update(b"\x00description\x00" + (character.description or "").encode())
+        keys[name] = digest.hexdigest()
+    return keys
+
+
+def _spec_keys(story: Story) -> dict[str, str]:
+    return {
+        name: content_key(image=str(c.image), mask=str(c.mask), description=c.description)
+        for name, c in story.characters.items()
+    }
+
+
+def _join_prompt(prefix: str, prompt: str, suffix: str) -> str:
+    return ", ".join(part.strip() for part in (prefix, prompt, suffix) if part.strip())
+
+
+def placement_boxes(refs: Sequence[CharacterRef]) -> list[BoxTuple]:
+    """Each character's region: its `at` (left/right/center or a box) if given, else the i-th
+    of n equal columns (a lone character: the centre), below the top fifth of the frame."""
+    boxes = []
+    for position, ref in enumerate(refs):
+        if isinstance(ref.at, BoxSpec):
+            boxes.append(tuple(float(v) for v in ref.at.box))
+        elif isinstance(ref.at, str):
+            boxes.append(PLACEMENT_BOXES[ref.at])
+        elif len(refs) == 1:
+            boxes.append(PLACEMENT_BOXES["center"])
+        else:
+            n = len(refs)
+            boxes.append((position / n, CHARACTER_TOP, (position + 1) / n, 1.0))
+    return boxes  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------------------------
+# Pagination
+# --------------------------------------------------------------------------------------------
+
+Rows = list[list[int]]  # panel indices per row
+
+
+def paginate(panels: Sequence[Panel], default_layout: Any) -> list[Rows]:
+    """Pages, each a list of rows of story panel indices (reading order)."""
+    pages: list[Rows] = []
+    for start, stop in _chapters(panels):
+        items = [(i, panels[i].span == "wide") for i in range(start, stop)]
+        first_layout = panels[start].page_layout or default_layout
+        chapter = _pages_for(items, first_layout)
+        if len(chapter) > 1 and first_layout != default_layout:
+            # The panel's page_layout shapes its own page; the overflow uses the default.
+            used = sum(len(row) for row in chapter[0])
+            chapter = chapter[:1] + _pages_for(items[used:], default_layout)
+        pages.extend(chapter)
+    return pages
+
+
+def _chapters(panels: Sequence[Panel]) -> list[tuple[int, int]]:
+    """Runs of panels between page breaks, as (start, stop) index pairs."""
+    starts = [i for i, p in enumerate(panels) if i == 0 or p.page_break or p.page_layout]
+    return list(zip(starts, starts[1:] + [len(panels)]))
+
+
+def _pages_for(items: list[tuple[int, bool]], layout: Any) -> list[Rows]:
+    if not items:
+        return []
+    if layout == "auto":
+        return _auto_pages(items)
+    rows = LAYOUT_TEMPLATES[layout] if isinstance(layout, str) else tuple(layout)
+    return _template_pages(items, rows)
+
+
+def _auto_pages(items: list[tuple[int, bool]]) -> list[Rows]:
+    pages: list[Rows] = []
+    current: list[tuple[int, bool]] = []
+    for item in items:
+        if current and not _fits_auto_page(current + [item]):
+            pages.append(_auto_rows(current))
+            current = []
+        current.append(item)
+    pages.append(_auto_rows(current))
+    return pages
+
+
+def _runs(items: list[tuple[int, bool]]) -> list[list[int]]:
+    """Split into runs of normal panels and single wide panels, in order (wide: [-1 - i])."""
+    runs: list[list[int]] = []
+    for index, wide in items:
+        if wide:
+            runs.append([-1 - index])  # negative marks a wide panel
+        elif runs and runs[-1][0] >= 0:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return runs
+
+
+def _fits_auto_page(items: list[tuple[int, bool]]) -> bool:
+    if len(items) > AUTO_MAX_PANELS:
+        return False
+    fewest_rows = sum(1 if run[0] < 0 else math.ceil(len(run) / 3) for run in _runs(items))
+    return fewest_rows <= AUTO_MAX_ROWS
+
+
+def _auto_rows(items: list[tuple[int, bool]]) -> Rows:
+    runs = _runs(items)
+    needed = [1 if run[0] < 0 else math.ceil(len(run) / 3) for run in runs]
+    spare = AUTO_MAX_ROWS - sum(needed)
+    rows: Rows = []
+    for run, count in zip(runs, needed):
+        if run[0] < 0:
+            rows.append([-1 - run[0]])
+            continue
+        # Rows of 2 read better than rows of 3 on a portrait page: use spare rows for that.
+        extra = min(math.ceil(len(run) / 2) - count, spare)
+        spare -= extra
+        rows.extend(_even_rows(run, count + extra))
+    return rows
+
+
+def _even_rows(indices: list[int], row_count: int) -> Rows:
+    """Split into `row_count` rows whose sizes differ by at most one, fuller rows first."""
+    base, extra = divmod(len(indices), row_count)
+    rows, start = [], 0
+    for r in range(row_count):
+        size = base + (1 if r < extra else 0)
+        rows.append(indices[start : start + size])
+        start += size
+    return rows
+
+
+def _template_pages(items: list[tuple[int, bool]], template: tuple[int, ...]) -> list[Rows]:
+    pages: list[Rows] = []
+    rows: Rows = []
+    row: list[int] = []
+    for index, wide in items:
+        if wide and row:
+            rows.append(row)
+            row = []
+        if not row and len(rows) == len(template):
+            pages.append(rows)
+            rows = []
+        if wide:
+            rows.append([index])
+            continue
+        row.append(index)
+        if len(row) == template[len(rows)]:
+            rows.append(row)
+            row = []
+    if row:
+        rows.append(row)
+    if rows:
+        pages.append(rows)
+    return pages
+
+
+def _positions(story: Story) -> dict[int, tuple[int, int, int]]:
+    """panel index -> (page, row, slot)."""
+    positions = {}
+    for page_index, rows in enumerate(paginate(story.panels, story.page.layout)):
+        slot = 0
+        for row_index, row in enumerate(rows):
+            for panel_index in row:
+                positions[panel_index] = (page_index, row_index, slot)
+                slot += 1
+    return positions

@@ -1,0 +1,838 @@
+"""The YAML story format and its loader.
+
+A story names its characters once, then lists its panels::
+
+    title: The Lost Kite
+    model: default
+    seed: 1
+    style: {prompt_prefix: "pixel art", steps: 25, guidance: 7.5}
+    page: {size: A4, layout: auto, reading_order: ltr, dpi: 150}
+    characters:
+      mira: {image: characters/mira.png}
+      bolt: {description: "a small round robot"}
+    panels:
+      - prompt: "mira and bolt on a hill at sunset"
+        characters: [mira, {name: bolt, at: right}]
+        caption: "The wind picked up."
+        dialogue: [{who: mira, text: "Look, a kite!"}]
+
+`load_story()` reports every problem of a file at once (`StoryError.problems`), each as
+``<file>: <field path>: <what is wrong>``. Paths in the story resolve relative to the YAML file.
+No torch here: `anystory validate` must stay instant.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import warnings
+from collections.abc import Hashable, Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from anystory_cli.errors import StoryError
+from anystory_cli.layout import LAYOUT_TEMPLATES, mm_to_px, page_size_px
+
+MAX_STORY_BYTES = 1024 * 1024
+# Anchors/aliases let a tiny file expand into a huge tree ("billion laughs"); cap the expansion.
+MAX_EXPANDED_NODES = 200_000
+DEFAULT_MAX_CHARACTERS = 4
+MAX_REFERENCE_PIXELS = 4096 * 4096
+MAX_PAGE_SIDE_PX = 20_000
+MIN_CONTENT_PX = 64
+
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    """Unknown keys are errors (a typo must not be silently ignored); NaN/inf are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise PydanticCustomError(
+            "character_name",
+            "character name {name!r} must start with a letter and use only letters, digits, "
+            "'_' or '-' (at most 40)",
+            {"name": value},
+        )
+    return value
+
+
+CharacterName = Annotated[str, AfterValidator(_check_name)]
+
+
+def _non_blank(value: str) -> str:
+    if not value.strip():
+        raise PydanticCustomError("empty_text", "must not be empty")
+    return value
+
+
+NonBlank = Annotated[str, AfterValidator(_non_blank)]
+
+
+class Box(_Strict):
+    """A region of the panel in 0..1 coordinates, (x0, y0) top-left, (x1, y1) bottom-right."""
+
+    box: Annotated[list[float], Field(min_length=4, max_length=4)]
+
+    @field_validator("box")
+    @classmethod
+    def _ordered_inside_unit_square(cls, value: list[float]) -> list[float]:
+        x0, y0, x1, y1 = value
+        if not (0.0 <= x0 < x1 <= 1.0 and 0.0 <= y0 < y1 <= 1.0):
+            raise PydanticCustomError(
+                "box_range", "box must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1, got {box}",
+                {"box": value},
+            )
+        return value
+
+
+def _shape_of(value: Any) -> str | None:
+    """Discriminator shared by the 'word or structure' unions below (None = neither)."""
+    if isinstance(value, str):
+        return "@word"
+    if isinstance(value, Mapping):
+        return "@mapping"
+    if isinstance(value, (list, tuple)):
+        return "@list"
+    if isinstance(value, BaseModel):
+        return "@mapping"
+    return None
+
+
+# Tags pydantic inserts into error locations for the unions below; they are not field names.
+_UNION_TAGS = {"@word", "@mapping", "@list"}
+
+Placement = Annotated[
+    Union[
+        Annotated[Literal["left", "right", "center"], Tag("@word")],
+        Annotated[Box, Tag("@mapping")],
+    ],
+    Discriminator(
+        _shape_of,
+        custom_error_type="placement",
+        custom_error_message="expected left, right, center or {box: [x0, y0, x1, y1]}",
+    ),
+]
+
+
+class PixelSize(_Strict):
+    """An explicit page size in pixels."""
+
+    width: int = Field(ge=1, le=MAX_PAGE_SIDE_PX)
+    height: int = Field(ge=1, le=MAX_PAGE_SIDE_PX)
+
+
+PageSize = Annotated[
+    Union[
+        Annotated[Literal["A4", "A5", "Letter", "B5", "square"], Tag("@word")],
+        Annotated[PixelSize, Tag("@mapping")],
+    ],
+    Discriminator(
+        _shape_of,
+        custom_error_type="page_size",
+        custom_error_message="expected A4, A5, Letter, B5, square or {width: PX, height: PX}",
+    ),
+]
+
+RowCounts = Annotated[
+    list[Annotated[int, Field(ge=1, le=4)]], Field(min_length=1, max_length=6)
+]
+LayoutName = Literal["auto", *LAYOUT_TEMPLATES]  # type: ignore[valid-type]
+Layout = Annotated[
+    Union[Annotated[LayoutName, Tag("@word")], Annotated[RowCounts, Tag("@list")]],
+    Discriminator(
+        _shape_of,
+        custom_error_type="layout",
+        custom_error_message="expected auto, a template name ("
+        + ", ".join(LAYOUT_TEMPLATES)
+        + ") or a list of panels per row such as [2, 1, 3]",
+    ),
+]
+
+
+class Style(_Strict):
+    """Story-wide generation defaults."""
+
+    prompt_prefix: str = Field("", description="Put before every panel prompt, e.g. 'pixel art'.")
+    prompt_suffix: str = Field("", description="Put after every panel prompt.")
+    negative_prompt: str = Field("", description="Negative prompt of every panel.")
+    steps: int = Field(25, ge=1, le=500, description="Denoising steps per panel.")
+    guidance: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    subject_strength: float = Field(
+        1.0, ge=0.0, le=4.0, description="Weight of the character tokens (eta in the paper)."
+    )
+    reference_strength: float = Field(
+        0.0, ge=-10.0, le=10.0, description="Bias towards reference features (gamma in the paper)."
+    )
+
+
+class PageSettings(_Strict):
+    """Page geometry and lettering. Lengths are in millimetres, converted with `dpi`."""
+
+    size: PageSize = "A4"
+    orientation: Literal["portrait", "landscape"] = Field(
+        "portrait", description="For named sizes; a size in px is used as given."
+    )
+    dpi: int = Field(150, ge=36, le=1200)
+    layout: Layout = Field("auto", description="auto, a template name, or panels per row.")
+    reading_order: Literal["ltr", "rtl"] = Field("ltr", description="rtl for manga.")
+    margin: float = Field(10.0, ge=0.0, le=200.0, description="Page margin in mm.")
+    gutter: float = Field(4.0, ge=0.0, le=100.0, description="Space between panels in mm.")
+    border: float = Field(0.8, ge=0.0, le=20.0, description="Panel border width in mm.")
+    font: Path | None = Field(None, description="A .ttf/.otf for the lettering (default: Luckiest Guy).")
+
+    @field_validator("font")
+    @classmethod
+    def _resolve_font(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _room_for_panels(self) -> PageSettings:
+        width, height = self.size_px()
+        if max(width, height) > MAX_PAGE_SIDE_PX:
+            raise PydanticCustomError(
+                "page_too_big", "page is {w}x{h} px; at most {m} px a side (lower dpi)",
+                {"w": width, "h": height, "m": MAX_PAGE_SIDE_PX},
+            )
+        margin = mm_to_px(self.margin, self.dpi)
+        if min(width, height) - 2 * margin < MIN_CONTENT_PX:
+            raise PydanticCustomError(
+                "margin_too_big",
+                "margins of {margin} mm leave no room for panels on a {w}x{h} px page",
+                {"margin": self.margin, "w": width, "h": height},
+            )
+        return self
+
+    def size_px(self) -> tuple[int, int]:
+        """Page (width, height) in pixels; `orientation` applies to named sizes only."""
+        if isinstance(self.size, PixelSize):
+            return self.size.width, self.size.height
+        return page_size_px(self.size, self.dpi, landscape=self.orientation == "landscape")
+
+
+class Character(_Strict):
+    """A recurring character: a reference image (mask optional), or a text description."""
+
+    image: Path | None = Field(None, description="Reference image, relative to the story file.")
+    mask: Path | None = Field(None, description="Mask of the character in `image` (white = it).")
+    description: str | None = Field(None, max_length=1000)
+
+    @field_validator("image", "mask")
+    @classmethod
+    def _resolve_paths(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        return _resolve(value, info)
+
+    @model_validator(mode="after")
+    def _image_or_description(self) -> Character:
+        if self.image is None and not (self.description and self.description.strip()):
+            raise PydanticCustomError(
+                "character_source", "a character needs an image or a description"
+            )
+        if self.mask is not None and self.image is None:
+            raise PydanticCustomError("mask_without_image", "a mask needs an image")
+        return self
+
+
+class CharacterRef(_Strict):
+    """A character in a panel, optionally placed (left/right/center or a box)."""
+
+    name: CharacterName
+    at: Placement | None = None
+
+
+def _name_to_ref(value: Any) -> Any:
+    if isinstance(value, str):
+        return {"name": value}
+    if isinstance(value, (Mapping, BaseModel)):
+        return value
+    raise PydanticCustomError("character_ref", "expected a character name or {name: ..., at: ...}")
+
+
+CharacterRefIn = Annotated[
+    CharacterRef, BeforeValidator(_name_to_ref, json_schema_input_type=Union[str, CharacterRef])
+]
+
+
+class DialogueLine(_Strict):
+    who: CharacterName
+    text: Annotated[NonBlank, Field(max_length=500)]
+
+
+class Panel(_Strict):
+    prompt: Annotated[NonBlank, Field(max_length=2000)]
+    characters: list[CharacterRefIn] = Field(default_factory=list)
+    caption: Annotated[NonBlank, Field(max_length=500)] | None = None
+    dialogue: list[DialogueLine] = Field(default_factory=list, max_length=8)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Default: story seed + index.")
+    span: Literal["normal", "wide"] = Field("normal", description="wide: the panel fills a row.")
+    page_break: bool = Field(False, description="Start a new page with this panel.")
+    page_layout: Layout | None = Field(
+        None, description="Start a new page with this panel, laid out like this."
+    )
+
+
+class Story(_Strict):
+    title: Annotated[NonBlank, Field(max_length=200)] = "Untitled"
+    model: Annotated[NonBlank, Field(description="'default' or a path to a local model folder.")] = (
+        "default"
+    )
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    style: Style = Field(default_factory=Style)
+    page: PageSettings = Field(default_factory=PageSettings)
+    characters: dict[CharacterName, Character] = Field(default_factory=dict)
+    panels: list[Panel] = Field(min_length=1, max_length=1000)
+
+    @field_validator("model")
+    @classmethod
+    def _resolve_model(cls, value: str, info: ValidationInfo) -> str:
+        if value == "default":
+            return value
+        return str(_resolve(Path(value), info))
+
+
+def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
+    """Relative paths are relative to the story file (passed as context 'base_dir')."""
+    if value is None:
+        return None
+    base = (info.context or {}).get("base_dir")
+    path = value.expanduser()
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return path
+
+
+def story_json_schema() -> dict[str, Any]:
+    """JSON Schema of the story format, for editors (`anystory schema`)."""
+    schema = Story.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "AnyStory story"
+    return schema
+
+
+# --------------------------------------------------------------------------------------------
+# YAML
+# --------------------------------------------------------------------------------------------
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    pass
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """A SafeLoader that refuses duplicate mapping keys (plain YAML keeps the last one silently,
+    so a second `mira:` would replace the first character without a word).
+
+    With `duplicates` set to a list, it records `(mapping_node, key_node, first_key_node)` and
+    keeps the first definition instead of raising, so a caller can report every duplicate.
+    """
+
+    duplicates: list[tuple[yaml.Node, yaml.Node, yaml.Node]] | None = None
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            self._drop_duplicate_keys(node)
+        return super().construct_mapping(node, deep=deep)
+
+    def _drop_duplicate_keys(self, node: yaml.MappingNode) -> None:
+        seen: dict[Any, yaml.Node] = {}
+        kept = []
+        for key_node, value_node in node.value:
+            # Merge keys (<<) are expanded by flatten_mapping; explicit keys may override them.
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                kept.append((key_node, value_node))
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, Hashable) and key in seen:
+                if self.duplicates is None:
+                    raise DuplicateKeyError(
+                        "while constructing a mapping", node.start_mark,
+                        f"found duplicate key {key!r} (first on line "
+                        f"{seen[key].start_mark.line + 1})", key_node.start_mark,
+                    )
+                self.duplicates.append((node, key_node, seen[key]))
+                continue
+            if isinstance(key, Hashable):
+                seen[key] = key_node
+            kept.append((key_node, value_node))
+        node.value = kept
+
+
+def _node_paths(root: yaml.Node) -> dict[int, tuple]:
+    """Location (as a pydantic-style loc tuple) of every node, by id; first path wins."""
+    paths: dict[int, tuple] = {}
+    stack: list[tuple[yaml.Node, tuple]] = [(root, ())]
+    while stack:
+        node, loc = stack.pop()
+        if id(node) in paths:
+            continue
+        paths[id(node)] = loc
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = key_node.value if isinstance(key_node, yaml.ScalarNode) else "?"
+                stack.append((value_node, (*loc, key)))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                stack.append((item, (*loc, index)))
+    return paths
+
+
+def _expanded_size(root: yaml.Node) -> int | None:
+    """Nodes after expanding aliases; None when an alias refers to its own ancestor."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    # Iterative post-order walk: deep documents must not hit Python's recursion limit.
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        children = _children(node)
+        if children_done:
+            on_path.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(c)] for c in children)
+            if sizes[id(node)] > MAX_EXPANDED_NODES:
+                return sizes[id(node)]
+            continue
+        if id(node) in sizes:
+            continue
+        if id(node) in on_path:
+            return None
+        on_path.add(id(node))
+        stack.append((node, True))
+        for child in children:
+            if id(child) in on_path:
+                return None
+            if id(child) not in sizes:
+                stack.append((child, False))
+    return sizes[id(root)]
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _line_of(root: yaml.Node, loc: tuple) -> int | None:
+    """1-based line of the node at `loc`, walking down as far as the document goes."""
+    node = root
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value == str(part):
+                    child = value_node
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if 0 <= part < len(node.value):
+                child = node.value[part]
+        if child is None:
+            break
+        node = child
+    return node.start_mark.line + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+class _Problems:
+    """Collects `<file>: <path>: <message> (line N)` lines, once each; reported top to bottom."""
+
+    def __init__(self, source: str, root: yaml.Node | None = None):
+        self.source = source
+        self.root = root
+        self.found: list[tuple[int, str]] = []
+
+    def add(self, loc: tuple, message: str, line: int | None = None, line_loc: tuple | None = None) -> None:
+        """`line_loc` (default `loc`) is where in the document the line number is looked up."""
+        line_loc = loc if line_loc is None else line_loc
+        if line is None and self.root is not None and line_loc:
+            line = _line_of(self.root, line_loc)
+        where = format_loc(loc)
+        text = f"{self.source}: {where}: {message}" if where else f"{self.source}: {message}"
+        if line is not None:
+            text += f" (line {line})"
+        if all(text != seen for _, seen in self.found):
+            self.found.append((line or 0, text))
+
+    def raise_if_any(self) -> None:
+        if self.found:
+            # sorted() is stable: problems on one line keep the order they were found in.
+            raise story_error([text for _, text in sorted(self.found, key=lambda f: f[0])])
+
+
+def story_error(problems: list[str]) -> StoryError:
+    """A StoryError whose message is the first problem plus a count; `.problems` has them all."""
+    extra = len(problems) - 1
+    message = problems[0]
+    if extra:
+        message += f" (and {extra} more problem{'s' if extra > 1 else ''})"
+    error = StoryError(message)
+    error.problems = list(problems)  # type: ignore[attr-defined]
+    return error
+
+
+def format_loc(loc: tuple) -> str:
+    """('panels', 3, 'characters', 0) -> 'panels[3].characters[0]'."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.match(r"^[A-Za-z_][A-Za-z0-9_-]*$", str(part)):
+            out += f".{part}" if out else str(part)
+        else:
+            out += f"[{str(part)!r}]"
+    return out
+
+
+def load_story(
+    path: str | os.PathLike[str],
+    *,
+    max_characters: int = DEFAULT_MAX_CHARACTERS,
+    check_images: bool = True,
+) -> Story:
+    """Read, parse and validate a story file; raise StoryError listing every problem."""
+    source = str(path)
+    text = _read_text(Path(path), source)
+    problems = _Problems(source)
+    loader = UniqueKeyLoader(text)
+    loader.duplicates = []
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            problems.add((), "the story is empty; expected a mapping with title, characters, panels")
+            problems.raise_if_any()
+        problems.root = root
+        size = _expanded_size(root)
+        if size is None:
+            problems.add((), "an alias refers to a node that contains it (recursive document)")
+        elif size > MAX_EXPANDED_NODES:
+            problems.add((), f"the document expands to over {MAX_EXPANDED_NODES} nodes (aliases)")
+        problems.raise_if_any()
+        paths = _node_paths(root)
+        data = loader.construct_document(root)
+    except yaml.MarkedYAMLError as exc:
+        problems.add((), _describe_yaml_error(exc))
+        problems.raise_if_any()
+        raise  # unreachable; keeps type checkers calm
+    except yaml.YAMLError as exc:
+        problems.add((), f"not valid YAML: {exc}")
+        problems.raise_if_any()
+        raise
+    except (ValueError, OverflowError) as exc:
+        # SafeLoader raises plain ValueError for impossible timestamps such as 2024-13-45.
+        problems.add((), f"not valid YAML: {exc}")
+        problems.raise_if_any()
+        raise
+    except RecursionError:
+        problems.add((), "the document is nested too deeply")
+        problems.raise_if_any()
+        raise
+    finally:
+        loader.dispose()
+
+    for mapping_node, key_node, first in loader.duplicates:
+        loc = paths.get(id(mapping_node), ())
+        what = "character name" if loc == ("characters",) else "key"
+        problems.add(
+            loc,
+            f"duplicate {what} {key_node.value!r} (first defined on line {first.start_mark.line + 1})",
+            line=key_node.start_mark.line + 1,
+        )
+    return _validate(data, problems, Path(path).resolve().parent, max_characters, check_images)
+
+
+def validate_story(
+    data: Any,
+    *,
+    source: str = "<story>",
+    base_dir: str | os.PathLike[str] = ".",
+    max_characters: int = DEFAULT_MAX_CHARACTERS,
+    check_images: bool = True,
+) -> Story:
+    """Validate an already-parsed story (a dict); the same checks as `load_story`."""
+    return _validate(data, _Problems(source), Path(base_dir).resolve(), max_characters, check_images)
+
+
+def _read_text(path: Path, source: str) -> str:
+    try:
+        size = path.stat().st_size
+        if size > MAX_STORY_BYTES:
+            raise story_error(
+                [f"{source}: the file is {size / 1024 / 1024:.1f} MiB; a story must be at most "
+                 f"{MAX_STORY_BYTES // (1024 * 1024)} MiB"]
+            )
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_STORY_BYTES + 1)
+    except FileNotFoundError:
+        raise story_error([f"{source}: no such file"]) from None
+    except IsADirectoryError:
+        raise story_error([f"{source}: is a directory, expected a YAML file"]) from None
+    except OSError as exc:
+        raise story_error([f"{source}: cannot read the file ({exc.strerror or exc})"]) from None
+    if len(raw) > MAX_STORY_BYTES:  # the file grew between stat and read
+        raise story_error([f"{source}: a story must be at most 1 MiB"])
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise story_error(
+            [f"{source}: not UTF-8 text (byte {exc.start}); save the story as UTF-8"]
+        ) from None
+
+
+def _describe_yaml_error(exc: yaml.MarkedYAMLError) -> str:
+    mark = exc.problem_mark or exc.context_mark
+    what = " ".join(str(p) for p in (exc.context, exc.problem) if p) or "invalid YAML"
+    if mark is None:
+        return f"not valid YAML: {what}"
+    return f"not valid YAML: line {mark.line + 1}, column {mark.column + 1}: {what}"
+
+
+def _validate(
+    data: Any, problems: _Problems, base_dir: Path, max_characters: int, check_images: bool
+) -> Story:
+    if not isinstance(data, dict):
+        problems.add(
+            (), f"expected a mapping (title, characters, panels) at the top, got {_kind_of(data)}"
+        )
+        problems.raise_if_any()
+    story = None
+    try:
+        story = Story.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        for error in exc.errors():
+            loc, message = _describe_pydantic_error(error)
+            problems.add(loc, message, line_loc=_clean_loc(error["loc"]))
+    except RecursionError:
+        problems.add((), "the document is nested too deeply")
+    # Cross-references are checked on the raw data so that they are reported even when some
+    # other part of the story is malformed: the user sees every problem in one run.
+    for loc, message in _cross_reference_problems(data, max_characters):
+        problems.add(loc, message)
+    if check_images:
+        for loc, message in _file_problems(data, base_dir):
+            problems.add(loc, message)
+    problems.raise_if_any()
+    assert story is not None
+    return story
+
+
+def _clean_loc(loc: tuple) -> tuple:
+    """Drop the union tags and '[key]' markers pydantic puts in locations."""
+    return tuple(p for p in loc if p not in _UNION_TAGS and p != "[key]")
+
+
+def _describe_pydantic_error(error: Mapping[str, Any]) -> tuple[tuple, str]:
+    loc = _clean_loc(error["loc"])
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        return loc[:-1], _unknown_key_message(loc)
+    if kind == "missing":
+        return loc, "required but missing"
+    if kind in {"model_type", "dict_type"}:
+        return loc, f"expected a mapping, got {_kind_of(value)}"
+    if kind == "list_type":
+        return loc, f"expected a list, got {_kind_of(value)}"
+    message = error["msg"]
+    message = message[0].lower() + message[1:] if message[:1].isupper() else message
+    if isinstance(value, (str, int, float, bool)) and kind not in {"character_name", "box_range"}:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        message += f", got {shown}"
+    return loc, message
+
+
+def _kind_of(value: Any) -> str:
+    if value is None:
+        return "nothing"
+    if isinstance(value, (str, int, float, bool)):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        return f"{type(value).__name__} {shown}"
+    return type(value).__name__
+
+
+def _unknown_key_message(loc: tuple) -> str:
+    key = str(loc[-1])
+    allowed = _allowed_keys(loc[:-1])
+    message = f"unknown key {key!r}"
+    if allowed:
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        if close:
+            return message + f" (did you mean {close[0]!r}?)"
+        return message + f" (expected one of: {', '.join(allowed)})"
+    return message
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """Field names of the model found at `loc` in a Story, for 'did you mean' hints."""
+    model: Any = Story
+    in_characters = False
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list index: the item model was already chosen from the field
+        if in_characters:  # `part` is a character name
+            model, in_characters = Character, False
+            continue
+        if model is Story and part == "characters":
+            in_characters = True
+            continue
+        model = _MODEL_OF_FIELD.get((model, part))
+        if model is None:
+            return []
+    return [] if in_characters else list(model.model_fields)
+
+
+_MODEL_OF_FIELD: dict[tuple[Any, str], Any] = {
+    (Story, "style"): Style,
+    (Story, "page"): PageSettings,
+    (Story, "panels"): Panel,
+    (Panel, "characters"): CharacterRef,
+    (Panel, "dialogue"): DialogueLine,
+    (CharacterRef, "at"): Box,
+    (PageSettings, "size"): PixelSize,
+}
+
+
+def _cross_reference_problems(data: Any, max_characters: int) -> Iterator[tuple[tuple, str]]:
+    if not isinstance(data, dict):
+        return
+    raw_characters = data.get("characters", {})
+    known = (
+        sorted(k for k in raw_characters if isinstance(k, str))
+        if isinstance(raw_characters, dict)
+        else None  # malformed: reported by pydantic; no basis for name checks
+    )
+    panels = data.get("panels")
+    if not isinstance(panels, list):
+        return
+    for index, panel in enumerate(panels):
+        if isinstance(panel, dict):
+            yield from _panel_problems(index, panel, known, max_characters)
+
+
+def _panel_problems(
+    index: int, panel: dict, known: list[str] | None, max_characters: int
+) -> Iterator[tuple[tuple, str]]:
+    refs = panel.get("characters", [])
+    in_panel: list[str] = []
+    if isinstance(refs, list):
+        if len(refs) > max_characters:
+            yield (("panels", index, "characters"),
+                   f"{len(refs)} characters, but the model supports at most {max_characters} "
+                   "per panel")
+        for slot, ref in enumerate(refs):
+            name = ref.get("name") if isinstance(ref, dict) else ref
+            if not isinstance(name, str):
+                continue
+            loc = ("panels", index, "characters", slot)
+            if name in in_panel:
+                yield loc, f"character {name!r} is listed twice in this panel"
+            in_panel.append(name)
+            if known is not None and name not in known:
+                yield loc, _unknown_character(name, known)
+    lines = panel.get("dialogue", [])
+    if not isinstance(lines, list):
+        return
+    for number, line in enumerate(lines):
+        who = line.get("who") if isinstance(line, dict) else None
+        if not isinstance(who, str):
+            continue
+        loc = ("panels", index, "dialogue", number, "who")
+        if known is not None and who not in known:
+            yield loc, _unknown_character(who, known, role="speaker")
+        elif isinstance(refs, list) and who not in in_panel:
+            shown = ", ".join(in_panel) if in_panel else "none"
+            yield loc, f"speaker {who!r} is not in this panel (its characters: {shown})"
+
+
+def _unknown_character(name: str, known: list[str], role: str = "character") -> str:
+    message = f"unknown {role} {name!r}"
+    close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+    if close:
+        return message + f" (did you mean {close[0]!r}?)"
+    if known:
+        return message + f" (characters: {', '.join(known)})"
+    return message + " (the story defines no characters)"
+
+
+def _file_problems(data: Any, base_dir: Path) -> Iterator[tuple[tuple, str]]:
+    if not isinstance(data, dict):
+        return
+    characters = data.get("characters")
+    if isinstance(characters, dict):
+        for name, character in characters.items():
+            if not isinstance(character, dict):
+                continue
+            for field in ("image", "mask"):
+                value = character.get(field)
+                if isinstance(value, str) and value.strip():
+                    problem = image_problem(_resolve_raw(value, base_dir))
+                    if problem:
+                        yield ("characters", name, field), problem
+    page = data.get("page")
+    if isinstance(page, dict) and isinstance(page.get("font"), str):
+        font = _resolve_raw(page["font"], base_dir)
+        if not font.is_file():
+            yield ("page", "font"), f"font file not found: {font}"
+
+
+def _resolve_raw(value: str, base_dir: Path) -> Path:
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def image_problem(path: Path) -> str | None:
+    """Why `path` is not a usable reference image, or None. Decodes it fully, so a truncated
+    file is caught here rather than in the middle of a render."""
+    from PIL import Image  # PIL only when a story has images; keeps a bare import light
+
+    if not path.exists():
+        return f"file not found: {path}"
+    if not path.is_file():
+        return f"not a file: {path}"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width == 0 or height == 0:
+                    return f"image has zero size: {path}"
+                if width * height > MAX_REFERENCE_PIXELS:
+                    return (f"image is too large ({width}x{height}); at most "
+                            f"{MAX_REFERENCE_PIXELS // 1_000_000} megapixels: {path}")
+                image.load()
+    except PermissionError:
+        return f"cannot read (permission denied): {path}"
+    except Image.UnidentifiedImageError:
+        return f"not an image (PNG, JPEG, WebP...): {path}"
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
+        return f"corrupt or truncated image ({exc}): {path}"
+    return None

@@ -1,0 +1,105 @@
+"""Everything AnyStory keeps on disk as safetensors: adapter weights and character encodings.
+
+An adapter file carries its config in the metadata, so the file alone rebuilds the modules. A
+character encoding file carries the id of the adapter that made it, so an encoding is never used
+with other weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from .atomic import atomic_path
+from .errors import InputError, ModelError
+from .models.adapter import AnyStoryAdapter, AnyStoryConfig
+
+ADAPTER_FORMAT = "anystory-adapter/1"
+ENCODING_FORMAT = "anystory-character/1"
+
+
+def _metadata(path: Path) -> dict:
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def save_adapter(adapter: AnyStoryAdapter, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    """Write all adapter weights (optionally cast, e.g. to fp16) with the config in the metadata."""
+    path = Path(path)
+    tensors = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
+               for k, v in adapter.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT, "config": adapter.config.to_json()})
+    return path
+
+
+def load_adapter(path: str | Path, dtype: torch.dtype = torch.float32) -> AnyStoryAdapter:
+    """Rebuild an adapter from one file written by `save_adapter`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: adapter weights not found (train them with `anystory train`)")
+    meta = _metadata(path)
+    if meta.get("format") != ADAPTER_FORMAT:
+        raise ModelError(f"{path}: not an AnyStory adapter file (format {meta.get('format')!r})")
+    adapter = AnyStoryAdapter(AnyStoryConfig.from_json(meta["config"]))
+    state = load_file(str(path))
+    missing, unexpected = adapter.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ModelError(f"{path}: weights do not match the config in the file "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return adapter.to(dtype=dtype).eval()
+
+
+@dataclass
+class CharacterEncoding:
+    """A character encoded once: what the denoising loop needs, nothing else.
+
+    subject_tokens: (m, d_c) subject QFormer tokens (make the character appear);
+    routing_feature: (d_r,) routing QFormer feature (decides where it is);
+    reference_features: attn1 layer name -> (L_ref, C) ReferenceNet features (fine detail).
+    """
+
+    subject_tokens: torch.Tensor
+    routing_feature: torch.Tensor
+    reference_features: dict[str, torch.Tensor]
+    model_id: str
+    name: str = ""
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+        def cast(t):
+            return (t.to(dtype) if dtype is not None else t).detach().contiguous().cpu()
+
+        tensors = {"subject_tokens": cast(self.subject_tokens), "routing_feature": cast(self.routing_feature)}
+        tensors.update({f"reference/{k}": cast(v) for k, v in self.reference_features.items()})
+        meta = {"format": ENCODING_FORMAT, "model_id": self.model_id, "name": self.name}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "CharacterEncoding":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: character encoding not found")
+        try:
+            meta = _metadata(path)
+            tensors = load_file(str(path))
+        except (ModelError, SafetensorError, OSError) as exc:
+            raise InputError(f"{path}: corrupt character encoding ({exc})") from None
+        if meta.get("format") != ENCODING_FORMAT or "subject_tokens" not in tensors:
+            raise InputError(f"{path}: not an AnyStory character encoding")
+        prefix = "reference/"
+        return cls(
+            subject_tokens=tensors["subject_tokens"],
+            routing_feature=tensors["routing_feature"],
+            reference_features={k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+            model_id=meta.get("model_id", ""),
+            name=meta.get("name", ""),
+        )
