@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Sequence
@@ -20,6 +19,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
+from anystory_cli.atomic import atomic_path
 from anystory_cli.errors import OutputError
 
 # Files we create get the usual rw-r--r--: mkstemp makes them 0600, which would be surprising
@@ -30,35 +30,25 @@ NEW_FILE_MODE = 0o644
 def ensure_dir(path: str | os.PathLike[str]) -> Path:
     """Create `path` (and parents) if needed; OutputError if that is impossible."""
     folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"output path {folder} exists and is not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
-    if not folder.is_dir():
-        raise OutputError(f"output path {folder} exists and is not a folder")
     return folder
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
-    """Call `write(handle)` on a temp file next to `path`, then rename it over `path`."""
+    """Call `write(handle)` on a temp file next to `path`, then rename it over `path`
+    (the package's `atomic_path`); the result keeps the replaced file's permissions."""
     target = Path(path)
-    folder = ensure_dir(target.parent)
-    try:
-        fd, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=folder)
-    except OSError as exc:
-        raise OutputError(f"cannot write to {folder}: {exc.strerror or exc}") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    ensure_dir(target.parent)
+    mode = _mode_for(target)
+    with atomic_path(target) as temp:
+        with open(temp, "wb") as handle:
             write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())  # the rename must not land before the data
-        os.chmod(temp_name, _mode_for(target))
-        os.replace(temp_name, target)
-    except BaseException as exc:
-        _remove_quietly(temp_name)
-        if isinstance(exc, OSError):
-            raise OutputError(f"cannot write {target}: {exc.strerror or exc}") from None
-        raise
+        os.chmod(temp, mode)
     return target
 
 
@@ -67,13 +57,6 @@ def _mode_for(target: Path) -> int:
         return target.stat().st_mode & 0o777  # keep the permissions of the file we replace
     except OSError:
         return NEW_FILE_MODE
-
-
-def _remove_quietly(name: str) -> None:
-    try:
-        os.unlink(name)
-    except OSError:
-        pass
 
 
 def write_png(image: Image.Image, path: str | os.PathLike[str], dpi: int | None = None) -> Path:
@@ -169,11 +152,12 @@ def write_cbz(
     characters: Sequence[str] = (),
 ) -> Path:
     """A comic book archive: 001.png, 002.png, ... and ComicInfo.xml."""
-    encoded = [_png_bytes(page) for page in pages]
-    sizes = [(page.width, page.height, len(data)) for page, data in zip(pages, encoded)]
-    info = comic_info_xml(title, sizes, reading_order, characters)
 
     def write(handle: BinaryIO) -> None:
+        # Encoding inside the write: its failures are reported like any other write failure.
+        encoded = [_png_bytes(page) for page in pages]
+        sizes = [(page.width, page.height, len(data)) for page, data in zip(pages, encoded)]
+        info = comic_info_xml(title, sizes, reading_order, characters)
         # PNGs are already compressed: store them; deflate only the XML.
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
             for number, data in enumerate(encoded, start=1):

@@ -63,6 +63,12 @@ PLACEMENT_BOXES: dict[str, Box] = {
 # default model: upscale it with NEAREST so it stays crisp instead of blurring.
 NEAREST_UPSCALE_FACTOR = 2.0
 MIN_PANEL_PX = 16
+# Balloon placement costs (see place_balloon); the character mass covered counts as a
+# fraction in 0..1, so e.g. covering 3 % of it weighs as much as sitting at the panel's bottom.
+COVER_SPEAKER_WEIGHT = 0.3
+READING_ORDER_WEIGHT = 0.1
+TOP_WEIGHT = 0.03
+DISTANCE_WEIGHT = 0.02
 BLACK = (0, 0, 0)
 WHITE = (255, 255, 255)
 CAPTION_FILL = (255, 244, 189)
@@ -184,7 +190,8 @@ def cover_window(src_size: tuple[int, int], dst_size: tuple[int, int]) -> Box:
 def fit_cover(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     """Scale and centre-crop `image` to exactly `size`; NEAREST when much enlarged."""
     scale = max(size[0] / image.width, size[1] / image.height)
-    resample = Image.Resampling.NEAREST if scale >= NEAREST_UPSCALE_FACTOR else Image.Resampling.LANCZOS
+    crisp = scale >= NEAREST_UPSCALE_FACTOR
+    resample = Image.Resampling.NEAREST if crisp else Image.Resampling.LANCZOS
     return image.convert("RGB").resize(size, resample, box=cover_window(image.size, size))
 
 
@@ -211,7 +218,9 @@ def default_font_path() -> Path:
         ) from None
     fonts = sorted((fontpkg_luckiest_guy.ROOT / "files").glob("*.ttf"))
     if not fonts:
-        raise AnyStoryError(f"no .ttf in {fontpkg_luckiest_guy.ROOT}; reinstall fontpkg-luckiest-guy")
+        raise AnyStoryError(
+            f"no .ttf in {fontpkg_luckiest_guy.ROOT}; reinstall fontpkg-luckiest-guy"
+        )
     return fonts[0]
 
 
@@ -280,6 +289,8 @@ def wrap_text(text: str, font: ImageFont.FreeTypeFont, max_width: float) -> list
 
 
 def _cut_long_word(word: str, font: ImageFont.FreeTypeFont, max_width: float) -> list[str]:
+    if font.getlength(word) <= max_width:
+        return [word]
     pieces, piece = [], ""
     for char in word:
         if piece and font.getlength(piece + char) > max_width:
@@ -306,11 +317,24 @@ def fit_text(
     """The largest font size (max_size down to min_size) at which the wrapped text fits; at the
     smallest size, lines that still do not fit are dropped and the last one ends in '...'."""
     require_drawable(text, font_path)
-    for size in range(max_size, min_size - 1, -1):
+
+    def fits(size: int) -> TextBlock | None:
         block = _measure(text, font_path, size, max_width)
-        if block.width <= max_width and block.height <= max_height:
-            return block
-    return _truncate(_measure(text, font_path, min_size, max_width), font_path, max_width, max_height)
+        return block if block.width <= max_width and block.height <= max_height else None
+
+    # Bisect for the largest size that fits (a smaller font never needs more room).
+    best, low, high = None, min_size, max_size
+    while low <= high:
+        middle = (low + high) // 2
+        block = fits(middle)
+        if block is not None:
+            best, low = block, middle + 1
+        else:
+            high = middle - 1
+    if best is not None:
+        return best
+    smallest = _measure(text, font_path, min_size, max_width)
+    return _truncate(smallest, font_path, max_width, max_height)
 
 
 def _measure(text: str, font_path: str | None, size: int, max_width: int) -> TextBlock:
@@ -322,7 +346,9 @@ def _measure(text: str, font_path: str | None, size: int, max_width: int) -> Tex
     return TextBlock(tuple(lines), size, width, line_height * len(lines), line_height)
 
 
-def _truncate(block: TextBlock, font_path: str | None, max_width: int, max_height: int) -> TextBlock:
+def _truncate(
+    block: TextBlock, font_path: str | None, max_width: int, max_height: int
+) -> TextBlock:
     keep = max(1, max_height // block.line_height)
     if keep >= len(block.lines):
         return block
@@ -411,7 +437,7 @@ class MassField:
         return float(self._integral[-1, -1])
 
 
-def _grid_points(panel_size: tuple[int, int], window: Box, cells: int) -> tuple[np.ndarray, np.ndarray]:
+def _grid_points(window: Box, cells: int) -> tuple[np.ndarray, np.ndarray]:
     """Source-image coordinates (0..1) of the centres of a cells x cells grid over the frame."""
     centres = (np.arange(cells) + 0.5) / cells
     u = window[0] + centres * (window[2] - window[0])
@@ -425,7 +451,7 @@ def mass_from_maps(
     """Character mass (all characters, background excluded) from routing maps (N+1, H, W)."""
     characters = np.asarray(maps, dtype=np.float64)[:-1].sum(axis=0)
     height, width = characters.shape
-    u, v = _grid_points(panel_size, window, cells)
+    u, v = _grid_points(window, cells)
     cols = np.clip((u * width).astype(int), 0, width - 1)
     rows = np.clip((v * height).astype(int), 0, height - 1)
     return MassField(characters[np.ix_(rows, cols)], panel_size)
@@ -435,7 +461,7 @@ def mass_from_boxes(
     boxes: Sequence[Box], panel_size: tuple[int, int], window: Box, cells: int = 64
 ) -> MassField:
     """Character mass approximated by the placement boxes (1 inside each box)."""
-    u, v = _grid_points(panel_size, window, cells)
+    u, v = _grid_points(window, cells)
     grid = np.zeros((cells, cells))
     for x0, y0, x1, y1 in boxes:
         grid += np.outer((v >= y0) & (v < y1), (u >= x0) & (u < x1))
@@ -495,33 +521,47 @@ def place_balloon(
     taken: Sequence[Rect] = (),
     inset: int = 4,
     rtl: bool = False,
+    target: Point | None = None,
+    previous: Rect | None = None,
 ) -> Rect:
     """The candidate position that covers the least character mass.
 
-    Candidates form a 5 x 4 grid inside the frame. Overlapping an earlier balloon or the
-    caption costs more than any amount of character mass; ties go to the top of the panel and
-    to the side where reading starts.
+    Candidates form a 9 x 7 grid inside the frame, scored by (most important first): overlap
+    with the caption or an earlier balloon; the fraction of the characters' mass covered;
+    covering the speaker's own centre (`target`); starting above the `previous` balloon
+    (balloons are read top to bottom); then a mild pull towards the top of the panel and
+    towards the speaker, so tails stay short. Exact ties go to the reading-start side.
     """
     pw, ph = panel_size
     bw = max(1, min(balloon_size[0], pw - 2 * inset))
     bh = max(1, min(balloon_size[1], ph - 2 * inset))
     total = max(mass.total, 1e-9)
+    diagonal = math.hypot(pw, ph)
     best: tuple[float, Rect] | None = None
-    for y in _spread(inset, ph - bh - inset, 4):
-        for x in _spread(inset, pw - bw - inset, 5):
+    for y in _spread(inset, ph - bh - inset, 7):
+        for x in _spread(inset, pw - bw - inset, 9):
             rect = (x, y, x + bw, y + bh)
-            covered = mass.mass(rect) / total
-            clash = sum(_overlap(rect, other) for other in taken) / max(1, bw * bh)
+            score = 10.0 * sum(_overlap(rect, other) for other in taken) / (bw * bh)
+            score += mass.mass(rect) / total
+            score += TOP_WEIGHT * y / ph
+            if previous is not None and y < previous[1]:
+                score += READING_ORDER_WEIGHT
+            if target is not None:
+                if x <= target[0] <= x + bw and y <= target[1] <= y + bh:
+                    score += COVER_SPEAKER_WEIGHT
+                centre = (x + bw / 2, y + bh / 2)
+                score += DISTANCE_WEIGHT * math.dist(centre, target) / diagonal
             start_side = (pw - bw - x) if rtl else x
-            tie_break = 1e-3 * (y / ph) + 1e-4 * (start_side / pw)
-            score = covered + 10.0 * clash + tie_break
+            score += 1e-4 * start_side / pw
             if best is None or score < best[0]:
                 best = (score, rect)
     assert best is not None
     return best[1]
 
 
-def balloon_tail(rect: Rect, target: Point, panel_size: tuple[int, int]) -> tuple[Point, Point, Point]:
+def balloon_tail(
+    rect: Rect, target: Point, panel_size: tuple[int, int]
+) -> tuple[Point, Point, Point]:
     """A wedge from inside the balloon towards `target`: (base, tip, base).
 
     The tip stops short of the target (a tail points at a speaker, it does not stab it) and
@@ -536,7 +576,7 @@ def balloon_tail(rect: Rect, target: Point, panel_size: tuple[int, int]) -> tupl
     ux, uy = dx / distance, dy / distance
     # Where the ray leaves the ellipse inscribed in the balloon.
     edge = 1.0 / math.sqrt((ux / rx) ** 2 + (uy / ry) ** 2)
-    longest = 0.35 * min(panel_size)
+    longest = 0.5 * min(panel_size)
     length = min(max((distance - edge) * 0.6, 0.25 * min(rx, ry)), longest)
     tip = (
         min(max(cx + ux * (edge + length), 0.0), panel_size[0] - 1.0),
@@ -576,6 +616,13 @@ def plan_lettering(
         caption = CaptionPlan((x0, inset, x0 + width, inset + height), block)
         taken.append(caption.rect)
     if routing_maps is not None:
+        routing_maps = np.asarray(routing_maps)
+        expected = len(text.characters) + 1
+        if routing_maps.ndim != 3 or routing_maps.shape[0] != expected:
+            raise ValueError(
+                f"routing maps must be ({expected}, H, W) for {len(text.characters)} characters "
+                f"plus background, got shape {routing_maps.shape}"
+            )
         mass = mass_from_maps(routing_maps, panel_size, window)
     else:
         mass = mass_from_boxes(text.boxes, panel_size, window)
@@ -584,9 +631,10 @@ def plan_lettering(
         block = fit_text(line, font_path, int(pw * 0.45), int(ph * 0.3), max_size)
         pad = max(4, block.font_size // 2)
         size = (block.width + 2 * pad + block.line_height, block.height + 2 * pad)
-        rect = place_balloon(panel_size, size, mass, taken, inset, rtl)
-        taken.append(rect)
         target = _speaker_target(text, who, routing_maps, panel_size, window)
+        previous = balloons[-1].rect if balloons else None
+        rect = place_balloon(panel_size, size, mass, taken, inset, rtl, target, previous)
+        taken.append(rect)
         tail = balloon_tail(rect, target, panel_size) if target is not None else None
         balloons.append(BalloonPlan(rect, block, who, target, tail))
     return Lettering(caption, tuple(balloons))
@@ -621,7 +669,9 @@ def compose_page(
             page.paste(fit_cover(image, size), rect[:2])
         text = texts[index] if index < len(texts) else None
         if text is not None and (text.caption or text.dialogue):
-            maps = routing_maps[index] if routing_maps is not None and index < len(routing_maps) else None
+            maps = None
+            if routing_maps is not None and index < len(routing_maps):
+                maps = routing_maps[index]
             lettering = plan_lettering(
                 size, text, maps, image.size if image is not None else None,
                 page_spec.font_path, page_spec.reading_order == "rtl", inset=page_spec.border + 4,

@@ -16,9 +16,12 @@ A story names its characters once, then lists its panels::
         caption: "The wind picked up."
         dialogue: [{who: mira, text: "Look, a kite!"}]
 
+Panels may also set `seed`, `span: wide` (the panel fills a row), `page_break: true` and
+`page_layout` (a new page with its own layout); see `anystory schema` for every field.
+
 `load_story()` reports every problem of a file at once (`StoryError.problems`), each as
-``<file>: <field path>: <what is wrong>``. Paths in the story resolve relative to the YAML file.
-No torch here: `anystory validate` must stay instant.
+``<file>: <field path>: <what is wrong> (line N)``, top to bottom. Paths in the story resolve
+relative to the YAML file. No torch here: `anystory validate` must stay instant.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
+from PIL import Image
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -76,9 +80,9 @@ def _check_name(value: str) -> str:
     if not _NAME_RE.match(value):
         raise PydanticCustomError(
             "character_name",
-            "character name {name!r} must start with a letter and use only letters, digits, "
+            "character name {name} must start with a letter and use only letters, digits, "
             "'_' or '-' (at most 40)",
-            {"name": value},
+            {"name": repr(value)},
         )
     return value
 
@@ -163,7 +167,8 @@ PageSize = Annotated[
 RowCounts = Annotated[
     list[Annotated[int, Field(ge=1, le=4)]], Field(min_length=1, max_length=6)
 ]
-LayoutName = Literal["auto", *LAYOUT_TEMPLATES]  # type: ignore[valid-type]
+# A tuple subscript, not Literal["auto", *names]: star-unpacking there needs Python 3.11.
+LayoutName = Literal[("auto", *LAYOUT_TEMPLATES)]  # type: ignore[valid-type]
 Layout = Annotated[
     Union[Annotated[LayoutName, Tag("@word")], Annotated[RowCounts, Tag("@list")]],
     Discriminator(
@@ -205,7 +210,9 @@ class PageSettings(_Strict):
     margin: float = Field(10.0, ge=0.0, le=200.0, description="Page margin in mm.")
     gutter: float = Field(4.0, ge=0.0, le=100.0, description="Space between panels in mm.")
     border: float = Field(0.8, ge=0.0, le=20.0, description="Panel border width in mm.")
-    font: Path | None = Field(None, description="A .ttf/.otf for the lettering (default: Luckiest Guy).")
+    font: Path | None = Field(
+        None, description="A .ttf/.otf for the lettering (default: Luckiest Guy)."
+    )
 
     @field_validator("font")
     @classmethod
@@ -299,9 +306,9 @@ class Panel(_Strict):
 
 class Story(_Strict):
     title: Annotated[NonBlank, Field(max_length=200)] = "Untitled"
-    model: Annotated[NonBlank, Field(description="'default' or a path to a local model folder.")] = (
-        "default"
-    )
+    model: Annotated[
+        NonBlank, Field(description="'default' or a path to a local model folder.")
+    ] = "default"
     seed: int = Field(0, ge=0, le=2**32 - 1)
     style: Style = Field(default_factory=Style)
     page: PageSettings = Field(default_factory=PageSettings)
@@ -471,7 +478,9 @@ class _Problems:
         self.root = root
         self.found: list[tuple[int, str]] = []
 
-    def add(self, loc: tuple, message: str, line: int | None = None, line_loc: tuple | None = None) -> None:
+    def add(
+        self, loc: tuple, message: str, line: int | None = None, line_loc: tuple | None = None
+    ) -> None:
         """`line_loc` (default `loc`) is where in the document the line number is looked up."""
         line_loc = loc if line_loc is None else line_loc
         if line is None and self.root is not None and line_loc:
@@ -523,12 +532,14 @@ def load_story(
     source = str(path)
     text = _read_text(Path(path), source)
     problems = _Problems(source)
-    loader = UniqueKeyLoader(text)
-    loader.duplicates = []
+    loader = None
     try:
+        # The reader checks the characters as soon as the loader is built: keep it in the try.
+        loader = UniqueKeyLoader(text)
+        loader.duplicates = []
         root = loader.get_single_node()
         if root is None:
-            problems.add((), "the story is empty; expected a mapping with title, characters, panels")
+            problems.add((), "the story is empty; expected title, characters and panels")
             problems.raise_if_any()
         problems.root = root
         size = _expanded_size(root)
@@ -549,7 +560,7 @@ def load_story(
         raise
     except (ValueError, OverflowError) as exc:
         # SafeLoader raises plain ValueError for impossible timestamps such as 2024-13-45.
-        problems.add((), f"not valid YAML: {exc}")
+        problems.add((), f"not valid YAML: {exc} (quote a value that is meant as text)")
         problems.raise_if_any()
         raise
     except RecursionError:
@@ -557,14 +568,16 @@ def load_story(
         problems.raise_if_any()
         raise
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
     for mapping_node, key_node, first in loader.duplicates:
         loc = paths.get(id(mapping_node), ())
         what = "character name" if loc == ("characters",) else "key"
+        first_line = first.start_mark.line + 1
         problems.add(
             loc,
-            f"duplicate {what} {key_node.value!r} (first defined on line {first.start_mark.line + 1})",
+            f"duplicate {what} {key_node.value!r} (first defined on line {first_line})",
             line=key_node.start_mark.line + 1,
         )
     return _validate(data, problems, Path(path).resolve().parent, max_characters, check_images)
@@ -579,7 +592,8 @@ def validate_story(
     check_images: bool = True,
 ) -> Story:
     """Validate an already-parsed story (a dict); the same checks as `load_story`."""
-    return _validate(data, _Problems(source), Path(base_dir).resolve(), max_characters, check_images)
+    problems = _Problems(source)
+    return _validate(data, problems, Path(base_dir).resolve(), max_characters, check_images)
 
 
 def _read_text(path: Path, source: str) -> str:
@@ -812,10 +826,11 @@ def _resolve_raw(value: str, base_dir: Path) -> Path:
 def image_problem(path: Path) -> str | None:
     """Why `path` is not a usable reference image, or None. Decodes it fully, so a truncated
     file is caught here rather than in the middle of a render."""
-    from PIL import Image  # PIL only when a story has images; keeps a bare import light
-
-    if not path.exists():
-        return f"file not found: {path}"
+    try:
+        if not path.exists():
+            return f"file not found: {path}"
+    except (OSError, ValueError):  # e.g. a NUL byte or an over-long name
+        return f"not a valid path: {str(path)!r}"
     if not path.is_file():
         return f"not a file: {path}"
     try:
@@ -831,6 +846,9 @@ def image_problem(path: Path) -> str | None:
                 image.load()
     except PermissionError:
         return f"cannot read (permission denied): {path}"
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        return (f"image is too large; at most {MAX_REFERENCE_PIXELS // 1_000_000} megapixels: "
+                f"{path}")
     except Image.UnidentifiedImageError:
         return f"not an image (PNG, JPEG, WebP...): {path}"
     except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files

@@ -48,6 +48,7 @@ class InjectionInputs:
     reference_scale: float | None = 0.0  # γ; None switches reference features off
     training: bool = False
     record_maps: bool = False
+    uniform_rows: frozenset[int] = frozenset()  # rows whose entries all share the same tokens
 
     @property
     def num_entries(self) -> int:
@@ -81,6 +82,7 @@ def _for_batch(inputs: InjectionInputs, batch: int) -> InjectionInputs:
         reference_scale=inputs.reference_scale,
         training=inputs.training,
         record_maps=inputs.record_maps,
+        uniform_rows=frozenset(range(rows)),  # the unconditional half: null tokens everywhere
     )
 
 
@@ -136,6 +138,14 @@ class AnyStoryContext:
             return bias.masked_fill(~allowed, MASKED)
 
         return self.memo(("bias", size), compute)
+
+    def dense(self) -> bool:
+        """Dense path in training (gradients through σ) and for gates that are not one-hot
+        (e.g. the no-router ablation: every character everywhere); gathered otherwise."""
+        fixed = self.batch.fixed_routes
+        if self.batch.training:
+            return True
+        return fixed is not None and not self.memo(("one-hot",), lambda: _is_one_hot(fixed))
 
     def gates_at(self, routes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """(B, E, h', w') gates -> (B, E, h*w), nearest-neighbour at a resolution change."""
@@ -202,18 +212,27 @@ def _base_attention(attn, hidden_states, context, attention_mask):
     return query, _merge_heads(out).to(query.dtype)
 
 
-def _groups(gates: torch.Tensor):
-    """Yield (row, entry, pixel indices) of one-hot gates (B, E, L), skipping empty groups."""
-    owner = gates.argmax(dim=1)  # (B, L)
-    for row in range(gates.shape[0]):
-        for entry in range(gates.shape[1]):
-            index = (owner[row] == entry).nonzero(as_tuple=True)[0]
-            if index.numel():
-                yield row, entry, index
-
-
 def _is_one_hot(gates: torch.Tensor) -> bool:
     return bool(((gates == 0) | (gates == 1)).all() and (gates.sum(dim=1) == 1).all())
+
+
+def _attend_by_owner(query: torch.Tensor, owner: torch.Tensor, num_entries: int, attend) -> torch.Tensor:
+    """Gathered routing for one row: query (1, heads, L, d), owner (L,) entry of each pixel.
+    Pixels are sorted by owner so each entry's pixels form one contiguous slice; `attend(entry,
+    q)` runs once per non-empty entry and the results return to pixel order. One gather and one
+    scatter per row instead of one per entry; 4-D slices keep SDPA on its fused CPU kernel."""
+    order = torch.argsort(owner, stable=True)
+    counts = torch.bincount(owner, minlength=num_entries).tolist()
+    sorted_query = query[:, :, order]
+    pieces, start = [], 0
+    for entry, count in enumerate(counts):
+        if count:
+            pieces.append(attend(entry, sorted_query[:, :, start : start + count]))
+        start += count
+    joined = torch.cat(pieces, dim=2)
+    out = torch.empty_like(joined)
+    out[:, :, order] = joined
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,17 +300,25 @@ class CrossAttentionProcessor:
     def _subject_attention(self, ctx: AnyStoryContext, query, gates) -> torch.Tensor:
         """Σ_i σ(M_i) ⊙ Attn(Q, E_i Ŵ_k, E_i Ŵ_v), merged heads: (B, L, inner)."""
         key, value = self._subject_kv(ctx, query.shape[1])
-        if ctx.batch.training or not _is_one_hot(gates):
+        if ctx.dense():
             out = 0
             for entry in range(gates.shape[1]):
                 attended = F.scaled_dot_product_attention(query, key[:, entry], value[:, entry])
                 out = out + gates[:, entry, :, None] * _merge_heads(attended)
             return out
-        out = query.new_zeros(query.shape[0], query.shape[2], query.shape[1] * query.shape[3])
-        for row, entry, index in _groups(gates):
-            q = query[row, :, index]  # (heads, n, d)
-            out[row, index] = _merge_heads(F.scaled_dot_product_attention(q, key[row, entry], value[row, entry]))
-        return out
+        owner = gates.argmax(dim=1)  # (B, L)
+        rows = []
+        for row in range(query.shape[0]):
+            q = query[row : row + 1]
+
+            def attend(entry, q_part, row=row):
+                return F.scaled_dot_product_attention(q_part, key[row : row + 1, entry], value[row : row + 1, entry])
+
+            if row in ctx.batch.uniform_rows:  # every entry has the same tokens: route nothing
+                rows.append(attend(0, q))
+            else:
+                rows.append(_attend_by_owner(q, owner[row], gates.shape[1], attend))
+        return _merge_heads(torch.cat(rows))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,7 +360,7 @@ class SelfAttentionProcessor:
         ref_key, ref_value = self._reference_kv(anystory, attn.heads)  # (B, N, heads, Lr, d)
         size = anystory.spatial_size(hidden_states.shape[1])
         gates = anystory.gates_at(anystory.previous_routes, size)  # (B, E, L)
-        if inputs.training or not _is_one_hot(gates):
+        if anystory.dense():
             out = self._dense(query, key, value, ref_key, ref_value, gates, inputs.reference_scale)
         else:
             out = self._gathered(query, key, value, ref_key, ref_value, gates, inputs.reference_scale)
@@ -363,17 +390,21 @@ class SelfAttentionProcessor:
     def _gathered(query, key, value, ref_key, ref_value, gates, gamma):
         """Each pixel group attends to [own; its character's references] only."""
         n = ref_key.shape[1]
-        out = torch.empty_like(query)
-        for row, entry, index in _groups(gates):
-            q = query[row, :, index]  # (heads, n_pix, d)
-            if entry >= n:  # background
-                out[row, :, index] = F.scaled_dot_product_attention(q, key[row], value[row])
-                continue
-            keys = torch.cat([key[row], ref_key[row, entry]], dim=1)
-            values = torch.cat([value[row], ref_value[row, entry]], dim=1)
-            bias = None
-            if gamma != 0:
-                bias = torch.zeros(keys.shape[1], dtype=q.dtype, device=q.device)
-                bias[key.shape[2]:] = gamma
-            out[row, :, index] = F.scaled_dot_product_attention(q, keys, values, attn_mask=bias)
-        return out
+        owner = gates.argmax(dim=1)  # (B, L)
+        own_length = key.shape[2]
+        bias = None
+        if gamma != 0:
+            bias = query.new_zeros(1, 1, 1, own_length + ref_key.shape[3])
+            bias[..., own_length:] = gamma
+        rows = []
+        for row in range(query.shape[0]):
+
+            def attend(entry, q_part, row=row):
+                if entry >= n:  # background pixels see no references
+                    return F.scaled_dot_product_attention(q_part, key[row : row + 1], value[row : row + 1])
+                keys = torch.cat([key[row], ref_key[row, entry]], dim=1)[None]
+                values = torch.cat([value[row], ref_value[row, entry]], dim=1)[None]
+                return F.scaled_dot_product_attention(q_part, keys, values, attn_mask=bias)
+
+            rows.append(_attend_by_owner(query[row : row + 1], owner[row], gates.shape[1], attend))
+        return torch.cat(rows)

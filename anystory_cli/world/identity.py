@@ -14,13 +14,12 @@ attributes.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import lru_cache
-from typing import Iterator, Literal
+from typing import Iterator
 
 from .rng import WorldRng, stable_hash
 
-Split = Literal["train", "heldout"]
 SPLITS: tuple[str, ...] = ("train", "heldout")
 NOT_APPLICABLE = -1
 
@@ -87,7 +86,7 @@ def contrasting_colours(body_colour: int) -> tuple[int, ...]:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
     """One character's look. Build it with `identity_from_seed`."""
 
@@ -208,7 +207,3 @@ def count_possible_identities() -> int:
         accessorised = 1 + (len(ACCESSORIES) - 1) * readable
         total += per_body_shape * readable * patterned * accessorised
     return total
-
-
-def attribute_field_names() -> tuple[str, ...]:
-    return tuple(f.name for f in fields(Identity) if f.name != "seed")

@@ -404,7 +404,18 @@ REFERENCE_BODY_SHARE = 0.55
 
 def reference_image(identity_seed: int, size: int = 64) -> np.ndarray:
     """The canonical view of an identity (standing, facing front, centred): uint8 (size, size, 4)."""
-    sprite = draw_character(identity_seed, max(12, int(round(REFERENCE_BODY_SHARE * size))), "standing", False)
+    return _centred_sprite(identity_seed, REFERENCE_BODY_SHARE, "standing", False, size)
+
+
+def random_reference(identity_seed: int, rng_seed: int, size: int = 64) -> np.ndarray:
+    """A reference in a random pose, facing and scale (e.g. for stage-2 training), like `reference_image`."""
+    rng = WorldRng("reference", int(identity_seed), int(rng_seed))
+    share = rng.uniform(SCALE_RANGE[4][0], REFERENCE_BODY_SHARE)
+    return _centred_sprite(identity_seed, share, rng.choice(POSES), rng.chance(0.5), size)
+
+
+def _centred_sprite(identity_seed: int, body_share: float, pose: str, flip: bool, size: int) -> np.ndarray:
+    sprite = draw_character(identity_seed, max(12, int(round(body_share * size))), pose, flip)
     if sprite.height > size or sprite.width > size:
         raise ValueError(f"size {size} is too small for a reference image")
     rgba = np.zeros((size, size, 4), dtype=np.uint8)

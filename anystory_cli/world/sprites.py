@@ -175,7 +175,7 @@ def draw_character(identity: Identity | int, scale: int, pose: str = "standing",
     return Sprite(rgba=np.ascontiguousarray(rgba), foot_x=foot_x, foot_y=foot_y, lift=lift)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=512)  # a few MB; sprites repeat within a scene's retries and in tests
 def _draw_cached(identity: Identity, scale: int, pose: str) -> tuple[np.ndarray, int, int]:
     # Room for accessories above the body (0.4) and arms reaching sideways (0.85 each side).
     width = 2 * int(np.ceil(0.85 * scale)) + 4

@@ -1,0 +1,195 @@
+"""Exports: atomic writes, PNG/PDF/CBZ contents, ComicInfo.xml, failures that keep old files."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import stat
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from anystory_cli.errors import OutputError
+from anystory_cli.export import (
+    atomic_write,
+    comic_info_xml,
+    ensure_dir,
+    export_comic,
+    write_cbz,
+    write_panels_png,
+    write_pdf,
+    write_png,
+)
+
+
+def pages(count=2, size=(30, 40)):
+    return [Image.new("RGB", size, (40 * i, 100, 200)) for i in range(count)]
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+# --------------------------------------------------------------------------------------------
+# Contents
+# --------------------------------------------------------------------------------------------
+
+
+def test_png_is_written_whole_with_usual_permissions(tmp_path):
+    path = write_png(pages(1)[0], tmp_path / "sub" / "page.png", dpi=150)
+    with Image.open(path) as image:
+        assert image.size == (30, 40)
+        assert round(image.info["dpi"][0]) == 150
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert leftovers(path.parent) == []
+
+
+def test_pdf_has_one_page_per_image_and_the_title(tmp_path):
+    path = write_pdf(pages(3), tmp_path / "comic.pdf", title="Kite", dpi=100)
+    data = path.read_bytes()
+    assert data.startswith(b"%PDF")
+    assert len(re.findall(rb"/Type\s*/Page\b", data)) == 3
+    assert b"/Title" in data
+    # 30 x 40 px at 100 dpi = 21.6 x 28.8 pt.
+    assert b"/MediaBox [ 0 0 21.6 28.8 ]" in data
+
+
+def test_cbz_holds_the_pages_and_a_valid_comic_info(tmp_path):
+    images = pages(3)
+    path = write_cbz(images, tmp_path / "comic.cbz", "The Lost Kite", "rtl", ["mira", "bolt"])
+    with zipfile.ZipFile(path) as archive:
+        assert archive.testzip() is None
+        names = archive.namelist()
+        assert names == ["001.png", "002.png", "003.png", "ComicInfo.xml"]
+        with Image.open(io.BytesIO(archive.read("002.png"))) as second:
+            assert second.size == (30, 40) and second.getpixel((0, 0)) == (40, 100, 200)
+        sizes = [archive.getinfo(n).file_size for n in names[:3]]
+        root = ET.fromstring(archive.read("ComicInfo.xml"))
+    assert root.tag == "ComicInfo"
+    assert root.findtext("Title") == "The Lost Kite"
+    assert root.findtext("PageCount") == "3"
+    assert root.findtext("Manga") == "YesAndRightToLeft"
+    assert root.findtext("Characters") == "mira, bolt"
+    page_nodes = root.find("Pages").findall("Page")
+    assert [p.get("Image") for p in page_nodes] == ["0", "1", "2"]
+    assert [int(p.get("ImageSize")) for p in page_nodes] == sizes
+    assert all((p.get("ImageWidth"), p.get("ImageHeight")) == ("30", "40") for p in page_nodes)
+    assert page_nodes[0].get("Type") == "FrontCover"
+    # Elements appear in the order of the ComicInfo 2.0 schema.
+    order = [child.tag for child in root]
+    assert order == ["Title", "Notes", "PageCount", "Manga", "Characters", "Pages"]
+
+
+def test_comic_info_for_left_to_right_and_escaped_title():
+    root = ET.fromstring(comic_info_xml("Cats & <Dogs>", [(10, 20, 99)], "ltr"))
+    assert root.findtext("Title") == "Cats & <Dogs>"
+    assert root.findtext("Manga") == "No"
+    assert root.find("Characters") is None
+
+
+def test_panels_are_named_by_story_index(tmp_path):
+    paths = write_panels_png(pages(2), tmp_path, indices=[4, 7])
+    assert [p.name for p in paths] == ["panel-005.png", "panel-008.png"]
+
+
+def test_export_comic_writes_every_format(tmp_path):
+    result = export_comic(pages(2), tmp_path / "out", "Kite", panels=pages(3), dpi=120)
+    names = sorted(str(p.relative_to(tmp_path / "out")) for p in result.files)
+    assert names == [
+        "comic.cbz", "comic.pdf", "pages/page-001.png", "pages/page-002.png",
+        "panels/panel-001.png", "panels/panel-002.png", "panels/panel-003.png",
+    ]
+    assert all(p.stat().st_size > 0 for p in result.files)
+
+
+# --------------------------------------------------------------------------------------------
+# Failures: an error naming the path, no partial file, the earlier file intact
+# --------------------------------------------------------------------------------------------
+
+
+def _failing_save(self, fp, *args, **kwargs):
+    """Image.save that writes half a file, then hits a full disk."""
+    fp.write(b"half a file")
+    raise OSError(28, "No space left on device")
+
+
+WRITERS = {
+    "png": lambda path: write_png(pages(1)[0], path),
+    "pdf": lambda path: write_pdf(pages(2), path, "T"),
+    "cbz": lambda path: write_cbz(pages(2), path, "T"),
+}
+
+
+@pytest.mark.parametrize("name, writer", WRITERS.items(), ids=WRITERS.keys())
+def test_failed_write_keeps_the_earlier_file(tmp_path, monkeypatch, name, writer):
+    target = tmp_path / f"comic.{name}"
+    writer(target)
+    before = target.read_bytes()
+    monkeypatch.setattr(Image.Image, "save", _failing_save)
+    with pytest.raises(OutputError, match=rf"comic\.{name}: write failed \(No space left on device\)"):
+        writer(target)
+    assert target.read_bytes() == before
+    assert leftovers(tmp_path) == []
+
+
+def test_failed_rename_keeps_the_earlier_file(tmp_path, monkeypatch):
+    target = tmp_path / "page.png"
+    target.write_bytes(b"old page")
+
+    def refuse(src, dst):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "replace", refuse)
+    with pytest.raises(OutputError, match="page.png"):
+        write_png(pages(1)[0], target)
+    assert target.read_bytes() == b"old page"
+    assert leftovers(tmp_path) == []
+
+
+def test_interrupted_write_leaves_nothing_behind(tmp_path):
+    target = tmp_path / "page.png"
+    target.write_bytes(b"old page")
+
+    def interrupted(handle):
+        handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupted)
+    assert target.read_bytes() == b"old page"
+    assert leftovers(tmp_path) == []
+
+
+def test_output_folder_under_a_file_is_an_output_error(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match="not-a-folder"):
+        export_comic(pages(1), blocker / "out", "T")
+    with pytest.raises(OutputError, match="exists and is not a folder"):
+        ensure_dir(blocker)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
+def test_read_only_output_folder_is_an_output_error(tmp_path):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    (folder / "page.png").write_bytes(b"old page")
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(OutputError, match="ro"):
+            write_png(pages(1)[0], folder / "page.png")
+        assert (folder / "page.png").read_bytes() == b"old page"
+    finally:
+        folder.chmod(0o755)
+
+
+def test_replacing_a_file_keeps_its_permissions(tmp_path):
+    target = tmp_path / "page.png"
+    target.write_bytes(b"old")
+    target.chmod(0o600)
+    write_png(pages(1)[0], target)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o600
