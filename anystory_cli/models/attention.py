@@ -48,7 +48,11 @@ class InjectionInputs:
     reference_scale: float | None = 0.0  # γ; None switches reference features off
     training: bool = False
     record_maps: bool = False
-    uniform_rows: frozenset[int] = frozenset()  # rows whose entries all share the same tokens
+    # The first `mirrored_rows` rows (the unconditional half of classifier-free guidance) reuse the
+    # routing of the last `mirrored_rows` rows, their conditional twins: the same latents are being
+    # denoised, so both branches keep the same layout and differ only in the subject tokens. Our
+    # choice (the paper is silent); it also halves the router's cost.
+    mirrored_rows: int = 0
 
     @property
     def num_entries(self) -> int:
@@ -82,7 +86,7 @@ def _for_batch(inputs: InjectionInputs, batch: int) -> InjectionInputs:
         reference_scale=inputs.reference_scale,
         training=inputs.training,
         record_maps=inputs.record_maps,
-        uniform_rows=frozenset(range(rows)),  # the unconditional half: null tokens everywhere
+        mirrored_rows=rows,
     )
 
 
@@ -216,23 +220,57 @@ def _is_one_hot(gates: torch.Tensor) -> bool:
     return bool(((gates == 0) | (gates == 1)).all() and (gates.sum(dim=1) == 1).all())
 
 
-def _attend_by_owner(query: torch.Tensor, owner: torch.Tensor, num_entries: int, attend) -> torch.Tensor:
-    """Gathered routing for one row: query (1, heads, L, d), owner (L,) entry of each pixel.
-    Pixels are sorted by owner so each entry's pixels form one contiguous slice; `attend(entry,
-    q)` runs once per non-empty entry and the results return to pixel order. One gather and one
-    scatter per row instead of one per entry; 4-D slices keep SDPA on its fused CPU kernel."""
-    order = torch.argsort(owner, stable=True)
-    counts = torch.bincount(owner, minlength=num_entries).tolist()
-    sorted_query = query[:, :, order]
-    pieces, start = [], 0
-    for entry, count in enumerate(counts):
-        if count:
-            pieces.append(attend(entry, sorted_query[:, :, start : start + count]))
-        start += count
-    joined = torch.cat(pieces, dim=2)
-    out = torch.empty_like(joined)
-    out[:, :, order] = joined
+def _row_groups(owner: torch.Tensor) -> list:
+    """Batch rows with identical owner maps, as index objects (a plain slice when all rows share
+    one map, as the two mirrored halves of classifier-free guidance do for a single image)."""
+    groups: list[list[int]] = []
+    for row in range(owner.shape[0]):
+        match = next((g for g in groups if torch.equal(owner[g[0]], owner[row])), None)
+        if match is None:
+            groups.append([row])
+        else:
+            match.append(row)
+    if len(groups) == 1:
+        return [slice(None)]
+    return [torch.tensor(g, device=owner.device) for g in groups]
+
+
+def _first_row(owner: torch.Tensor, rows) -> torch.Tensor:
+    return owner[0] if isinstance(rows, slice) else owner[rows[0]]
+
+
+def _attend_by_owner(query: torch.Tensor, owner: torch.Tensor, attend) -> torch.Tensor:
+    """Gathered routing: query (B, heads, L, d); owner (B, L), the entry each pixel is routed to.
+
+    Pixels are sorted by owner so each entry's pixels form one contiguous slice, and `attend(rows,
+    entry, q)` runs once per entry for all rows that share an owner map, as one batched call:
+    on a CPU every attention call has a sizeable fixed cost, so few, large calls matter."""
+    out = torch.empty_like(query)
+    for rows in _row_groups(owner):
+        row_owner = _first_row(owner, rows)
+        order = torch.argsort(row_owner, stable=True)
+        sorted_query = query[rows].index_select(2, order)
+        pieces, start = [], 0
+        for entry, count in enumerate(torch.bincount(row_owner).tolist()):
+            if count:
+                pieces.append(attend(rows, entry, sorted_query[:, :, start : start + count]))
+            start += count
+        out[rows] = torch.cat(pieces, dim=2).index_select(2, torch.argsort(order))
     return out
+
+
+def attention_with_lse(query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output (B, heads, L, d) and the log-sum-exp of each query's scores (B, heads, L).
+
+    With both, two attentions over disjoint key sets merge exactly into the attention over their
+    union, which lets a pixel's attention over [own tokens; reference tokens] reuse the plain
+    self-attention computed for every pixel. The fused kernels return the log-sum-exp for free."""
+    if query.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value)
+        return out, lse
+    scores = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5
+    lse = scores.float().logsumexp(dim=-1)
+    return (scores - lse[..., None].to(scores.dtype)).softmax(dim=-1) @ value, lse
 
 
 # ---------------------------------------------------------------------------------------------
@@ -285,9 +323,13 @@ class CrossAttentionProcessor:
         if inputs.num_entries == 1:  # background only: nothing to decide
             ones = hidden_states.new_ones(hidden_states.shape[0], 1, hidden_states.shape[1])
             return None, ones, ones
-        routing = inputs.routing_features.to(hidden_states.dtype)
-        coarse, fine = self.router(routing, hidden_states, ctx.logit_bias(size))
-        return coarse.softmax(dim=1), fine.softmax(dim=1), hard_routes(fine, training=inputs.training)
+        skip = inputs.mirrored_rows
+        routing = inputs.routing_features[skip:].to(hidden_states.dtype)
+        coarse, fine = self.router(routing, hidden_states[skip:], ctx.logit_bias(size)[skip:])
+        coarse, soft, gates = coarse.softmax(dim=1), fine.softmax(dim=1), hard_routes(fine, training=inputs.training)
+        if skip:
+            coarse, soft, gates = (torch.cat([x, x]) for x in (coarse, soft, gates))
+        return coarse, soft, gates
 
     def _subject_kv(self, ctx: AnyStoryContext, heads: int):
         def compute():
@@ -306,19 +348,10 @@ class CrossAttentionProcessor:
                 attended = F.scaled_dot_product_attention(query, key[:, entry], value[:, entry])
                 out = out + gates[:, entry, :, None] * _merge_heads(attended)
             return out
-        owner = gates.argmax(dim=1)  # (B, L)
-        rows = []
-        for row in range(query.shape[0]):
-            q = query[row : row + 1]
+        def attend(rows, entry, q_part):
+            return F.scaled_dot_product_attention(q_part, key[rows, entry], value[rows, entry])
 
-            def attend(entry, q_part, row=row):
-                return F.scaled_dot_product_attention(q_part, key[row : row + 1, entry], value[row : row + 1, entry])
-
-            if row in ctx.batch.uniform_rows:  # every entry has the same tokens: route nothing
-                rows.append(attend(0, q))
-            else:
-                rows.append(_attend_by_owner(q, owner[row], gates.shape[1], attend))
-        return _merge_heads(torch.cat(rows))
+        return _merge_heads(_attend_by_owner(query, gates.argmax(dim=1), attend))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -388,23 +421,20 @@ class SelfAttentionProcessor:
 
     @staticmethod
     def _gathered(query, key, value, ref_key, ref_value, gates, gamma):
-        """Each pixel group attends to [own; its character's references] only."""
-        n = ref_key.shape[1]
+        """Every pixel's plain self-attention, then, for the pixels routed to a character, the
+        attention over its reference tokens merged in as if both had shared one softmax:
+        out = (1 - w) · own + w · ref with w = σ(lse_ref + γ - lse_own)."""
+        out, lse = attention_with_lse(query, key, value)
         owner = gates.argmax(dim=1)  # (B, L)
-        own_length = key.shape[2]
-        bias = None
-        if gamma != 0:
-            bias = query.new_zeros(1, 1, 1, own_length + ref_key.shape[3])
-            bias[..., own_length:] = gamma
-        rows = []
-        for row in range(query.shape[0]):
-
-            def attend(entry, q_part, row=row):
-                if entry >= n:  # background pixels see no references
-                    return F.scaled_dot_product_attention(q_part, key[row : row + 1], value[row : row + 1])
-                keys = torch.cat([key[row], ref_key[row, entry]], dim=1)[None]
-                values = torch.cat([value[row], ref_value[row, entry]], dim=1)[None]
-                return F.scaled_dot_product_attention(q_part, keys, values, attn_mask=bias)
-
-            rows.append(_attend_by_owner(query[row : row + 1], owner[row], gates.shape[1], attend))
-        return torch.cat(rows)
+        for rows in _row_groups(owner):
+            row_owner = _first_row(owner, rows)
+            for character in range(ref_key.shape[1]):
+                index = (row_owner == character).nonzero().squeeze(1)
+                if index.numel() == 0:
+                    continue
+                q = query[rows].index_select(2, index)
+                ref_out, ref_lse = attention_with_lse(q, ref_key[rows, character], ref_value[rows, character])
+                own_out = out[rows].index_select(2, index)
+                weight = torch.sigmoid(ref_lse + gamma - lse[rows].index_select(2, index))[..., None]
+                out[rows] = out[rows].index_copy(2, index, torch.lerp(own_out, ref_out, weight.to(own_out.dtype)))
+        return out

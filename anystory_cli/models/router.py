@@ -28,48 +28,47 @@ class LayerRouter(nn.Module):
 
     def __init__(self, routing_dim: int, latent_dim: int, hidden_dim: int):
         super().__init__()
+        self.hidden_dim, self.routing_dim = hidden_dim, routing_dim
         self.scale = hidden_dim**-0.5
-        self.coarse_routing = nn.Linear(routing_dim, hidden_dim)
-        self.coarse_latent = nn.Linear(latent_dim, hidden_dim)
+        # Everything computed from the L latent tokens in one matrix product (this runs at every
+        # cross-attention layer of every step): keys of the coarse map, of the refinement and of
+        # the refined map, and the refinement's values.
+        self.latent_proj = nn.Linear(latent_dim, 3 * hidden_dim + routing_dim)
+        # Projections of the E routing features: cheap, E is at most a handful.
+        self.coarse_query = nn.Linear(routing_dim, hidden_dim)
         self.refine_norm = nn.LayerNorm(routing_dim)
-        self.refine_q = nn.Linear(routing_dim, hidden_dim)
-        self.refine_k = nn.Linear(latent_dim, hidden_dim)
-        self.refine_v = nn.Linear(latent_dim, routing_dim)
-        self.fine_routing = nn.Linear(routing_dim, hidden_dim)
-        self.fine_latent = nn.Linear(latent_dim, hidden_dim)
+        self.refine_query = nn.Linear(routing_dim, hidden_dim)
+        self.fine_query = nn.Linear(routing_dim, hidden_dim)
 
-    def _inner_product(self, routing, latents, proj_routing, proj_latent):
-        # (B, E, D) x (B, L, D) -> (B, E, L)
-        return torch.einsum("bed,bld->bel", proj_routing(routing), proj_latent(latents)) * self.scale
+    def _logits(self, queries, keys, bias):
+        # (B, E, D) x (B, L, D) -> (B, E, L), plus the bias in the same kernel
+        scaled = queries * self.scale
+        if bias is None:
+            return torch.bmm(scaled, keys.transpose(1, 2))
+        return torch.baddbmm(bias, scaled, keys.transpose(1, 2))
 
     def forward(
         self,
         routing_features: torch.Tensor,  # (B, E, routing_dim), E = N + 1, background last
         hidden_states: torch.Tensor,  # (B, L, latent_dim): the normed input of the cross-attention
         logit_bias: torch.Tensor | None = None,  # (B, E, L): 0 allowed, MASKED forbidden
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (coarse, refined) routing logits, each (B, E, L); softmax over E gives a map.
         Only the refined map gates injection. The coarse map only picks, through its argmax, what
         each routing feature may attend to; that choice carries no gradient, so the routing loss
         supervises the coarse map as well (our choice; the paper is silent on it)."""
-        coarse = self._inner_product(
-            routing_features, hidden_states, self.coarse_routing, self.coarse_latent
+        h = self.hidden_dim
+        coarse_keys, refine_keys, fine_keys, refine_values = self.latent_proj(hidden_states).split(
+            [h, h, h, self.routing_dim], dim=-1
         )
-        if logit_bias is not None:
-            coarse = coarse + logit_bias
+        coarse = self._logits(self.coarse_query(routing_features), coarse_keys, logit_bias)
         # Masked cross-attention: entry e attends only to the tokens whose coarse argmax is e.
-        owner = coarse.argmax(dim=1)  # (B, L)
-        entries = torch.arange(coarse.shape[1], device=coarse.device)
-        own = owner[:, None, :] == entries[None, :, None]  # (B, E, L)
-        attn_logits = torch.einsum(
-            "bed,bld->bel", self.refine_q(self.refine_norm(routing_features)), self.refine_k(hidden_states)
-        ) * self.scale
-        attn_logits = attn_logits.masked_fill(~own, MASKED)
-        refined = routing_features + attn_logits.softmax(dim=-1) @ self.refine_v(hidden_states)
-        fine = self._inner_product(refined, hidden_states, self.fine_routing, self.fine_latent)
-        if logit_bias is not None:
-            fine = fine + logit_bias
-        return coarse, fine
+        owner = coarse.argmax(dim=1, keepdim=True)  # (B, 1, L)
+        entries = torch.arange(coarse.shape[1], device=coarse.device)[None, :, None]
+        not_own = torch.where(owner == entries, 0.0, MASKED).to(coarse.dtype)  # (B, E, L)
+        attention = self._logits(self.refine_query(self.refine_norm(routing_features)), refine_keys, not_own)
+        refined = routing_features + attention.softmax(dim=-1) @ refine_values
+        return coarse, self._logits(self.fine_query(refined), fine_keys, logit_bias)
 
 
 def hard_routes(logits: torch.Tensor, training: bool, tau: float = 1.0) -> torch.Tensor:
