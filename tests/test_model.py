@@ -179,6 +179,19 @@ def test_dense_and_gathered_paths_agree(sd_pipe, sd_characters):
         torch.testing.assert_close(outputs[0], outputs[1], atol=1e-5, rtol=1e-5)
 
 
+def test_attention_with_lse_matches_sdpa_and_its_reference_form():
+    from anystory_cli.models.attention import _attention_with_lse_reference, attention_with_lse
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    out, lse = attention_with_lse(q, k, v)
+    torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    torch.testing.assert_close(lse, (q @ k.transpose(-1, -2) / 8**0.5).logsumexp(-1))
+    ref_out, ref_lse = _attention_with_lse_reference(q, k, v)
+    torch.testing.assert_close(ref_out, out)
+    torch.testing.assert_close(ref_lse, lse)
+
+
 # ---------------------------------------------------------------------------------------------
 # 3. ReferenceNet: once per character; encodings round-trip
 

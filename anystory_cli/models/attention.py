@@ -268,6 +268,11 @@ def attention_with_lse(query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
     if query.device.type == "cpu":
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value)
         return out, lse
+    return _attention_with_lse_reference(query, key, value)
+
+
+def _attention_with_lse_reference(query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same in plain operations (any device; memory grows with queries x keys)."""
     scores = query @ key.transpose(-1, -2) * query.shape[-1] ** -0.5
     lse = scores.float().logsumexp(dim=-1)
     return (scores - lse[..., None].to(scores.dtype)).softmax(dim=-1) @ value, lse
