@@ -220,43 +220,45 @@ def _is_one_hot(gates: torch.Tensor) -> bool:
     return bool(((gates == 0) | (gates == 1)).all() and (gates.sum(dim=1) == 1).all())
 
 
-def _row_groups(owner: torch.Tensor) -> list:
-    """Batch rows with identical owner maps, as index objects (a plain slice when all rows share
-    one map, as the two mirrored halves of classifier-free guidance do for a single image)."""
-    groups: list[list[int]] = []
+@dataclass
+class _PixelGroups:
+    """The pixels of some batch rows (rows that share one owner map) sorted by the entry they are
+    routed to, so that each entry's pixels form one contiguous slice. A layer's gathered path
+    sorts its input once, computes everything on contiguous slices, and unsorts once: on a CPU,
+    few large attention calls and few copies matter more than anything else."""
+
+    rows: slice | torch.Tensor
+    order: torch.Tensor  # (L,) sorted position -> pixel
+    inverse: torch.Tensor  # (L,) pixel -> sorted position
+    counts: list[int]  # pixels per entry
+
+    def segments(self):
+        """(entry, slice of sorted positions) for every entry that owns pixels."""
+        start = 0
+        for entry, count in enumerate(self.counts):
+            if count:
+                yield entry, slice(start, start + count)
+            start += count
+
+
+def _pixel_groups(gates: torch.Tensor) -> list[_PixelGroups]:
+    """One group per distinct owner map among the rows of one-hot gates (B, E, L). The mirrored
+    halves of classifier-free guidance share a map, so one image gives one group."""
+    owner = gates.argmax(dim=1)  # (B, L)
+    members: list[list[int]] = []
     for row in range(owner.shape[0]):
-        match = next((g for g in groups if torch.equal(owner[g[0]], owner[row])), None)
+        match = next((m for m in members if torch.equal(owner[m[0]], owner[row])), None)
         if match is None:
-            groups.append([row])
+            members.append([row])
         else:
             match.append(row)
-    if len(groups) == 1:
-        return [slice(None)]
-    return [torch.tensor(g, device=owner.device) for g in groups]
-
-
-def _first_row(owner: torch.Tensor, rows) -> torch.Tensor:
-    return owner[0] if isinstance(rows, slice) else owner[rows[0]]
-
-
-def _attend_by_owner(query: torch.Tensor, owner: torch.Tensor, attend) -> torch.Tensor:
-    """Gathered routing: query (B, heads, L, d); owner (B, L), the entry each pixel is routed to.
-
-    Pixels are sorted by owner so each entry's pixels form one contiguous slice, and `attend(rows,
-    entry, q)` runs once per entry for all rows that share an owner map, as one batched call:
-    on a CPU every attention call has a sizeable fixed cost, so few, large calls matter."""
-    out = torch.empty_like(query)
-    for rows in _row_groups(owner):
-        row_owner = _first_row(owner, rows)
-        order = torch.argsort(row_owner, stable=True)
-        sorted_query = query[rows].index_select(2, order)
-        pieces, start = [], 0
-        for entry, count in enumerate(torch.bincount(row_owner).tolist()):
-            if count:
-                pieces.append(attend(rows, entry, sorted_query[:, :, start : start + count]))
-            start += count
-        out[rows] = torch.cat(pieces, dim=2).index_select(2, torch.argsort(order))
-    return out
+    groups = []
+    for rows in members:
+        order = torch.argsort(owner[rows[0]], stable=True)
+        index = slice(None) if len(members) == 1 else torch.tensor(rows, device=owner.device)
+        counts = torch.bincount(owner[rows[0]], minlength=gates.shape[1]).tolist()
+        groups.append(_PixelGroups(index, order, torch.argsort(order), counts))
+    return groups
 
 
 def attention_with_lse(query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,8 +307,6 @@ class CrossAttentionProcessor:
         context = encoder_hidden_states
         if attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        query, out = _base_attention(attn, hidden_states, context, attention_mask)
-
         inputs = anystory.batch
         size = anystory.spatial_size(hidden_states.shape[1])
         coarse, soft, gates = self._route(anystory, hidden_states, size)
@@ -315,8 +315,13 @@ class CrossAttentionProcessor:
         if inputs.training and coarse is not None:
             anystory.coarse_maps.append((self.layer, coarse.view(*coarse.shape[:2], *size)))
         anystory.previous_routes = gates.view(*gates.shape[:2], *size)
-        if inputs.subject_scale != 0:
-            out = out + inputs.subject_scale * self._subject_attention(anystory, query, gates)
+        if inputs.subject_scale == 0:
+            _, out = _base_attention(attn, hidden_states, context, attention_mask)
+        elif anystory.dense() or attention_mask is not None:
+            query, out = _base_attention(attn, hidden_states, context, attention_mask)
+            out = out + inputs.subject_scale * self._dense_subject_attention(anystory, query, gates)
+        else:
+            out = self._gathered(anystory, attn, hidden_states, context, gates)
         return _finish(attn, out, residual)
 
     def _route(self, ctx: AnyStoryContext, hidden_states, size):
@@ -344,19 +349,34 @@ class CrossAttentionProcessor:
 
         return ctx.memo(("subject", self.layer), compute)  # (B, E, heads, m, d) each
 
-    def _subject_attention(self, ctx: AnyStoryContext, query, gates) -> torch.Tensor:
-        """Σ_i σ(M_i) ⊙ Attn(Q, E_i Ŵ_k, E_i Ŵ_v), merged heads: (B, L, inner)."""
+    def _dense_subject_attention(self, ctx: AnyStoryContext, query, gates) -> torch.Tensor:
+        """Σ_i σ(M_i) ⊙ Attn(Q, E_i Ŵ_k, E_i Ŵ_v) at every pixel, merged heads: (B, L, inner)."""
         key, value = self._subject_kv(ctx, query.shape[1])
-        if ctx.dense():
-            out = 0
-            for entry in range(gates.shape[1]):
-                attended = F.scaled_dot_product_attention(query, key[:, entry], value[:, entry])
-                out = out + gates[:, entry, :, None] * _merge_heads(attended)
-            return out
-        def attend(rows, entry, q_part):
-            return F.scaled_dot_product_attention(q_part, key[rows, entry], value[rows, entry])
+        out = 0
+        for entry in range(gates.shape[1]):
+            attended = F.scaled_dot_product_attention(query, key[:, entry], value[:, entry])
+            out = out + gates[:, entry, :, None] * _merge_heads(attended)
+        return out
 
-        return _merge_heads(_attend_by_owner(query, gates.argmax(dim=1), attend))
+    def _gathered(self, ctx: AnyStoryContext, attn, hidden_states, context, gates) -> torch.Tensor:
+        """Text attention plus, for each pixel, only its own entry's subject attention."""
+        key, value = self._subject_kv(ctx, attn.heads)
+        scale = ctx.batch.subject_scale
+        out = None
+        for group in _pixel_groups(gates):
+            rows = group.rows
+            sorted_states = hidden_states[rows].index_select(1, group.order)
+            query, text_key, text_value = _qkv(attn, sorted_states, context[rows])
+            attended = F.scaled_dot_product_attention(query, text_key, text_value)
+            subject = torch.cat([
+                F.scaled_dot_product_attention(query[:, :, part], key[rows, entry], value[rows, entry])
+                for entry, part in group.segments()
+            ], dim=2)
+            merged = _merge_heads(attended + scale * subject).to(query.dtype).index_select(1, group.inverse)
+            if out is None:
+                out = merged.new_empty(hidden_states.shape[0], *merged.shape[1:])
+            out[rows] = merged
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -394,15 +414,15 @@ class SelfAttentionProcessor:
             _, out = _base_attention(attn, hidden_states, hidden_states, attention_mask)
             return _finish(attn, out, residual)
 
-        query, key, value = _qkv(attn, hidden_states, hidden_states)
         ref_key, ref_value = self._reference_kv(anystory, attn.heads)  # (B, N, heads, Lr, d)
         size = anystory.spatial_size(hidden_states.shape[1])
         gates = anystory.gates_at(anystory.previous_routes, size)  # (B, E, L)
         if anystory.dense():
-            out = self._dense(query, key, value, ref_key, ref_value, gates, inputs.reference_scale)
+            query, key, value = _qkv(attn, hidden_states, hidden_states)
+            out = _merge_heads(self._dense(query, key, value, ref_key, ref_value, gates, inputs.reference_scale))
         else:
-            out = self._gathered(query, key, value, ref_key, ref_value, gates, inputs.reference_scale)
-        return _finish(attn, _merge_heads(out).to(query.dtype), residual)
+            out = self._gathered(attn, hidden_states, ref_key, ref_value, gates, inputs.reference_scale)
+        return _finish(attn, out.to(hidden_states.dtype), residual)
 
     def _reference_kv(self, ctx: AnyStoryContext, heads: int):
         def compute():
@@ -425,21 +445,24 @@ class SelfAttentionProcessor:
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias)
 
     @staticmethod
-    def _gathered(query, key, value, ref_key, ref_value, gates, gamma):
+    def _gathered(attn, hidden_states, ref_key, ref_value, gates, gamma):
         """Every pixel's plain self-attention, then, for the pixels routed to a character, the
         attention over its reference tokens merged in as if both had shared one softmax:
-        out = (1 - w) · own + w · ref with w = σ(lse_ref + γ - lse_own)."""
-        out, lse = attention_with_lse(query, key, value)
-        owner = gates.argmax(dim=1)  # (B, L)
-        for rows in _row_groups(owner):
-            row_owner = _first_row(owner, rows)
-            for character in range(ref_key.shape[1]):
-                index = (row_owner == character).nonzero().squeeze(1)
-                if index.numel() == 0:
+        out = (1 - w) · own + w · ref with w = σ(lse_ref + γ - lse_own). Merged heads (B, L, inner)."""
+        out = None
+        for group in _pixel_groups(gates):
+            rows = group.rows
+            sorted_states = hidden_states[rows].index_select(1, group.order)
+            query, key, value = _qkv(attn, sorted_states, sorted_states)
+            attended, lse = attention_with_lse(query, key, value)
+            for entry, part in group.segments():
+                if entry >= ref_key.shape[1]:  # background pixels see no references
                     continue
-                q = query[rows].index_select(2, index)
-                ref_out, ref_lse = attention_with_lse(q, ref_key[rows, character], ref_value[rows, character])
-                own_out = out[rows].index_select(2, index)
-                weight = torch.sigmoid(ref_lse + gamma - lse[rows].index_select(2, index))[..., None]
-                out[rows] = out[rows].index_copy(2, index, torch.lerp(own_out, ref_out, weight.to(own_out.dtype)))
+                ref_out, ref_lse = attention_with_lse(query[:, :, part], ref_key[rows, entry], ref_value[rows, entry])
+                weight = torch.sigmoid(ref_lse + gamma - lse[:, :, part])[..., None].to(ref_out.dtype)
+                attended[:, :, part] = torch.lerp(attended[:, :, part], ref_out, weight)
+            merged = _merge_heads(attended).index_select(1, group.inverse)
+            if out is None:
+                out = merged.new_empty(hidden_states.shape[0], *merged.shape[1:])
+            out[rows] = merged
         return out
