@@ -158,13 +158,24 @@ def write_cbz(
         encoded = [_png_bytes(page) for page in pages]
         sizes = [(page.width, page.height, len(data)) for page, data in zip(pages, encoded)]
         info = comic_info_xml(title, sizes, reading_order, characters)
-        # PNGs are already compressed: store them; deflate only the XML.
+        # PNGs are already compressed: store them; deflate only the XML. Entries get a fixed
+        # date, so the same pages give the same archive bytes (a resumed render matches).
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
             for number, data in enumerate(encoded, start=1):
-                archive.writestr(f"{number:03d}.png", data)
-            archive.writestr("ComicInfo.xml", info, compress_type=zipfile.ZIP_DEFLATED)
+                archive.writestr(_zip_entry(f"{number:03d}.png", zipfile.ZIP_STORED), data)
+            archive.writestr(_zip_entry("ComicInfo.xml", zipfile.ZIP_DEFLATED), info)
 
     return atomic_write(path, write)
+
+
+ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can carry
+
+
+def _zip_entry(name: str, compression: int) -> zipfile.ZipInfo:
+    entry = zipfile.ZipInfo(name, date_time=ZIP_DATE)
+    entry.compress_type = compression
+    entry.external_attr = 0o644 << 16  # rw-r--r-- when unpacked
+    return entry
 
 
 def _png_bytes(image: Image.Image) -> bytes:

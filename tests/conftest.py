@@ -1,6 +1,20 @@
 import os
 
+import pytest
+
 # Nothing may download at test time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_story_pipeline():
+    """One tiny real AnyStoryPipeline (SD-1.5-shaped, random) shared by the render and CLI
+    tests; built on first use."""
+    import tiny
+    from anystory_cli.pipeline import AnyStoryPipeline
+
+    base = tiny.tiny_sd_pipeline()
+    encoder = tiny.tiny_image_encoder()
+    return AnyStoryPipeline.from_pipe(base, encoder, tiny.tiny_adapter(base.unet, encoder))

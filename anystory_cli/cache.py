@@ -1,0 +1,169 @@
+"""Character encodings on disk, so that a character is encoded once per model.
+
+An entry is one safetensors file written by `CharacterEncoding.save`, named by its key:
+
+    <cache>/encodings/<sha256 of (kind, image bytes, mask bytes, model id)>.safetensors
+
+The cache adds a `checksum` (sha256 of every tensor's name, dtype, shape and bytes) to the file's
+metadata. Reading an entry checks it, and the model id: a truncated, corrupt or foreign entry is
+reported through `on_warning`, counted as rebuilt, and encoded again; it is never returned.
+Writes are atomic (temp file + rename), so two processes filling the same cache at once only
+race to write the same bytes.
+
+The default folder is `$ANYSTORY_CACHE`, else `~/.cache/anystory`. torch and safetensors are
+imported inside functions: the CLI imports this module before it knows whether it will encode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_path
+from .errors import OutputError
+
+CACHE_ENV = "ANYSTORY_CACHE"
+KEY_VERSION = 1  # bump when what goes into a key changes
+
+
+def default_cache_dir() -> Path:
+    """`$ANYSTORY_CACHE`, else `~/.cache/anystory`."""
+    configured = os.environ.get(CACHE_ENV, "").strip()
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "anystory"
+
+
+def _update(digest, label: str, payload: bytes) -> None:
+    # Length-prefixed fields: ("ab", "c") and ("a", "bc") must not hash alike.
+    for part in (label.encode(), payload):
+        digest.update(len(part).to_bytes(8, "big"))
+        digest.update(part)
+
+
+def reference_key(image_bytes: bytes, mask_bytes: bytes | None, model_id: str) -> str:
+    """Key of a character encoded from a reference image (and optional mask) by one model."""
+    digest = hashlib.sha256()
+    _update(digest, "kind", f"reference/{KEY_VERSION}".encode())
+    _update(digest, "image", image_bytes)
+    _update(digest, "mask", mask_bytes if mask_bytes is not None else b"")
+    _update(digest, "has_mask", b"1" if mask_bytes is not None else b"0")
+    _update(digest, "model", model_id.encode())
+    return digest.hexdigest()
+
+
+def description_key(description: str, settings: dict[str, Any], model_id: str) -> str:
+    """Key of a character whose sheet is generated from a description with `settings`
+    (prompt, seed, steps, ...)."""
+    import json
+
+    digest = hashlib.sha256()
+    _update(digest, "kind", f"description/{KEY_VERSION}".encode())
+    _update(digest, "description", description.encode())
+    _update(digest, "settings", json.dumps(settings, sort_keys=True).encode())
+    _update(digest, "model", model_id.encode())
+    return digest.hexdigest()
+
+
+def tensor_checksum(tensors: dict) -> str:
+    """sha256 over tensors by name: name, dtype, shape and raw bytes."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        _update(digest, "name", name.encode())
+        _update(digest, "meta", f"{tensor.dtype}{tuple(tensor.shape)}".encode())
+        _update(digest, "data", tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class CacheResult:
+    encoding: Any  # CharacterEncoding
+    path: Path
+    hit: bool  # read from the cache
+    rebuilt: bool = False  # an unusable entry was found and replaced
+
+
+class EncodingCache:
+    """Character encodings by key. `on_warning(message)` hears about unusable entries."""
+
+    def __init__(self, folder: str | os.PathLike[str] | None = None,
+                 on_warning: Callable[[str], None] | None = None):
+        self.folder = Path(folder) if folder is not None else default_cache_dir()
+        self.on_warning = on_warning or (lambda message: None)
+
+    def path_for(self, key: str) -> Path:
+        return self.folder / "encodings" / f"{key}.safetensors"
+
+    def sidecar_path(self, key: str, suffix: str) -> Path:
+        """A file that belongs with an entry, e.g. the generated sheet (`.sheet.png`)."""
+        return self.folder / "encodings" / f"{key}{suffix}"
+
+    def get(self, key: str, model_id: str):
+        """The stored encoding, or None when there is none or it is unusable (reported)."""
+        path = self.path_for(key)
+        if not path.exists():
+            return None
+        problem = self._problem(path, model_id)
+        if problem is not None:
+            self.on_warning(f"cache entry {path} is {problem}; encoding the character again")
+            return None
+        from .weights import CharacterEncoding
+
+        return CharacterEncoding.load(path)
+
+    def _problem(self, path: Path, model_id: str) -> str | None:
+        """Why the entry at `path` must not be used, or None."""
+        from safetensors import SafetensorError, safe_open
+        from safetensors.torch import load_file
+
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            return f"corrupt or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        if metadata.get("model_id") != model_id:
+            return f"from another model ({metadata.get('model_id')!r}, expected {model_id!r})"
+        if metadata.get("checksum") != tensor_checksum(tensors):
+            return "corrupt (checksum mismatch)"
+        return None
+
+    def put(self, key: str, encoding) -> Path:
+        """Store `encoding` atomically under `key`; OutputError if the cache is not writable."""
+        target = self.path_for(key)
+        try:
+            with atomic_path(target) as temp:
+                encoding.save(temp)  # the project's format (weights.py) ...
+                _stamp_checksum(temp)  # ... plus a checksum in its metadata
+        except (OSError, OutputError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+            raise OutputError(f"{target}: cannot write the character cache ({reason}); "
+                              f"set {CACHE_ENV} or --cache to a writable folder") from None
+        return target
+
+    def get_or_encode(self, key: str, model_id: str, encode: Callable[[], Any]) -> CacheResult:
+        """The cached encoding for `key`, else `encode()` stored under `key`."""
+        path = self.path_for(key)
+        existed = path.exists()
+        encoding = self.get(key, model_id)
+        if encoding is not None:
+            return CacheResult(encoding, path, hit=True)
+        encoding = encode()
+        self.put(key, encoding)
+        return CacheResult(encoding, path, hit=False, rebuilt=existed)
+
+
+def _stamp_checksum(path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    tensors = load_file(str(path))
+    metadata["checksum"] = tensor_checksum(tensors)
+    save_file(tensors, str(path), metadata=metadata)

@@ -1,0 +1,407 @@
+"""The `anystory` command: the only module that imports typer or rich.
+
+Everything heavy (pydantic, torch, diffusers) is imported inside the commands, so `--help` and
+`--version` answer at once. Library errors (`AnyStoryError`) become one line on stderr — red on
+a terminal, plain otherwise or with NO_COLOR — and exit code 1; usage errors exit 2; an
+unexpected exception prints a short line and a hint to rerun with --debug for the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from . import __version__
+
+# The seams tests use to put a tiny real pipeline in place of the model loader:
+# PIPELINE_FACTORY(model_value, story_dir) -> AnyStoryPipeline, MODEL_FINGERPRINT(model_value,
+# story_dir) -> str. None means the real loader in `model_loading`.
+PIPELINE_FACTORY: Optional[Callable[[str, Path], Any]] = None
+MODEL_FINGERPRINT: Optional[Callable[[str, Path], str]] = None
+
+EXIT_INTERRUPTED = 130
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+
+app = typer.Typer(
+    name="anystory",
+    help="Turn a YAML story into comic pages whose characters stay the same person "
+    "(AnyStory, arXiv 2501.09503).",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class _State:
+    debug = False
+
+
+# --------------------------------------------------------------------------------------------
+# Output: one line per error, colour only on a terminal without NO_COLOR
+# --------------------------------------------------------------------------------------------
+
+
+def _colour(stream) -> bool:
+    return stream.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _print_error(message: str) -> None:
+    line = f"error: {_one_line(message)}"
+    if _colour(sys.stderr):
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(line, style="red", markup=False)
+    else:
+        typer.echo(line, err=True)
+
+
+def _print_warning(message: str) -> None:
+    line = f"warning: {_one_line(message)}"
+    if _colour(sys.stderr):
+        from rich.console import Console
+
+        Console(stderr=True, highlight=False, soft_wrap=True).print(line, style="yellow", markup=False)
+    else:
+        typer.echo(line, err=True)
+
+
+def _fail(message: str, code: int = 1, as_json: bool = False, extra: dict | None = None):
+    _print_error(message)
+    if as_json:
+        typer.echo(json.dumps({"ok": False, "error": _one_line(message), "exit_code": code, **(extra or {})}))
+    raise typer.Exit(code)
+
+
+def _guarded(as_json: bool = False, extra: Callable[[], dict] | None = None):
+    """Run a command body; turn errors into one line and an exit code."""
+    from .errors import AnyStoryError
+
+    class _Guard:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, error, _traceback):
+            if error is None or isinstance(error, (typer.Exit, typer.Abort, SystemExit)):
+                return False
+            details = extra() if extra else {}
+            if isinstance(error, AnyStoryError):
+                _fail(str(error), error.exit_code, as_json, details)
+            if isinstance(error, KeyboardInterrupt):
+                _fail("interrupted; finished files are kept, rerun to continue",
+                      EXIT_INTERRUPTED, as_json, details)
+            if _State.debug or not isinstance(error, Exception):
+                return False  # --debug: let Python print the traceback
+            _fail(f"unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
+                  1, as_json, details)
+            return False
+
+    return _Guard()
+
+
+# --------------------------------------------------------------------------------------------
+# Global options
+# --------------------------------------------------------------------------------------------
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"anystory {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show the traceback of unexpected errors."),
+) -> None:
+    _State.debug = debug
+
+
+# --------------------------------------------------------------------------------------------
+# validate, schema
+# --------------------------------------------------------------------------------------------
+
+
+@app.command()
+def validate(
+    stories: list[Path] = typer.Argument(..., help="Story files (YAML).", show_default=False,
+                                       metavar="STORY"),
+) -> None:
+    """Check stories without drawing: every problem, one per line, with its location."""
+    with _guarded():
+        from .render import story_problems
+
+        failed = False
+        for path in stories:
+            problems = story_problems(path)
+            for problem in problems:
+                _print_error(problem)
+            if problems:
+                failed = True
+            else:
+                typer.echo(f"ok: {path}")
+        if failed:
+            raise typer.Exit(1)
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the story format (for editors)."""
+    with _guarded():
+        from .story import story_json_schema
+
+        typer.echo(json.dumps(story_json_schema(), indent=2))
+
+
+# --------------------------------------------------------------------------------------------
+# encode-character
+# --------------------------------------------------------------------------------------------
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise typer.BadParameter("start with a letter; use letters, digits, '_' or '-' (at most 40)")
+    return value
+
+
+@app.command("encode-character")
+def encode_character(
+    image: Path = typer.Argument(..., help="Reference image; its alpha channel is the mask.",
+                                 show_default=False),
+    name: str = typer.Option(..., "--name", callback=_check_name, help="The character's name."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image (white = the character)."),
+    model: str = typer.Option("default", "--model", help="'default' or a local model folder."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (default: "
+                                         "$ANYSTORY_CACHE, else ~/.cache/anystory)."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Where to write the character card "
+                                        "(default: NAME-card.png here)."),
+) -> None:
+    """Encode a character once (QFormer + ReferenceNet) into the cache; write its card."""
+    with _guarded():
+        from .characters import encode_character_file
+
+        _quiet_libraries()
+        result = encode_character_file(
+            image, name, mask_path=mask, model=model, cache_dir=cache,
+            card_path=card or Path(f"{name}-card.png"), pipeline_factory=PIPELINE_FACTORY,
+        )
+        for warning in result.warnings:
+            _print_warning(warning)
+        state = "already cached" if result.hit else ("re-encoded" if result.rebuilt else "encoded")
+        typer.echo(f"{name}: {state} -> {result.cache_path}")
+        typer.echo(f"card: {result.card_path}")
+
+
+# --------------------------------------------------------------------------------------------
+# render
+# --------------------------------------------------------------------------------------------
+
+
+def _ranges(value: Optional[str]) -> Optional[list[int]]:
+    """--pages / --panels callback: '1,3-4' -> [1, 3, 4]; a bad range is a usage error (2)."""
+    if value is None:
+        return None
+    from .errors import InputError
+    from .render import parse_ranges
+
+    try:
+        return parse_ranges(value)
+    except InputError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _out_dirs(stories: list[Path], out: Optional[Path]) -> list[Path]:
+    """--out DIR for one story; DIR/<story name> for several; default out/<story name>."""
+    if out is not None and len(stories) == 1:
+        return [out]
+    root = out if out is not None else Path("out")
+    folders, seen = [], {}
+    for path in stories:
+        stem = path.stem
+        seen[stem] = seen.get(stem, 0) + 1
+        folders.append(root / (stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"))
+    return folders
+
+
+class _PlainProgress:
+    """One line per event on stderr, for logs and CI."""
+
+    def __call__(self, event) -> None:
+        kind, message = event.kind, event.message
+        if kind == "story":
+            line = f"{message}: {event.total} panel(s) to draw"
+        elif kind == "character" and event.total:
+            line = f"character {event.current}/{event.total} {message}"
+        elif kind == "panel":
+            line = f"[{event.current + 1}/{event.total}] {message}"
+        elif kind == "page":
+            line = f"wrote {message}"
+        elif kind == "export":
+            line = f"wrote {message}"
+        elif kind in ("note", "model", "character"):
+            line = message
+        elif kind == "warning":
+            _print_warning(message)
+            return
+        else:
+            return  # step, panel_done, done: too chatty, or said by the summary
+        typer.echo(_one_line(line), err=True)
+
+    def close(self) -> None:
+        pass
+
+
+class _RichProgress:
+    """Bars for characters, panels and denoising steps, with ETA, on a terminal."""
+
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn,
+                                   TextColumn, TimeRemainingColumn)
+
+        self.console = Console(stderr=True, highlight=False)
+        self.progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}", markup=False), BarColumn(),
+            MofNCompleteColumn(), TimeRemainingColumn(), console=self.console,
+        )
+        self.progress.start()
+        self.tasks: dict[str, Any] = {}
+
+    def _task(self, name: str, total: int, description: str):
+        if name not in self.tasks:
+            self.tasks[name] = self.progress.add_task(description, total=total)
+        self.progress.update(self.tasks[name], total=total, description=description)
+        return self.tasks[name]
+
+    def __call__(self, event) -> None:
+        kind = event.kind
+        if kind == "story":
+            for task in self.tasks.values():
+                self.progress.remove_task(task)
+            self.tasks.clear()
+            self._say(event.message, "bold")
+            self._task("panels", max(event.total, 1), "panels")
+        elif kind == "character" and event.total:
+            task = self._task("characters", event.total, f"characters: {event.message}")
+            self.progress.update(task, completed=event.current)
+        elif kind == "panel":
+            self.progress.update(self._task("panels", event.total, event.message), completed=event.current)
+        elif kind == "panel_done":
+            self.progress.update(self._task("panels", event.total, "panels"), completed=event.current)
+        elif kind == "step":
+            self.progress.update(self._task("steps", event.total, "steps"), completed=event.current)
+        elif kind == "warning":
+            self._say(f"warning: {event.message}", "yellow")
+        elif kind in ("page", "export"):
+            self._say(f"wrote {event.message}", "dim")
+        elif kind in ("note", "model", "character"):
+            self._say(event.message, "dim")
+
+    def _say(self, message: str, style: str) -> None:
+        from rich.text import Text
+
+        # A styled Text, not console.print(style=...): that style would leak into the live bars.
+        self.console.print(Text(message, style=style))
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+@app.command()
+def render(
+    stories: list[Path] = typer.Argument(..., help="Story files (YAML).", show_default=False,
+                                       metavar="STORY"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: "
+                                       "out/<story name>; with several stories, one folder each "
+                                       "inside it)."),
+    pages: Optional[str] = typer.Option(None, "--pages", callback=_ranges,
+                                        help="Only draw the panels of these pages, e.g. 1-2."),
+    panels: Optional[str] = typer.Option(None, "--panels", callback=_ranges,
+                                         help="Only draw these panels, e.g. 1,3-4."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1,
+                                       help="Replace the story seed."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=500,
+                                        help="Replace the denoising steps."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    save_routing: bool = typer.Option(False, "--save-routing", help="Write each panel's routing "
+                                      "maps (.npy) and an overlay (.png) next to it."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Character cache folder."),
+) -> None:
+    """Draw the panels, compose the pages, write PNG pages, a PDF and a CBZ.
+
+    Panels that are already drawn and unchanged are not drawn again: re-running an unchanged
+    story writes nothing and says so. --pages and --panels choose what to draw; the PDF and
+    CBZ are written once every page is complete.
+    """
+    page_numbers, panel_numbers = pages, panels  # lists of numbers, from the _ranges callback
+    summaries: list[Any] = []
+    with _guarded(as_json, extra=lambda: {"stories": [s.to_dict() for s in summaries]}):
+        from .render import memoize_factory, render_story
+
+        fingerprint = MODEL_FINGERPRINT
+        if PIPELINE_FACTORY is None:
+            from .model_loading import load_pipeline, model_fingerprint
+
+            factory, fingerprint = memoize_factory(load_pipeline), model_fingerprint
+        else:
+            factory = memoize_factory(PIPELINE_FACTORY)
+        _quiet_libraries()
+        reporter = _RichProgress() if _colour(sys.stderr) and not as_json else _PlainProgress()
+        try:
+            for story, folder in zip(stories, _out_dirs(stories, out)):
+                summaries.append(render_story(
+                    story, folder, pages=page_numbers, panels=panel_numbers, seed=seed, steps=steps,
+                    save_routing=save_routing, pipeline_factory=factory,
+                    model_fingerprint=fingerprint, cache_dir=cache, progress=reporter,
+                ))
+        finally:
+            reporter.close()
+        if as_json:
+            typer.echo(json.dumps({"ok": True, "stories": [s.to_dict() for s in summaries]}, indent=2))
+        else:
+            for summary in summaries:
+                _print_summary(summary)
+
+
+def _print_summary(summary) -> None:
+    if summary.up_to_date:
+        typer.echo(f"{summary.story}: up to date, nothing to do "
+                   f"({len(summary.panels_skipped)} panel(s) unchanged) -> {summary.out_dir}")
+        return
+    parts = [f"{len(summary.panels_rendered)} panel(s) drawn",
+             f"{len(summary.panels_skipped)} unchanged",
+             f"{len(summary.pages_written)} page(s) written"]
+    if summary.exports_written:
+        parts.append(" + ".join(summary.exports_written))
+    if summary.pages_incomplete:
+        parts.append(f"page(s) {', '.join(map(str, summary.pages_incomplete))} incomplete")
+    typer.echo(f"{summary.story}: {', '.join(parts)} -> {summary.out_dir} "
+               f"({summary.timings.get('total', 0.0):.1f} s)")
+
+
+def _quiet_libraries() -> None:
+    """diffusers and transformers print progress bars and advice; our progress says enough."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if not _State.debug:
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

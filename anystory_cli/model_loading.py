@@ -1,0 +1,185 @@
+"""From a story's `model:` value to an AnyStoryPipeline, offline.
+
+`model: default` is the embedded default model, shipped in `anystory_cli/assets/default/`.
+Any other value is a local model folder with this layout (the default model uses it too)::
+
+    my-model/
+      model_index.json              a diffusers pipeline folder (`pipe.save_pretrained(...)`):
+      unet/ vae/ text_encoder/ tokenizer/ scheduler/ ...   SD 1.5, SDXL, ...
+      image_encoder/                a transformers CLIPVisionModel folder (config.json + weights)
+      anystory_adapter.safetensors  AnyStory adapter weights from `anystory train`
+
+Nothing is downloaded: every piece is loaded with `local_files_only=True`, and a missing piece is
+a `ModelError` that says what to put where. torch, diffusers and transformers are imported inside
+the functions, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+from .errors import ModelError
+
+DEFAULT_MODEL = "default"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
+ADAPTER_FILE = "anystory_adapter.safetensors"
+IMAGE_ENCODER_DIR = "image_encoder"
+PIPELINE_INDEX = "model_index.json"
+DEVICE_ENV = "ANYSTORY_DEVICE"  # e.g. cpu, cuda, cuda:1; default: cuda when available
+
+LAYOUT_HELP = (f"a model folder holds {PIPELINE_INDEX} with the diffusers pipeline's subfolders, "
+               f"{IMAGE_ENCODER_DIR}/ (a CLIPVisionModel) and {ADAPTER_FILE}")
+# Weight files are hashed by size plus their first and last MiB: a full hash of a multi-GB model
+# would cost seconds on every render, and a retrained model differs in both places anyway.
+_EDGE_BYTES = 1 << 20
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".gguf"}
+
+
+def resolve_model_dir(model: str, base_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder that `model` names: the embedded default, or a path (relative to `base_dir`)."""
+    if model == DEFAULT_MODEL:
+        if not (DEFAULT_MODEL_DIR / PIPELINE_INDEX).is_file():
+            raise ModelError(
+                "the embedded default model is not shipped in this build "
+                f"({DEFAULT_MODEL_DIR} is empty); set `model:` in the story (or --model) to a local "
+                f"model folder: {LAYOUT_HELP}"
+            )
+        return DEFAULT_MODEL_DIR
+    folder = Path(model).expanduser()
+    if not folder.is_absolute() and base_dir is not None:
+        folder = Path(base_dir) / folder
+    return folder
+
+
+def check_model_dir(folder: Path) -> None:
+    """ModelError naming the first missing piece of a model folder."""
+    if not folder.exists():
+        raise ModelError(f"model folder {folder} not found; {LAYOUT_HELP}")
+    if not folder.is_dir():
+        raise ModelError(f"model {folder} is not a folder; {LAYOUT_HELP}")
+    if not (folder / PIPELINE_INDEX).is_file():
+        raise ModelError(f"{folder / PIPELINE_INDEX} not found: put a diffusers pipeline there "
+                         f"(pipe.save_pretrained('{folder}'))")
+    encoder = folder / IMAGE_ENCODER_DIR
+    if not (encoder / "config.json").is_file():
+        raise ModelError(f"{encoder}/config.json not found: put a transformers CLIPVisionModel "
+                         f"there (image_encoder.save_pretrained('{encoder}'))")
+    if not (folder / ADAPTER_FILE).is_file():
+        raise ModelError(f"{folder / ADAPTER_FILE} not found: put the AnyStory adapter weights "
+                         "there (`anystory train` writes them)")
+
+
+def model_fingerprint(model: str, base_dir: str | os.PathLike[str] | None = None) -> str:
+    """A short id of a model folder's contents, without loading it (milliseconds)."""
+    folder = resolve_model_dir(model, base_dir)
+    check_model_dir(folder)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder)
+        if any(part.startswith(".") for part in relative.parts):
+            continue  # editor and OS droppings do not change the model
+        digest.update(str(relative.as_posix()).encode() + b"\x00")
+        digest.update(_file_digest(path))
+    return digest.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> bytes:
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        if path.suffix not in _WEIGHT_SUFFIXES or size <= 2 * _EDGE_BYTES:
+            return hashlib.sha256(handle.read()).digest()
+        head = handle.read(_EDGE_BYTES)
+        handle.seek(size - _EDGE_BYTES)
+        tail = handle.read(_EDGE_BYTES)
+    return hashlib.sha256(str(size).encode() + head + tail).digest()
+
+
+def _device_and_dtype():
+    import torch
+
+    wanted = os.environ.get(DEVICE_ENV, "").strip()
+    if wanted:
+        try:
+            device = torch.device(wanted)
+        except RuntimeError:
+            raise ModelError(f"{DEVICE_ENV}={wanted!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # Half precision on GPUs (the usual for SD/SDXL); CPUs are faster and exact in float32.
+    return device, (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def load_pipeline(model: str, base_dir: str | os.PathLike[str] | None = None):
+    """Load the AnyStoryPipeline that `model` names (see the module docstring)."""
+    folder = resolve_model_dir(model, base_dir)
+    check_model_dir(folder)
+    model_id = model_fingerprint(model, base_dir)
+    device, dtype = _device_and_dtype()
+    with _library_progress_bars_off():
+        base = _load_base(folder, dtype)
+        encoder = _load_image_encoder(folder / IMAGE_ENCODER_DIR, dtype)
+    from .pipeline import AnyStoryPipeline
+
+    try:
+        base.to(device)
+        pipeline = AnyStoryPipeline.from_pipe(base, encoder, folder / ADAPTER_FILE, model_id=model_id)
+    except ModelError as exc:
+        raise ModelError(f"model {folder}: {exc}") from None
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ModelError(f"model {folder}: the adapter does not fit this pipeline ({_first_line(exc)})") from None
+    return pipeline
+
+
+@contextlib.contextmanager
+def _library_progress_bars_off():
+    """diffusers and transformers draw their own loading bars; callers report progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
+
+
+def _load_base(folder: Path, dtype):
+    from diffusers import DiffusionPipeline
+
+    try:
+        base = DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+        raise ModelError(f"{folder}: cannot load the diffusers pipeline ({_first_line(exc)})") from None
+    if not hasattr(base, "unet"):
+        raise ModelError(f"{folder}: {type(base).__name__} has no UNet; AnyStory needs a "
+                         "UNet pipeline such as StableDiffusionPipeline or StableDiffusionXLPipeline")
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(base, name, None)
+        # transformers 5 returns a broken 2-token tokenizer for a missing vocabulary, silently.
+        if tokenizer is not None and len(tokenizer) < 10:
+            raise ModelError(f"{folder / name}: the tokenizer has only {len(tokenizer)} tokens; "
+                             "its vocabulary files are missing")
+    base.set_progress_bar_config(disable=True)
+    return base
+
+
+def _load_image_encoder(folder: Path, dtype):
+    from transformers import CLIPVisionModel
+
+    try:
+        return CLIPVisionModel.from_pretrained(str(folder), local_files_only=True, dtype=dtype).eval()
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"{folder}: cannot load the image encoder ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

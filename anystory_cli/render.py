@@ -1,0 +1,811 @@
+"""From a story file to comic pages: the orchestration around the real AnyStoryPipeline.
+
+    load + validate story -> plan panels -> (load model once) -> encode characters once (cache)
+    -> draw the panels that are not up to date -> compose pages -> PNG pages, PDF, CBZ
+
+What is kept in the output folder::
+
+    panels/panel-001.png        each panel image; its content key in the PNG text "anystory:key"
+    panels/panel-001-routing.png/.npy   with save_routing: overlay and soft maps (N+1, H, W)
+    pages/page-001.png          each page; its page key in the PNG text
+    characters/<name>.png       the generated sheet of a text-only character (alpha = its mask)
+    <story>.pdf, <story>.cbz    written once every page is complete
+    .anystory/routing/<key>.png routing maps of each panel, for balloon placement on re-runs
+    .anystory/exports.json      keys and sha256 of the PDF and CBZ
+
+A panel whose stored key equals its content key (prompt, characters and their reference bytes,
+seed, steps, strengths, model, frame shape) is not drawn again, and a page or export whose key is
+unchanged is not written again: re-running an unchanged story writes nothing, and a run that
+failed or was interrupted continues from the complete files. Every file is written to a
+temporary name and renamed, so a failure never leaves a half-written file or destroys an earlier
+one.
+
+`--pages` / `--panels` choose which panels are drawn. Every page whose panels are all up to date
+is composed; the PDF and CBZ are written once every page is.
+
+A text-only character (a description, no image) gets a character sheet: the pipeline draws the
+description alone (no characters) on a plain background, the sheet is segmented by its
+background colour (`characters.segment_sheet`: pixels far from the border's median colour are
+the character; without a clear background, the central box, with a warning), and the sheet is
+encoded like a reference image. Sheet and encoding are cached.
+
+torch is reached only through the pipeline object (and a torch.Generator for the seed).
+Progress goes to a callback as plain `ProgressEvent`s; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, PngImagePlugin
+
+from .cache import EncodingCache, description_key, reference_key
+from .characters import segment_sheet
+from .errors import AnyStoryError, InputError, OutputError, StoryError
+from .export import atomic_write, ensure_dir, write_cbz, write_pdf
+from .layout import PageSpec, PanelText, compose_page, panel_rects, undrawable_characters
+from .masks import load_image
+from .plan import PagePlan, PanelPlan, build_plan, character_fingerprints, group_pages
+from .story import Story, load_story, story_error
+
+KEY_TEXT = "anystory:key"  # PNG text chunk holding a panel's or page's key
+STATE_DIR = ".anystory"
+# Bump when drawing or composing changes, so that earlier outputs are not reused.
+RENDER_KEY_VERSION = 1
+PAGE_KEY_VERSION = 1
+SHEET_VERSION = 1
+# Image shapes: the model's native square, widened or heightened to the frame's shape in
+# quarter steps (a 2.1:1 wide panel is drawn at 2:1, not cropped out of a square).
+ASPECT_STEP = 0.25
+MAX_ASPECT = 2.0
+SHEET_PROMPT = "{description}, standing, plain background"
+
+
+# --------------------------------------------------------------------------------------------
+# Plain values: events and the summary
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """kind: story | model | character | panel | step | panel_done | page | export | note |
+    warning | done. `current`/`total` count: panels to draw (story, panel: before it starts,
+    panel_done: after), denoising steps (step), characters (character), pages (page)."""
+
+    kind: str
+    message: str = ""
+    current: int = 0
+    total: int = 0
+
+
+@dataclass
+class RenderSummary:
+    story: str
+    out_dir: str
+    title: str = ""
+    files_written: list[str] = field(default_factory=list)
+    panels_rendered: list[int] = field(default_factory=list)  # 1-based panel numbers
+    panels_skipped: list[int] = field(default_factory=list)  # up to date
+    pages_written: list[int] = field(default_factory=list)
+    pages_skipped: list[int] = field(default_factory=list)  # up to date
+    pages_incomplete: list[int] = field(default_factory=list)  # a panel is not drawn yet
+    exports_written: list[str] = field(default_factory=list)
+    characters_encoded: list[str] = field(default_factory=list)
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_rebuilt: int = 0
+    model_loaded: bool = False
+    warnings: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def up_to_date(self) -> bool:
+        """Nothing was drawn or written: the output already matched the story."""
+        return not self.panels_rendered and not self.files_written
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["up_to_date"] = self.up_to_date
+        data["timings"] = {k: round(v, 3) for k, v in self.timings.items()}
+        return data
+
+
+class _Clock:
+    """Accumulates seconds per stage: `with clock("render"): ...`."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------
+# Checks that need no model: `anystory validate` and the start of every render
+# --------------------------------------------------------------------------------------------
+
+
+def lettering_problems(story: Story, source: str) -> list[str]:
+    """Captions and dialogue the lettering font cannot draw, one line each."""
+    font = str(story.page.font) if story.page.font else None
+    problems = []
+    for index, panel in enumerate(story.panels):
+        fields = [("caption", panel.caption)]
+        fields += [(f"dialogue[{n}].text", line.text) for n, line in enumerate(panel.dialogue)]
+        for name, text in fields:
+            if not text:
+                continue
+            try:
+                missing = undrawable_characters(text, font)
+            except AnyStoryError as exc:
+                return [f"{source}: page.font: {exc}"]
+            if missing:
+                shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in missing)
+                problems.append(f"{source}: panels[{index}].{name}: the lettering font cannot draw "
+                                f"{shown}; change the text or set page.font to a font that can")
+    return problems
+
+
+def layout_problems(story: Story, source: str) -> list[str]:
+    """Pages whose panels do not fit (too many panels for the page size)."""
+    plans = build_plan(story)
+    problems = []
+    for page in group_pages(plans):
+        try:
+            panel_rects(PageSpec.from_settings(story.page, page.rows))
+        except InputError as exc:
+            problems.append(f"{source}: page: page {page.index + 1}: {exc}")
+    return problems
+
+
+def story_problems(path: str | os.PathLike[str]) -> list[str]:
+    """Every problem of a story file that can be found without a model, one line each.
+
+    A `model:` path is checked for the documented folder layout; `model: default` is not (it
+    depends on the build, not on the story; `render` says so if it is missing)."""
+    source = str(path)
+    try:
+        story = load_story(path)
+    except StoryError as exc:
+        return list(getattr(exc, "problems", [str(exc)]))
+    problems = lettering_problems(story, source) + layout_problems(story, source)
+    if story.model != "default":
+        from .model_loading import check_model_dir
+
+        try:
+            check_model_dir(Path(story.model))
+        except AnyStoryError as exc:
+            problems.append(f"{source}: model: {exc}")
+    return problems
+
+
+def check_story(path: str | os.PathLike[str]) -> Story:
+    """The validated story; StoryError listing every problem otherwise."""
+    story = load_story(path)
+    problems = lettering_problems(story, str(path)) + layout_problems(story, str(path))
+    if problems:
+        raise story_error(problems)
+    return story
+
+
+# --------------------------------------------------------------------------------------------
+# Selection: --pages 1-2, --panels 1,3-4
+# --------------------------------------------------------------------------------------------
+
+
+def parse_ranges(text: str) -> list[int]:
+    """'1,3-4' -> [1, 3, 4] (1-based, sorted, unique); InputError if malformed."""
+    numbers: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", part)
+        if not match:
+            raise InputError(f"{text!r}: expected numbers and ranges such as 1,3-4")
+        low = int(match.group(1))
+        high = int(match.group(2) or low)
+        if low < 1 or high < low:
+            raise InputError(f"{text!r}: ranges count from 1 and go upwards, got {part!r}")
+        numbers.update(range(low, high + 1))
+    return sorted(numbers)
+
+
+def select_panels(
+    plans: Sequence[PanelPlan], pages: Iterable[int] | None, panels: Iterable[int] | None
+) -> set[int]:
+    """Story panel indices (0-based) chosen by 1-based page and panel numbers (their union)."""
+    if pages is None and panels is None:
+        return {plan.index for plan in plans}
+    page_count = max(plan.page for plan in plans) + 1
+    chosen: set[int] = set()
+    for number in pages or ():
+        if not 1 <= number <= page_count:
+            raise InputError(f"--pages {number}: the story has {page_count} page(s)")
+        chosen.update(plan.index for plan in plans if plan.page == number - 1)
+    for number in panels or ():
+        if not 1 <= number <= len(plans):
+            raise InputError(f"--panels {number}: the story has {len(plans)} panel(s)")
+        chosen.add(number - 1)
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# The model, loaded once and only when something must be drawn
+# --------------------------------------------------------------------------------------------
+
+
+def memoize_factory(factory: Callable[[str, Path], Any]) -> Callable[[str, Path], Any]:
+    """A factory that loads each model value once (many stories, one process)."""
+    loaded: dict[str, Any] = {}
+
+    def memoized(model: str, story_dir: Path):
+        # Story values are absolute paths or "default" (story.py resolves them): one key each.
+        if model not in loaded:
+            loaded[model] = factory(model, story_dir)
+        return loaded[model]
+
+    return memoized
+
+
+def _default_factory(model: str, story_dir: Path):
+    from .model_loading import load_pipeline
+
+    return load_pipeline(model, story_dir)
+
+
+class _Model:
+    """The story's model: its key for content keys, and the pipeline on first use.
+
+    With the default loader the key is a fingerprint of the model files, so an unchanged story
+    is checked without loading any weights. A custom factory without a fingerprint function is
+    loaded at once and keyed by its pipeline's `model_id`.
+    """
+
+    def __init__(self, value: str, story_dir: Path, factory, fingerprint, source: str, emit):
+        self.value, self.story_dir, self.source, self.emit = value, story_dir, source, emit
+        self.factory = factory or _default_factory
+        if fingerprint is None and factory is None:
+            from .model_loading import model_fingerprint as fingerprint
+        self._pipeline = None
+        self.load_seconds = 0.0
+        if fingerprint is not None:
+            self.key = self._guard(lambda: fingerprint(value, story_dir))
+        else:
+            self.key = self.pipeline.model_id
+
+    def _guard(self, call):
+        try:
+            return call()
+        except AnyStoryError as exc:
+            raise type(exc)(f"{self.source}: model: {exc}") from None
+
+    @property
+    def loaded(self) -> bool:
+        return self._pipeline is not None
+
+    @property
+    def pipeline(self):
+        if self._pipeline is None:
+            self.emit(ProgressEvent("model", f"loading model {self.value}"))
+            start = time.perf_counter()
+            self._pipeline = self._guard(lambda: self.factory(self.value, self.story_dir))
+            self.load_seconds = time.perf_counter() - start
+        return self._pipeline
+
+
+# --------------------------------------------------------------------------------------------
+# Keys, frames, stored files
+# --------------------------------------------------------------------------------------------
+
+
+def _sha256(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def frame_sizes(story: Story, pages: Sequence[PagePlan]) -> dict[int, tuple[int, int]]:
+    """Panel index -> its frame (width, height) in page pixels."""
+    sizes = {}
+    for page in pages:
+        rects = panel_rects(PageSpec.from_settings(story.page, page.rows))
+        for index, rect in zip(page.panels, rects):
+            sizes[index] = (rect[2] - rect[0], rect[3] - rect[1])
+    return sizes
+
+
+def aspect_multipliers(frame: tuple[int, int]) -> tuple[float, float]:
+    """(width, height) multiples of the model's native square for a frame of this shape."""
+    ratio = frame[0] / frame[1]
+    stretch = min(MAX_ASPECT, max(1.0, round(max(ratio, 1 / ratio) / ASPECT_STEP) * ASPECT_STEP))
+    return (stretch, 1.0) if ratio >= 1 else (1.0, stretch)
+
+
+def _image_size(pipeline, multipliers: tuple[float, float]) -> tuple[int, int]:
+    """(width, height) in pixels: native size times the multipliers, on the UNet's grid."""
+    base = pipeline.base
+    scale = base.vae_scale_factor
+    native = base.unet.config.sample_size * scale
+    # A UNet halves the latent once per down block but the last: sizes must divide by that.
+    step = scale * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    return tuple(max(step, int(round(native * m / step)) * step) for m in multipliers)  # type: ignore[return-value]
+
+
+def _stored_key(path: Path) -> str | None:
+    """The key in a PNG's text chunk, or None when the file is missing or unreadable."""
+    try:
+        with Image.open(path) as image:
+            image.load()  # decodes fully: a truncated file is not up to date
+            return image.text.get(KEY_TEXT)  # type: ignore[attr-defined]
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def _write_png(image: Image.Image, path: Path, key: str, dpi: int | None = None) -> Path:
+    info = PngImagePlugin.PngInfo()
+    info.add_text(KEY_TEXT, key)
+    extra = {"dpi": (dpi, dpi)} if dpi else {}
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info, **extra))
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _panel_path(out: Path, index: int, suffix: str = "") -> Path:
+    return out / "panels" / f"panel-{index + 1:03d}{suffix}.png"
+
+
+# Routing maps are kept as a grey PNG, entries stacked vertically, 0..255: safe to read
+# (no pickle), compressed, and exact enough for balloon placement and overlays.
+
+
+def _routing_path(out: Path, key: str) -> Path:
+    return out / STATE_DIR / "routing" / f"{key}.png"
+
+
+def _write_routing(maps: np.ndarray, path: Path, key: str) -> None:
+    entries, height, width = maps.shape
+    stacked = np.clip(maps * 255.0 + 0.5, 0, 255).astype(np.uint8).reshape(entries * height, width)
+    _write_png(Image.fromarray(stacked, "L"), path, key)
+
+
+def _read_routing(path: Path, key: str, entries: int) -> np.ndarray | None:
+    try:
+        with Image.open(path) as image:
+            if image.text.get(KEY_TEXT) != key or image.mode != "L":  # type: ignore[attr-defined]
+                return None
+            stacked = np.asarray(image, dtype=np.float32) / 255.0
+    except (OSError, ValueError, SyntaxError):
+        return None
+    if stacked.shape[0] % entries:
+        return None
+    return stacked.reshape(entries, stacked.shape[0] // entries, stacked.shape[1])
+
+
+ROUTING_COLOURS = [(230, 60, 60), (60, 110, 230), (60, 190, 80), (240, 200, 40), (190, 80, 220),
+                   (40, 200, 210)]
+
+
+def routing_overlay(image: Image.Image, maps: np.ndarray) -> Image.Image:
+    """The panel with each pixel tinted by the character it is routed to (background untinted)."""
+    size = (maps.shape[2], maps.shape[1])
+    base = np.asarray(image.convert("RGB").resize(size, Image.Resampling.BILINEAR), dtype=np.float32)
+    winner = maps.argmax(axis=0)
+    tint = base.copy()
+    for entry in range(maps.shape[0] - 1):
+        colour = np.array(ROUTING_COLOURS[entry % len(ROUTING_COLOURS)], np.float32)
+        tint[winner == entry] = 0.45 * base[winner == entry] + 0.55 * colour
+    return Image.fromarray(np.clip(tint + 0.5, 0, 255).astype(np.uint8), "RGB")
+
+
+# --------------------------------------------------------------------------------------------
+# Characters
+# --------------------------------------------------------------------------------------------
+
+
+class _Characters:
+    """Each character encoded at most once per render, through the disk cache."""
+
+    def __init__(self, story: Story, source: str, model: _Model, cache_dir, sheet_seed: int,
+                 steps: int | None, summary: RenderSummary, out: Path, emit):
+        self.story, self.source, self.model = story, source, model
+        self.sheet_seed, self.steps, self.summary, self.out, self.emit = sheet_seed, steps, summary, out, emit
+        self.cache = EncodingCache(cache_dir, on_warning=self._warn)
+        self.encodings: dict[str, Any] = {}
+
+    def encode_all(self, names: Sequence[str]) -> None:
+        for number, name in enumerate(names, start=1):
+            if name not in self.encodings:
+                self.encodings[name], how = self._encode(name)
+                self.emit(ProgressEvent("character", f"{name}: {how}", number, len(names)))
+
+    def _encode(self, name: str):
+        character = self.story.characters[name]
+        pipeline = self.model.pipeline
+        if character.image is not None:
+            key = reference_key(character.image.read_bytes(),
+                                character.mask.read_bytes() if character.mask else None, pipeline.model_id)
+            result = self.cache.get_or_encode(key, pipeline.model_id, lambda: self._from_image(name))
+        else:
+            settings = self._sheet_settings(name)
+            key = description_key(character.description or "", settings, pipeline.model_id)
+            result = self.cache.get_or_encode(key, pipeline.model_id,
+                                              lambda: self._from_description(name, key, settings))
+            self._publish_sheet(name, key)
+        self.summary.cache_hits += result.hit
+        self.summary.cache_misses += not result.hit
+        self.summary.cache_rebuilt += result.rebuilt
+        if not result.hit:
+            self.summary.characters_encoded.append(name)
+        return result.encoding, "cached" if result.hit else "encoded"
+
+    def _field_error(self, name: str, field_name: str, exc: AnyStoryError) -> AnyStoryError:
+        message = re.sub(rf"^character {re.escape(name)}: ", "", str(exc))
+        return type(exc)(f"{self.source}: characters.{name}.{field_name}: {message}")
+
+    def _from_image(self, name: str):
+        character = self.story.characters[name]
+        try:
+            image = load_image(character.image, "reference image")
+            mask = load_image(character.mask, "mask") if character.mask else None
+            return self.model.pipeline.encode_character(image, mask=mask, name=name)
+        except AnyStoryError as exc:
+            raise self._field_error(name, "image", exc) from None
+
+    def _sheet_settings(self, name: str) -> dict[str, Any]:
+        style = self.story.style
+        description = self.story.characters[name].description or ""
+        prompt = ", ".join(p.strip() for p in (style.prompt_prefix, SHEET_PROMPT.format(
+            description=description.strip())) if p.strip())
+        seed = int.from_bytes(hashlib.sha256(f"anystory/sheet/{self.sheet_seed}/{name}".encode()).digest()[:4], "big")
+        return {"version": SHEET_VERSION, "prompt": prompt, "negative_prompt": style.negative_prompt,
+                "seed": seed, "steps": self.steps or style.steps, "guidance": style.guidance}
+
+    def _from_description(self, name: str, key: str, settings: dict[str, Any]):
+        pipeline = self.model.pipeline
+        self.emit(ProgressEvent("character", f"{name}: drawing a character sheet from its description"))
+        try:
+            output = pipeline(
+                settings["prompt"], characters=[], num_inference_steps=settings["steps"],
+                guidance_scale=settings["guidance"], negative_prompt=settings["negative_prompt"] or None,
+                generator=_generator(settings["seed"]),
+            )
+            sheet = output.images[0].convert("RGB")
+            mask, fallback = segment_sheet(sheet)
+            if fallback:
+                self._warn(f"{self.source}: characters.{name}: the generated sheet has no clear "
+                           "background; the centre of the sheet is used as the character")
+            encoding = pipeline.encode_character(sheet, mask=mask, name=name)
+        except AnyStoryError as exc:
+            raise self._field_error(name, "description", exc) from None
+        rgba = sheet.copy()
+        rgba.putalpha(Image.fromarray(mask.astype(np.uint8) * 255))
+        _write_png(rgba, self.cache.sidecar_path(key, ".sheet.png"), key)
+        return encoding
+
+    def _publish_sheet(self, name: str, key: str) -> None:
+        """Copy the cached sheet to characters/<name>.png when it is not there yet."""
+        cached = self.cache.sidecar_path(key, ".sheet.png")
+        target = self.out / "characters" / f"{name}.png"
+        if not cached.is_file() or _stored_key(target) == key:
+            return
+        data = cached.read_bytes()
+        atomic_write(target, lambda handle: handle.write(data))
+        self.summary.files_written.append(str(target))
+
+    def _warn(self, message: str) -> None:
+        self.summary.warnings.append(message)
+        self.emit(ProgressEvent("warning", message))
+
+
+def _generator(seed: int):
+    import torch
+
+    # A CPU generator: the same seed gives the same noise on every device.
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# The render
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PanelJob:
+    plan: PanelPlan
+    multipliers: tuple[float, float]
+    key: str  # content key + frame shape
+    image: Image.Image | None = None  # the up-to-date panel, once known
+    maps: np.ndarray | None = None
+
+    @property
+    def entries(self) -> int:
+        return len(self.plan.characters) + 1
+
+
+def check_output_dir(out: Path) -> Path:
+    """Create `out` if needed and prove it writable, before any work; OutputError if not."""
+    folder = ensure_dir(out)
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".anystory-probe-"):
+            pass
+    except OSError as exc:
+        raise OutputError(f"output folder {folder} is not writable ({exc.strerror or exc})") from None
+    return folder
+
+
+def render_story(
+    story_path: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    pages: Iterable[int] | None = None,
+    panels: Iterable[int] | None = None,
+    seed: int | None = None,
+    steps: int | None = None,
+    save_routing: bool = False,
+    pipeline_factory: Callable[[str, Path], Any] | None = None,
+    model_fingerprint: Callable[[str, Path], str] | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    progress: Callable[[ProgressEvent], None] | None = None,
+) -> RenderSummary:
+    """Render one story into `out_dir`; see the module docstring.
+
+    `pipeline_factory(model_value, story_dir)` returns an AnyStoryPipeline (default: the real
+    loader, `model_loading.load_pipeline`); `model_fingerprint(model_value, story_dir)` keys the
+    panels without loading the model (default with the real loader: a hash of the model files).
+    """
+    emit = progress or (lambda event: None)
+    source = str(story_path)
+    summary = RenderSummary(story=source, out_dir=str(out_dir))
+    clock = _Clock(summary.timings)
+    start = time.perf_counter()
+
+    # 1. Everything that can be wrong with the input, before any slow or destructive work.
+    with clock("check"):
+        story = check_story(story_path)
+        summary.title = story.title
+        out = check_output_dir(Path(out_dir))
+        model = _Model(story.model, Path(story_path).resolve().parent, pipeline_factory,
+                       model_fingerprint, source, emit)
+        plans = build_plan(story, seed=seed, steps=steps, model_id=model.key,
+                           character_keys=character_fingerprints(story))
+        page_plans = group_pages(plans)
+        try:
+            chosen = select_panels(plans, pages, panels)
+        except InputError as exc:
+            raise InputError(f"{source}: {exc}") from None
+        frames = frame_sizes(story, page_plans)
+        jobs = {plan.index: _job(plan, frames[plan.index]) for plan in plans}
+        # Panels already drawn with the same key are kept.
+        todo = [jobs[i] for i in sorted(chosen) if not _load_if_current(jobs[i], out)]
+    summary.panels_skipped = sorted(i + 1 for i in chosen if jobs[i].image is not None)
+    emit(ProgressEvent("story", f"{source}: {story.title}", 0, len(todo)))
+    if not todo:
+        emit(ProgressEvent("note", f"all {len(chosen)} selected panels are up to date; nothing to draw"))
+
+    # 2. Characters once, then the panels.
+    if todo:
+        _check_model_fits(model.pipeline, plans, source)
+        characters = _Characters(story, source, model, cache_dir,
+                                 story.seed if seed is None else seed, steps, summary, out, emit)
+        needed = list(dict.fromkeys(c.name for job in todo for c in job.plan.characters))
+        with clock("encode"):
+            characters.encode_all(needed)
+        with clock("render"):
+            for number, job in enumerate(todo, start=1):
+                emit(ProgressEvent("panel", f"panel {job.plan.index + 1}: {job.plan.prompt}",
+                                   number - 1, len(todo)))
+                _draw_panel(model.pipeline, job, characters.encodings, out, source, emit)
+                summary.panels_rendered.append(job.plan.index + 1)
+                summary.files_written.append(str(_panel_path(out, job.plan.index)))
+                emit(ProgressEvent("panel_done", f"panel {job.plan.index + 1}", number, len(todo)))
+    summary.model_loaded = model.loaded
+    summary.timings["load_model"] = model.load_seconds
+
+    # 3. Routing outputs, pages, exports.
+    if save_routing:
+        _write_routing_outputs([jobs[i] for i in sorted(chosen)], out, summary)
+    with clock("compose"):
+        composed = _compose_pages(story, page_plans, jobs, out, summary, emit)
+    with clock("export"):
+        if len(composed) == len(page_plans):
+            _export(story, Path(story_path).stem, composed, out, summary, emit)
+            if pages is None and panels is None:
+                _prune(out, len(plans), len(page_plans), jobs.values())
+        else:
+            waiting = ", ".join(map(str, summary.pages_incomplete))
+            emit(ProgressEvent("note", f"PDF and CBZ not written: page(s) {waiting} still have "
+                                       "panels to draw"))
+    summary.timings["total"] = time.perf_counter() - start
+    emit(ProgressEvent("done", _done_message(summary)))
+    return summary
+
+
+def _job(plan: PanelPlan, frame: tuple[int, int]) -> _PanelJob:
+    multipliers = aspect_multipliers(frame)
+    key = _sha256("panel", RENDER_KEY_VERSION, plan.content_key, multipliers)
+    return _PanelJob(plan, multipliers, key)
+
+
+def _load_if_current(job: _PanelJob, out: Path) -> bool:
+    """Load the stored panel (and its routing maps) when its key matches; True if so."""
+    path = _panel_path(out, job.plan.index)
+    if _stored_key(path) != job.key:
+        return False
+    with Image.open(path) as image:
+        job.image = image.convert("RGB")
+    job.maps = _read_routing(_routing_path(out, job.key), job.key, job.entries)
+    return True
+
+
+def _check_model_fits(pipeline, plans: Sequence[PanelPlan], source: str) -> None:
+    limit = pipeline.max_characters
+    for plan in plans:
+        if len(plan.characters) > limit:
+            raise StoryError(f"{source}: panels[{plan.index}].characters: {len(plan.characters)} "
+                             f"characters, but the model supports at most {limit} per panel")
+
+
+def _draw_panel(pipeline, job: _PanelJob, encodings: dict[str, Any], out: Path, source: str, emit) -> None:
+    plan = job.plan
+    width, height = _image_size(pipeline, job.multipliers)
+
+    def on_step(_pipe, step, _timestep, tensors):
+        emit(ProgressEvent("step", f"panel {plan.index + 1}", step + 1, plan.num_inference_steps))
+        return tensors
+
+    try:
+        output = pipeline(
+            plan.prompt,
+            characters=[encodings[c.name] for c in plan.characters],
+            regions=[c.box for c in plan.characters],
+            subject_scale=plan.subject_strength,
+            reference_scale=plan.reference_strength,
+            return_routing=True,
+            num_inference_steps=plan.num_inference_steps,
+            guidance_scale=plan.guidance_scale,
+            negative_prompt=plan.negative_prompt or None,
+            generator=_generator(plan.seed),
+            height=height,
+            width=width,
+            callback_on_step_end=on_step,
+        )
+    except AnyStoryError as exc:
+        raise type(exc)(f"{source}: panels[{plan.index}]: {exc}") from None
+    job.image = output.images[0].convert("RGB")
+    job.maps = output.routing_maps[0].float().cpu().numpy()
+    # Maps first: a panel PNG with this key promises that its maps exist.
+    _write_routing(job.maps, _routing_path(out, job.key), job.key)
+    _write_png(job.image, _panel_path(out, plan.index), job.key)
+
+
+def _write_routing_outputs(jobs: Sequence[_PanelJob], out: Path, summary: RenderSummary) -> None:
+    """panel-NNN-routing.png (overlay) and .npy (soft maps) for drawn panels, when outdated."""
+    for job in jobs:
+        if job.image is None or job.maps is None:
+            continue
+        overlay_path = _panel_path(out, job.plan.index, "-routing")
+        if _stored_key(overlay_path) == job.key:
+            continue
+        maps = job.maps.astype(np.float32)
+        npy_path = overlay_path.with_suffix(".npy")
+        atomic_write(npy_path, lambda handle: np.save(handle, maps, allow_pickle=False))
+        _write_png(routing_overlay(job.image, maps), overlay_path, job.key)
+        summary.files_written += [str(npy_path), str(overlay_path)]
+
+
+def _page_key(spec: PageSpec, jobs: Sequence[_PanelJob], texts: Sequence[PanelText]) -> str:
+    return _sha256("page", PAGE_KEY_VERSION, asdict(spec), [j.key for j in jobs], [asdict(t) for t in texts])
+
+
+def _compose_pages(story: Story, page_plans: Sequence[PagePlan], jobs: dict[int, _PanelJob],
+                   out: Path, summary: RenderSummary, emit) -> list[tuple[str, Image.Image]]:
+    """Compose and write every complete page whose key changed; (key, image) of complete pages."""
+    composed = []
+    for page in page_plans:
+        members = [jobs[i] for i in page.panels]
+        number = page.index + 1
+        if any(job.image is None and not _load_if_current(job, out) for job in members):
+            summary.pages_incomplete.append(number)
+            continue
+        spec = PageSpec.from_settings(story.page, page.rows)
+        texts = [PanelText.from_plan(job.plan) for job in members]
+        key = _page_key(spec, members, texts)
+        path = out / "pages" / f"page-{number:03d}.png"
+        if _stored_key(path) == key:
+            summary.pages_skipped.append(number)
+            with Image.open(path) as stored:
+                composed.append((key, stored.convert("RGB")))
+            continue
+        maps = [job.maps if job.maps is not None and job.maps.shape[0] == job.entries else None
+                for job in members]
+        image = compose_page(spec, [job.image for job in members], texts, maps)
+        _write_png(image, path, key, dpi=story.page.dpi)
+        summary.pages_written.append(number)
+        summary.files_written.append(str(path))
+        emit(ProgressEvent("page", f"page {number}", len(summary.pages_written), len(page_plans)))
+        composed.append((key, image))
+    return composed
+
+
+def _export(story: Story, stem: str, composed: Sequence[tuple[str, Image.Image]], out: Path,
+            summary: RenderSummary, emit) -> None:
+    """<stem>.pdf and <stem>.cbz, unless the recorded key and file hash say they are current."""
+    manifest_path = out / STATE_DIR / "exports.json"
+    manifest = _read_json(manifest_path)
+    pages = [image for _, image in composed]
+    key = _sha256("export", story.title, story.page.reading_order, story.page.dpi,
+                  sorted(story.characters), [page_key for page_key, _ in composed])
+    writers = {
+        f"{stem}.pdf": lambda path: write_pdf(pages, path, story.title, story.page.dpi),
+        f"{stem}.cbz": lambda path: write_cbz(pages, path, story.title, story.page.reading_order,
+                                              sorted(story.characters)),
+    }
+    changed = False
+    for name, write in writers.items():
+        path = out / name
+        entry = manifest.get(name, {})
+        if entry.get("key") == key and entry.get("sha256") == _file_sha256(path):
+            continue
+        write(path)
+        manifest[name] = {"key": key, "sha256": _file_sha256(path)}
+        summary.exports_written.append(name)
+        summary.files_written.append(str(path))
+        emit(ProgressEvent("export", str(path)))
+        changed = True
+    if changed:
+        text = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        atomic_write(manifest_path, lambda handle: handle.write(text))
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _prune(out: Path, panel_count: int, page_count: int, jobs: Iterable[_PanelJob]) -> None:
+    """After a complete render: remove pages and panels the story no longer has, and routing
+    maps of keys no panel uses. Only files with our own names are touched."""
+    doomed = [p for p in (out / "pages").glob("page-*.png")
+              if re.fullmatch(r"page-(\d{3,})\.png", p.name) and int(p.name[5:-4]) > page_count]
+    for path in (out / "panels").glob("panel-*"):
+        match = re.fullmatch(r"panel-(\d{3,})(-routing)?\.(png|npy)", path.name)
+        if match and int(match.group(1)) > panel_count:
+            doomed.append(path)
+    keys = {job.key for job in jobs}
+    doomed += [p for p in (out / STATE_DIR / "routing").glob("*.png") if p.stem not in keys]
+    for path in doomed:
+        try:
+            path.unlink()
+        except OSError:
+            pass  # a stale extra file is harmless
+
+
+def _done_message(summary: RenderSummary) -> str:
+    if summary.up_to_date:
+        return f"{summary.story}: up to date, nothing to do ({len(summary.panels_skipped)} panels unchanged)"
+    parts = [f"{len(summary.panels_rendered)} panel(s) drawn", f"{len(summary.panels_skipped)} unchanged",
+             f"{len(summary.pages_written)} page(s) written"]
+    if summary.exports_written:
+        parts.append(", ".join(summary.exports_written))
+    return f"{summary.story}: " + ", ".join(parts)

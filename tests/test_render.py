@@ -1,0 +1,282 @@
+"""render_story on a tiny real AnyStoryPipeline: outputs, skipping, selection, characters."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import storykit
+import tiny
+from anystory_cli.characters import character_card, segment_sheet
+from anystory_cli.errors import InputError, ModelError, OutputError, StoryError
+from anystory_cli.plan import build_plan
+from anystory_cli.render import (
+    KEY_TEXT,
+    aspect_multipliers,
+    parse_ranges,
+    render_story,
+    select_panels,
+)
+from anystory_cli.story import validate_story
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    yield from storykit.one_torch_thread()
+
+
+@pytest.fixture
+def factory(tiny_story_pipeline):
+    return storykit.TinyFactory(tiny_story_pipeline)
+
+
+def render(story, out, factory, cache, **options):
+    return render_story(story, out, pipeline_factory=factory,
+                        model_fingerprint=storykit.tiny_fingerprint, cache_dir=cache, **options)
+
+
+# --------------------------------------------------------------------------------------------
+# Pure helpers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, numbers", [
+    ("1", [1]), ("1-3", [1, 2, 3]), ("1,3-4", [1, 3, 4]), (" 2 , 1 ", [1, 2]), ("2-2,2", [2]),
+])
+def test_parse_ranges(text, numbers):
+    assert parse_ranges(text) == numbers
+
+
+@pytest.mark.parametrize("text", ["", "0", "3-1", "a", "1-", "1,,2", "-1"])
+def test_parse_ranges_refuses(text):
+    with pytest.raises(InputError):
+        parse_ranges(text)
+
+
+def test_select_panels_by_page_and_panel_number():
+    story = validate_story({"panels": [{"prompt": "a"}, {"prompt": "b"},
+                                       {"prompt": "c", "page_break": True}]}, check_images=False)
+    plans = build_plan(story)
+    assert select_panels(plans, None, None) == {0, 1, 2}
+    assert select_panels(plans, [2], None) == {2}
+    assert select_panels(plans, [1], [3]) == {0, 1, 2}
+    with pytest.raises(InputError, match="2 page"):
+        select_panels(plans, [3], None)
+    with pytest.raises(InputError, match="3 panel"):
+        select_panels(plans, None, [4])
+
+
+@pytest.mark.parametrize("frame, multipliers", [
+    ((100, 100), (1.0, 1.0)), ((104, 100), (1.0, 1.0)), ((210, 100), (2.0, 1.0)),
+    ((500, 100), (2.0, 1.0)), ((150, 100), (1.5, 1.0)), ((100, 150), (1.0, 1.5)),
+])
+def test_image_shape_follows_the_frame(frame, multipliers):
+    assert aspect_multipliers(frame) == multipliers
+
+
+def test_segment_sheet_finds_a_figure_on_a_plain_background():
+    image = np.full((64, 64, 3), 240, np.uint8)
+    image[20:50, 24:40] = (200, 30, 30)
+    mask, fallback = segment_sheet(Image.fromarray(image))
+    assert not fallback
+    assert mask[20:50, 24:40].all() and mask.sum() == 30 * 16
+
+
+def test_segment_sheet_falls_back_to_the_centre_without_a_background():
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask, fallback = segment_sheet(Image.fromarray(noise))
+    assert fallback and mask[32, 32] and not mask[0, 0]
+
+
+def test_character_card_shows_reference_and_mask():
+    card = character_card(tiny.sprite())
+    assert card.size == (2 * 256 + 3 * 8, 256 + 2 * 8)
+    mask_tile = np.asarray(card)[8:264, 272:528]
+    assert set(np.unique(mask_tile)) <= {0, 255} and mask_tile.max() == 255
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def test_render_writes_panels_pages_pdf_and_cbz(tmp_path, factory):
+    story = storykit.write_story(tmp_path / "s")
+    out = tmp_path / "out"
+    summary = render(story, out, factory, tmp_path / "cache")
+    assert summary.panels_rendered == [1, 2, 3] and summary.pages_written == [1, 2]
+    assert summary.cache_misses == 3 and summary.characters_encoded == ["mira", "bolt", "pip"]
+    for name in ["panels/panel-001.png", "panels/panel-002.png", "panels/panel-003.png",
+                 "pages/page-001.png", "pages/page-002.png", "story.pdf", "story.cbz"]:
+        assert (out / name).is_file(), name
+    page = Image.open(out / "pages" / "page-001.png")
+    assert page.size == (320, 240)
+    with zipfile.ZipFile(out / "story.cbz") as archive:
+        assert sorted(archive.namelist()) == ["001.png", "002.png", "ComicInfo.xml"]
+        assert b"<PageCount>2</PageCount>" in archive.read("ComicInfo.xml")
+    assert (out / "story.pdf").read_bytes().count(b"/Type /Page\n") == 2
+    # Each panel carries its content key; the summary lists every file it wrote.
+    assert Image.open(out / "panels" / "panel-001.png").text[KEY_TEXT]
+    assert {Path(f).relative_to(out).as_posix() for f in summary.files_written} >= {
+        "panels/panel-001.png", "pages/page-002.png", "story.pdf", "story.cbz"}
+
+
+def test_unchanged_story_draws_nothing_loads_no_model_and_writes_nothing(tmp_path, factory):
+    story = storykit.write_story(tmp_path / "s")
+    out = tmp_path / "out"
+    render(story, out, factory, tmp_path / "cache")
+    before = storykit.snapshot(out)
+    mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    factory.calls = 0
+    summary = render(story, out, factory, tmp_path / "cache")
+    assert summary.up_to_date and summary.panels_rendered == [] and summary.panels_skipped == [1, 2, 3]
+    assert summary.pages_skipped == [1, 2] and not summary.model_loaded and factory.calls == 0
+    assert storykit.snapshot(out) == before
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == mtimes
+
+
+def test_one_changed_prompt_redraws_only_that_panel_and_its_page(tmp_path, factory):
+    story = storykit.write_story(tmp_path / "s")
+    out = tmp_path / "out"
+    render(story, out, factory, tmp_path / "cache")
+    before = storykit.snapshot(out)
+    panels = storykit.panels()
+    panels[2]["prompt"] = "everyone at night"
+    storykit.write_story(tmp_path / "s", panels)
+    summary = render(story, out, factory, tmp_path / "cache")
+    assert summary.panels_rendered == [3] and summary.panels_skipped == [1, 2]
+    assert summary.pages_written == [2] and summary.pages_skipped == [1]
+    assert summary.cache_hits == 3 and summary.cache_misses == 0
+    after = storykit.snapshot(out)
+    assert after["panels/panel-001.png"] == before["panels/panel-001.png"]
+    assert after["pages/page-001.png"] == before["pages/page-001.png"]
+    assert after["panels/panel-003.png"] != before["panels/panel-003.png"]
+    assert after["story.cbz"] != before["story.cbz"]
+
+
+def test_a_new_caption_recomposes_without_drawing(tmp_path, factory):
+    story = storykit.write_story(tmp_path / "s")
+    out = tmp_path / "out"
+    render(story, out, factory, tmp_path / "cache")
+    panels = storykit.panels()
+    panels[0]["caption"] = "A calm morning."
+    storykit.write_story(tmp_path / "s", panels)
+    summary = render(story, out, factory, tmp_path / "cache")
+    assert summary.panels_rendered == [] and summary.pages_written == [1]
+    assert not summary.model_loaded
+
+
+def test_same_story_same_pixels(tmp_path, factory):
+    story = storykit.write_story(tmp_path / "s")
+    render(story, tmp_path / "a", factory, tmp_path / "cache")
+    render(story, tmp_path / "b", factory, tmp_path / "cache2")
+    a, b = storykit.snapshot(tmp_path / "a"), storykit.snapshot(tmp_path / "b")
+    for name in ["panels/panel-001.png", "panels/panel-003.png", "pages/page-001.png", "story.cbz"]:
+        assert a[name] == b[name], name
+
+
+def test_pages_selection_draws_those_panels_and_holds_back_pdf(tmp_path, factory):
+    story = storykit.write_story(tmp_path / "s")
+    out = tmp_path / "out"
+    summary = render(story, out, factory, tmp_path / "cache", pages=[2])
+    assert summary.panels_rendered == [3] and summary.pages_written == [2]
+    assert summary.pages_incomplete == [1] and not (out / "story.pdf").exists()
+    summary = render(story, out, factory, tmp_path / "cache")
+    assert summary.panels_rendered == [1, 2] and summary.exports_written == ["story.pdf", "story.cbz"]
+
+
+def test_save_routing_writes_maps_and_overlay(tmp_path, factory):
+    story = storykit.write_story(tmp_path / "s")
+    out = tmp_path / "out"
+    render(story, out, factory, tmp_path / "cache", save_routing=True, panels=[2])
+    maps = np.load(out / "panels" / "panel-002-routing.npy", allow_pickle=False)
+    panel = Image.open(out / "panels" / "panel-002.png")
+    assert maps.shape == (3, panel.height, panel.width)  # mira, bolt, background
+    assert np.allclose(maps.sum(axis=0), 1.0, atol=0.02)
+    assert Image.open(out / "panels" / "panel-002-routing.png").size == panel.size
+
+
+def test_text_only_character_gets_a_cached_sheet(tmp_path, factory):
+    characters = {"pip": {"description": "a small green creature"}}
+    panels = [{"prompt": "pip on a hill", "characters": ["pip"]}, {"prompt": "pip at night", "characters": ["pip"]}]
+    story = storykit.write_story(tmp_path / "s", panels, characters)
+    summary = render(story, tmp_path / "a", factory, tmp_path / "cache")
+    assert summary.characters_encoded == ["pip"] and summary.panels_rendered == [1, 2]
+    sheet = Image.open(tmp_path / "a" / "characters" / "pip.png")
+    assert sheet.mode == "RGBA" and np.asarray(sheet)[..., 3].max() == 255
+    again = render(story, tmp_path / "b", factory, tmp_path / "cache")
+    assert again.cache_hits == 1 and again.characters_encoded == []
+    assert (tmp_path / "b" / "characters" / "pip.png").read_bytes() == \
+        (tmp_path / "a" / "characters" / "pip.png").read_bytes()
+
+
+def test_a_corrupt_cache_entry_is_reported_and_rebuilt_during_a_render(tmp_path, factory):
+    story = storykit.write_story(tmp_path / "s", [{"prompt": "mira", "characters": ["mira"]}])
+    render(story, tmp_path / "a", factory, tmp_path / "cache")
+    for entry in (tmp_path / "cache" / "encodings").glob("*.safetensors"):
+        entry.write_bytes(entry.read_bytes()[:100])
+    events = []
+    summary = render(story, tmp_path / "b", factory, tmp_path / "cache", progress=events.append)
+    assert summary.cache_rebuilt == 1 and len(summary.warnings) == 1
+    assert any(e.kind == "warning" and "corrupt" in e.message for e in events)
+    assert (tmp_path / "a" / "panels" / "panel-001.png").read_bytes() == \
+        (tmp_path / "b" / "panels" / "panel-001.png").read_bytes()
+
+
+class _OneCharacterModel:
+    """The tiny real pipeline, declared to support one character per image."""
+
+    max_characters = 1
+
+    def __init__(self, pipeline):
+        self._pipeline = pipeline
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+
+def test_more_characters_than_the_model_supports_is_a_story_error(tmp_path, tiny_story_pipeline):
+    story = storykit.write_story(tmp_path / "s")
+    limited = storykit.TinyFactory(_OneCharacterModel(tiny_story_pipeline))
+    with pytest.raises(StoryError, match=r"story.yaml: panels\[1\].characters: 2 characters.*at most 1"):
+        render(story, tmp_path / "out", limited, tmp_path / "cache")
+    assert not (tmp_path / "out" / "panels").exists()
+
+
+def test_output_under_a_file_is_an_output_error(tmp_path, factory):
+    story = storykit.write_story(tmp_path / "s")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="file"):
+        render(story, tmp_path / "file" / "out", factory, tmp_path / "cache")
+    assert factory.calls == 0
+
+
+def test_missing_model_folder_says_what_to_put_where(tmp_path):
+    story = storykit.write_story(tmp_path / "s", model="models/mine")
+    with pytest.raises(ModelError, match=r"story.yaml: model: model folder .*models/mine not found"):
+        render_story(story, tmp_path / "out", cache_dir=tmp_path / "cache")
+
+
+def test_a_local_model_folder_loads_offline_and_renders(tmp_path):
+    """The documented layout: save_pretrained pipeline + image_encoder/ + adapter file."""
+    from anystory_cli.model_loading import load_pipeline, model_fingerprint
+    from anystory_cli.weights import save_adapter
+
+    folder = tmp_path / "models" / "mine"
+    base, encoder = tiny.tiny_sd_pipeline(), tiny.tiny_image_encoder()
+    base.save_pretrained(folder)
+    with pytest.raises(ModelError, match="image_encoder/config.json not found"):
+        load_pipeline(str(folder))
+    encoder.save_pretrained(folder / "image_encoder")
+    with pytest.raises(ModelError, match="anystory_adapter.safetensors not found.*anystory train"):
+        load_pipeline(str(folder))
+    save_adapter(tiny.tiny_adapter(base.unet, encoder), folder / "anystory_adapter.safetensors")
+    story = storykit.write_story(tmp_path / "s", [{"prompt": "mira", "characters": ["mira"]}],
+                                 model="../models/mine")
+    summary = render_story(story, tmp_path / "out", cache_dir=tmp_path / "cache")
+    assert summary.panels_rendered == [1] and summary.model_loaded
+    assert model_fingerprint(str(folder)) == model_fingerprint("mine", tmp_path / "models")
