@@ -393,6 +393,52 @@ def _print_summary(summary) -> None:
                f"({summary.timings.get('total', 0.0):.1f} s)")
 
 
+# --------------------------------------------------------------------------------------------
+# world: the default model's sprite world
+# --------------------------------------------------------------------------------------------
+
+world_app = typer.Typer(help="The sprite world the embedded default model is trained on.",
+                        no_args_is_help=True)
+app.add_typer(world_app, name="world")
+
+
+@world_app.command("sample")
+def world_sample(
+    out: Path = typer.Option(..., "--out", help="Folder for the example scenes."),
+    count: int = typer.Option(16, "--count", min=1, max=1000, help="How many scenes."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same scenes)."),
+) -> None:
+    """Write example scenes, their instance masks, captions and identity contact sheets."""
+    with _guarded():
+        from .errors import OutputError
+        from .world import write_samples
+
+        try:
+            files = write_samples(out, n=count, seed=seed)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write samples ({exc.strerror or exc})") from None
+        typer.echo(f"{len(files)} files -> {out}")
+
+
+@world_app.command("reference")
+def world_reference(
+    identity: int = typer.Argument(..., help="Identity seed of a world character.", show_default=False),
+    out: Path = typer.Argument(..., help="PNG to write (RGBA: the alpha is the mask).", show_default=False),
+    size: int = typer.Option(64, "--size", min=32, max=512, help="Image size in pixels."),
+) -> None:
+    """Write a world character's reference image (a front view on a transparent background)."""
+    with _guarded():
+        from PIL import Image
+
+        from .atomic import atomic_path
+        from .world import identity_from_seed, reference_image, split_of
+
+        with atomic_path(out) as tmp:
+            Image.fromarray(reference_image(identity, size=size), "RGBA").save(tmp, format="PNG")
+        typer.echo(f"identity {identity} ({split_of(identity)}): "
+                   f"{identity_from_seed(identity).describe()} -> {out}")
+
+
 def _quiet_libraries() -> None:
     """diffusers and transformers print progress bars and advice; our progress says enough."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
