@@ -48,7 +48,15 @@ def load_adapter(path: str | Path, dtype: torch.dtype = torch.float32) -> AnySto
     meta = _metadata(path)
     if meta.get("format") != ADAPTER_FORMAT:
         raise ModelError(f"{path}: not an AnyStory adapter file (format {meta.get('format')!r})")
-    adapter = AnyStoryAdapter(AnyStoryConfig.from_json(meta["config"]))
+    # Built on the meta device and given uninitialised memory, then filled from the file: no
+    # random initialisation of a (for SDXL, two-billion-parameter) ReferenceNet that the file
+    # overwrites anyway. (Copying, not assigning, keeps the usual memory alignment, so a loaded
+    # adapter computes bit for bit what the adapter that was saved computes.)
+    with torch.device("meta"):
+        adapter = AnyStoryAdapter(AnyStoryConfig.from_json(meta["config"]))
+    if any(name not in adapter.state_dict() for name, _ in adapter.named_buffers()):
+        raise ModelError("adapter has buffers that are not saved; they cannot be left uninitialised")
+    adapter.to_empty(device="cpu")
     state = load_file(str(path))
     missing, unexpected = adapter.load_state_dict(state, strict=False)
     if missing or unexpected:

@@ -136,7 +136,9 @@ class AnyStoryContext:
             b = self.batch
             allowed = b.entry_valid[:, :, None].expand(-1, -1, size[0] * size[1]).clone()
             if b.region_masks is not None:
-                regions = F.interpolate(b.region_masks.float(), size=size, mode="nearest") > 0.5
+                # Any overlap counts, so that a small region keeps at least one pixel at the
+                # coarsest layers instead of vanishing there.
+                regions = F.interpolate(b.region_masks.float(), size=size, mode="area") > 0
                 allowed[:, :-1] &= regions.flatten(2)
             bias = torch.zeros(allowed.shape, dtype=b.routing_features.dtype, device=allowed.device)
             return bias.masked_fill(~allowed, MASKED)
