@@ -1,12 +1,14 @@
 """Reference images: load, normalise the mode, segment with a mask, square-crop.
 
 The subject encoder wants the character alone: background removed (zero), cropped to a square
-around the mask. A mask comes from the caller, else from the image's alpha channel. PIL + numpy
-only (no torch), so the CLI can check images before loading any model.
+around the mask. A mask comes from the caller, else from the image's alpha channel, else from
+rembg when its model file is on disk. PIL + numpy only (no torch), so the CLI can check images
+before loading any model.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 
+REMBG_MODEL = "u2net"
 MAX_IMAGE_PIXELS = 64_000_000  # larger is refused before decoding (decompression bombs)
 CROP_MARGIN = 0.05  # fraction of the square side left around the character
 
@@ -77,6 +80,33 @@ class Reference:
     mask: np.ndarray  # (S, S) float32
 
 
+_HOW_TO_MASK = ("pass a mask image (--mask, or `mask:` in the story), use a PNG whose background is "
+                "transparent, or install `anystory-cli[segment]` and put rembg's "
+                f"{REMBG_MODEL}.onnx in $U2NET_HOME")
+
+
+@functools.lru_cache(maxsize=1)
+def _rembg_session():
+    import rembg
+
+    return rembg.new_session(REMBG_MODEL)
+
+
+def rembg_mask(image: Image.Image) -> np.ndarray:
+    """The main subject's mask by rembg, used only when its model file is already on disk:
+    rembg downloads a missing model on first use, and this tool never downloads anything."""
+    try:
+        import rembg
+        from rembg.sessions.u2net import U2netSession
+    except ImportError:
+        raise InputError(f"the reference has no transparency and no mask was given: {_HOW_TO_MASK}") from None
+    if U2netSession.resolve_existing(f"{REMBG_MODEL}.onnx") is None:
+        raise InputError(f"the reference has no transparency, no mask was given, and rembg has no "
+                         f"{REMBG_MODEL} model on disk: {_HOW_TO_MASK}")
+    mask = rembg.remove(image.convert("RGB"), session=_rembg_session(), only_mask=True)
+    return np.asarray(mask.convert("L")) >= 128
+
+
 def _mask_array(mask, image_size: tuple[int, int]) -> np.ndarray:
     if isinstance(mask, Image.Image):
         if mask.size != image_size:
@@ -116,8 +146,7 @@ def prepare_reference(image: Image.Image, mask=None, size: int = 512) -> Referen
     elif alpha is not None:
         keep = alpha >= 128
     else:
-        raise InputError("the reference has no transparency and no mask was given: pass a mask "
-                         "image, or use a PNG whose background is transparent")
+        keep = rembg_mask(image)
     if not keep.any():
         raise InputError("the reference mask is empty: nothing of the character is visible")
     square_rgb = Image.fromarray(np.where(keep[..., None], rgb, 0).astype(np.uint8)).crop(_square_box(keep))
