@@ -286,12 +286,13 @@ def _attention_with_lse_reference(query, key, value) -> tuple[torch.Tensor, torc
 # cross-attention: routed subject tokens
 
 
-class CrossAttentionProcessor:
-    """Eq. 5 at one ``attn2``. Owns no weights: it points at its layer's router and Ŵ_k, Ŵ_v,
-    which live in the adapter (so installing never changes the UNet's state dict)."""
+class _Processor:
+    """What both processors share: without an AnyStory context, the layer's original processor
+    runs unchanged. diffusers passes a processor only the `cross_attention_kwargs` that its
+    __call__ names, hence the explicit `anystory` parameter."""
 
-    def __init__(self, layer: str, router: LayerRouter, to_k: nn.Linear, to_v: nn.Linear, original):
-        self.layer, self.router, self.to_k, self.to_v, self.original = layer, router, to_k, to_v, original
+    layer: str
+    original: object
 
     def __call__(
         self,
@@ -305,6 +306,17 @@ class CrossAttentionProcessor:
         if anystory is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
         _check_supported(attn, self.layer)
+        return self.inject(anystory, attn, hidden_states, encoder_hidden_states, attention_mask)
+
+
+class CrossAttentionProcessor(_Processor):
+    """Eq. 5 at one ``attn2``. Owns no weights: it points at its layer's router and Ŵ_k, Ŵ_v,
+    which live in the adapter (so installing never changes the UNet's state dict)."""
+
+    def __init__(self, layer: str, router: LayerRouter, to_k: nn.Linear, to_v: nn.Linear, original):
+        self.layer, self.router, self.to_k, self.to_v, self.original = layer, router, to_k, to_v, original
+
+    def inject(self, anystory: AnyStoryContext, attn, hidden_states, encoder_hidden_states, attention_mask):
         residual = hidden_states
         context = encoder_hidden_states
         if attn.norm_cross:
@@ -385,24 +397,13 @@ class CrossAttentionProcessor:
 # self-attention: routed reference features
 
 
-class SelfAttentionProcessor:
+class SelfAttentionProcessor(_Processor):
     """Eqs. 6-8 at one ``attn1``; points at its layer's W̃_k, W̃_v in the adapter."""
 
     def __init__(self, layer: str, to_k: nn.Linear | None, to_v: nn.Linear | None, original):
         self.layer, self.to_k, self.to_v, self.original = layer, to_k, to_v, original
 
-    def __call__(
-        self,
-        attn,
-        hidden_states: torch.Tensor,
-        encoder_hidden_states: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        temb: torch.Tensor | None = None,
-        anystory: AnyStoryContext | None = None,
-    ) -> torch.Tensor:
-        if anystory is None:
-            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
-        _check_supported(attn, self.layer)
+    def inject(self, anystory: AnyStoryContext, attn, hidden_states, encoder_hidden_states, attention_mask):
         residual = hidden_states
         inputs = anystory.batch
         features = inputs.reference_features.get(self.layer)
