@@ -27,9 +27,20 @@ def atomic_path(target: str | Path):
         yield Path(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _mode_for(target))  # mkstemp makes the file private (0600)
         os.replace(tmp, target)
     except OSError as exc:
         raise OutputError(f"{target}: write failed ({exc.strerror or exc}); the previous file is intact") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _mode_for(target: Path) -> int:
+    """The replaced file's permissions, else those a plain open() would give a new file."""
+    try:
+        return target.stat().st_mode & 0o777
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask

@@ -22,9 +22,6 @@ from PIL import Image
 from anystory_cli.atomic import atomic_path
 from anystory_cli.errors import OutputError
 
-# Files we create get the usual rw-r--r--: mkstemp makes them 0600, which would be surprising
-# on a comic a user wants to share.
-NEW_FILE_MODE = 0o644
 
 
 def ensure_dir(path: str | os.PathLike[str]) -> Path:
@@ -44,19 +41,10 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     (the package's `atomic_path`); the result keeps the replaced file's permissions."""
     target = Path(path)
     ensure_dir(target.parent)
-    mode = _mode_for(target)
     with atomic_path(target) as temp:
         with open(temp, "wb") as handle:
             write(handle)
-        os.chmod(temp, mode)
     return target
-
-
-def _mode_for(target: Path) -> int:
-    try:
-        return target.stat().st_mode & 0o777  # keep the permissions of the file we replace
-    except OSError:
-        return NEW_FILE_MODE
 
 
 def write_png(image: Image.Image, path: str | os.PathLike[str], dpi: int | None = None) -> Path:

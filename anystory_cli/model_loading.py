@@ -43,9 +43,9 @@ def resolve_model_dir(model: str, base_dir: str | os.PathLike[str] | None = None
     if model == DEFAULT_MODEL:
         if not (DEFAULT_MODEL_DIR / PIPELINE_INDEX).is_file():
             raise ModelError(
-                "the embedded default model is not shipped in this build "
-                f"({DEFAULT_MODEL_DIR} is empty); set `model:` in the story (or --model) to a local "
-                f"model folder: {LAYOUT_HELP}"
+                "the embedded default model is not complete in this build (its AnyStory adapter is "
+                f"still being trained; see {DEFAULT_MODEL_DIR / 'README.md'}); set `model:` in the "
+                f"story (or --model) to a local model folder: {LAYOUT_HELP}"
             )
         return DEFAULT_MODEL_DIR
     folder = Path(model).expanduser()

@@ -392,6 +392,6 @@ def test_default_model_not_shipped_says_how_to_point_at_a_folder(rendered, tmp_p
     monkeypatch.setattr(cli, "PIPELINE_FACTORY", None)
     monkeypatch.setattr(model_loading, "DEFAULT_MODEL_DIR", tmp_path / "empty")
     line = one_error_line(invoke("render", str(story / "story.yaml"), "--out", str(out)))
-    assert "story.yaml: model: the embedded default model is not shipped" in line
+    assert "story.yaml: model: the embedded default model is not complete in this build" in line
     assert "model_index.json" in line and "anystory_adapter.safetensors" in line
     assert storykit.snapshot(out) == before

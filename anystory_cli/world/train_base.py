@@ -1,0 +1,787 @@
+"""Training of the default model's base components on the sprite world: VAE, CLIP, UNet.
+
+    nice -n 10 python -m anystory_cli.world.train_base recipes/base_vae.yaml [--max-minutes M] [--wait]
+
+One loop (`train`) serves the three recipes; a *task* supplies the batch loss and what to publish.
+Every run is resumable: a checkpoint is one safetensors state file (fp32 weights, EMA, AdamW
+moments, step, elapsed time, RNG) overwritten atomically every `checkpoint_minutes`, and the
+shipped fp16 weights + JSON config in the assets folder are rewritten at the same moment. Batch
+contents and noise are derived from (seed, step) alone, so a resumed run draws exactly what an
+uninterrupted run would have drawn, and ends with the same weights.
+
+Order: VAE and CLIP first (they can run side by side); the UNet needs the final VAE (its latents)
+and the final text tower (its conditioning). The CLIP recipe freezes and publishes the text tower
+after `text_steps`, then keeps training the image tower on identity, so the UNet can start early.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Callable, Literal, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..atomic import atomic_path
+from ..errors import InputError, ModelError
+from . import base_models as bm
+from .identity import ATTRIBUTE_CLASSES, identity_from_seed
+from .rng import WorldRng, stable_hash
+from .scenes import random_reference, sample_scene
+
+STATE_FORMAT = "anystory-base-state/1"
+CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+
+# ---------------------------------------------------------------------------------------------
+# recipes: what a person writes (pydantic, unknown keys forbidden)
+
+
+def to_config(config_cls, value):
+    """A recipe's mapping -> the frozen dataclass config of a model, naming unknown keys."""
+    if isinstance(value, config_cls):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping of {config_cls.__name__} fields")
+    known = set(config_cls.__dataclass_fields__)
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; expected some of {sorted(known)}")
+    try:
+        return config_cls.from_dict(value)
+    except TypeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+class RecipeBase(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    seed: int = 0
+    steps: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    warmup_steps: int = Field(default=100, ge=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = Field(default=0.0, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    checkpoint_minutes: float = Field(default=5.0, gt=0)
+    max_hours: float = Field(default=3.0, gt=0)  # wall-clock cap over all sessions together
+    threads: int = Field(default=1, gt=0)
+    log_every: int = Field(default=25, gt=0)
+    # Relative paths are relative to the recipe file's folder.
+    assets_dir: str = "../anystory_cli/assets/default"
+    state_dir: str = "../checkpoints"
+    cache_dir: str = "../runs"  # rendered scene pools and encoded latents (recomputed when missing)
+    # AdamW moments in the state file: bfloat16 halves its size (resume then is close, not exact).
+    moment_dtype: Literal["float32", "bfloat16"] = "float32"
+
+
+class VaeRecipe(RecipeBase):
+    model: Literal["vae"]
+    vae: bm.VaeConfig = bm.VaeConfig()
+    kl_weight: float = Field(default=1e-4, ge=0)
+    edge_weight: float = Field(default=1.0, ge=0)  # L1 on image gradients: keeps stripes and outlines
+    reference_share: float = Field(default=0.25, ge=0, le=1)  # segmented references (AnyStory's input)
+    scale_batch: int = Field(default=256, gt=0)  # images used to measure the latent scale factor
+
+    @field_validator("vae", mode="before")
+    @classmethod
+    def _vae_config(cls, value):
+        return to_config(bm.VaeConfig, value)
+
+
+class ClipRecipe(RecipeBase):
+    model: Literal["clip"]
+    text: bm.TextConfig = bm.TextConfig()
+    vision: bm.VisionConfig = bm.VisionConfig()
+    text_steps: int = Field(gt=0)  # after this the text tower is final (the UNet may start)
+    # Scenes rendered once and reused (rendering costs ~25 % of a step on a busy CPU); 0 = fresh each step.
+    scene_pool: int = Field(default=50_000, ge=0)
+    identity_batch: int = Field(default=32, gt=1)  # identities per step, two views each
+    identity_weight: float = Field(default=1.0, ge=0)
+    attribute_weight: float = Field(default=1.0, ge=0)
+    identity_temperature: float = Field(default=0.1, gt=0)
+
+    @field_validator("text", mode="before")
+    @classmethod
+    def _text_config(cls, value):
+        return to_config(bm.TextConfig, value)
+
+    @field_validator("vision", mode="before")
+    @classmethod
+    def _vision_config(cls, value):
+        return to_config(bm.VisionConfig, value)
+
+    @model_validator(mode="after")
+    def _text_final_before_the_end(self):
+        if self.text_steps > self.steps:  # the text tower would never be final: the UNet would wait forever
+            raise ValueError(f"text_steps ({self.text_steps}) must not exceed steps ({self.steps})")
+        return self
+
+
+class UNetRecipe(RecipeBase):
+    model: Literal["unet"]
+    unet: bm.UNetConfig = bm.UNetConfig()
+    ema_decay: float = Field(default=0.999, gt=0, lt=1)
+    caption_dropout: float = Field(default=0.1, ge=0, le=1)  # for classifier-free guidance
+    pool_size: int = Field(default=50_000, gt=0)  # scenes of the shared pool, encoded once by the frozen VAE
+    sample_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
+    sample_steps: int = Field(default=25, gt=0)
+    guidance_scale: float = Field(default=4.0, ge=1)
+
+    @field_validator("unet", mode="before")
+    @classmethod
+    def _unet_config(cls, value):
+        return to_config(bm.UNetConfig, value)
+
+
+Recipe = Annotated[Union[VaeRecipe, ClipRecipe, UNetRecipe], Field(discriminator="model")]
+
+DEFAULT_SAMPLE_PROMPTS = (
+    "one character on grass during the day , it is standing in the center",
+    "one character on a beach at sunset , it is jumping on the left",
+    "one character in the snow at night near a tree , it is waving on the right",
+    "two characters in a forest during the day , the left one is standing , the right one is waving",
+    "two characters on a hill at night near a house , the left one is jumping , the right one is standing",
+    "three characters on a beach during the day near a rock , the left one is standing , "
+    "the middle one is waving , the right one is jumping",
+    "three characters in the snow at sunset , the left one is waving , the middle one is standing , "
+    "the right one is standing",
+    "four characters on grass at sunset near a tree , the left one is standing , the second one is "
+    "jumping , the third one is waving , the right one is standing",
+)
+
+
+def parse_recipe(data: Any, source: str = "recipe"):
+    """Validate a recipe mapping; InputError names the file, the field and what was expected."""
+    if not isinstance(data, dict) or "model" not in data:
+        raise InputError(f"{source}: a recipe is a mapping with `model: vae | clip | unet`")
+    try:
+        return TypeAdapter(Recipe).validate_python(data)
+    except ValidationError as exc:
+        lines = []
+        for error in exc.errors():
+            # loc starts with the recipe kind ("vae", ...); empty when `model` itself is wrong.
+            loc = ".".join(str(p) for p in error["loc"][1:]) or ("(recipe)" if error["loc"] else "model")
+            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+            lines.append(f"{source}: {loc}: {message}")
+        raise InputError("; ".join(lines)) from None
+
+
+def load_recipe(path: str | Path):
+    """(recipe, folder that its relative paths refer to)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: recipe not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    return parse_recipe(data, str(path)), path.resolve().parent
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def step_generator(recipe, step: int, salt: str = "") -> torch.Generator:
+    """Randomness of one step, from (model, seed, step) only: resume draws what a run would have."""
+    return torch.Generator().manual_seed(stable_hash("base-train", recipe.model, recipe.seed, step, salt) % (1 << 62))
+
+
+def step_rng(recipe, step: int, salt: str = "") -> WorldRng:
+    return WorldRng("base-train", recipe.model, recipe.seed, step, salt)
+
+
+def learning_rate(recipe, step: int) -> float:
+    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return recipe.lr * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * cosine)
+
+
+def to_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> float (B, 3, H, W) in [-1, 1] (the VAE's range)."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def clip_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> the CLIP-normalised input AnyStoryPipeline gives the image encoder."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    return (x - CLIP_MEAN) / CLIP_STD
+
+
+def segmented_reference(identity_seed: int, rng_seed: int, size: int) -> np.ndarray:
+    """A random view of an identity, segmented exactly as AnyStoryPipeline.encode_character does."""
+    from PIL import Image
+
+    from ..masks import prepare_reference
+
+    rgba = random_reference(identity_seed, rng_seed, size)
+    return prepare_reference(Image.fromarray(rgba, "RGBA"), size=size).rgb
+
+
+def scene_batch(rng: WorldRng, count: int, size: int):
+    """`count` training scenes with 1-4 characters (uniform), drawn from `rng`."""
+    return [sample_scene(rng.integer(1 << 40), 1 + rng.integer(4), "train", size) for _ in range(count)]
+
+
+def scene_pool(cache_dir: Path, count: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+    """`count` training scenes with 1-4 characters: uint8 (N, H, W, 3) images and captions.
+
+    Rendered once and cached on disk; the CLIP and UNet recipes share it (same seed and size)."""
+    path = Path(cache_dir) / f"scenes_{seed}_{count}_{size}.safetensors"
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as handle:
+            captions = json.loads(handle.metadata()["captions"])
+        return load_file(str(path))["images"], captions
+    rng = WorldRng("scene-pool", seed)
+    images = torch.empty((count, size, size, 3), dtype=torch.uint8)
+    captions = []
+    for i in range(count):  # keep only pixels and caption: whole Scenes (masks, background) add up
+        scene = scene_batch(rng, 1, size)[0]
+        images[i] = torch.from_numpy(scene.image)
+        captions.append(scene.caption)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({"images": images}, str(tmp), metadata={"captions": json.dumps(captions)})
+    return images, captions
+
+
+def draw_train_identities(rng: WorldRng, count: int) -> list[int]:
+    from .identity import draw_identity_seed
+
+    seeds: list[int] = []
+    looks: set = set()
+    while len(seeds) < count:
+        seed = draw_identity_seed(rng, "train")
+        if identity_from_seed(seed).key() not in looks:  # identical looks would be false negatives
+            looks.add(identity_from_seed(seed).key())
+            seeds.append(seed)
+    return seeds
+
+
+def image_grid(rows: list[np.ndarray], upscale: int = 3):
+    """rows of uint8 (N, H, W, 3) -> one PIL image, nearest-neighbour enlarged (pixel art)."""
+    from PIL import Image
+
+    grid = np.concatenate([np.concatenate(list(r), axis=1) for r in rows], axis=0)
+    picture = Image.fromarray(grid)
+    return picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST)
+
+
+def save_png(picture, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        picture.save(tmp, format="PNG")
+
+
+def decode_to_uint8(vae, latents: torch.Tensor) -> np.ndarray:
+    images = vae.decode(latents).sample
+    return ((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks: one per recipe kind
+
+
+class VaeTask:
+    """L1 + image-gradient L1 + a small KL. The gradient term is why stripes and dots survive:
+    plain MSE/L1 on a factor-4 latent averages 1-2 px patterns into their mean colour."""
+
+    def __init__(self, recipe: VaeRecipe, paths: "RunPaths"):
+        self.recipe, self.paths = recipe, paths
+        torch.manual_seed(recipe.seed)
+        self.vae = bm.build_vae(recipe.vae)
+        self.modules = {"vae": self.vae}
+        self.preview = self._batch(step_rng(recipe, -1, "preview"), 16)
+
+    def _batch(self, rng: WorldRng, count: int) -> np.ndarray:
+        size = self.recipe.vae.sample_size
+        images = []
+        for _ in range(count):
+            if rng.chance(self.recipe.reference_share):
+                images.append(segmented_reference(draw_train_identities(rng, 1)[0], rng.integer(1 << 40), size))
+            else:
+                images.append(scene_batch(rng, 1, size)[0].image)
+        return np.stack(images)
+
+    def loss(self, step: int):
+        x = to_pixels(self._batch(step_rng(self.recipe, step), self.recipe.batch_size))
+        posterior = self.vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=step_generator(self.recipe, step))
+        y = self.vae.decode(z).sample
+        l1 = (y - x).abs().mean()
+        edge = _gradient_l1(y, x)
+        kl = 0.5 * (posterior.mean.pow(2) + posterior.var - 1.0 - posterior.logvar).mean()
+        loss = l1 + self.recipe.edge_weight * edge + self.recipe.kl_weight * kl
+        return loss, {"l1": l1.item(), "edge": edge.item(), "kl": kl.item()}
+
+    @torch.no_grad()
+    def scaling_factor(self) -> float:
+        """1 / std of the latent means over a fixed batch: unit-variance latents for the UNet."""
+        images = self._batch(step_rng(self.recipe, -2, "scale"), self.recipe.scale_batch)
+        means = torch.cat([self.vae.encode(to_pixels(images[i : i + 64])).latent_dist.mean
+                           for i in range(0, len(images), 64)])
+        return float(1.0 / means.std())
+
+    @torch.no_grad()
+    def publish(self, step: int, final: bool) -> dict:
+        self.vae.eval()
+        scale = self.scaling_factor()
+        config = bm.VaeConfig(**{**self.recipe.vae.to_dict(), "scaling_factor": scale})
+        self.vae.register_to_config(scaling_factor=scale)
+        bm.save_asset("vae", self.vae, config, self.paths.assets, extra_config=_status(step, final))
+        recon = decode_to_uint8(self.vae, self.vae.encode(to_pixels(self.preview)).latent_dist.mean)
+        save_png(image_grid([self.preview[:8], recon[:8], self.preview[8:], recon[8:]]),
+                 self.paths.state / "vae_reconstructions.png")
+        self.vae.train()
+        return {"scaling_factor": scale}
+
+
+def _gradient_l1(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    dx = lambda t: t[..., :, 1:] - t[..., :, :-1]
+    dy = lambda t: t[..., 1:, :] - t[..., :-1, :]
+    return 0.5 * ((dx(y) - dx(x)).abs().mean() + (dy(y) - dy(x)).abs().mean())
+
+
+class AttributeHeads(torch.nn.Module):
+    """One linear classifier per identity attribute, reading the mean of the image tower's
+    penultimate hidden states: exactly the tokens AnyStory's QFormer reads."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({name: torch.nn.Linear(width, len(classes))
+                                          for name, classes in ATTRIBUTE_CLASSES.items()})
+
+    def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+class ClipTask:
+    """Two towers, three terms:
+    - caption <-> scene InfoNCE (CLIP's loss; identical captions in a batch count as positives);
+    - identity InfoNCE between two random views of the same character (different pose, facing,
+      scale), other characters in the batch as negatives: same identity close, others far;
+    - attribute classification from the penultimate hidden states (silhouette, colours, pattern,
+      accessory, eyes), which makes identity readable exactly where the QFormer looks.
+    The text tower is frozen after `text_steps`; the image tower keeps learning."""
+
+    def __init__(self, recipe: ClipRecipe, paths: "RunPaths"):
+        self.recipe, self.paths = recipe, paths
+        torch.manual_seed(recipe.seed)
+        self.tokenizer = bm.build_tokenizer()
+        self.clip = bm.build_clip(recipe.text, recipe.vision, self.tokenizer)
+        self.heads = AttributeHeads(recipe.vision.hidden_size)
+        self.identity_projection = torch.nn.Linear(recipe.vision.hidden_size, recipe.vision.projection_dim)
+        self.modules = {"clip": self.clip, "heads": self.heads, "identity_projection": self.identity_projection}
+        self.size = recipe.vision.image_size
+        self.pool = scene_pool(paths.cache, recipe.scene_pool, self.size, recipe.seed) if recipe.scene_pool else None
+
+    def _scenes(self, step: int) -> tuple[np.ndarray, list[str]]:
+        if self.pool is None:
+            scenes = scene_batch(step_rng(self.recipe, step, "scenes"), self.recipe.batch_size, self.size)
+            return np.stack([s.image for s in scenes]), [s.caption for s in scenes]
+        images, captions = self.pool
+        index = torch.randint(0, len(captions), (self.recipe.batch_size,), generator=step_generator(self.recipe, step))
+        return images[index].numpy(), [captions[i] for i in index.tolist()]
+
+    def _tokens(self, captions: list[str]) -> torch.Tensor:
+        # Padding to the longest caption: EOS pooling under a causal mask ignores what follows.
+        return self.tokenizer(captions, padding="longest", return_tensors="pt").input_ids
+
+    def _caption_loss(self, step: int):
+        images, captions = self._scenes(step)
+        text_frozen = step >= self.recipe.text_steps
+        with torch.set_grad_enabled(not text_frozen):
+            text = self.clip.text_projection(self.clip.text_model(input_ids=self._tokens(captions)).pooler_output)
+        image = self.clip.visual_projection(
+            self.clip.vision_model(pixel_values=clip_pixels(images)).pooler_output)
+        logits = self.clip.logit_scale.exp().clamp(max=100) * F.normalize(image, dim=-1) @ F.normalize(text, dim=-1).T
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        targets = same / same.sum(dim=1, keepdim=True)
+        loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
+        accuracy = (same[torch.arange(len(captions)), logits.argmax(dim=1)] > 0).float().mean()
+        return loss, accuracy
+
+    def _identity_loss(self, step: int):
+        rng = step_rng(self.recipe, step, "identities")
+        seeds = draw_train_identities(rng, self.recipe.identity_batch)
+        views = [segmented_reference(s, rng.integer(1 << 40), self.size) for s in seeds for _ in range(2)]
+        out = self.clip.vision_model(pixel_values=clip_pixels(np.stack(views)), output_hidden_states=True)
+        embedding = F.normalize(self.identity_projection(out.pooler_output), dim=-1)
+        a, b = embedding[0::2], embedding[1::2]
+        logits = a @ b.T / self.recipe.identity_temperature
+        labels = torch.arange(len(seeds))
+        contrastive = 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
+        logits_per_attr = self.heads(out.hidden_states[-2].mean(dim=1))
+        attribute_loss, correct = 0.0, []
+        for name, logits_a in logits_per_attr.items():
+            target = torch.tensor([identity_from_seed(s).attributes()[name] for s in seeds for _ in range(2)])
+            attribute_loss = attribute_loss + F.cross_entropy(logits_a, target, ignore_index=-1)
+            valid = target >= 0
+            correct.append((logits_a.argmax(dim=1)[valid] == target[valid]).float().mean())
+        attribute_loss = attribute_loss / len(logits_per_attr)
+        retrieval = (logits.argmax(dim=1) == labels).float().mean()
+        return contrastive, attribute_loss, retrieval, torch.stack(correct).mean()
+
+    def loss(self, step: int):
+        caption, caption_acc = self._caption_loss(step)
+        identity, attributes, retrieval, attr_acc = self._identity_loss(step)
+        loss = caption + self.recipe.identity_weight * identity + self.recipe.attribute_weight * attributes
+        return loss, {"caption": caption.item(), "caption_acc": caption_acc.item(), "identity": identity.item(),
+                      "identity_acc": retrieval.item(), "attributes": attributes.item(), "attribute_acc": attr_acc.item()}
+
+    def publish(self, step: int, final: bool) -> dict:
+        text_final = step >= self.recipe.text_steps
+        text = bm.build_text_encoder(self.recipe.text, self.tokenizer)
+        text.load_state_dict(self.clip.text_model.state_dict())
+        bm.save_asset("text_encoder", text, self.recipe.text, self.paths.assets,
+                      extra_config=_status(min(step, self.recipe.text_steps), text_final))
+        image = bm.build_image_encoder(self.recipe.vision)
+        image.load_state_dict(self.clip.vision_model.state_dict())
+        bm.save_asset("image_encoder", image, self.recipe.vision, self.paths.assets, extra_config=_status(step, final))
+        bm.write_vocab(self.paths.assets)
+        return {"text_final": text_final}
+
+
+class EMA:
+    """Exponential moving average of a module's weights (the sampled and shipped UNet)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(module).eval().requires_grad_(False)
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self, source: torch.nn.Module, step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))  # short memory early, when weights move fast
+        for ema, live in zip(self.module.parameters(), source.parameters()):
+            ema.lerp_(live, 1 - decay)
+
+
+class UNetTask:
+    """v-prediction diffusion loss on frozen-VAE latents, conditioned on the frozen text tower's
+    last hidden states; 10 % of captions dropped to "" (what the pipeline's negative prompt is)."""
+
+    def __init__(self, recipe: UNetRecipe, paths: "RunPaths"):
+        self.recipe, self.paths = recipe, paths
+        require_final(paths.assets, ("vae", "text_encoder"))
+        self.vae_config = bm.read_config("vae", paths.assets)
+        self.text_config = bm.read_config("text_encoder", paths.assets)
+        self.vae = bm.load_vae(paths.assets).requires_grad_(False)
+        self.tokenizer = bm.load_tokenizer(paths.assets)
+        self.text_encoder = bm.load_text_encoder(self.tokenizer, paths.assets).requires_grad_(False)
+        torch.manual_seed(recipe.seed)
+        self.unet = bm.build_unet(recipe.unet, self.vae_config, self.text_config)
+        self.ema = EMA(self.unet, recipe.ema_decay)
+        self.modules = {"unet": self.unet, "ema": self.ema.module}
+        self.scheduler = bm.build_training_scheduler()
+        self.latents, self.captions = self._pool()
+        self.empty = self._encode_text([""])
+
+    def _pool(self) -> tuple[torch.Tensor, list[str]]:
+        """The shared scene pool encoded once (latent means, scaled); cached on disk, keyed by the
+        VAE weights, so a resumed run does not pay for it again."""
+        size = self.vae_config.sample_size
+        images, captions = scene_pool(self.paths.cache, self.recipe.pool_size, size, self.recipe.seed)
+        vae_file = self.paths.assets / "vae.safetensors"
+        key = stable_hash("latents", self.recipe.seed, self.recipe.pool_size, vae_file.read_bytes()) % (1 << 48)
+        cache = self.paths.cache / f"latents_{key:012x}.safetensors"
+        if cache.is_file():
+            return load_file(str(cache))["latents"].float(), captions
+        latents = []
+        with torch.no_grad():
+            for start in range(0, len(captions), 64):
+                mean = self.vae.encode(to_pixels(images[start : start + 64].numpy())).latent_dist.mean
+                latents.append((mean * self.vae_config.scaling_factor).half())
+        latents = torch.cat(latents).contiguous()
+        with atomic_path(cache) as tmp:
+            save_file({"latents": latents}, str(tmp))
+        return latents.float(), captions
+
+    @torch.no_grad()
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=bm.MAX_PROMPT_TOKENS,
+                             truncation=True, return_tensors="pt").input_ids
+        return self.text_encoder(ids).last_hidden_state
+
+    def loss(self, step: int):
+        gen = step_generator(self.recipe, step)
+        index = torch.randint(0, len(self.captions), (self.recipe.batch_size,), generator=gen)
+        x0 = self.latents[index]
+        drop = torch.rand(len(index), generator=gen) < self.recipe.caption_dropout
+        captions = ["" if d else self.captions[i] for i, d in zip(index.tolist(), drop.tolist())]
+        context = self._encode_text(captions)
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(index),), generator=gen)
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        target = self.scheduler.get_velocity(x0, noise, t)
+        prediction = self.unet(noisy, t, context).sample
+        loss = F.mse_loss(prediction, target)
+        return loss, {}
+
+    def after_step(self, step: int) -> None:
+        self.ema.update(self.unet, step)
+
+    @torch.no_grad()
+    def publish(self, step: int, final: bool) -> dict:
+        bm.save_asset("unet", self.ema.module, self.recipe.unet, self.paths.assets, extra_config=_status(step, final))
+        picture = self.sample_grid()
+        save_png(picture, self.paths.state / "unet_samples.png")
+        return {}
+
+    @torch.no_grad()
+    def sample_grid(self, seeds: tuple[int, ...] = (0, 1)):
+        pipe = bm.assemble_pipeline(self.vae, self.text_encoder, self.tokenizer, self.ema.module)
+        rows = []
+        for seed in seeds:
+            generator = torch.Generator().manual_seed(seed)
+            images = pipe(self.recipe.sample_prompts, num_inference_steps=self.recipe.sample_steps,
+                          guidance_scale=self.recipe.guidance_scale, generator=generator, output_type="np").images
+            rows.append((images * 255).round().astype(np.uint8))
+        return image_grid(rows)
+
+
+TASKS = {"vae": VaeTask, "clip": ClipTask, "unet": UNetTask}
+
+
+def _status(step: int, final: bool) -> dict:
+    return {"_status": {"step": int(step), "final": bool(final)}}
+
+
+def asset_status(assets: Path, name: str) -> dict:
+    path = Path(assets) / f"{name}.json"
+    if not path.is_file():
+        return {"step": 0, "final": False}
+    return json.loads(path.read_text()).get("_status", {"step": 0, "final": False})
+
+
+def require_final(assets: Path, names: tuple[str, ...]) -> None:
+    for name in names:
+        if not asset_status(assets, name)["final"]:
+            raise ModelError(f"{Path(assets) / name}.safetensors is not final yet: the UNet trains on the "
+                             f"finished VAE and text encoder (finish recipes/base_vae.yaml and base_clip.yaml)")
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+class RunPaths:
+    def __init__(self, recipe, base_dir: Path):
+        self.assets = (base_dir / recipe.assets_dir).resolve()
+        self.state = (base_dir / recipe.state_dir).resolve()
+        self.cache = (base_dir / recipe.cache_dir).resolve()
+        self.state_file = self.state / f"{recipe.model}.state.safetensors"
+        self.log_file = self.state / f"{recipe.model}.log.jsonl"
+
+
+def save_state(path: Path, modules: dict, optimizer, step: int, elapsed: float, recipe) -> None:
+    moment_dtype = getattr(torch, recipe.moment_dtype)
+    tensors = {f"{name}/{key}": value.detach().float().contiguous().clone()
+               for name, module in modules.items() for key, value in module.state_dict().items()}
+    optim_state = optimizer.state_dict()
+    for index, entries in optim_state["state"].items():
+        for key, value in entries.items():
+            cast = value if key == "step" else value.to(moment_dtype)
+            tensors[f"optim/{index}/{key}"] = cast.contiguous().clone()
+    tensors["rng/torch"] = torch.get_rng_state()
+    metadata = {
+        "format": STATE_FORMAT, "step": str(step), "elapsed": repr(elapsed),
+        "param_groups": json.dumps(optim_state["param_groups"]), "recipe": recipe.model_dump_json(),
+    }
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_state(path: Path, modules: dict, optimizer) -> tuple[int, float]:
+    """Restore weights, optimizer and RNG in place; (step, elapsed seconds), (0, 0) without a file."""
+    if not path.is_file():
+        return 0, 0.0
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    if metadata.get("format") != STATE_FORMAT:
+        raise ModelError(f"{path}: not a base-model training state")
+    tensors = load_file(str(path))
+    for name, module in modules.items():
+        prefix = f"{name}/"
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            module.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise ModelError(f"{path}: does not match this recipe's model ({str(exc).splitlines()[0]}); "
+                             f"delete it to start over") from None
+    optim_state: dict = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
+    for key, value in tensors.items():
+        if key.startswith("optim/"):
+            _, index, name = key.split("/", 2)
+            optim_state["state"].setdefault(int(index), {})[name] = value.float() if name != "step" else value
+    optimizer.load_state_dict(optim_state)
+    torch.set_rng_state(tensors["rng/torch"])
+    return int(metadata["step"]), float(metadata["elapsed"])
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@contextlib.contextmanager
+def run_lock(path: Path):
+    """One process per recipe: two writers would overwrite each other's checkpoints."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        pid = path.read_text().strip()
+        if pid.isdigit() and _alive(int(pid)):
+            raise InputError(f"{path}: process {pid} is already training this recipe") from None
+        path.unlink()  # left by a process that died without cleaning up
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _StopFlag:
+    """SIGTERM / SIGINT ask the loop to checkpoint and stop after the current step."""
+
+    def __init__(self):
+        self.raised = False
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                signal.signal(sig, lambda *_: setattr(self, "raised", True))
+            except ValueError:  # not in the main thread (e.g. under some test runners)
+                pass
+
+
+def train(recipe, base_dir: str | Path = ".", max_steps: int | None = None, max_minutes: float | None = None,
+          log: Callable[[dict], None] | None = None) -> dict:
+    """Train (or resume) one recipe until its last step, the time cap, `max_steps` more steps in
+    this call, or `max_minutes` in this call. Returns the last log record."""
+    torch.set_num_threads(recipe.threads)
+    paths = RunPaths(recipe, Path(base_dir))
+    paths.state.mkdir(parents=True, exist_ok=True)
+    with run_lock(paths.state / f"{recipe.model}.lock"):
+        return _train(recipe, paths, max_steps, max_minutes, log)
+
+
+def _train(recipe, paths: "RunPaths", max_steps, max_minutes, log) -> dict:
+    task = TASKS[recipe.model](recipe, paths)
+    parameters = [p for m in task.modules.values() for p in m.parameters() if p.requires_grad]
+    if recipe.model == "unet":
+        parameters = list(task.unet.parameters())  # the EMA copy is not optimised
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.99))
+    step, elapsed = load_state(paths.state_file, task.modules, optimizer)
+    log = log or (lambda record: print(json.dumps(record), flush=True))
+    record = {"model": recipe.model, "step": step, "event": "resume" if step else "start"}
+    log(record)
+    stop = _StopFlag()
+    stop.install()
+    started = last_checkpoint = time.monotonic()
+    steps_here = 0
+    sums: dict[str, float] = {}
+
+    def checkpoint(final: bool) -> dict:
+        nonlocal last_checkpoint
+        total = elapsed + time.monotonic() - started
+        save_state(paths.state_file, task.modules, optimizer, step, total, recipe)
+        info = task.publish(step, final)
+        last_checkpoint = time.monotonic()
+        entry = {"model": recipe.model, "step": step, "event": "checkpoint", "final": final,
+                 "hours": round(total / 3600, 3), **info}
+        _append_log(paths.log_file, entry)
+        log(entry)
+        return entry
+
+    def out_of_time() -> bool:
+        now = time.monotonic()
+        return (elapsed + now - started > recipe.max_hours * 3600
+                or (max_minutes is not None and now - started > max_minutes * 60))
+
+    while step < recipe.steps and not stop.raised and not out_of_time():
+        if max_steps is not None and steps_here >= max_steps:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(recipe, step)
+        tick = time.perf_counter()
+        loss, parts = task.loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
+        optimizer.step()
+        if hasattr(task, "after_step"):
+            task.after_step(step)
+        step += 1
+        steps_here += 1
+        for key, value in {"steps": 1, "loss": loss.item(), "seconds": time.perf_counter() - tick, **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value
+        if step % recipe.log_every == 0:
+            count = sums.pop("steps")  # fewer than log_every right after a resume
+            record = {"model": recipe.model, "step": step, "lr": round(learning_rate(recipe, step - 1), 7),
+                      **{k: round(v / count, 5) for k, v in sums.items()}}
+            sums = {}
+            _append_log(paths.log_file, record)
+            log(record)
+        if time.monotonic() - last_checkpoint > recipe.checkpoint_minutes * 60:
+            checkpoint(final=False)
+    if steps_here or step >= recipe.steps:
+        record = checkpoint(final=step >= recipe.steps)
+    return record
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with open(path, "a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Train one base model of the sprite world (resumable).")
+    parser.add_argument("recipe", help="recipes/base_vae.yaml, base_clip.yaml or base_unet.yaml")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this call")
+    parser.add_argument("--wait", action="store_true", help="UNet: wait until the VAE and text encoder are final")
+    args = parser.parse_args(argv)
+    try:
+        recipe, base_dir = load_recipe(args.recipe)
+        if args.wait and recipe.model == "unet":
+            assets = (base_dir / recipe.assets_dir).resolve()
+            while not all(asset_status(assets, n)["final"] for n in ("vae", "text_encoder")):
+                time.sleep(60)
+        train(recipe, base_dir, max_steps=args.max_steps, max_minutes=args.max_minutes)
+    except (InputError, ModelError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

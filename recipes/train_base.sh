@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Start or resume base-model runs in the background: niced, one thread each, logs in runs/.
+#   recipes/train_base.sh vae clip unet     (the UNet waits until the VAE and the text tower are final)
+# Each run continues from checkpoints/<model>.state.safetensors; a finished run only republishes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. .venv/bin/activate
+export HF_HUB_OFFLINE=1
+mkdir -p runs
+for model in "$@"; do
+  wait_flag=""
+  [ "$model" = unet ] && wait_flag="--wait"
+  nohup nice -n 10 python -m anystory_cli.world.train_base $wait_flag "recipes/base_${model}.yaml" \
+    >> "runs/base_${model}.out" 2>&1 &
+  echo $! > "runs/base_${model}.pid"
+  echo "base_${model}: pid $!, log runs/base_${model}.out"
+done

@@ -1,0 +1,262 @@
+"""The default model's base components: tokenizer, assembled pipeline, recipes, resumable training."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from anystory_cli.errors import InputError
+from anystory_cli.world import base_models as bm
+from anystory_cli.world import vocabulary
+from anystory_cli.world.train_base import load_recipe, parse_recipe, train
+
+TINY_VAE = {"block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 4, "sample_size": 64}
+TINY_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "projection_dim": 16}
+TINY_VISION = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+               "projection_dim": 16, "patch_size": 16}
+TINY_UNET = {"block_out_channels": [16, 32], "attention_head_dim": 8, "cross_attention_levels": [False, True],
+             "norm_num_groups": 8}
+COMMON = {"lr": 1e-3, "warmup_steps": 1, "batch_size": 2, "assets_dir": "assets", "state_dir": "state",
+          "cache_dir": "cache"}
+TINY_RECIPES = {
+    "vae": {"model": "vae", "steps": 2, "scale_batch": 4, "vae": TINY_VAE, **COMMON},
+    "clip": {"model": "clip", "steps": 2, "text_steps": 1, "identity_batch": 2, "scene_pool": 4, "text": TINY_TEXT,
+             "vision": TINY_VISION, **COMMON},
+    "unet": {"model": "unet", "steps": 2, "pool_size": 4, "sample_steps": 1,
+             "sample_prompts": ["one character on grass during the day , it is standing in the center"],
+             "unet": TINY_UNET, **COMMON},
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return bm.build_tokenizer()
+
+
+def test_every_world_word_is_one_token_and_round_trips(tokenizer):
+    vocab = tokenizer.get_vocab()
+    for word in vocabulary():
+        assert tokenizer(word, add_special_tokens=False).input_ids == [vocab[word + "</w>"]]
+    text = " ".join(vocabulary())
+    ids = tokenizer(text).input_ids
+    assert len(ids) == len(vocabulary()) + 2
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    # CLIPTextModel pools at the end-of-text token: it must be the largest id.
+    assert tokenizer.eos_token_id == len(tokenizer) - 1 == max(vocab.values())
+
+
+def test_captions_tokenize_word_by_word(tokenizer):
+    caption = "Two characters on a hill, the left one is jumping"
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(caption, add_special_tokens=False).input_ids)
+    assert tokens == [w + "</w>" for w in "two characters on a hill , the left one is jumping".split()]
+
+
+def test_unknown_words_are_reported_not_dropped(tokenizer):
+    assert bm.unknown_words(tokenizer, "two zebras on a hill, 3 times!") == ["zebras", "3", "times", "!"]
+    assert bm.unknown_words(tokenizer, "one character in the snow at night") == []
+    with pytest.raises(InputError, match="'zebras'"):
+        bm.check_prompt(tokenizer, "two zebras on a hill", where="panels[0].prompt")
+
+
+# ---------------------------------------------------------------------------------------------
+# the assembled StableDiffusionPipeline
+
+
+def _tiny_components(tokenizer):
+    torch.manual_seed(0)
+    vae_config = bm.VaeConfig(**{**TINY_VAE, "block_out_channels": (8, 16)})
+    text_config = bm.TextConfig(**TINY_TEXT)
+    unet_config = bm.UNetConfig.from_dict(TINY_UNET)
+    return dict(
+        vae=bm.build_vae(vae_config), text_encoder=bm.build_text_encoder(text_config, tokenizer),
+        tokenizer=tokenizer, unet=bm.build_unet(unet_config, vae_config, text_config),
+    ), (vae_config, text_config, unet_config)
+
+
+def test_standard_stable_diffusion_pipeline_runs_offline(tokenizer):
+    from diffusers import StableDiffusionPipeline
+
+    parts, _ = _tiny_components(tokenizer)
+    pipe = bm.assemble_pipeline(**parts)
+    assert type(pipe) is StableDiffusionPipeline and pipe.vae_scale_factor == 2
+    out = pipe("two characters on a hill at night", num_inference_steps=2, guidance_scale=3.0,
+               generator=torch.Generator().manual_seed(0), output_type="np")
+    assert out.images.shape == (1, 64, 64, 3) and np.isfinite(out.images).all()
+
+
+def test_assets_round_trip_to_the_same_pipeline(tokenizer, tmp_path):
+    parts, (vae_config, text_config, unet_config) = _tiny_components(tokenizer)
+    image_config = bm.VisionConfig(**TINY_VISION)
+    image_encoder = bm.build_image_encoder(image_config)
+    for name, module, config in [("vae", parts["vae"], vae_config), ("text_encoder", parts["text_encoder"], text_config),
+                                 ("unet", parts["unet"], unet_config), ("image_encoder", image_encoder, image_config)]:
+        bm.save_asset(name, module, config, tmp_path, dtype=torch.float32)
+    bm.write_vocab(tmp_path)
+    pipe, loaded_encoder = bm.load_default_base(tmp_path)
+    kwargs = dict(prompt="one character on grass", num_inference_steps=2, output_type="np")
+    expected = bm.assemble_pipeline(**parts)(generator=torch.Generator().manual_seed(1), **kwargs).images
+    got = pipe(generator=torch.Generator().manual_seed(1), **kwargs).images
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    pixels = torch.zeros(1, 3, 64, 64)
+    torch.testing.assert_close(loaded_encoder(pixels).last_hidden_state, image_encoder.eval()(pixels).last_hidden_state)
+
+
+def test_missing_assets_say_how_to_make_them(tmp_path):
+    from anystory_cli.errors import ModelError
+
+    with pytest.raises(ModelError, match="train_base"):
+        bm.load_default_base(tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# recipes
+
+
+def test_recipe_errors_name_the_field():
+    with pytest.raises(InputError, match=r"recipe\.yaml: learning_rate: unknown key"):
+        parse_recipe({**TINY_RECIPES["vae"], "learning_rate": 1e-3}, "recipe.yaml")
+    with pytest.raises(InputError, match=r"lr: Input should be greater than 0"):
+        parse_recipe({**TINY_RECIPES["vae"], "lr": -1e-3}, "recipe.yaml")
+    with pytest.raises(InputError, match=r"vae: .*unknown key\(s\) \['channels'\]"):
+        parse_recipe({**TINY_RECIPES["vae"], "vae": {"channels": 3}}, "recipe.yaml")
+    with pytest.raises(InputError, match=r"text_steps \(5\) must not exceed steps \(2\)"):
+        parse_recipe({**TINY_RECIPES["clip"], "text_steps": 5}, "recipe.yaml")
+    with pytest.raises(InputError, match=r"recipe\.yaml: model: .*'gan'"):
+        parse_recipe({**TINY_RECIPES["vae"], "model": "gan"}, "recipe.yaml")
+    with pytest.raises(InputError, match="model: vae | clip | unet"):
+        parse_recipe({"steps": 3}, "recipe.yaml")
+
+
+def test_shipped_recipes_are_valid():
+    from pathlib import Path
+
+    for name in ("vae", "clip", "unet"):
+        recipe, _ = load_recipe(Path(__file__).parent.parent / "recipes" / f"base_{name}.yaml")
+        assert recipe.model == name and recipe.max_hours <= 3
+
+
+def _write_recipe(folder, name, **changes):
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({**TINY_RECIPES[name], **changes}))
+    return load_recipe(path)
+
+
+def _state(folder, name):
+    return load_file(str(folder / "state" / f"{name}.state.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def trained_inputs(tmp_path_factory):
+    """Final tiny VAE and text encoder: what the UNet recipe trains on."""
+    folder = tmp_path_factory.mktemp("inputs")
+    for name in ("vae", "clip"):
+        recipe, base = _write_recipe(folder, name)
+        train(recipe, base, log=lambda record: None)
+    return folder / "assets"
+
+
+@pytest.mark.parametrize("name", ["vae", "clip", "unet"])
+def test_interrupted_run_resumes_to_the_same_weights(name, tmp_path, trained_inputs):
+    states = []
+    for run, first_call_steps in (("whole", None), ("resumed", 1)):
+        folder = tmp_path / run
+        folder.mkdir()
+        if name == "unet":
+            shutil.copytree(trained_inputs, folder / "assets")
+        recipe, base = _write_recipe(folder, name)
+        if first_call_steps:
+            record = train(recipe, base, max_steps=first_call_steps, log=lambda record: None)
+            assert record["step"] == 1 and not record["final"]
+        record = train(recipe, base, log=lambda record: None)
+        assert record["step"] == 2 and record["final"]
+        states.append(_state(folder, name))
+    whole, resumed = states
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_finished_run_publishes_loadable_assets(trained_inputs):
+    import json
+
+    assert json.loads((trained_inputs / "vae.json").read_text())["_status"] == {"step": 2, "final": True}
+    vae = bm.load_vae(trained_inputs)
+    assert vae.config.scaling_factor > 0 and vae.config.scaling_factor != 1.0
+    tokenizer = bm.load_tokenizer(trained_inputs)
+    assert bm.load_text_encoder(tokenizer, trained_inputs).config.eos_token_id == len(tokenizer) - 1
+    assert bm.load_image_encoder(trained_inputs).config.image_size == 64
+
+
+def test_unet_recipe_refuses_unfinished_inputs(tmp_path):
+    from anystory_cli.errors import ModelError
+
+    recipe, base = _write_recipe(tmp_path, "unet")
+    with pytest.raises(ModelError, match="not final"):
+        train(recipe, base, log=lambda record: None)
+
+
+def test_sampling_and_training_schedulers_agree():
+    train_scheduler, sample_scheduler = bm.build_training_scheduler(), bm.build_scheduler()
+    torch.testing.assert_close(train_scheduler.alphas_cumprod, sample_scheduler.alphas_cumprod)
+    assert train_scheduler.config.prediction_type == sample_scheduler.config.prediction_type == "v_prediction"
+
+
+def test_a_second_process_on_the_same_recipe_is_refused(tmp_path):
+    import os
+
+    recipe, base = _write_recipe(tmp_path, "vae", steps=1)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "vae.lock").write_text(str(os.getpid()))  # a live process holds it
+    with pytest.raises(InputError, match="already training"):
+        train(recipe, base, log=lambda record: None)
+    (state / "vae.lock").write_text("999999999")  # left by a dead process: taken over
+    assert train(recipe, base, log=lambda record: None)["final"]
+    assert not (state / "vae.lock").exists()
+
+
+def test_anystory_pipeline_wraps_the_base_model(tokenizer):
+    """The adapter path on the default model's shapes: 8 latent channels, 64x64 references,
+    a CLIPVisionModel of width 16, no attention at the UNet's finest level."""
+    from PIL import Image
+
+    from anystory_cli.models.adapter import AnyStoryAdapter
+    from anystory_cli.pipeline import AnyStoryPipeline
+    from anystory_cli.world import reference_image, train_identity_seeds
+
+    parts, _ = _tiny_components(tokenizer)
+    parts["vae"] = bm.build_vae(bm.VaeConfig(block_out_channels=(8, 16, 16), latent_channels=8, norm_num_groups=4))
+    parts["unet"] = bm.build_unet(bm.UNetConfig.from_dict(TINY_UNET), bm.VaeConfig(block_out_channels=(8, 16, 16)),
+                                  bm.TextConfig(**TINY_TEXT))
+    base = bm.assemble_pipeline(**parts)
+    image_encoder = bm.build_image_encoder(bm.VisionConfig(**TINY_VISION))
+    adapter = AnyStoryAdapter.from_unet(base.unet, 16, image_size=64, reference_size=64, num_subject_tokens=4,
+                                        qformer_hidden_dim=16, qformer_heads=2, routing_dim=16, router_hidden_dim=8)
+    pipe = AnyStoryPipeline(base, image_encoder, adapter)
+    reference = Image.fromarray(reference_image(train_identity_seeds(1)[0]), "RGBA")
+    character = pipe.encode_character(reference, name="mira")
+    out = pipe("one character on grass", characters=[character], num_inference_steps=2,
+               generator=torch.Generator().manual_seed(0), output_type="np", return_routing=True)
+    assert out.images.shape == (1, 64, 64, 3) and out.routing_maps.shape == (1, 2, 64, 64)
+
+
+def test_shipped_base_assets_load_offline():
+    """Whatever has been trained so far must load; skipped until every base model exists."""
+    folder = bm.DEFAULT_ASSETS
+    needed = [folder / f"{name}.safetensors" for name in bm.ASSET_CONFIGS] + [folder / "tokenizer_words.json"]
+    if not all(path.is_file() for path in needed):
+        pytest.skip("the default base model is not trained yet")
+    pipe, image_encoder = bm.load_default_base()
+    assert pipe.text_encoder.config.vocab_size == len(pipe.tokenizer)
+    assert pipe.unet.config.in_channels == pipe.vae.config.latent_channels
+    assert image_encoder.config.image_size == 64
