@@ -23,7 +23,6 @@ from anystory_cli.atomic import atomic_path
 from anystory_cli.errors import OutputError
 
 
-
 def ensure_dir(path: str | os.PathLike[str]) -> Path:
     """Create `path` (and parents) if needed; OutputError if that is impossible."""
     folder = Path(path)
