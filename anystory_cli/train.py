@@ -1,0 +1,700 @@
+"""Training of AnyStory adapters: the paper's two stages (DESIGN.md §2, issue 5).
+
+    recipe = load_recipe("stage1.yaml")
+    problems = validate_manifest(recipe.data, recipe.stage)   # before any model is loaded
+    train(recipe)
+
+Recipe (YAML, unknown keys refused):
+
+    stage: 1                      # 1: subject encoder, 2: router
+    data: data/train.jsonl        # the manifest (below); relative to the recipe file
+    pipeline: models/sdxl         # a local diffusers pipeline folder (from_pretrained)
+    image_encoder: models/clip-h  # a local CLIPVisionModel folder
+    init_adapter: null            # adapter file to start from (stage 2: the stage-1 result)
+    adapter_options: {}           # AnyStoryConfig overrides for a fresh adapter
+    output_dir: runs/stage1
+    lr: 1.0e-4
+    batch_size: 1                 # per process
+    grad_accumulation: 1
+    steps: 1000                   # optimizer steps
+    seed: 0
+    checkpoint_every: 100
+    resume: false
+    on_corrupt: skip              # skip (counted warning) | stop
+    mixed_precision: "no"         # no | fp16 | bf16
+    null_subject_prob: 0.1        # stage 1: CLIP condition dropped to the null subject
+    resolution: null              # target side in pixels; default: the UNet's native size
+
+Manifest: JSONL, one sample per line, paths relative to the manifest's folder.
+
+    stage 1: {"reference": "a.png", "reference_mask": "a_mask.png" | null, "target": "b.png",
+              "caption": "..."}   # null mask: the reference's alpha channel segments it
+    stage 2: {"image": "s.png", "masks": ["s_0.png", "s_1.png"], "caption": "..."}
+             # one mask per instance (white = the instance), the image's size, 1..max_characters
+
+Output folder: ``checkpoints/step-NNNNNNN/{adapter.safetensors, training_state.safetensors}``
+(a checkpoint folder appears at once, by rename), ``latest`` (the newest checkpoint's name),
+``adapter.safetensors`` (the last checkpoint's adapter, loadable by AnyStoryPipeline) and
+``log.jsonl`` (losses per optimizer step).
+
+Reproducibility: batch contents, augmentation, noise, timesteps and Gumbel noise are all derived
+from (seed, micro-step, process index), so the RNG state *is* the step, and a resumed run
+draws exactly what an uninterrupted one would. The optimizer state is saved flattened.
+
+Devices: accelerate picks the device and mixed precision; under `torchrun`/`accelerate launch`
+each process draws its own samples and all step with the mean gradient (effective batch =
+processes x batch_size x grad_accumulation); only the main process writes checkpoints and logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors.torch import load_file, save_file
+
+from .atomic import atomic_path
+from .errors import InputError, ModelError, OutputError
+from .masks import _mask_array, load_image, prepare_reference
+from .models.adapter import AnyStoryAdapter, install
+from .models.attention import AnyStoryContext, InjectionInputs
+from .models.router import routing_loss
+from .weights import load_adapter, save_adapter
+
+# ---------------------------------------------------------------------------------------------
+# recipe
+
+
+class TrainRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Literal[1, 2]
+    data: Path
+    pipeline: Path | None = None
+    image_encoder: Path | None = None
+    init_adapter: Path | None = None
+    adapter_options: dict[str, Any] = Field(default_factory=dict)
+    output_dir: Path
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(1, ge=1)
+    grad_accumulation: int = Field(1, ge=1)
+    steps: int = Field(ge=1)
+    seed: int = 0
+    checkpoint_every: int = Field(100, ge=1)
+    resume: bool = False
+    on_corrupt: Literal["skip", "stop"] = "skip"
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    null_subject_prob: float = Field(0.1, ge=0, le=1)
+    resolution: int | None = Field(None, ge=8)
+
+    @field_validator("lr")
+    @classmethod
+    def _finite_lr(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+    @field_validator("data")
+    @classmethod
+    def _data_exists(cls, value: Path) -> Path:
+        if not value.is_file():
+            raise ValueError(f"manifest {value} not found")
+        return value
+
+
+def recipe_from_dict(data: dict, where: str = "recipe") -> TrainRecipe:
+    """A TrainRecipe, or InputError naming every bad field (pydantic's messages, one per line)."""
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: expected a mapping of recipe fields, got {type(data).__name__}")
+    try:
+        return TrainRecipe(**data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '?'}: {e['msg']}" for e in exc.errors()]
+        raise InputError(f"{where}: bad training recipe\n" + "\n".join(lines)) from None
+
+
+def load_recipe(path: str | Path) -> TrainRecipe:
+    """Read a YAML recipe; relative paths in it are relative to the recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: recipe not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    if isinstance(data, dict):
+        for key in ("data", "pipeline", "image_encoder", "init_adapter", "output_dir"):
+            if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+                data[key] = str(path.parent / data[key])
+    return recipe_from_dict(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest
+
+
+def read_manifest(path: Path) -> list[tuple[int, Any]]:
+    """(line number, parsed row or the JSON error message as a str) for every non-blank line."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append((number, json.loads(line)))
+        except json.JSONDecodeError as exc:
+            rows.append((number, f"bad JSON ({exc.msg})"))
+    return rows
+
+
+def _row_problems(row: Any, stage: int, folder: Path) -> list[str]:
+    if isinstance(row, str):
+        return [row]
+    if not isinstance(row, dict):
+        return ["a row must be a JSON object"]
+    image_key, mask_keys = ("target", ["reference_mask"]) if stage == 1 else ("image", ["masks"])
+    required = ["reference", "target", "caption"] if stage == 1 else ["image", "masks", "caption"]
+    missing = [k for k in required if k not in row]
+    if missing:
+        return [f"missing field(s) {', '.join(missing)}"]
+    if not isinstance(row["caption"], str):
+        return ["caption must be a string"]
+    problems = []
+    images = {}
+    for key in (["reference", "target"] if stage == 1 else ["image"]):
+        try:
+            images[key] = load_image(folder / str(row[key]), key)
+        except InputError as exc:
+            problems.append(str(exc))
+    if problems:
+        return problems
+    if stage == 1:
+        masks = [] if row.get("reference_mask") is None else [row["reference_mask"]]
+        owner = images["reference"]
+        if not masks and owner.mode not in ("RGBA", "LA", "PA", "P"):
+            problems.append("reference has no alpha channel and reference_mask is null")
+    else:
+        masks, owner = row["masks"], images["image"]
+        if not isinstance(masks, list) or not masks:
+            return ["masks must be a non-empty list of mask paths"]
+    for i, mask_path in enumerate(masks):
+        try:
+            mask = load_image(folder / str(mask_path), "mask")
+            if not _mask_array(mask, owner.size).any():
+                problems.append(f"mask {i} ({mask_path}) is empty")
+        except InputError as exc:
+            problems.append(f"mask {i}: {exc}")
+    return problems
+
+
+def manifest_problems(path: str | Path, stage: int) -> list[tuple[int, str]]:
+    """(line number, problem) for every problem of the manifest; line 0: the whole file."""
+    path = Path(path)
+    if not path.is_file():
+        return [(0, "manifest not found")]
+    rows = read_manifest(path)
+    if not rows:
+        return [(0, "the dataset is empty")]
+    return [(number, problem) for number, row in rows for problem in _row_problems(row, stage, path.parent)]
+
+
+def validate_manifest(path: str | Path, stage: int) -> list[str]:
+    """Every problem of the manifest as 'path:line: problem' (empty list: all rows usable)."""
+    return [f"{path}:{line}: {problem}" if line else f"{path}: {problem}"
+            for line, problem in manifest_problems(path, stage)]
+
+
+# ---------------------------------------------------------------------------------------------
+# samples and augmentation
+
+
+@dataclass
+class Sample:
+    target: np.ndarray  # (S, S, 3) uint8
+    references: list  # masks.Reference per character, augmented
+    masks: np.ndarray  # (N, S, S) float32 instance masks in the target (stage 2; stage 1: empty)
+    caption: str
+
+
+def _square(image: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
+    return image.resize((size, size), resample)
+
+
+def augment_reference(reference, rng: np.random.Generator):
+    """Small rotation, random crop, zero-pad (paper): the encoder must not copy the pose/framing."""
+    from .masks import Reference
+
+    size = reference.rgb.shape[0]
+    angle = float(rng.uniform(-10, 10))
+    rgb = Image.fromarray(reference.rgb).rotate(angle, Image.Resampling.BILINEAR)
+    mask = Image.fromarray((reference.mask * 255).astype(np.uint8)).rotate(angle, Image.Resampling.BILINEAR)
+    crop = int(round(size * rng.uniform(0.85, 1.0)))  # crop, then shrink-and-pad: scale jitter
+    x0, y0 = rng.integers(0, size - crop + 1, size=2)
+    box = (int(x0), int(y0), int(x0) + crop, int(y0) + crop)
+    inner = max(1, int(round(size * rng.uniform(0.8, 1.0))))
+    px, py = rng.integers(0, size - inner + 1, size=2)
+    out_rgb, out_mask = np.zeros((size, size, 3), np.uint8), np.zeros((size, size), np.float32)
+    out_rgb[py:py + inner, px:px + inner] = np.asarray(rgb.crop(box).resize((inner, inner), Image.Resampling.BILINEAR))
+    out_mask[py:py + inner, px:px + inner] = np.asarray(mask.crop(box).resize((inner, inner)), np.float32) / 255
+    out_mask = (out_mask >= 0.5).astype(np.float32)
+    if not out_mask.any():  # augmentation cut the character away: keep the plain reference
+        return reference
+    return Reference(rgb=(out_rgb * out_mask[..., None]).astype(np.uint8), mask=out_mask)
+
+
+def load_sample(row: dict, stage: int, folder: Path, resolution: int, reference_size: int,
+                rng: np.random.Generator) -> Sample:
+    """One manifest row, decoded, segmented and augmented. InputError if a file is bad."""
+    if stage == 1:
+        reference = load_image(folder / row["reference"], "reference")
+        mask = None if row.get("reference_mask") is None else load_image(folder / row["reference_mask"], "mask")
+        references = [augment_reference(prepare_reference(reference, mask, reference_size), rng)]
+        target = load_image(folder / row["target"], "target").convert("RGB")
+        no_masks = np.zeros((0, resolution, resolution), np.float32)
+        return Sample(np.asarray(_square(target, resolution)), references, no_masks, row["caption"])
+    image = load_image(folder / row["image"], "image").convert("RGB")
+    masks = [load_image(folder / m, "mask") for m in row["masks"]]
+    references = [augment_reference(prepare_reference(image, m, reference_size), rng) for m in masks]
+    instance = np.stack([
+        np.asarray(_square(Image.fromarray(_mask_array(m, image.size).astype(np.uint8) * 255), resolution,
+                           Image.Resampling.BOX), np.float32) / 255 for m in masks])
+    return Sample(np.asarray(_square(image, resolution)), references, instance, row["caption"])
+
+
+def _seed_for(*parts: int) -> list[int]:
+    return [int(p) & 0xFFFFFFFF for p in parts]
+
+
+class SampleStream:
+    """An endless, seeded stream of samples: epoch e is a permutation drawn from (seed, e);
+    micro-batch g of process r takes positions ((g * world + r) * batch ...). Corrupt rows are
+    skipped (counted) or stop the run, per the recipe."""
+
+    def __init__(self, recipe: TrainRecipe, reference_size: int, resolution: int, rank: int, world: int,
+                 bad_lines: set[int] = frozenset()):
+        self.recipe, self.reference_size, self.resolution = recipe, reference_size, resolution
+        self.rank, self.world = rank, world
+        self.folder = recipe.data.parent
+        self.rows = [(n, r) for n, r in read_manifest(recipe.data) if isinstance(r, dict)]
+        if not self.rows:
+            raise InputError(f"{recipe.data}: the dataset is empty (no usable rows)")
+        # Rows the validator refused are dropped up front (and counted); rows that fail later
+        # (a file changed during the run) are skipped when met.
+        self.rows = [(n, r) for n, r in self.rows if n not in bad_lines]
+        if not self.rows:
+            raise InputError(f"{recipe.data}: no usable rows")
+        self.bad: set[int] = set()
+        self.skipped = len(bad_lines)
+
+    def _row_at(self, position: int) -> tuple[int, dict]:
+        epoch, offset = divmod(position, len(self.rows))
+        order = np.random.default_rng(_seed_for(self.recipe.seed, epoch, 1)).permutation(len(self.rows))
+        return self.rows[order[offset]]
+
+    def batch(self, micro_step: int) -> list[Sample]:
+        size = self.recipe.batch_size
+        start = (micro_step * self.world + self.rank) * size
+        samples, position, tries = [], start, 0
+        while len(samples) < size:
+            number, row = self._row_at(position)
+            rng = np.random.default_rng(_seed_for(self.recipe.seed, micro_step, self.rank, position))
+            position, tries = position + 1, tries + 1
+            if number in self.bad:
+                continue
+            try:
+                samples.append(load_sample(row, self.recipe.stage, self.folder, self.resolution,
+                                           self.reference_size, rng))
+            except (InputError, KeyError, TypeError) as exc:
+                if self.recipe.on_corrupt == "stop":
+                    raise InputError(f"{self.recipe.data}:{number}: {exc}") from None
+                self.bad.add(number)
+                self.skipped += 1
+                warnings.warn(f"{self.recipe.data}:{number}: skipped ({exc}); {self.skipped} skipped so far")
+                if len(self.bad) == len(self.rows):
+                    raise InputError(f"{self.recipe.data}: every row is unusable") from None
+        return samples
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+@dataclass
+class Components:
+    pipe: Any  # a diffusers StableDiffusion(XL)Pipeline: vae, text encoder(s), tokenizer(s), unet
+    image_encoder: Any  # transformers CLIPVisionModel
+
+
+def load_components(recipe: TrainRecipe) -> Components:
+    """The base model from local folders (never downloads)."""
+    from diffusers import DiffusionPipeline
+    from transformers import CLIPVisionModel
+
+    if recipe.pipeline is None or recipe.image_encoder is None:
+        raise InputError("the recipe needs `pipeline` and `image_encoder` (local model folders)")
+    for path in (recipe.pipeline, recipe.image_encoder):
+        if not path.is_dir():
+            raise ModelError(f"{path}: model folder not found")
+    pipe = DiffusionPipeline.from_pretrained(str(recipe.pipeline), local_files_only=True)
+    return Components(pipe, CLIPVisionModel.from_pretrained(str(recipe.image_encoder), local_files_only=True))
+
+
+def trainable_groups(stage: int) -> tuple[str, ...]:
+    """Adapter parts each stage trains; everything else is frozen (paper §3.4)."""
+    return ("subject_qformer", "reference_net", "subject_kv", "reference_kv") if stage == 1 \
+        else ("routing_qformer", "routers")
+
+
+def make_adapter(recipe: TrainRecipe, components: Components) -> AnyStoryAdapter:
+    if recipe.init_adapter is not None:
+        return load_adapter(recipe.init_adapter)
+    torch.manual_seed(recipe.seed)  # a fresh adapter is part of the seeded run
+    options = {"max_characters": 4, **recipe.adapter_options}
+    return AnyStoryAdapter.from_unet(components.pipe.unet, components.image_encoder.config.hidden_size, **options)
+
+
+def freeze(components: Components, adapter: AnyStoryAdapter, stage: int) -> list[tuple[str, torch.nn.Parameter]]:
+    """requires_grad only on the stage's groups; returns them, named, in a fixed order."""
+    for module in (components.pipe.unet, components.pipe.vae, components.image_encoder,
+                   getattr(components.pipe, "text_encoder", None), getattr(components.pipe, "text_encoder_2", None)):
+        if module is not None:
+            module.requires_grad_(False).eval()
+    adapter.requires_grad_(False).train()
+    for group in trainable_groups(stage):
+        getattr(adapter, group).requires_grad_(True)
+    return [(n, p) for n, p in adapter.named_parameters() if p.requires_grad]
+
+
+# ---------------------------------------------------------------------------------------------
+# one step
+
+
+class Encoders:
+    """Frozen encoders of a batch: text, CLIP image features, VAE latents."""
+
+    def __init__(self, components: Components, adapter: AnyStoryAdapter, device):
+        from transformers import CLIPImageProcessorPil
+
+        self.pipe, self.image_encoder, self.device = components.pipe, components.image_encoder, device
+        config = adapter.config
+        # The pipeline's own preprocessing, so training sees what inference sees.
+        self.clip_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": config.image_size},
+            crop_size={"height": config.image_size, "width": config.image_size},
+            image_mean=list(config.image_mean), image_std=list(config.image_std))
+        self.is_xl = hasattr(self.pipe, "text_encoder_2")
+
+    @torch.no_grad()
+    def text(self, captions: list[str]) -> tuple[torch.Tensor, dict]:
+        if self.is_xl:
+            embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=self.device, num_images_per_prompt=1,
+                                                           do_classifier_free_guidance=False)
+            return embeds, {"text_embeds": pooled}
+        embeds, _ = self.pipe.encode_prompt(captions, self.device, 1, False)
+        return embeds, {}
+
+    @torch.no_grad()
+    def clip(self, images: list[np.ndarray]) -> torch.Tensor:
+        pixels = self.clip_processor(images=[Image.fromarray(x) for x in images], return_tensors="pt").pixel_values
+        hidden = self.image_encoder(pixel_values=pixels.to(self.device), output_hidden_states=True).hidden_states
+        return hidden[-2]
+
+    @torch.no_grad()
+    def latents(self, images: list[np.ndarray], generator=None) -> torch.Tensor:
+        vae = self.pipe.vae
+        x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().to(self.device) / 127.5 - 1.0
+        dist = vae.encode(x).latent_dist
+        z = dist.mean if generator is None else dist.sample(generator)
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return (z - shift) * vae.config.scaling_factor
+
+
+def _time_ids(batch: int, size: int, device) -> torch.Tensor:
+    # SDXL micro-conditioning: original size, crop offset, target size — all the square target.
+    return torch.tensor([[size, size, 0, 0, size, size]] * batch, dtype=torch.float32, device=device)
+
+
+def injection_inputs(samples: list[Sample], adapter: AnyStoryAdapter, encoders: Encoders, stage: int,
+                     latent_size: tuple[int, int], drop: list[bool]) -> tuple[InjectionInputs, torch.Tensor]:
+    """Subject tokens, routing features and reference features of a batch (gradients flow into
+    whatever the stage trains), plus the (B, N) validity of the character entries."""
+    device, size = encoders.device, adapter.config.reference_size
+    n = max(len(s.references) for s in samples)
+    batch = len(samples)
+    refs = [s.references[i] if i < len(s.references) else None for s in samples for i in range(n)]
+    zero = np.zeros((size, size, 3), np.uint8)
+    # CLIP condition: the segmented reference, or the null subject (all-zero) when dropped; the
+    # last row is the null subject itself, the background entry of every sample.
+    clip_images = [zero if r is None or drop[k // n] else r.rgb for k, r in enumerate(refs)] + [zero]
+    tokens, routing = adapter.encode_features(encoders.clip(clip_images))
+    null_tokens, null_routing = tokens[-1], routing[-1]
+    tokens = torch.cat([tokens[:-1].view(batch, n, *tokens.shape[1:]),
+                        null_tokens.expand(batch, 1, *null_tokens.shape)], dim=1)
+    routing = torch.cat([routing[:-1].view(batch, n, -1), null_routing.expand(batch, 1, -1)], dim=1)
+    ref_rgb = [zero if r is None else r.rgb for r in refs]
+    ref_mask = torch.from_numpy(np.stack([np.zeros((size, size), np.float32) if r is None else r.mask for r in refs]))
+    latents = encoders.latents(ref_rgb)
+    mask_latent = F.interpolate(ref_mask[:, None].to(device), size=latents.shape[-2:], mode="area")
+    features = adapter.reference_net(latents, mask_latent, (size, size))
+    valid = torch.tensor([[i < len(s.references) for i in range(n)] for s in samples], device=device)
+    fixed = None
+    if stage == 1:  # σ ≡ 1: every pixel routed to the one character (paper: no router in stage 1)
+        fixed = torch.zeros(batch, n + 1, *latent_size, device=device)
+        fixed[:, 0] = 1.0
+    inputs = InjectionInputs(
+        subject_tokens=tokens, routing_features=routing,
+        reference_features={k: v.view(batch, n, *v.shape[1:]) for k, v in features.items()},
+        entry_valid=torch.cat([valid, torch.ones(batch, 1, dtype=torch.bool, device=device)], dim=1),
+        latent_size=latent_size, fixed_routes=fixed, training=True,
+    )
+    return inputs, valid
+
+
+def step_loss(samples: list[Sample], adapter, encoders: Encoders, scheduler, stage: int,
+              generator: torch.Generator, drop: list[bool]) -> dict[str, torch.Tensor]:
+    """Diffusion loss (+ routing loss in stage 2) of one micro-batch."""
+    device = encoders.device
+    unet = encoders.pipe.unet
+    latents = encoders.latents([s.target for s in samples], generator)
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=generator).to(device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    if scheduler.config.prediction_type == "epsilon":
+        target = noise
+    else:  # v-prediction
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    text, added = encoders.text([s.caption for s in samples])
+    if added:
+        added["time_ids"] = _time_ids(batch, samples[0].target.shape[0], device)
+    inputs, valid = injection_inputs(samples, adapter, encoders, stage, tuple(latents.shape[-2:]), drop)
+    context = AnyStoryContext(inputs)
+    pred = unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added or None,
+                cross_attention_kwargs={"anystory": context}).sample
+    losses = {"diffusion": F.mse_loss(pred.float(), target.float())}
+    if stage == 2:
+        masks = torch.from_numpy(np.stack([_pad(s.masks, valid.shape[1]) for s in samples])).to(device)
+        maps = [m.float() for _, m in context.maps + context.coarse_maps]
+        losses["routing"] = routing_loss(maps, masks, valid)
+    losses["total"] = sum(losses.values())
+    return losses
+
+
+def _pad(masks: np.ndarray, n: int) -> np.ndarray:
+    return np.concatenate([masks, np.zeros((n - len(masks), *masks.shape[1:]), np.float32)])
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints
+
+
+STATE_FILE, ADAPTER_FILE = "training_state.safetensors", "adapter.safetensors"
+
+
+def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
+    state = optimizer.state_dict()
+    tensors = {f"optimizer/{index}/{key}": (value if torch.is_tensor(value) else torch.tensor(value)).contiguous().cpu()
+               for index, entry in state["state"].items() for key, value in entry.items()}
+    return tensors, json.dumps(state["param_groups"])
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: str) -> dict:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, key = name.split("/", 2)
+            state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": json.loads(groups)}
+
+
+def save_checkpoint(output_dir: Path, adapter, optimizer, step: int, recipe: TrainRecipe) -> Path:
+    """checkpoints/step-N appears whole (written to a temporary folder, then renamed); `latest`
+    and the top-level adapter are replaced atomically after it, so a failure leaves the previous
+    checkpoint usable."""
+    folder = output_dir / "checkpoints"
+    final = folder / f"step-{step:07d}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
+    except OSError as exc:
+        raise OutputError(f"{folder}: cannot write checkpoints ({exc.strerror or exc})") from None
+    try:
+        save_adapter(adapter, tmp / ADAPTER_FILE)
+        tensors, groups = _flatten_optimizer(optimizer)
+        meta = {"step": str(step), "seed": str(recipe.seed), "stage": str(recipe.stage), "param_groups": groups}
+        with atomic_path(tmp / STATE_FILE) as path:
+            save_file(tensors or {"empty": torch.zeros(0)}, str(path), metadata=meta)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except OSError as exc:
+        raise OutputError(f"{final}: checkpoint write failed ({exc.strerror or exc}); "
+                          f"the previous checkpoint is intact") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_path(output_dir / ADAPTER_FILE) as path:  # the newest adapter, where users look
+        shutil.copyfile(final / ADAPTER_FILE, path)
+    with atomic_path(output_dir / "latest") as path:
+        path.write_text(final.name + "\n")
+    return final
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    pointer = output_dir / "latest"
+    if not pointer.is_file():
+        return None
+    folder = output_dir / "checkpoints" / pointer.read_text().strip()
+    return folder if (folder / STATE_FILE).is_file() else None
+
+
+def restore(checkpoint: Path, adapter, optimizer) -> int:
+    """Adapter weights and optimizer state from a checkpoint; returns its step."""
+    from safetensors import safe_open
+
+    saved = load_file(str(checkpoint / ADAPTER_FILE))
+    adapter.load_state_dict(saved)
+    with safe_open(str(checkpoint / STATE_FILE), framework="pt") as handle:
+        meta = handle.metadata()
+    tensors = load_file(str(checkpoint / STATE_FILE))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
+    return int(meta["step"])
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with path.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log rows after the checkpoint: they are about to be recomputed."""
+    if path.is_file():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        with atomic_path(path) as tmp:
+            tmp.write_text("".join(r + "\n" for r in rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class TrainResult:
+    adapter: AnyStoryAdapter
+    step: int
+    losses: list[dict]  # per optimizer step of this run
+    checkpoint: Path | None
+    skipped: int
+
+
+def check_dataset(recipe: TrainRecipe) -> set[int]:
+    """Validate every row before any model is loaded: stop on a bad row, or warn and return the
+    line numbers to skip (per `on_corrupt`); an empty or wholly bad dataset always stops."""
+    problems = manifest_problems(recipe.data, recipe.stage)
+    if not problems:
+        return set()
+    text = [f"{recipe.data}:{line}: {p}" if line else f"{recipe.data}: {p}" for line, p in problems]
+    shown = "\n".join(text[:20]) + (f"\n... and {len(text) - 20} more" if len(text) > 20 else "")
+    bad_lines = {line for line, _ in problems}
+    if recipe.on_corrupt == "stop" or 0 in bad_lines or len(bad_lines) >= len(read_manifest(recipe.data)):
+        raise InputError(f"{recipe.data}: the dataset has bad rows:\n{shown}")
+    warnings.warn(f"{recipe.data}: {len(bad_lines)} bad row(s) skipped:\n{shown}")
+    return bad_lines
+
+
+def train(recipe: TrainRecipe, components: Components | Callable[[], Components] | None = None,
+          accelerator=None) -> TrainResult:
+    """Run a recipe. `components` (or a factory of them) replaces loading `pipeline` and
+    `image_encoder` from disk (tests, benchmarks, callers with a pipeline in memory)."""
+    from accelerate import Accelerator
+    from diffusers import DDPMScheduler
+
+    bad_lines = check_dataset(recipe)
+    accelerator = accelerator or Accelerator(mixed_precision=recipe.mixed_precision,
+                                             cpu=not torch.cuda.is_available())
+    if components is None:
+        components = load_components(recipe)
+    elif callable(components):
+        components = components()
+    device = accelerator.device
+    pipe = components.pipe.to(device)
+    components.image_encoder.to(device)
+    adapter = make_adapter(recipe, components).to(device)
+    params = freeze(components, adapter, recipe.stage)
+    handle = install(adapter, pipe.unet)
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=recipe.lr)
+    # Only the optimizer is prepared (mixed-precision scaling). The adapter is not wrapped in
+    # DDP: its modules run inside the UNet's attention processors, never through a wrapper's
+    # forward, so gradients are averaged across processes by hand in `_optimizer_step`.
+    optimizer = accelerator.prepare(optimizer)
+    core = adapter
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    encoders = Encoders(components, core, device)
+    resolution = recipe.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    stream = SampleStream(recipe, core.config.reference_size, resolution,
+                          accelerator.process_index, accelerator.num_processes, bad_lines)
+    output = recipe.output_dir
+    output.mkdir(parents=True, exist_ok=True)
+    log = output / "log.jsonl"
+    start, checkpoint = 0, None
+    if recipe.resume and (found := latest_checkpoint(output)) is not None:
+        start, checkpoint = restore(found, core, optimizer), found
+        _truncate_log(log, start)
+    elif accelerator.is_main_process:
+        log.unlink(missing_ok=True)
+    history = []
+    try:
+        for step in range(start, recipe.steps):
+            record = _optimizer_step(recipe, step, stream, core, encoders, scheduler, optimizer, params, accelerator)
+            history.append(record)
+            if accelerator.is_main_process:
+                _append_log(log, record)
+            if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    checkpoint = save_checkpoint(output, core, optimizer, step + 1, recipe)
+    finally:
+        handle.remove()
+    return TrainResult(core.eval(), max(start, recipe.steps), history, checkpoint, stream.skipped)
+
+
+def _optimizer_step(recipe, step, stream, adapter, encoders, scheduler, optimizer, params, accelerator) -> dict:
+    """grad_accumulation micro-batches, then one AdamW step. Every random draw of micro-step g
+    comes from (seed, g, process): the torch global RNG (Gumbel noise in the routers) is reseeded
+    too."""
+    totals: dict[str, float] = {}
+    for a in range(recipe.grad_accumulation):
+        micro = step * recipe.grad_accumulation + a
+        sequence = np.random.SeedSequence(_seed_for(recipe.seed, micro, accelerator.process_index))
+        seed = int(sequence.generate_state(1)[0])
+        torch.manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed + 1)
+        samples = stream.batch(micro)
+        drop_rng = np.random.default_rng(_seed_for(recipe.seed, micro, accelerator.process_index, 7))
+        drop = [recipe.stage == 1 and bool(drop_rng.random() < recipe.null_subject_prob) for _ in samples]
+        with accelerator.autocast():
+            losses = step_loss(samples, adapter, encoders, scheduler, recipe.stage, generator, drop)
+        accelerator.backward(losses["total"] / recipe.grad_accumulation)
+        for key, value in losses.items():
+            totals[key] = totals.get(key, 0.0) + float(value.detach()) / recipe.grad_accumulation
+    if accelerator.num_processes > 1:  # data parallel: every rank steps with the mean gradient
+        for _, param in params:
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            param.grad = accelerator.reduce(param.grad, reduction="mean")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not all(math.isfinite(v) for v in totals.values()):
+        raise ModelError(f"step {step + 1}: the loss is not finite ({totals}); lower the learning rate")
+    return {"step": step + 1, **totals}

@@ -1,0 +1,241 @@
+"""Training (issue 5) on tiny SD-1.5- and SDXL-shaped components, data from the sprite world."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny
+from anystory_cli.errors import InputError
+from anystory_cli.train import Components, load_recipe, recipe_from_dict, train, validate_manifest
+from anystory_cli.world import sample_pair, sample_scene
+
+torch.set_num_threads(1)
+
+PIPELINES = {"sd": tiny.tiny_sd_pipeline, "sdxl": tiny.tiny_sdxl_pipeline}
+
+
+def _save(folder, name, array):
+    Image.fromarray(array).save(folder / name)
+    return name
+
+
+def write_stage1(folder, count=3):
+    rows = []
+    for i in range(count):
+        pair = sample_pair(i, size=32)
+        rows.append({"reference": _save(folder, f"ref{i}.png", pair.reference), "reference_mask": None,
+                     "target": _save(folder, f"target{i}.png", pair.target.image), "caption": pair.target.caption})
+    return _manifest(folder, rows)
+
+
+def write_stage2(folder, count=3):
+    rows = []
+    for i in range(count):
+        scene = sample_scene(i, 2, size=32)
+        masks = [_save(folder, f"s{i}_m{k}.png", (m * 255).astype(np.uint8)) for k, m in enumerate(scene.masks)]
+        rows.append({"image": _save(folder, f"s{i}.png", scene.image), "masks": masks, "caption": scene.caption})
+    return _manifest(folder, rows)
+
+
+def _manifest(folder, rows):
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def recipe(tmp_path, stage, **overrides):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = (write_stage1 if stage == 1 else write_stage2)(tmp_path)
+    fields = dict(stage=stage, data=str(data), output_dir=str(tmp_path / "out"), lr=1e-3, steps=2,
+                  batch_size=2, checkpoint_every=1, seed=3, adapter_options=tiny.TINY_ADAPTER_OPTIONS)
+    return recipe_from_dict({**fields, **overrides})
+
+
+def components(kind="sd"):
+    return Components(PIPELINES[kind](), tiny.tiny_image_encoder())
+
+
+def _snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+TRAINED = {1: ("subject_qformer", "reference_net", "subject_kv", "reference_kv"), 2: ("routing_qformer", "routers")}
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+@pytest.mark.parametrize("stage", [1, 2])
+def test_stage_trains_only_its_parameters(tmp_path, kind, stage):
+    parts = components(kind)
+    frozen = {name: getattr(parts.pipe, name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")
+              if getattr(parts.pipe, name, None) is not None}
+    frozen["image_encoder"] = parts.image_encoder
+    before = {name: _snapshot(m) for name, m in frozen.items()}
+    torch.manual_seed(3)
+    initial = tiny.tiny_adapter(parts.pipe.unet, parts.image_encoder, seed=3)
+    initial_state = _snapshot(initial)
+    result = train(recipe(tmp_path, stage), parts)
+    assert result.step == 2 and len(result.losses) == 2
+    assert all(np.isfinite(v) for r in result.losses for v in r.values())
+    if stage == 2:
+        assert "routing" in result.losses[0]
+    for name, module in frozen.items():
+        assert all(torch.equal(before[name][k], v) for k, v in module.state_dict().items()), name
+    after = result.adapter.state_dict()
+    for group in ("subject_qformer", "routing_qformer", "reference_net", "routers", "subject_kv", "reference_kv"):
+        keys = [k for k in after if k.startswith(group + ".")]
+        changed = any(not torch.equal(initial_state[k], after[k]) for k in keys)
+        assert changed == (group in TRAINED[stage]), group
+    log = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2]
+
+
+def test_overfitting_one_batch_drives_the_routing_loss_down(tmp_path):
+    """One fixed batch with fixed noise, timestep and Gumbel draws: the router must be able to fit
+    the instance masks. Only the routing term is optimised here: on random tiny components the
+    diffusion gradient that reaches the routers through the straight-through Gumbel gates is
+    noise that outweighs it (with diffusion + routing the routing loss does not fall; see the
+    report of issue 5)."""
+    from diffusers import DDPMScheduler
+
+    from anystory_cli.models.adapter import install
+    from anystory_cli.train import Encoders, SampleStream, freeze, make_adapter, step_loss
+
+    rec = recipe(tmp_path, 2, batch_size=2)
+    parts = components()
+    adapter = make_adapter(rec, parts)
+    params = freeze(parts, adapter, 2)
+    handle = install(adapter, parts.pipe.unet)
+    encoders = Encoders(parts, adapter, torch.device("cpu"))
+    samples = SampleStream(rec, adapter.config.reference_size, 32, 0, 1).batch(0)
+    scheduler = DDPMScheduler.from_config(parts.pipe.scheduler.config)
+    optimizer = torch.optim.AdamW([p for _, p in params], lr=1e-2)
+    routing = []
+    for _ in range(60):
+        torch.manual_seed(0)
+        losses = step_loss(samples, adapter, encoders, scheduler, 2, torch.Generator().manual_seed(1), [False, False])
+        losses["routing"].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        routing.append(losses["routing"].item())
+    handle.remove()
+    assert min(routing[-5:]) < routing[0] / 2.5, routing
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(recipe(tmp_path / "a", 2, steps=4, grad_accumulation=2), components())
+    train(recipe(tmp_path / "b", 2, steps=2, grad_accumulation=2), components())
+    resumed = train(recipe(tmp_path / "b", 2, steps=4, grad_accumulation=2, resume=True), components())
+    assert resumed.step == 4 and len(resumed.losses) == 2
+    for k, v in straight.adapter.state_dict().items():
+        assert torch.equal(v, resumed.adapter.state_dict()[k]), k
+    log = [json.loads(line)["step"] for line in (tmp_path / "b" / "out" / "log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+
+def test_checkpoint_loads_into_the_pipeline_and_renders(tmp_path):
+    from anystory_cli.pipeline import AnyStoryPipeline
+
+    parts = components()
+    result = train(recipe(tmp_path, 1, steps=1), parts)
+    checkpoint = result.checkpoint / "adapter.safetensors"
+    assert checkpoint.is_file() and (tmp_path / "out" / "adapter.safetensors").is_file()
+    pipe = AnyStoryPipeline.from_pipe(tiny.tiny_sd_pipeline(), parts.image_encoder, checkpoint)
+    character = pipe.encode_character(tiny.sprite(size=32))
+    out = pipe("a cat", [character], num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+               output_type="np")
+    assert np.isfinite(out.images).all()
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"lr": -1}, "lr"), ({"stage": 3}, "stage"), ({"data": "nowhere.jsonl"}, "not found"),
+    ({"learning_rate": 1}, "learning_rate"), ({"on_corrupt": "maybe"}, "on_corrupt"), ({"batch_size": 0}, "batch_size"),
+])
+def test_bad_recipe_values_are_clear_errors(tmp_path, change, expected):
+    data = write_stage1(tmp_path, 1)
+    fields = dict(stage=1, data=str(data), output_dir=str(tmp_path / "out"), steps=1)
+    with pytest.raises(InputError, match=expected):
+        recipe_from_dict({**fields, **change})
+
+
+def test_yaml_recipe_paths_are_relative_to_the_recipe(tmp_path):
+    write_stage1(tmp_path, 1)
+    (tmp_path / "r.yaml").write_text("stage: 1\ndata: train.jsonl\noutput_dir: out\nsteps: 1\n")
+    assert load_recipe(tmp_path / "r.yaml").data == tmp_path / "train.jsonl"
+    (tmp_path / "bad.yaml").write_text("stage: 1\ndata: train.jsonl\noutput_dir: out\nsteps: 1\nbogus: 2\n")
+    with pytest.raises(InputError, match="bogus"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_empty_dataset_is_refused(tmp_path):
+    rec = recipe(tmp_path, 1)
+    rec.data.write_text("\n")
+    with pytest.raises(InputError, match="empty"):
+        train(rec, components())
+
+
+def test_manifest_validator_reports_bad_rows_by_line(tmp_path):
+    path = write_stage2(tmp_path, 2)
+    rows = path.read_text().splitlines()
+    good = json.loads(rows[0])
+    _save(tmp_path, "blank.png", np.zeros((32, 32), np.uint8))
+    _save(tmp_path, "small.png", np.full((16, 16), 255, np.uint8))
+    bad = [
+        {**good, "image": "missing.png"},
+        {**good, "masks": ["small.png"]},
+        {**good, "masks": ["blank.png"]},
+    ]
+    path.write_text("\n".join(rows + [json.dumps(r) for r in bad] + ["{not json"]) + "\n")
+    problems = validate_manifest(path, 2)
+    assert len(problems) == 4, problems
+    for line, word in zip((3, 4, 5, 6), ("not found", "must match", "empty", "JSON")):
+        assert any(p.startswith(f"{path}:{line}:") and word in p for p in problems), (line, problems)
+    (tmp_path / "s1").mkdir()
+    assert validate_manifest(write_stage1(tmp_path / "s1"), 1) == []
+
+
+def test_corrupt_images_stop_or_are_skipped_with_a_count(tmp_path):
+    rec = recipe(tmp_path, 1, steps=1, batch_size=2)
+    (tmp_path / "target1.png").write_bytes(b"not a png")
+    with pytest.raises(InputError, match=r"train.jsonl:2:"):
+        train(rec.model_copy(update={"on_corrupt": "stop"}), components())
+    with pytest.warns(UserWarning, match="skipped"):
+        result = train(rec, components())
+    assert result.skipped >= 1 and np.isfinite(result.losses[0]["total"])
+
+
+DDP_SCRIPT = """
+import hashlib, os, pathlib, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+torch.set_num_threads(1)
+sys.path.insert(0, {tests!r})
+import test_train as T
+from anystory_cli.train import train
+rank = int(os.environ["RANK"])
+result = train(T.recipe(pathlib.Path({root!r}) / f"r{{rank}}", 2, steps=2, batch_size=1), T.components())
+digest = hashlib.sha256(b"".join(v.numpy().tobytes() for v in result.adapter.state_dict().values())).hexdigest()
+print("RESULT", rank, digest, result.losses[0]["total"], flush=True)
+"""
+
+
+def test_two_processes_end_with_identical_weights(tmp_path):
+    """torchrun, gloo on CPU: ranks see different samples but step with the averaged gradient."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), root=str(tmp_path)))
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--nproc-per-node", "2", str(script)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    results = [line.split()[1:] for line in done.stdout.splitlines() if line.startswith("RESULT")]
+    assert len(results) == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert results[0][1] == results[1][1]  # identical weights on both ranks
+    assert results[0][2] != results[1][2]  # from different data
