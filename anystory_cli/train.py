@@ -61,12 +61,12 @@ from typing import Any, Callable, Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_path
+from .recipe_files import read_recipe_yaml
 from .errors import InputError, ModelError, OutputError
 from .masks import _mask_array, load_image, prepare_reference
 from .models.adapter import AnyStoryAdapter, install
@@ -129,12 +129,7 @@ def recipe_from_dict(data: dict, where: str = "recipe") -> TrainRecipe:
 def load_recipe(path: str | Path) -> TrainRecipe:
     """Read a YAML recipe; relative paths in it are relative to the recipe file."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: recipe not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc})") from None
+    data = read_recipe_yaml(path)
     if isinstance(data, dict):
         for key in ("data", "pipeline", "image_encoder", "init_adapter", "output_dir"):
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():

@@ -239,3 +239,12 @@ def test_two_processes_end_with_identical_weights(tmp_path):
     assert len(results) == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert results[0][1] == results[1][1]  # identical weights on both ranks
     assert results[0][2] != results[1][2]  # from different data
+
+
+def test_a_recipe_key_given_twice_is_refused(tmp_path):
+    from anystory_cli.recipe_files import read_recipe_yaml
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text("stage: 1\nstage: 2\n")
+    with pytest.raises(InputError, match="recipe.yaml: not valid YAML"):
+        read_recipe_yaml(path)

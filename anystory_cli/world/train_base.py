@@ -31,12 +31,12 @@ from typing import Annotated, Any, Callable, Literal, Union
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path
+from ..recipe_files import read_recipe_yaml
 from ..errors import InputError, ModelError
 from . import base_models as bm
 from .identity import ATTRIBUTE_CLASSES, identity_from_seed
@@ -185,13 +185,7 @@ def parse_recipe(data: Any, source: str = "recipe"):
 def load_recipe(path: str | Path):
     """(recipe, folder that its relative paths refer to)."""
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: recipe not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML ({exc})") from None
-    return parse_recipe(data, str(path)), path.resolve().parent
+    return parse_recipe(read_recipe_yaml(path), str(path)), path.resolve().parent
 
 
 # ---------------------------------------------------------------------------------------------
