@@ -468,3 +468,12 @@ def test_missing_or_foreign_adapter_file_is_a_model_error(tmp_path):
 def test_module_keys_have_no_dots():
     assert module_key("down_blocks.1.attentions.0.transformer_blocks.0.attn2") == \
         "down_blocks__1__attentions__0__transformer_blocks__0__attn2"
+
+
+def test_without_guidance_and_with_several_images_per_prompt(sd_pipe, sd_characters):
+    """No unconditional half (guidance 1) and two images: every row is routed on its own."""
+    one = story(sd_pipe, sd_characters[:2], guidance_scale=1.0, return_routing=True)
+    assert one.routing_maps.shape == (1, 3, 32, 32)
+    two = story(sd_pipe, sd_characters[:2], num_images_per_prompt=2, return_routing=True)
+    assert two.images.shape == (2, 32, 32, 3) and np.isfinite(two.images).all()
+    assert two.routing_maps.shape == (2, 3, 32, 32)
