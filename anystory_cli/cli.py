@@ -59,21 +59,19 @@ def _one_line(message: str) -> str:
 
 
 def _print_error(message: str) -> None:
-    line = f"error: {_one_line(message)}"
-    if _colour(sys.stderr):
-        from rich.console import Console
-
-        Console(stderr=True, highlight=False, soft_wrap=True).print(line, style="red", markup=False)
-    else:
-        typer.echo(line, err=True)
+    _print_line(f"error: {_one_line(message)}", style="red")
 
 
 def _print_warning(message: str) -> None:
-    line = f"warning: {_one_line(message)}"
+    _print_line(f"warning: {_one_line(message)}", style="yellow")
+
+
+def _print_line(line: str, style: str) -> None:
+    """One line on stderr, coloured only on a terminal that wants colour."""
     if _colour(sys.stderr):
         from rich.console import Console
 
-        Console(stderr=True, highlight=False, soft_wrap=True).print(line, style="yellow", markup=False)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(line, style=style, markup=False)
     else:
         typer.echo(line, err=True)
 

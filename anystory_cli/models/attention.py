@@ -19,7 +19,7 @@ pixel computes only the attention of the entry it is routed to; used at inferenc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -73,19 +73,14 @@ def _for_batch(inputs: InjectionInputs, batch: int) -> InjectionInputs:
     if batch != 2 * rows or inputs.null_tokens is None:
         raise ValueError(f"UNet batch {batch} does not match {rows} rows of AnyStory inputs")
     uncond_tokens = inputs.null_tokens.expand_as(inputs.subject_tokens)
-    return InjectionInputs(
+    return replace(
+        inputs,
         subject_tokens=torch.cat([uncond_tokens, inputs.subject_tokens]),
         routing_features=_expand_rows(inputs.routing_features, 2),
         reference_features={k: _expand_rows(v, 2) for k, v in inputs.reference_features.items()},
         entry_valid=_expand_rows(inputs.entry_valid, 2),
-        latent_size=inputs.latent_size,
-        null_tokens=inputs.null_tokens,
         region_masks=_expand_rows(inputs.region_masks, 2),
         fixed_routes=_expand_rows(inputs.fixed_routes, 2),
-        subject_scale=inputs.subject_scale,
-        reference_scale=inputs.reference_scale,
-        training=inputs.training,
-        record_maps=inputs.record_maps,
         mirrored_rows=rows,
     )
 
@@ -263,6 +258,21 @@ def _pixel_groups(gates: torch.Tensor) -> list[_PixelGroups]:
     return groups
 
 
+def _attend_by_group(hidden_states: torch.Tensor, gates: torch.Tensor, attend) -> torch.Tensor:
+    """The gathered path's skeleton: per group of rows, sort the pixels by owner, let
+    `attend(group, sorted_states)` return attention heads (G, heads, L, d) in sorted order, then
+    merge heads and put the pixels back in place. Returns (B, L, inner)."""
+    out = None
+    for group in _pixel_groups(gates):
+        sorted_states = hidden_states[group.rows].index_select(1, group.order)
+        merged = _merge_heads(attend(group, sorted_states)).to(hidden_states.dtype)
+        merged = merged.index_select(1, group.inverse)
+        if out is None:
+            out = merged.new_empty(hidden_states.shape[0], *merged.shape[1:])
+        out[group.rows] = merged
+    return out
+
+
 def attention_with_lse(query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention output (B, heads, L, d) and the log-sum-exp of each query's scores (B, heads, L).
 
@@ -376,21 +386,18 @@ class CrossAttentionProcessor(_Processor):
         """Text attention plus, for each pixel, only its own entry's subject attention."""
         key, value = self._subject_kv(ctx, attn.heads)
         scale = ctx.batch.subject_scale
-        out = None
-        for group in _pixel_groups(gates):
+
+        def attend(group, sorted_states):
             rows = group.rows
-            sorted_states = hidden_states[rows].index_select(1, group.order)
             query, text_key, text_value = _qkv(attn, sorted_states, context[rows])
             attended = F.scaled_dot_product_attention(query, text_key, text_value)
             subject = torch.cat([
                 F.scaled_dot_product_attention(query[:, :, part], key[rows, entry], value[rows, entry])
                 for entry, part in group.segments()
             ], dim=2)
-            merged = _merge_heads(attended + scale * subject).to(query.dtype).index_select(1, group.inverse)
-            if out is None:
-                out = merged.new_empty(hidden_states.shape[0], *merged.shape[1:])
-            out[rows] = merged
-        return out
+            return attended + scale * subject
+
+        return _attend_by_group(hidden_states, gates, attend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,10 +459,9 @@ class SelfAttentionProcessor(_Processor):
         """Every pixel's plain self-attention, then, for the pixels routed to a character, the
         attention over its reference tokens merged in as if both had shared one softmax:
         out = (1 - w) · own + w · ref with w = σ(lse_ref + γ - lse_own). Merged heads (B, L, inner)."""
-        out = None
-        for group in _pixel_groups(gates):
+
+        def attend(group, sorted_states):
             rows = group.rows
-            sorted_states = hidden_states[rows].index_select(1, group.order)
             query, key, value = _qkv(attn, sorted_states, sorted_states)
             attended, lse = attention_with_lse(query, key, value)
             for entry, part in group.segments():
@@ -464,8 +470,6 @@ class SelfAttentionProcessor(_Processor):
                 ref_out, ref_lse = attention_with_lse(query[:, :, part], ref_key[rows, entry], ref_value[rows, entry])
                 weight = torch.sigmoid(ref_lse + gamma - lse[:, :, part])[..., None].to(ref_out.dtype)
                 attended[:, :, part] = torch.lerp(attended[:, :, part], ref_out, weight)
-            merged = _merge_heads(attended).index_select(1, group.inverse)
-            if out is None:
-                out = merged.new_empty(hidden_states.shape[0], *merged.shape[1:])
-            out[rows] = merged
-        return out
+            return attended
+
+        return _attend_by_group(hidden_states, gates, attend)
