@@ -4,11 +4,12 @@ An entry is one safetensors file written by `CharacterEncoding.save`, named by i
 
     <cache>/encodings/<sha256 of (kind, image bytes, mask bytes, model id)>.safetensors
 
-The cache adds a `checksum` (sha256 of every tensor's name, dtype, shape and bytes) to the file's
-metadata. Reading an entry checks it, and the model id: a truncated, corrupt or foreign entry is
+The cache adds a `checksum` (sha256 of every tensor's name, dtype, shape and bytes) and the
+entry's own key (`cache_key`) to the file's metadata. Reading an entry reads the file once and
+checks its format, model id, key and checksum: a truncated, corrupt, foreign or misnamed entry is
 reported through `on_warning`, counted as rebuilt, and encoded again; it is never returned.
 Writes are atomic (temp file + rename), so two processes filling the same cache at once only
-race to write the same bytes.
+race to write the same bytes, and a reader sees a whole old file or a whole new one.
 
 The default folder is `$ANYSTORY_CACHE`, else `~/.cache/anystory`. torch and safetensors are
 imported inside functions: the CLI imports this module before it knows whether it will encode.
@@ -106,31 +107,17 @@ class EncodingCache:
     def get(self, key: str, model_id: str):
         """The stored encoding, or None when there is none or it is unusable (reported)."""
         path = self.path_for(key)
-        if not path.exists():
-            return None
-        problem = self._problem(path, model_id)
-        if problem is not None:
-            self.on_warning(f"cache entry {path} is {problem}; encoding the character again")
-            return None
-        from .weights import CharacterEncoding
-
-        return CharacterEncoding.load(path)
-
-    def _problem(self, path: Path, model_id: str) -> str | None:
-        """Why the entry at `path` must not be used, or None."""
-        from safetensors import SafetensorError, safe_open
-        from safetensors.torch import load_file
-
         try:
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = handle.metadata() or {}
-            tensors = load_file(str(path))
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            return f"corrupt or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-        if metadata.get("model_id") != model_id:
-            return f"from another model ({metadata.get('model_id')!r}, expected {model_id!r})"
-        if metadata.get("checksum") != tensor_checksum(tensors):
-            return "corrupt (checksum mismatch)"
+            data = path.read_bytes()  # one read: what is checked is what is returned
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            data, problem = None, f"unreadable ({exc.strerror or exc})"
+        if data is not None:
+            entry, problem = _parse(data, key, model_id)
+            if problem is None:
+                return entry
+        self.on_warning(f"cache entry {path} is {problem}; encoding the character again")
         return None
 
     def put(self, key: str, encoding) -> Path:
@@ -139,7 +126,7 @@ class EncodingCache:
         try:
             with atomic_path(target) as temp:
                 encoding.save(temp)  # the project's format (weights.py) ...
-                _stamp_checksum(temp)  # ... plus a checksum in its metadata
+                _stamp_checksum(temp, key)  # ... plus a checksum and the key in its metadata
         except (OSError, OutputError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
             raise OutputError(f"{target}: cannot write the character cache ({reason}); "
@@ -158,7 +145,45 @@ class EncodingCache:
         return CacheResult(encoding, path, hit=False, rebuilt=existed)
 
 
-def _stamp_checksum(path: Path) -> None:
+def _parse(data: bytes, key: str, model_id: str):
+    """(CharacterEncoding, None) from an entry's bytes, or (None, why it must not be used)."""
+    import json
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load as load_tensors
+
+    from .weights import ENCODING_FORMAT, CharacterEncoding
+
+    try:
+        # safetensors: 8-byte little-endian header length, a JSON header, then the tensor bytes.
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or size > len(data) - 8:
+            raise ValueError(f"{len(data)} bytes, shorter than its header says")
+        metadata = json.loads(data[8:8 + size]).get("__metadata__") or {}
+        tensors = load_tensors(data)
+    except (SafetensorError, ValueError, RuntimeError, AttributeError) as exc:
+        return None, f"corrupt or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+    if metadata.get("format") != ENCODING_FORMAT or "subject_tokens" not in tensors:
+        return None, f"not a character encoding of this version (format {metadata.get('format')!r})"
+    if metadata.get("model_id") != model_id:
+        return None, f"from another model ({metadata.get('model_id')!r}, expected {model_id!r})"
+    if metadata.get("checksum") != tensor_checksum(tensors):
+        return None, "corrupt (checksum mismatch)"
+    if "cache_key" not in metadata:
+        return None, "from an older version of the cache (no key in its metadata)"
+    if metadata["cache_key"] != key:
+        return None, f"stored under the wrong name (it holds key {metadata['cache_key']!r})"
+    prefix = "reference/"
+    return CharacterEncoding(
+        subject_tokens=tensors["subject_tokens"],
+        routing_feature=tensors["routing_feature"],
+        reference_features={k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+        model_id=metadata["model_id"],
+        name=metadata.get("name", ""),
+    ), None
+
+
+def _stamp_checksum(path: Path, key: str) -> None:
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
@@ -166,4 +191,5 @@ def _stamp_checksum(path: Path) -> None:
         metadata = dict(handle.metadata() or {})
     tensors = load_file(str(path))
     metadata["checksum"] = tensor_checksum(tensors)
+    metadata["cache_key"] = key
     save_file(tensors, str(path), metadata=metadata)

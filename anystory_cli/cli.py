@@ -28,7 +28,7 @@ PIPELINE_FACTORY: Optional[Callable[[str, Path], Any]] = None
 MODEL_FINGERPRINT: Optional[Callable[[str, Path], str]] = None
 
 EXIT_INTERRUPTED = 130
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}\Z")  # \Z: '$' lets 'mira\n' through
 
 app = typer.Typer(
     name="anystory",
@@ -98,8 +98,9 @@ def _guarded(as_json: bool = False, extra: Callable[[], dict] | None = None):
             if isinstance(error, AnyStoryError):
                 _fail(str(error), error.exit_code, as_json, details)
             if isinstance(error, KeyboardInterrupt):
-                _fail("interrupted; finished files are kept, rerun to continue",
-                      EXIT_INTERRUPTED, as_json, details)
+                # render.Interrupted (SIGINT/SIGTERM at a safe point) says what was finished.
+                _fail(str(error) or "interrupted; finished files are kept, rerun to continue",
+                      getattr(error, "exit_code", EXIT_INTERRUPTED), as_json, details)
             if _State.debug or not isinstance(error, Exception):
                 return False  # --debug: let Python print the traceback
             _fail(f"unexpected {type(error).__name__}: {error} (rerun with --debug for the traceback)",
@@ -229,7 +230,7 @@ def _out_dirs(stories: list[Path], out: Optional[Path]) -> list[Path]:
     root = out if out is not None else Path("out")
     folders, seen = [], {}
     for path in stories:
-        stem = path.stem
+        stem = path.stem if path.stem not in ("", ".", "..") else "story"  # '...yaml' -> '..'
         seen[stem] = seen.get(stem, 0) + 1
         folders.append(root / (stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"))
     return folders
@@ -343,12 +344,14 @@ def render(
 
     Panels that are already drawn and unchanged are not drawn again: re-running an unchanged
     story writes nothing and says so. --pages and --panels choose what to draw; the PDF and
-    CBZ are written once every page is complete.
+    CBZ are written once every page is complete. Ctrl-C stops at the next step (exit 130,
+    SIGTERM 143); run again to finish. Under `torchrun --nproc-per-node N -m anystory_cli.cli
+    render ...` the processes share the panels out.
     """
     page_numbers, panel_numbers = pages, panels  # lists of numbers, from the _ranges callback
     summaries: list[Any] = []
     with _guarded(as_json, extra=lambda: {"stories": [s.to_dict() for s in summaries]}):
-        from .render import memoize_factory, render_story
+        from .render import Interrupted, memoize_factory, render_story, stop_on_signals
 
         fingerprint = MODEL_FINGERPRINT
         if PIPELINE_FACTORY is None:
@@ -358,21 +361,50 @@ def render(
         else:
             factory = memoize_factory(PIPELINE_FACTORY)
         _quiet_libraries()
-        reporter = _RichProgress() if _colour(sys.stderr) and not as_json else _PlainProgress()
+        # Under torchrun / accelerate launch only the first process reports; every one draws.
+        first = _rank() == 0
+        reporter = (_RichProgress() if _colour(sys.stderr) and not as_json else _PlainProgress()) \
+            if first else _QuietProgress()
         try:
-            for story, folder in zip(stories, _out_dirs(stories, out)):
-                summaries.append(render_story(
-                    story, folder, pages=page_numbers, panels=panel_numbers, seed=seed, steps=steps,
-                    save_routing=save_routing, pipeline_factory=factory,
-                    model_fingerprint=fingerprint, cache_dir=cache, progress=reporter,
-                ))
+            with stop_on_signals():  # Ctrl-C / SIGTERM: stop at the next safe point, say what is done
+                for story, folder in zip(stories, _out_dirs(stories, out)):
+                    summaries.append(render_story(
+                        story, folder, pages=page_numbers, panels=panel_numbers, seed=seed,
+                        steps=steps, save_routing=save_routing, pipeline_factory=factory,
+                        model_fingerprint=fingerprint, cache_dir=cache, progress=reporter,
+                    ))
+        except Interrupted as stopped:
+            if stopped.summary is not None:
+                summaries.append(stopped.summary)
+            raise
         finally:
             reporter.close()
+        if not first:
+            return
         if as_json:
             typer.echo(json.dumps({"ok": True, "stories": [s.to_dict() for s in summaries]}, indent=2))
         else:
             for summary in summaries:
                 _print_summary(summary)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when alone)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+    except ValueError:
+        return 0
+
+
+class _QuietProgress:
+    """Processes other than the first: warnings only (errors are printed by the guard)."""
+
+    def __call__(self, event) -> None:
+        if event.kind == "warning":
+            _print_warning(event.message)
+
+    def close(self) -> None:
+        pass
 
 
 def _print_summary(summary) -> None:
@@ -389,6 +421,133 @@ def _print_summary(summary) -> None:
         parts.append(f"page(s) {', '.join(map(str, summary.pages_incomplete))} incomplete")
     typer.echo(f"{summary.story}: {', '.join(parts)} -> {summary.out_dir} "
                f"({summary.timings.get('total', 0.0):.1f} s)")
+
+
+# --------------------------------------------------------------------------------------------
+# train: AnyStory adapters (stage 1 / 2) and the default model's base models
+# --------------------------------------------------------------------------------------------
+
+
+class _TrainProgress:
+    """A rich bar with the losses and speed on a terminal; otherwise one line per `every` steps
+    (and per checkpoint) on stderr. With --json, every event is one JSON line on stdout."""
+
+    def __init__(self, as_json: bool, every: int = 10):
+        self.as_json, self.every = as_json, every
+        self.bar = self.task = None
+        if not as_json and _colour(sys.stderr):
+            from rich.console import Console
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[losses]}", markup=False), TimeElapsedColumn(),
+                                TimeRemainingColumn(), console=Console(stderr=True, highlight=False))
+
+    def __call__(self, event: dict) -> None:
+        if self.as_json:
+            typer.echo(json.dumps(event))
+            return
+        kind = event.get("event")
+        if kind == "start":
+            if self.bar is not None:
+                self.bar.start()
+                self.task = self.bar.add_task("", total=event["steps"], completed=event["step"], losses="")
+            else:
+                typer.echo(f"training from step {event['step']} to {event['steps']}", err=True)
+        elif kind == "step":
+            losses = " ".join(f"{k} {v:.4f}" for k, v in event.items()
+                              if k not in ("event", "step", "steps", "samples_per_s"))
+            speed = f"{event['samples_per_s']:.2f} samples/s"
+            if self.bar is not None:
+                self.bar.update(self.task, completed=event["step"], losses=f"{losses}  {speed}")
+            elif event["step"] % self.every == 0 or event["step"] == event["steps"]:
+                typer.echo(f"step {event['step']}/{event['steps']}: {losses}, {speed}", err=True)
+        elif kind == "checkpoint":
+            shown = ", ".join(str(event[k]) for k in ("plot", "grid") if event.get(k))
+            line = f"checkpoint {event['path']}" + (f" (see {shown})" if shown else "")
+            if self.bar is not None:
+                self.bar.console.print(line, style="dim", markup=False)
+            else:
+                typer.echo(line, err=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+def train(
+    recipe_path: Path = typer.Argument(..., metavar="RECIPE", help="A training recipe (YAML): "
+                                       "`stage: 1|2` trains an AnyStory adapter, `model: vae|clip|unet` "
+                                       "one of the default model's base models."),
+    resume: Optional[bool] = typer.Option(None, "--resume/--restart", help="Continue from the last "
+                                          "checkpoint, or start over (default: the recipe's `resume`)."),
+    check: bool = typer.Option(False, "--check", help="Only check the recipe and every row of its "
+                               "dataset; load no model."),
+    as_json: bool = typer.Option(False, "--json", help="Print each step and checkpoint as one JSON "
+                                 "line on stdout."),
+) -> None:
+    """Train with a recipe: on this CPU, or on GPUs under `accelerate launch` / `torchrun`.
+
+    Adapter runs write checkpoints, log.jsonl, losses.png and samples.png (sample generations
+    with their routing maps) to the recipe's output_dir; see `anystory_cli/train.py`."""
+    with _guarded(as_json):
+        from .recipe_files import read_recipe_yaml
+
+        data = read_recipe_yaml(recipe_path)
+        if isinstance(data, dict) and "model" in data and "stage" not in data:
+            _train_base_model(recipe_path, resume, check, as_json)
+            return
+        from .train import check_dataset, load_recipe
+        from .train import train as run_training
+
+        recipe = load_recipe(recipe_path)
+        if resume is not None:
+            recipe = recipe.model_copy(update={"resume": resume})
+        if check:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                check_dataset(recipe)
+            for warning in caught:
+                _print_warning(str(warning.message))
+            typer.echo(f"{recipe_path}: the recipe and its dataset {recipe.data} are usable")
+            return
+        _quiet_libraries()
+        progress = _TrainProgress(as_json)
+        try:
+            with warnings.catch_warnings():
+                # skipped rows and unwritten previews: one line each, not Python's warning format
+                warnings.showwarning = lambda message, *args, **kwargs: _print_warning(str(message))
+                result = run_training(recipe, progress=progress)
+        finally:
+            progress.close()
+        if not as_json:
+            typer.echo(f"trained to step {result.step}: {recipe.output_dir / 'adapter.safetensors'}"
+                       + (f" ({result.skipped} bad row(s) skipped)" if result.skipped else ""))
+
+
+def _train_base_model(recipe_path: Path, resume: Optional[bool], check: bool, as_json: bool) -> None:
+    """The default model's VAE, CLIP or UNet (anystory_cli/world/train_base.py): always resumes
+    from its state file; --restart is refused rather than silently deleting a long run."""
+    from .errors import InputError
+    from .world import train_base
+
+    recipe, base_dir = train_base.load_recipe(recipe_path)
+    if resume is False:
+        raise InputError(f"{recipe_path}: base-model runs always continue from their state file; "
+                         "delete it to start over")
+    if check:
+        typer.echo(f"{recipe_path}: the recipe is usable")
+        return
+
+    def say(record: dict) -> None:
+        if as_json:
+            typer.echo(json.dumps(record))
+        else:
+            typer.echo(" ".join(f"{k}={v}" for k, v in record.items()), err=True)
+
+    train_base.train(recipe, base_dir, log=say)
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,6 +577,27 @@ def world_sample(
         typer.echo(f"{len(files)} files -> {out}")
 
 
+@world_app.command("dataset")
+def world_dataset(
+    out: Path = typer.Option(..., "--out", help="Dataset folder (train.jsonl and its images)."),
+    stage: int = typer.Option(..., "--stage", min=1, max=2, help="1: paired views of one "
+                              "character; 2: scenes of 2-4 characters with instance masks."),
+    count: int = typer.Option(..., "--count", min=1, max=10_000_000, help="How many samples."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed (same seed, same samples)."),
+    size: int = typer.Option(64, "--size", min=32, max=512, help="Image size in pixels."),
+) -> None:
+    """Write an `anystory train` dataset drawn from the world's training identities."""
+    with _guarded():
+        from .errors import OutputError
+        from .world.dataset import write_dataset
+
+        try:
+            manifest = write_dataset(out, stage, count, seed, size)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write the dataset ({exc.strerror or exc})") from None
+        typer.echo(f"{count} stage-{stage} samples -> {manifest}")
+
+
 @world_app.command("reference")
 def world_reference(
     identity: int = typer.Argument(..., help="Identity seed of a world character.", show_default=False),
@@ -445,6 +625,82 @@ def _quiet_libraries() -> None:
     if not _State.debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluate: the default model graded by the independent judge (judge.py, evaluate.py)
+# --------------------------------------------------------------------------------------------
+
+# The seam tests use to put a tiny pipeline in place of the default base model:
+# BASE_PIPELINE_FACTORY(assets_dir or None) -> a diffusers text-to-image pipeline. None means
+# `load_default_base` on the shipped assets (or on --assets).
+BASE_PIPELINE_FACTORY: Optional[Callable[[Optional[Path]], Any]] = None
+
+evaluate_app = typer.Typer(help="Grade the default model with the independent judge (trained on "
+                           "rendered scenes only).", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+# `anystory evaluate base` grades the base text-to-image model. The AnyStory evaluation (identity
+# accuracy of held-out characters at their places, blending rate; issue 7) is to be added here as
+# another command of this group, e.g. `anystory evaluate adapter`, on the same judge.
+
+
+def _format_rate(value: float) -> str:
+    return "  -  " if value != value else f"{value:5.2f}"  # NaN: nothing to measure
+
+
+@evaluate_app.command("base")
+def evaluate_base_command(
+    samples: int = typer.Option(64, "--samples", min=1, max=10000, help="Held-out captions to draw."),
+    steps: int = typer.Option(25, "--steps", min=1, max=500, help="Denoising steps."),
+    guidance: float = typer.Option(4.0, "--guidance", min=1.0, max=50.0, help="Classifier-free guidance."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Chooses the captions and the noise."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Folder for grid.png (generated beside "
+                                          "rendered, with the judge's verdicts) and report.json."),
+    assets: Optional[Path] = typer.Option(None, "--assets", help="Folder of the default model's assets "
+                                          "(default: the shipped ones)."),
+) -> None:
+    """Draw held-out captions with the base model; judge place, time, count and positions.
+
+    Beside each figure: the judge's own accuracy on the rendered scenes of the same captions.
+    Goal (issue 6): scene and count accuracy >= 0.90 on the generated images.
+    """
+    with _guarded(as_json):
+        from .evaluate import evaluate_base
+        from .judge import load_judge
+
+        _quiet_libraries()
+        import torch
+
+        judge = load_judge()
+        if BASE_PIPELINE_FACTORY is not None:
+            pipe = BASE_PIPELINE_FACTORY(assets)
+        else:
+            from .world.base_models import DEFAULT_ASSETS, load_default_base
+
+            pipe, _ = load_default_base(assets if assets is not None else DEFAULT_ASSETS)
+
+        def progress(done: int, total: int) -> None:
+            if not as_json:
+                typer.echo(f"drawn {done}/{total}", err=True)
+
+        with torch.inference_mode():
+            result = evaluate_base(pipe, judge, n_samples=samples, seed=seed, steps=steps, guidance=guidance,
+                                   report_dir=report, progress=progress)
+        if as_json:
+            typer.echo(json.dumps({"ok": True, **{k: v for k, v in result.items() if k != "records"}}, indent=2))
+            return
+        typer.echo(f"base model: {samples} held-out captions, {steps} steps, guidance {guidance}, "
+                   f"seed {seed} ({result['seconds']['total']:.0f} s)")
+        typer.echo(f"{'':10}{'generated':>10}{'rendered':>10}   (rendered: the judge on the captions' own scenes)")
+        for key in ("place", "time", "scene", "prop", "count", "position", "pose"):
+            if key in result["generated"]:
+                typer.echo(f"{key:10}{_format_rate(result['generated'][key]):>10}"
+                           f"{_format_rate(result['rendered'][key]):>10}")
+        goals = " and ".join(f"{k} >= {v:.2f}" for k, v in result["goals"].items())
+        typer.echo(f"goal ({goals} on generated images): {'met' if result['goals_met'] else 'not met'}")
+        if report is not None:
+            typer.echo(f"report: {result['report']['grid']}, {result['report']['json']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

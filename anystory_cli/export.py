@@ -19,7 +19,7 @@ from typing import BinaryIO
 
 from PIL import Image
 
-from anystory_cli.atomic import atomic_path
+from anystory_cli.atomic import atomic_path, check_within
 from anystory_cli.errors import OutputError
 
 
@@ -35,12 +35,16 @@ def ensure_dir(path: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None],
+                 within: str | os.PathLike[str] | None = None) -> Path:
     """Call `write(handle)` on a temp file next to `path`, then rename it over `path`
-    (the package's `atomic_path`); the result keeps the replaced file's permissions."""
+    (the package's `atomic_path`); the result keeps the replaced file's permissions.
+    `within`: refuse a path that symbolic links would take outside that folder."""
     target = Path(path)
+    if within is not None:
+        check_within(target, within)
     ensure_dir(target.parent)
-    with atomic_path(target) as temp:
+    with atomic_path(target, within=within) as temp:
         with open(temp, "wb") as handle:
             write(handle)
     return target
@@ -77,9 +81,11 @@ def write_panels_png(
 
 
 def write_pdf(
-    pages: Sequence[Image.Image], path: str | os.PathLike[str], title: str = "", dpi: int = 150
+    pages: Sequence[Image.Image], path: str | os.PathLike[str], title: str = "", dpi: int = 150,
+    within: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """All pages in one PDF, each page sized by `dpi`."""
+    """All pages in one PDF, each page sized by `dpi`. No creation date: the same pages give
+    the same bytes (a resumed render matches an uninterrupted one)."""
     if not pages:
         raise ValueError("a PDF needs at least one page")
     rgb = [page.convert("RGB") for page in pages]
@@ -87,10 +93,10 @@ def write_pdf(
     def write(handle: BinaryIO) -> None:
         rgb[0].save(
             handle, format="PDF", save_all=True, append_images=rgb[1:], resolution=float(dpi),
-            title=title, creator="anystory",
+            title=title, creator="anystory", creationDate=None, modDate=None,
         )
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, within)
 
 
 def comic_info_xml(
@@ -137,6 +143,7 @@ def write_cbz(
     title: str,
     reading_order: str = "ltr",
     characters: Sequence[str] = (),
+    within: str | os.PathLike[str] | None = None,
 ) -> Path:
     """A comic book archive: 001.png, 002.png, ... and ComicInfo.xml."""
 
@@ -152,7 +159,7 @@ def write_cbz(
                 archive.writestr(_zip_entry(f"{number:03d}.png", zipfile.ZIP_STORED), data)
             archive.writestr(_zip_entry("ComicInfo.xml", zipfile.ZIP_DEFLATED), info)
 
-    return atomic_write(path, write)
+    return atomic_write(path, write, within)
 
 
 ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can carry

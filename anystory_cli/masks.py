@@ -9,6 +9,8 @@ before loading any model.
 from __future__ import annotations
 
 import functools
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,37 +20,117 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import InputError
 
 REMBG_MODEL = "u2net"
-MAX_IMAGE_PIXELS = 64_000_000  # larger is refused before decoding (decompression bombs)
+# Larger is refused from the file's header, before decoding: a decompression bomb is a few KB
+# that claim 100000x100000 pixels. 64 MP is a 9000x7000 photo, 256 MB once decoded as RGBA.
+MAX_IMAGE_PIXELS = 64_000_000
+# The only readers a user's file may reach. From its first bytes alone, Pillow would also
+# open EPS (through Ghostscript, an external interpreter), PSD, ICO, PCX, ...: formats this
+# tool never needs, whose readers a hostile file could target. (The JPEG reader also opens
+# MPO, a camera JPEG that carries extra pictures such as previews; its first is the photo.)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF")
+IMAGE_FORMATS_HELP = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 CROP_MARGIN = 0.05  # fraction of the square side left around the character
 
+# Pillow logs what it refuses in a damaged file ("More samples per pixel than can be decoded")
+# at ERROR level; with logging not set up, Python prints that on stderr, a second line next to
+# the one error the CLI prints. The usual library courtesy: a NullHandler, so records go only
+# where an application's own logging configuration sends them.
+logging.getLogger("PIL").addHandler(logging.NullHandler())
 
-def load_image(path: str | Path, what: str = "image") -> Image.Image:
-    """Open and fully decode an image file, honouring EXIF orientation; InputError if it cannot."""
+
+class ImageFileError(InputError):
+    """An image file that cannot be used. `reason` is the message without the file name, so a
+    story can put it after the field it came from."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def _readable_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS that this Pillow can read (AVIF needs a recent build): `Image.open`
+    fails with KeyError on a format name it has no reader for."""
+    Image.init()  # registers every plugin's reader (once)
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
+
+
+def load_image(
+    path: str | Path, what: str = "image", *, max_pixels: int = MAX_IMAGE_PIXELS
+) -> Image.Image:
+    """Open and fully decode an image file into 8-bit L, LA, RGB or RGBA; ImageFileError (an
+    InputError) with one clear reason if it cannot be used.
+
+    Hostile files: a header claiming more than `max_pixels` is refused before decoding (so is
+    anything over Pillow's own decompression-bomb limit); a truncated file is refused, never
+    half-read; only the formats in IMAGE_FORMATS are read. Unusual files: EXIF orientation is
+    applied (a phone photo comes out the way it is shown); 16-bit, float, CMYK, YCbCr and
+    palette images are converted (`_normalise_mode`). An animated or multi-page image is
+    refused: which frame shows the character is the user's choice, not ours.
+    """
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{path}: {what} not found")
+    megapixels = max_pixels // 1_000_000
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                raise InputError(f"{path}: {what} is {image.width}x{image.height}, larger than the "
-                                 f"{MAX_IMAGE_PIXELS:,}-pixel limit")
-            if image.width == 0 or image.height == 0:
-                raise InputError(f"{path}: {what} has zero size")
-            image.seek(0)  # first frame of an animation
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            return image
-    except InputError:
+        with warnings.catch_warnings():
+            # Pillow warns about damaged metadata it skips ("Corrupt EXIF data", ...): the
+            # pixels are what count, and a stray warning must not break the CLI's one line.
+            warnings.simplefilter("ignore")
+            # It also warns while opening a file over Image.MAX_IMAGE_PIXELS (and raises over
+            # twice that): here both mean "too large".
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path, formats=_readable_formats()) as image:
+                width, height = image.size
+                if width == 0 or height == 0:
+                    raise ImageFileError(path, "image has zero size")
+                if width * height > max_pixels:
+                    raise ImageFileError(path, f"image is too large ({width}x{height}); at most "
+                                               f"{megapixels} megapixels")
+                if getattr(image, "is_animated", False) and image.format != "MPO":
+                    raise ImageFileError(
+                        path, f"animated or multi-page image ({image.n_frames} frames); save "
+                              "the frame you want as a still image (PNG)")
+                image = ImageOps.exif_transpose(image)  # decodes the pixels
+                image.load()
+            return _normalise_mode(image)
+    except ImageFileError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
-        raise InputError(f"{path}: not a readable {what} ({exc.__class__.__name__})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"{path}: corrupt or truncated {what} ({exc})") from None
+    except PermissionError:
+        raise ImageFileError(path, "cannot read (permission denied)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageFileError(
+            path, f"image is too large (over {Image.MAX_IMAGE_PIXELS // 1_000_000} megapixels, "
+                  f"a possible decompression bomb); at most {megapixels} megapixels") from None
+    except UnidentifiedImageError:
+        raise ImageFileError(path, f"not an image ({IMAGE_FORMATS_HELP})") from None
+    except MemoryError:
+        raise ImageFileError(path, "image is too large to decode in memory") from None
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageFileError(path, f"corrupt or truncated image ({detail})") from None
+
+
+def _normalise_mode(image: Image.Image) -> Image.Image:
+    """Any decoded mode -> 8-bit L, LA, RGB or RGBA, so later steps (and a plain `.convert`)
+    see ordinary pixels: 16-bit and float greyscale are scaled, not clipped to white; CMYK,
+    YCbCr, LAB and HSV become RGB; a palette or tRNS transparency becomes an alpha channel."""
+    mode = image.mode
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        return _to_8bit(image)
+    if "transparency" in image.info and mode in ("1", "L", "P", "RGB"):
+        return image.convert("RGBA")
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        return image
+    if mode == "1":
+        return image.convert("L")
+    if mode in ("PA", "RGBa"):
+        return image.convert("RGBA")
+    return image.convert("RGB")  # P, CMYK (Adobe-inverted ones included), YCbCr, LAB, HSV, RGBX
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
     """16-bit and float greyscale -> 8-bit 'L' by scaling the value range, not clipping it."""
-    values = np.asarray(image, dtype=np.float64)
+    values = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
     top = 65535.0 if image.mode.startswith("I;16") or values.max() > 255 else 255.0
     if image.mode == "F":
         top = max(float(values.max()), 1.0)

@@ -1,7 +1,8 @@
 """From a story's `model:` value to an AnyStoryPipeline, offline.
 
-`model: default` is the embedded default model, shipped in `anystory_cli/assets/default/`.
-Any other value is a local model folder with this layout (the default model uses it too)::
+`model: default` is the embedded default model, shipped in `anystory_cli/assets/default/` (its
+small base models in the project's own compact files, see `world/base_models.py`, plus the
+adapter). Any other value is a local model folder with this layout::
 
     my-model/
       model_index.json              a diffusers pipeline folder (`pipe.save_pretrained(...)`):
@@ -38,14 +39,21 @@ _EDGE_BYTES = 1 << 20
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".gguf"}
 
 
+# The embedded default keeps its small models as <name>.safetensors + <name>.json (fp16, built
+# by `world/base_models.py`, the same classes a diffusers folder would give) beside its adapter.
+DEFAULT_PIECES = ("vae.safetensors", "text_encoder.safetensors", "image_encoder.safetensors",
+                  "unet.safetensors", "tokenizer_words.json", ADAPTER_FILE)
+
+
 def resolve_model_dir(model: str, base_dir: str | os.PathLike[str] | None = None) -> Path:
     """The folder that `model` names: the embedded default, or a path (relative to `base_dir`)."""
     if model == DEFAULT_MODEL:
-        if not (DEFAULT_MODEL_DIR / PIPELINE_INDEX).is_file():
+        missing = [name for name in DEFAULT_PIECES if not (DEFAULT_MODEL_DIR / name).is_file()]
+        if missing:
             raise ModelError(
-                "the embedded default model is not complete in this build (its AnyStory adapter is "
+                f"the embedded default model is not complete in this build (missing {', '.join(missing)}: "
                 f"still being trained; see {DEFAULT_MODEL_DIR / 'README.md'}); set `model:` in the "
-                f"story (or --model) to a local model folder: {LAYOUT_HELP}"
+                f"story to a local model folder: {LAYOUT_HELP}"
             )
         return DEFAULT_MODEL_DIR
     folder = Path(model).expanduser()
@@ -56,6 +64,8 @@ def resolve_model_dir(model: str, base_dir: str | os.PathLike[str] | None = None
 
 def check_model_dir(folder: Path) -> None:
     """ModelError naming the first missing piece of a model folder."""
+    if folder == DEFAULT_MODEL_DIR:
+        return  # resolve_model_dir checked its pieces
     if not folder.exists():
         raise ModelError(f"model folder {folder} not found; {LAYOUT_HELP}")
     if not folder.is_dir():
@@ -119,8 +129,13 @@ def load_pipeline(model: str, base_dir: str | os.PathLike[str] | None = None):
     model_id = model_fingerprint(model, base_dir)
     device, dtype = _device_and_dtype()
     with _library_progress_bars_off():
-        base = _load_base(folder, dtype)
-        encoder = _load_image_encoder(folder / IMAGE_ENCODER_DIR, dtype)
+        if folder == DEFAULT_MODEL_DIR:
+            from .world.base_models import load_default_base
+
+            base, encoder = load_default_base(folder, dtype)
+        else:
+            base = _load_base(folder, dtype)
+            encoder = _load_image_encoder(folder / IMAGE_ENCODER_DIR, dtype)
     from .pipeline import AnyStoryPipeline
 
     try:

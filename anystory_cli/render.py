@@ -23,6 +23,21 @@ one.
 `--pages` / `--panels` choose which panels are drawn. Every page whose panels are all up to date
 is composed; the PDF and CBZ are written once every page is.
 
+Scale and faults:
+
+- Several stories in one process share the loaded model (`memoize_factory`) and the character
+  cache, so a character with the same image is encoded once.
+- Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) the processes join one gloo process
+  group; rank 0's list of panels to draw is shared, rank r draws panels r, r + W, r + 2W, ...
+  of it, and rank 0 composes the pages and exports once every rank has finished. Each panel is
+  drawn from its own seed, and pages are composed from the stored panels and routing maps (the
+  maps as stored, also in one process), so the result is the same bytes as in one process.
+- Inside `stop_on_signals()` (the CLI uses it), SIGINT or SIGTERM stop the render at the next
+  denoising step, character, panel or page with `Interrupted` (exit code 128 + signal), which
+  says what was finished; nothing is half-written and a re-run continues.
+- Every output is written inside the output folder: a sub-folder that is a symbolic link leading
+  out of it is refused (`atomic.check_within`), and nothing outside it is pruned.
+
 A text-only character (a description, no image) gets a character sheet: the pipeline draws the
 description alone (no characters) on a plain background, the sheet is segmented by its
 background colour (`characters.segment_sheet`: pixels far from the border's median colour are
@@ -35,12 +50,15 @@ Progress goes to a callback as plain `ProgressEvent`s; nothing here prints.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -50,6 +68,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from .atomic import TEMP_SUFFIX, check_within
 from .cache import EncodingCache, description_key, reference_key
 from .characters import segment_sheet
 from .errors import AnyStoryError, InputError, OutputError, StoryError
@@ -354,11 +373,13 @@ def _stored_key(path: Path) -> str | None:
         return None
 
 
-def _write_png(image: Image.Image, path: Path, key: str, dpi: int | None = None) -> Path:
+def _write_png(image: Image.Image, path: Path, key: str, dpi: int | None = None,
+               within: Path | None = None) -> Path:
     info = PngImagePlugin.PngInfo()
     info.add_text(KEY_TEXT, key)
     extra = {"dpi": (dpi, dpi)} if dpi else {}
-    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info, **extra))
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info, **extra),
+                        within)
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -380,10 +401,20 @@ def _routing_path(out: Path, key: str) -> Path:
     return out / STATE_DIR / "routing" / f"{key}.png"
 
 
-def _write_routing(maps: np.ndarray, path: Path, key: str) -> None:
+def _routing_bytes(maps: np.ndarray) -> np.ndarray:
+    return np.clip(maps * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _as_stored(maps: np.ndarray) -> np.ndarray:
+    """The maps exactly as `_read_routing` gives them back: what every page is composed from,
+    whether its panels were drawn in this process, in another, or in an earlier run."""
+    return _routing_bytes(maps).astype(np.float32) / 255.0
+
+
+def _write_routing(maps: np.ndarray, path: Path, key: str, out: Path) -> None:
     entries, height, width = maps.shape
-    stacked = np.clip(maps * 255.0 + 0.5, 0, 255).astype(np.uint8).reshape(entries * height, width)
-    _write_png(Image.fromarray(stacked, "L"), path, key)
+    stacked = _routing_bytes(maps).reshape(entries * height, width)
+    _write_png(Image.fromarray(stacked, "L"), path, key, within=out)
 
 
 def _read_routing(path: Path, key: str, entries: int) -> np.ndarray | None:
@@ -429,9 +460,12 @@ class _Characters:
         self.sheet_seed, self.steps, self.summary, self.out, self.emit = sheet_seed, steps, summary, out, emit
         self.cache = EncodingCache(cache_dir, on_warning=self._warn)
         self.encodings: dict[str, Any] = {}
+        self.stop: Callable[[], None] = lambda: None
 
-    def encode_all(self, names: Sequence[str]) -> None:
+    def encode_all(self, names: Sequence[str], stop: Callable[[], None] = lambda: None) -> None:
+        self.stop = stop
         for number, name in enumerate(names, start=1):
+            stop()
             if name not in self.encodings:
                 self.encodings[name], how = self._encode(name)
                 self.emit(ProgressEvent("character", f"{name}: {how}", number, len(names)))
@@ -481,11 +515,16 @@ class _Characters:
     def _from_description(self, name: str, key: str, settings: dict[str, Any]):
         pipeline = self.model.pipeline
         self.emit(ProgressEvent("character", f"{name}: drawing a character sheet from its description"))
+
+        def on_step(_pipe, _step, _timestep, tensors):
+            self.stop()
+            return tensors
+
         try:
             output = pipeline(
                 settings["prompt"], characters=[], num_inference_steps=settings["steps"],
                 guidance_scale=settings["guidance"], negative_prompt=settings["negative_prompt"] or None,
-                generator=_generator(settings["seed"]),
+                generator=_generator(settings["seed"]), callback_on_step_end=on_step,
             )
             sheet = output.images[0].convert("RGB")
             mask, fallback = segment_sheet(sheet)
@@ -504,10 +543,10 @@ class _Characters:
         """Copy the cached sheet to characters/<name>.png when it is not there yet."""
         cached = self.cache.sidecar_path(key, ".sheet.png")
         target = self.out / "characters" / f"{name}.png"
-        if not cached.is_file() or _stored_key(target) == key:
-            return
+        if _stored_key(cached) != key or _stored_key(target) == key:
+            return  # no whole sheet in the cache, or already published
         data = cached.read_bytes()
-        atomic_write(target, lambda handle: handle.write(data))
+        atomic_write(target, lambda handle: handle.write(data), within=self.out)
         self.summary.files_written.append(str(target))
 
     def _warn(self, message: str) -> None:
@@ -520,6 +559,179 @@ def _generator(seed: int):
 
     # A CPU generator: the same seed gives the same noise on every device.
     return torch.Generator("cpu").manual_seed(int(seed))
+
+
+# --------------------------------------------------------------------------------------------
+# Stopping cleanly on SIGINT / SIGTERM
+# --------------------------------------------------------------------------------------------
+
+
+class Interrupted(KeyboardInterrupt):
+    """A render stopped at a safe point after SIGINT or SIGTERM. The message says what was
+    finished; `exit_code` is 128 + the signal number (130 for SIGINT, 143 for SIGTERM).
+
+    A KeyboardInterrupt, so that no `except Exception` on the way swallows it."""
+
+    def __init__(self, message: str, signum: int, summary: RenderSummary | None = None):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.summary = summary
+
+
+_stop_requests: list[int] = []  # signals received inside stop_on_signals(), oldest first
+_deferring = [0]  # > 0 while drawing and writing: a signal is acted on at the next safe point
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[int] = (signal.SIGINT, signal.SIGTERM)):
+    """While active, SIGINT and SIGTERM stop renders with `Interrupted`: while a render draws
+    and writes, at its next safe point (between two denoising steps, characters, panels or
+    pages); elsewhere (checking the story, loading the model) and on a second signal, at once.
+    Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        first = not _stop_requests
+        if first:
+            _stop_requests.append(signum)
+        if not first or not _deferring[0]:
+            raise Interrupted(f"stopped by {signal.Signals(signum).name}; finished files are kept, "
+                              "run the same command again to finish the rest", signum)
+
+    _stop_requests.clear()
+    previous = {number: signal.signal(number, handler) for number in signals}
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old if old is not None else signal.SIG_DFL)
+        _stop_requests.clear()
+
+
+@contextlib.contextmanager
+def _at_safe_points():
+    """Inside, a signal is acted on at the next `_check_stop`."""
+    _deferring[0] += 1
+    try:
+        yield
+    finally:
+        _deferring[0] -= 1
+
+
+def _numbers(values: Iterable[int]) -> str:
+    """[1, 2, 3, 5] -> '1-3, 5'."""
+    runs: list[list[int]] = []
+    for value in sorted(values):
+        if runs and value == runs[-1][1] + 1:
+            runs[-1][1] = value
+        else:
+            runs.append([value, value])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _check_stop(source: str, summary: RenderSummary, to_draw: int) -> None:
+    """Interrupted, saying what is finished, when a stop was asked for."""
+    if not _stop_requests:
+        return
+    signum = _stop_requests[0]
+    drawn = summary.panels_rendered
+    done = (f"panel(s) {_numbers(drawn)} finished ({len(drawn)} of {to_draw} to draw)" if drawn
+            else f"no panel finished (0 of {to_draw} to draw)")
+    if summary.pages_written:
+        done += f", page(s) {_numbers(summary.pages_written)} written"
+    raise Interrupted(f"{source}: stopped by {signal.Signals(signum).name}: {done}; nothing is "
+                      "half-written, run the same command again to finish the rest", signum, summary)
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes: torchrun / accelerate launch
+# --------------------------------------------------------------------------------------------
+
+
+def _process_group():
+    """torch.distributed, joined (gloo) if nobody has joined it yet."""
+    import torch
+    import torch.distributed as dist
+
+    world = os.environ.get("WORLD_SIZE")
+    if not dist.is_available():
+        raise AnyStoryError(f"WORLD_SIZE={world}, but this torch build has no torch.distributed; "
+                            "run one process")
+    if not dist.is_initialized():
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        if torch.cuda.is_available() and not os.environ.get("ANYSTORY_DEVICE"):
+            torch.cuda.set_device(local_rank % torch.cuda.device_count())  # one GPU per process
+        try:
+            dist.init_process_group("gloo")
+        except (RuntimeError, ValueError, KeyError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise AnyStoryError(f"WORLD_SIZE={world}: cannot join the other processes ({reason}); "
+                                "start them with torchrun --nproc-per-node N, or unset WORLD_SIZE") from None
+        atexit.register(_leave_process_group)
+    return dist
+
+
+def _leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class _Ranks:
+    """This process's place among the processes of one render. Rank r of W draws the panels
+    r, r + W, r + 2W, ... of rank 0's list of panels to draw; rank 0 composes the pages once
+    every rank has finished. One process: rank 0 of 1, and nothing to coordinate."""
+
+    def __init__(self, rank: int = 0, world: int = 1):
+        self.rank, self.world = rank, world
+
+    @classmethod
+    def current(cls) -> "_Ranks":
+        try:
+            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+        except ValueError:
+            world = 1
+        if world <= 1:
+            return cls()
+        dist = _process_group()
+        return cls(dist.get_rank(), dist.get_world_size())
+
+    def _flags(self, values: Iterable[int], count: int):
+        import torch
+        import torch.distributed as dist
+
+        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        flags = torch.zeros(count, dtype=torch.int64, device=device)
+        for value in values:
+            flags[value] = 1
+        return flags
+
+    def share(self, indices: Sequence[int], count: int) -> list[int]:
+        """Rank 0's `indices` (0 <= i < count), on every rank."""
+        if self.world == 1:
+            return list(indices)
+        import torch.distributed as dist
+
+        flags = self._flags(indices if self.rank == 0 else (), count)
+        dist.broadcast(flags, src=0)
+        return [i for i in range(count) if flags[i]]
+
+    def mine(self, todo: Sequence[Any]) -> list[Any]:
+        return list(todo[self.rank::self.world])
+
+    def gather(self, failed: bool, indices: Sequence[int], count: int) -> tuple[bool, list[int]]:
+        """(did any rank fail, the union of every rank's `indices`); waits for every rank."""
+        if self.world == 1:
+            return failed, list(indices)
+        import torch.distributed as dist
+
+        flags = self._flags([0] * failed + [1 + i for i in indices], count + 1)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), [i for i in range(count) if flags[1 + i]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -593,39 +805,85 @@ def render_story(
             raise InputError(f"{source}: {exc}") from None
         frames = frame_sizes(story, page_plans)
         jobs = {plan.index: _job(plan, frames[plan.index]) for plan in plans}
-        # Panels already drawn with the same key are kept.
-        todo = [jobs[i] for i in sorted(chosen) if not _load_if_current(jobs[i], out)]
-    summary.panels_skipped = sorted(i + 1 for i in chosen if jobs[i].image is not None)
+        ranks = _Ranks.current()
+        # Panels already drawn with the same key are kept (rank 0 looks; every rank uses its list).
+        fresh = ([i for i in sorted(chosen) if not _load_if_current(jobs[i], out)]
+                 if ranks.rank == 0 else [])
+        todo = [jobs[i] for i in ranks.share(fresh, len(plans))]
+    drawing = {job.plan.index for job in todo}
+    summary.panels_skipped = sorted(i + 1 for i in chosen if i not in drawing)
     emit(ProgressEvent("story", f"{source}: {story.title}", 0, len(todo)))
     if not todo:
         emit(ProgressEvent("note", f"all {len(chosen)} selected panels are up to date; nothing to draw"))
 
-    # 2. Characters once, then the panels.
-    if todo:
-        _check_model_fits(model.pipeline, plans, source)
-        characters = _Characters(story, source, model, cache_dir,
-                                 story.seed if seed is None else seed, steps, summary, out, emit)
-        needed = list(dict.fromkeys(c.name for job in todo for c in job.plan.characters))
-        with clock("encode"):
-            characters.encode_all(needed)
-        with clock("render"):
-            for number, job in enumerate(todo, start=1):
-                emit(ProgressEvent("panel", f"panel {job.plan.index + 1}: {job.plan.prompt}",
-                                   number - 1, len(todo)))
-                _draw_panel(model.pipeline, job, characters.encodings, out, source, emit)
-                summary.panels_rendered.append(job.plan.index + 1)
-                summary.files_written.append(str(_panel_path(out, job.plan.index)))
-                emit(ProgressEvent("panel_done", f"panel {job.plan.index + 1}", number, len(todo)))
+    # 2. Characters once, then the panels (this process's share of them).
+    mine = ranks.mine(todo)
+    if ranks.world > 1:
+        emit(ProgressEvent("note", f"process {ranks.rank + 1} of {ranks.world}: drawing {len(mine)} "
+                                   f"of the {len(todo)} panel(s) to draw"))
+
+    def stop() -> None:
+        _check_stop(source, summary, len(todo))
+
+    failure: BaseException | None = None
+    try:
+        stop()
+        if mine:
+            _check_model_fits(model.pipeline, plans, source)  # loads the model (stops at once)
+            characters = _Characters(story, source, model, cache_dir,
+                                     story.seed if seed is None else seed, steps, summary, out, emit)
+            needed = list(dict.fromkeys(c.name for job in mine for c in job.plan.characters))
+            with clock("encode"), _at_safe_points():
+                characters.encode_all(needed, stop)
+            with clock("render"), _at_safe_points():
+                for number, job in enumerate(mine, start=1):
+                    stop()
+                    emit(ProgressEvent("panel", f"panel {job.plan.index + 1}: {job.plan.prompt}",
+                                       number - 1, len(mine)))
+                    _draw_panel(model.pipeline, job, characters.encodings, out, source, emit, stop)
+                    summary.panels_rendered.append(job.plan.index + 1)
+                    summary.files_written.append(str(_panel_path(out, job.plan.index)))
+                    emit(ProgressEvent("panel_done", f"panel {job.plan.index + 1}", number, len(mine)))
+    except BaseException as exc:  # noqa: BLE001 - every rank must reach the gather below
+        failure = exc
+        if isinstance(exc, KeyboardInterrupt) and _stop_requests:
+            try:
+                stop()  # the same stop, said with what was finished
+            except Interrupted as said:
+                failure = said
     summary.model_loaded = model.loaded
     summary.timings["load_model"] = model.load_seconds
+    if ranks.world > 1:
+        with clock("wait"):  # for the other processes to finish their panels
+            others_failed, drawn = ranks.gather(failure is not None,
+                                                [n - 1 for n in summary.panels_rendered], len(plans))
+        if failure is None and others_failed:
+            failure = AnyStoryError(f"{source}: another process of this render failed (see its "
+                                    "message); finished panels are kept, run again to finish the rest")
+        if failure is None:
+            own = set(summary.panels_rendered)
+            summary.panels_rendered = [i + 1 for i in drawn]
+            summary.files_written += [str(_panel_path(out, i)) for i in drawn if i + 1 not in own]
+    if failure is not None:
+        raise failure
+    if ranks.rank != 0:
+        summary.timings["total"] = time.perf_counter() - start
+        emit(ProgressEvent("done", f"{source}: process {ranks.rank + 1} of {ranks.world} drew its "
+                                   "panels; the first process composes the pages"))
+        return summary
 
-    # 3. Routing outputs, pages, exports.
+    # 3. Routing outputs, pages, exports: from the stored panels of every process.
     if save_routing:
-        _write_routing_outputs([jobs[i] for i in sorted(chosen)], out, summary)
-    with clock("compose"):
-        composed = _compose_pages(story, page_plans, jobs, out, summary, emit)
-    with clock("export"):
+        for index in sorted(chosen):
+            if jobs[index].image is None:
+                _load_if_current(jobs[index], out)
+        with _at_safe_points():
+            _write_routing_outputs([jobs[i] for i in sorted(chosen)], out, summary)
+    with clock("compose"), _at_safe_points():
+        composed = _compose_pages(story, page_plans, jobs, out, summary, emit, stop)
+    with clock("export"), _at_safe_points():
         if len(composed) == len(page_plans):
+            stop()
             _export(story, Path(story_path).stem, composed, out, summary, emit)
             if pages is None and panels is None:
                 _prune(out, len(plans), len(page_plans), jobs.values())
@@ -663,12 +921,14 @@ def _check_model_fits(pipeline, plans: Sequence[PanelPlan], source: str) -> None
                              f"characters, but the model supports at most {limit} per panel")
 
 
-def _draw_panel(pipeline, job: _PanelJob, encodings: dict[str, Any], out: Path, source: str, emit) -> None:
+def _draw_panel(pipeline, job: _PanelJob, encodings: dict[str, Any], out: Path, source: str, emit,
+                stop: Callable[[], None] = lambda: None) -> None:
     plan = job.plan
     width, height = _image_size(pipeline, job.multipliers)
 
     def on_step(_pipe, step, _timestep, tensors):
         emit(ProgressEvent("step", f"panel {plan.index + 1}", step + 1, plan.num_inference_steps))
+        stop()  # between two denoising steps: a signal stops the render here
         return tensors
 
     try:
@@ -690,10 +950,10 @@ def _draw_panel(pipeline, job: _PanelJob, encodings: dict[str, Any], out: Path, 
     except AnyStoryError as exc:
         raise type(exc)(f"{source}: panels[{plan.index}]: {exc}") from None
     job.image = output.images[0].convert("RGB")
-    job.maps = output.routing_maps[0].float().cpu().numpy()
+    job.maps = _as_stored(output.routing_maps[0].float().cpu().numpy())
     # Maps first: a panel PNG with this key promises that its maps exist.
-    _write_routing(job.maps, _routing_path(out, job.key), job.key)
-    _write_png(job.image, _panel_path(out, plan.index), job.key)
+    _write_routing(job.maps, _routing_path(out, job.key), job.key, out)
+    _write_png(job.image, _panel_path(out, plan.index), job.key, within=out)
 
 
 def _write_routing_outputs(jobs: Sequence[_PanelJob], out: Path, summary: RenderSummary) -> None:
@@ -706,8 +966,8 @@ def _write_routing_outputs(jobs: Sequence[_PanelJob], out: Path, summary: Render
             continue
         maps = job.maps.astype(np.float32)
         npy_path = overlay_path.with_suffix(".npy")
-        atomic_write(npy_path, lambda handle: np.save(handle, maps, allow_pickle=False))
-        _write_png(routing_overlay(job.image, maps), overlay_path, job.key)
+        atomic_write(npy_path, lambda handle: np.save(handle, maps, allow_pickle=False), within=out)
+        _write_png(routing_overlay(job.image, maps), overlay_path, job.key, within=out)
         summary.files_written += [str(npy_path), str(overlay_path)]
 
 
@@ -716,10 +976,12 @@ def _page_key(spec: PageSpec, jobs: Sequence[_PanelJob], texts: Sequence[PanelTe
 
 
 def _compose_pages(story: Story, page_plans: Sequence[PagePlan], jobs: dict[int, _PanelJob],
-                   out: Path, summary: RenderSummary, emit) -> list[tuple[str, Image.Image]]:
+                   out: Path, summary: RenderSummary, emit,
+                   stop: Callable[[], None] = lambda: None) -> list[tuple[str, Image.Image]]:
     """Compose and write every complete page whose key changed; (key, image) of complete pages."""
     composed = []
     for page in page_plans:
+        stop()
         members = [jobs[i] for i in page.panels]
         number = page.index + 1
         if any(job.image is None and not _load_if_current(job, out) for job in members):
@@ -737,7 +999,7 @@ def _compose_pages(story: Story, page_plans: Sequence[PagePlan], jobs: dict[int,
         maps = [job.maps if job.maps is not None and job.maps.shape[0] == job.entries else None
                 for job in members]
         image = compose_page(spec, [job.image for job in members], texts, maps)
-        _write_png(image, path, key, dpi=story.page.dpi)
+        _write_png(image, path, key, dpi=story.page.dpi, within=out)
         summary.pages_written.append(number)
         summary.files_written.append(str(path))
         emit(ProgressEvent("page", f"page {number}", len(summary.pages_written), len(page_plans)))
@@ -754,9 +1016,9 @@ def _export(story: Story, stem: str, composed: Sequence[tuple[str, Image.Image]]
     key = _sha256("export", story.title, story.page.reading_order, story.page.dpi,
                   sorted(story.characters), [page_key for page_key, _ in composed])
     writers = {
-        f"{stem}.pdf": lambda path: write_pdf(pages, path, story.title, story.page.dpi),
+        f"{stem}.pdf": lambda path: write_pdf(pages, path, story.title, story.page.dpi, within=out),
         f"{stem}.cbz": lambda path: write_cbz(pages, path, story.title, story.page.reading_order,
-                                              sorted(story.characters)),
+                                              sorted(story.characters), within=out),
     }
     changed = False
     for name, write in writers.items():
@@ -772,7 +1034,7 @@ def _export(story: Story, stem: str, composed: Sequence[tuple[str, Image.Image]]
         changed = True
     if changed:
         text = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        atomic_write(manifest_path, lambda handle: handle.write(text))
+        atomic_write(manifest_path, lambda handle: handle.write(text), within=out)
 
 
 def _read_json(path: Path) -> dict:
@@ -783,17 +1045,40 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+STALE_TEMP_SECONDS = 600  # a temporary file this old was left by a killed run, not a live one
+
+
+def _inside(folder: Path, out: Path) -> bool:
+    try:
+        check_within(folder / "-", out)
+    except OutputError:
+        return False
+    return True
+
+
 def _prune(out: Path, panel_count: int, page_count: int, jobs: Iterable[_PanelJob]) -> None:
-    """After a complete render: remove pages and panels the story no longer has, and routing
-    maps of keys no panel uses. Only files with our own names are touched."""
-    doomed = [p for p in (out / "pages").glob("page-*.png")
-              if re.fullmatch(r"page-(\d{3,})\.png", p.name) and int(p.name[5:-4]) > page_count]
-    for path in (out / "panels").glob("panel-*"):
+    """After a complete render: remove pages and panels the story no longer has, routing maps
+    of keys no panel uses, and temporary files a killed run left behind. Only files with our
+    own names, in folders inside the output folder, are touched."""
+    folders = {name: out / name for name in ("pages", "panels", "characters", STATE_DIR,
+                                             f"{STATE_DIR}/routing")}
+    folders = {name: folder for name, folder in folders.items() if _inside(folder, out)}
+    doomed = [p for p in folders["pages"].glob("page-*.png")
+              if re.fullmatch(r"page-(\d{3,})\.png", p.name) and int(p.name[5:-4]) > page_count
+              ] if "pages" in folders else []
+    for path in folders["panels"].glob("panel-*") if "panels" in folders else ():
         match = re.fullmatch(r"panel-(\d{3,})(-routing)?\.(png|npy)", path.name)
         if match and int(match.group(1)) > panel_count:
             doomed.append(path)
     keys = {job.key for job in jobs}
-    doomed += [p for p in (out / STATE_DIR / "routing").glob("*.png") if p.stem not in keys]
+    if f"{STATE_DIR}/routing" in folders:
+        doomed += [p for p in folders[f"{STATE_DIR}/routing"].glob("*.png") if p.stem not in keys]
+    cutoff = time.time() - STALE_TEMP_SECONDS
+    for folder in [out, *folders.values()]:
+        for path in folder.glob(f".*{TEMP_SUFFIX}"):
+            with contextlib.suppress(OSError):
+                if not path.is_symlink() and path.is_file() and path.stat().st_mtime < cutoff:
+                    doomed.append(path)
     for path in doomed:
         try:
             path.unlink()

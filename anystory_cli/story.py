@@ -29,13 +29,11 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import warnings
 from collections.abc import Hashable, Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from PIL import Image
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -53,16 +51,36 @@ from pydantic_core import PydanticCustomError
 
 from anystory_cli.errors import StoryError
 from anystory_cli.layout import LAYOUT_TEMPLATES, mm_to_px, page_size_px
+from anystory_cli.masks import ImageFileError, load_image
 
+# Limits on what a story file may be. Each refuses hostile input with one clear line and sits
+# far above what a real story needs (a long story is tens of KB, a few thousand nodes, 8
+# levels deep).
+# Checked before parsing: pure-Python YAML parses only about 100 KB a second.
 MAX_STORY_BYTES = 1024 * 1024
-# Anchors/aliases let a tiny file expand into a huge tree ("billion laughs"); cap the expansion.
+# Anchors/aliases let a tiny file expand into a huge tree ("billion laughs"); cap the expansion
+# (and the nodes of the file itself, counted while parsing, so a big flat file stops early).
 MAX_EXPANDED_NODES = 200_000
+# `title: [[[[...` recurses once per level in the YAML composer and in validation: stop at a
+# depth no story reaches (panels[0].characters[0].at.box[0] is 8) and long before Python's
+# recursion limit.
+MAX_NESTING_DEPTH = 50
+# A plain number is converted by Python's int(); a long one ('1:0:0:...' in base 60, or a
+# million digits) costs quadratic time or exceeds int's digit limit. No field needs 100 chars.
+MAX_NUMBER_CHARS = 100
 DEFAULT_MAX_CHARACTERS = 4
 MAX_REFERENCE_PIXELS = 4096 * 4096
 MAX_PAGE_SIDE_PX = 20_000
 MIN_CONTENT_PX = 64
 
-_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}$")
+# A character's name is also a file name (out/characters/<name>.png): letters, digits, '_' and
+# '-' only, so no name holds '/', '..', a drive, a NUL or a newline. \Z, not $: '$' also
+# matches before a final newline, and 'mira\n' would pass.
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}\Z")
+# Device names Windows reserves whatever the extension: 'con.png' is the console, not a file.
+_RESERVED_NAMES = frozenset(
+    ["con", "prn", "aux", "nul", *(f"com{i}" for i in range(10)), *(f"lpt{i}" for i in range(10))]
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -82,6 +100,13 @@ def _check_name(value: str) -> str:
             "character_name",
             "character name {name} must start with a letter and use only letters, digits, "
             "'_' or '-' (at most 40)",
+            {"name": repr(value)},
+        )
+    if value.lower() in _RESERVED_NAMES:
+        raise PydanticCustomError(
+            "character_name",
+            "character name {name} is reserved for a device on Windows (con, prn, aux, nul, "
+            "com0-9, lpt0-9); choose another",
             {"name": repr(value)},
         )
     return value
@@ -351,15 +376,78 @@ class DuplicateKeyError(yaml.constructor.ConstructorError):
     pass
 
 
+class YAMLLimitError(yaml.MarkedYAMLError):
+    """A document over one of the limits above; `node`, when known, locates it."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None, node: yaml.Node | None = None):
+        super().__init__(problem=problem, problem_mark=mark)
+        self.node = node
+
+
 class UniqueKeyLoader(yaml.SafeLoader):
     """A SafeLoader that refuses duplicate mapping keys (plain YAML keeps the last one silently,
-    so a second `mira:` would replace the first character without a word).
+    so a second `mira:` would replace the first character without a word), and documents over
+    MAX_NESTING_DEPTH, MAX_EXPANDED_NODES (counted while parsing) or MAX_NUMBER_CHARS, with a
+    YAMLLimitError as soon as the limit is passed.
 
     With `duplicates` set to a list, it records `(mapping_node, key_node, first_key_node)` and
     keeps the first definition instead of raising, so a caller can report every duplicate.
     """
 
     duplicates: list[tuple[yaml.Node, yaml.Node, yaml.Node]] | None = None
+
+    def __init__(self, stream: Any):
+        self._depth = 0
+        self._nodes = 0
+        super().__init__(stream)
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        self._nodes += 1
+        try:
+            if self._depth > MAX_NESTING_DEPTH:
+                raise YAMLLimitError(
+                    f"the document is nested more than {MAX_NESTING_DEPTH} levels deep",
+                    self.peek_event().start_mark,
+                )
+            if self._nodes > MAX_EXPANDED_NODES:
+                raise YAMLLimitError(f"the document has over {MAX_EXPANDED_NODES} nodes",
+                                     self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        # PyYAML's own constructors fail with bare Python errors on some values, most with an
+        # explicit tag: `!!timestamp x` (AttributeError), `!!bool x` (KeyError), `!!int x`,
+        # `2024-13-45` (ValueError). Say which value, where.
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, OverflowError, KeyError, AttributeError, TypeError, IndexError) as exc:
+            kind = str(node.tag).rsplit(":", 1)[-1]
+            shown = repr(node.value) if isinstance(node, yaml.ScalarNode) else f"this {node.id}"
+            shown = shown if len(shown) <= 40 else shown[:37] + "..."
+            readable = isinstance(exc, (ValueError, OverflowError)) and str(exc).strip()
+            detail = f" ({str(exc).strip().splitlines()[0][:80]})" if readable else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read {shown} as {kind}{detail}; quote it if it is meant as "
+                "text", node.start_mark,
+            ) from None
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        self._check_number(node)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        self._check_number(node)
+        return super().construct_yaml_float(node)
+
+    def _check_number(self, node: yaml.ScalarNode) -> None:
+        if len(node.value) > MAX_NUMBER_CHARS:
+            raise YAMLLimitError(
+                f"a number of {len(node.value)} characters; at most {MAX_NUMBER_CHARS} "
+                "(quote it if it is meant as text)", node.start_mark, node,
+            )
 
     def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
         if isinstance(node, yaml.MappingNode):
@@ -388,6 +476,11 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 seen[key] = key_node
             kept.append((key_node, value_node))
         node.value = kept
+
+
+# SafeLoader's table maps these tags to its own functions; point this loader's copy at ours.
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", UniqueKeyLoader.construct_yaml_int)
+UniqueKeyLoader.add_constructor("tag:yaml.org,2002:float", UniqueKeyLoader.construct_yaml_float)
 
 
 def _node_paths(root: yaml.Node) -> dict[int, tuple]:
@@ -515,7 +608,7 @@ def format_loc(loc: tuple) -> str:
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif re.match(r"^[A-Za-z_][A-Za-z0-9_-]*$", str(part)):
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", str(part)):  # else quoted: 'a\n' shows
             out += f".{part}" if out else str(part)
         else:
             out += f"[{str(part)!r}]"
@@ -533,6 +626,7 @@ def load_story(
     text = _read_text(Path(path), source)
     problems = _Problems(source)
     loader = None
+    paths: dict[int, tuple] = {}
     try:
         # The reader checks the characters as soon as the loader is built: keep it in the try.
         loader = UniqueKeyLoader(text)
@@ -546,10 +640,21 @@ def load_story(
         if size is None:
             problems.add((), "an alias refers to a node that contains it (recursive document)")
         elif size > MAX_EXPANDED_NODES:
-            problems.add((), f"the document expands to over {MAX_EXPANDED_NODES} nodes (aliases)")
+            problems.add((), f"the document expands to over {MAX_EXPANDED_NODES} nodes through "
+                             "aliases (*name)")
         problems.raise_if_any()
         paths = _node_paths(root)
         data = loader.construct_document(root)
+    except YAMLLimitError as exc:
+        loc = paths.get(id(exc.node), ()) if exc.node is not None else ()
+        line = exc.problem_mark.line + 1 if exc.problem_mark is not None else None
+        problems.add(loc, str(exc.problem), line=line)
+        problems.raise_if_any()
+        raise
+    except yaml.reader.ReaderError as exc:
+        problems.add((), _describe_reader_error(exc, text))
+        problems.raise_if_any()
+        raise
     except yaml.MarkedYAMLError as exc:
         problems.add((), _describe_yaml_error(exc))
         problems.raise_if_any()
@@ -620,6 +725,16 @@ def _read_text(path: Path, source: str) -> str:
         raise story_error(
             [f"{source}: not UTF-8 text (byte {exc.start}); save the story as UTF-8"]
         ) from None
+
+
+def _describe_reader_error(exc: yaml.reader.ReaderError, text: str) -> str:
+    """PyYAML says 'in "<unicode string>", position 8'; say line and column instead."""
+    position = max(0, min(exc.position, len(text)))
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    character = f"#x{exc.character:04x}" if isinstance(exc.character, int) else repr(exc.character)
+    return (f"not valid YAML: line {line}, column {column}: unacceptable character {character} "
+            f"({exc.reason}; remove it or write it as an escape in a quoted string)")
 
 
 def _describe_yaml_error(exc: yaml.MarkedYAMLError) -> str:
@@ -744,6 +859,16 @@ def _cross_reference_problems(data: Any, max_characters: int) -> Iterator[tuple[
         if isinstance(raw_characters, dict)
         else None  # malformed: reported by pydantic; no basis for name checks
     )
+    # Names become file names (out/characters/<name>.png); on macOS and Windows 'Mira' and
+    # 'mira' are the same file, and one character's sheet would overwrite the other's.
+    by_folded: dict[str, str] = {}
+    in_file_order = raw_characters if known is not None else {}
+    for name in (k for k in in_file_order if isinstance(k, str)):
+        first = by_folded.setdefault(name.casefold(), name)
+        if first != name:
+            yield (("characters", name),
+                   f"character name {name!r} differs from {first!r} only in case; names must "
+                   "differ in more than case (they name files)")
     panels = data.get("panels")
     if not isinstance(panels, list):
         return
@@ -824,8 +949,9 @@ def _resolve_raw(value: str, base_dir: Path) -> Path:
 
 
 def image_problem(path: Path) -> str | None:
-    """Why `path` is not a usable reference image, or None. Decodes it fully, so a truncated
-    file is caught here rather than in the middle of a render."""
+    """Why `path` is not a usable reference image, or None. Decodes it fully, exactly as the
+    render will (`masks.load_image`), so a truncated, animated or oversized file is caught here
+    rather than in the middle of a render."""
     try:
         if not path.exists():
             return f"file not found: {path}"
@@ -834,23 +960,7 @@ def image_problem(path: Path) -> str | None:
     if not path.is_file():
         return f"not a file: {path}"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                width, height = image.size
-                if width == 0 or height == 0:
-                    return f"image has zero size: {path}"
-                if width * height > MAX_REFERENCE_PIXELS:
-                    return (f"image is too large ({width}x{height}); at most "
-                            f"{MAX_REFERENCE_PIXELS // 1_000_000} megapixels: {path}")
-                image.load()
-    except PermissionError:
-        return f"cannot read (permission denied): {path}"
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        return (f"image is too large; at most {MAX_REFERENCE_PIXELS // 1_000_000} megapixels: "
-                f"{path}")
-    except Image.UnidentifiedImageError:
-        return f"not an image (PNG, JPEG, WebP...): {path}"
-    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for corrupt files
-        return f"corrupt or truncated image ({exc}): {path}"
+        load_image(path, max_pixels=MAX_REFERENCE_PIXELS)
+    except ImageFileError as exc:
+        return f"{exc.reason}: {path}"
     return None

@@ -8,8 +8,9 @@ Recipe (YAML, unknown keys refused):
 
     stage: 1                      # 1: subject encoder, 2: router
     data: data/train.jsonl        # the manifest (below); relative to the recipe file
-    pipeline: models/sdxl         # a local diffusers pipeline folder (from_pretrained)
-    image_encoder: models/clip-h  # a local CLIPVisionModel folder
+    pipeline: models/sdxl         # a local diffusers pipeline folder (from_pretrained), or
+    image_encoder: models/clip-h  # a local CLIPVisionModel folder; `default` for both: the
+                                  # embedded default model's base (recipes/world_stage1.yaml)
     init_adapter: null            # adapter file to start from (stage 2: the stage-1 result)
     adapter_options: {}           # AnyStoryConfig overrides for a fresh adapter
     output_dir: runs/stage1
@@ -24,6 +25,11 @@ Recipe (YAML, unknown keys refused):
     mixed_precision: "no"         # no | fp16 | bf16
     null_subject_prob: 0.1        # stage 1: CLIP condition dropped to the null subject
     resolution: null              # target side in pixels; default: the UNet's native size
+    threads: null                 # torch CPU threads
+    preview_count: 4              # rows of the sample grid written at every checkpoint
+    preview_data: null            # their manifest (default: data)
+    preview_steps: 20             # denoising steps and guidance of the previews
+    preview_guidance: 4.0
 
 Manifest: JSONL, one sample per line, paths relative to the manifest's folder.
 
@@ -31,11 +37,14 @@ Manifest: JSONL, one sample per line, paths relative to the manifest's folder.
               "caption": "..."}   # null mask: the reference's alpha channel segments it
     stage 2: {"image": "s.png", "masks": ["s_0.png", "s_1.png"], "caption": "..."}
              # one mask per instance (white = the instance), the image's size, 1..max_characters
+    Other fields of a row are ignored (`anystory world dataset` adds the identity seeds).
 
 Output folder: ``checkpoints/step-NNNNNNN/{adapter.safetensors, training_state.safetensors}``
 (a checkpoint folder appears at once, by rename), ``latest`` (the newest checkpoint's name),
 ``adapter.safetensors`` (the last checkpoint's adapter, loadable by AnyStoryPipeline) and
-``log.jsonl`` (losses per optimizer step).
+``log.jsonl`` (losses per optimizer step), ``losses.png`` (their curves) and ``samples.png``
+(references, target, generation and routing map of the preview rows; one per checkpoint in
+``samples/``).
 
 Reproducibility: batch contents, augmentation, noise, timesteps and Gumbel noise are all derived
 from (seed, micro-step, process index), so the RNG state *is* the step, and a resumed run
@@ -53,6 +62,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +75,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from .atomic import _reason, atomic_path
 from .recipe_files import read_recipe_yaml
 from .errors import InputError, ModelError, OutputError
 from .masks import _mask_array, load_image, prepare_reference
@@ -76,6 +86,8 @@ from .weights import load_adapter, save_adapter
 
 # ---------------------------------------------------------------------------------------------
 # recipe
+
+DEFAULT_BASE = "default"  # `pipeline:` / `image_encoder:` value naming the embedded default base
 
 
 class TrainRecipe(BaseModel):
@@ -99,6 +111,13 @@ class TrainRecipe(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     null_subject_prob: float = Field(0.1, ge=0, le=1)
     resolution: int | None = Field(None, ge=8)
+    # what the run shows (train_report.py): at every checkpoint, a loss plot and a grid of
+    # samples from the first `preview_count` usable rows of `preview_data` (default: `data`)
+    preview_count: int = Field(4, ge=0)
+    preview_data: Path | None = None
+    preview_steps: int = Field(20, ge=1)
+    preview_guidance: float = Field(4.0, ge=1.0)
+    threads: int | None = Field(None, ge=1)  # torch CPU threads (default: torch's choice)
 
     @field_validator("lr")
     @classmethod
@@ -131,7 +150,9 @@ def load_recipe(path: str | Path) -> TrainRecipe:
     path = Path(path)
     data = read_recipe_yaml(path)
     if isinstance(data, dict):
-        for key in ("data", "pipeline", "image_encoder", "init_adapter", "output_dir"):
+        for key in ("data", "pipeline", "image_encoder", "init_adapter", "output_dir", "preview_data"):
+            if data.get(key) == DEFAULT_BASE and key in ("pipeline", "image_encoder"):
+                continue
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str(path.parent / data[key])
     return recipe_from_dict(data, str(path))
@@ -338,7 +359,14 @@ def load_components(recipe: TrainRecipe) -> Components:
     from transformers import CLIPVisionModel
 
     if recipe.pipeline is None or recipe.image_encoder is None:
-        raise InputError("the recipe needs `pipeline` and `image_encoder` (local model folders)")
+        raise InputError("the recipe needs `pipeline` and `image_encoder` (local model folders, "
+                         f"or `{DEFAULT_BASE}` for both: the embedded default base model)")
+    if str(recipe.pipeline) == DEFAULT_BASE or str(recipe.image_encoder) == DEFAULT_BASE:
+        if str(recipe.pipeline) != str(recipe.image_encoder):
+            raise InputError(f"`pipeline: {DEFAULT_BASE}` and `image_encoder: {DEFAULT_BASE}` go together")
+        from .world.base_models import load_default_base
+
+        return Components(*load_default_base())
     for path in (recipe.pipeline, recipe.image_encoder):
         if not path.is_dir():
             raise ModelError(f"{path}: model folder not found")
@@ -535,14 +563,19 @@ def save_checkpoint(output_dir: Path, adapter, optimizer, step: int, recipe: Tra
             shutil.rmtree(final)
         os.replace(tmp, final)
     except OSError as exc:
-        raise OutputError(f"{final}: checkpoint write failed ({exc.strerror or exc}); "
+        raise OutputError(f"{final}: checkpoint not written ({_reason(exc)}); "
+                          f"the previous checkpoint is intact") from None
+    except OutputError as exc:  # from atomic_path, about a file in the temporary folder
+        reason = str(exc).partition(" (")[2].rpartition(")")[0] or str(exc)
+        raise OutputError(f"{final}: checkpoint not written ({reason}); "
                           f"the previous checkpoint is intact") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    with atomic_path(output_dir / ADAPTER_FILE) as path:  # the newest adapter, where users look
-        shutil.copyfile(final / ADAPTER_FILE, path)
+    # `latest` moves only once the new folder is whole; the adapter copy is a convenience.
     with atomic_path(output_dir / "latest") as path:
         path.write_text(final.name + "\n")
+    with atomic_path(output_dir / ADAPTER_FILE) as path:  # the newest adapter, where users look
+        shutil.copyfile(final / ADAPTER_FILE, path)
     return final
 
 
@@ -609,13 +642,19 @@ def check_dataset(recipe: TrainRecipe) -> set[int]:
 
 
 def train(recipe: TrainRecipe, components: Components | Callable[[], Components] | None = None,
-          accelerator=None) -> TrainResult:
+          accelerator=None, progress: Callable[[dict], None] | None = None) -> TrainResult:
     """Run a recipe. `components` (or a factory of them) replaces loading `pipeline` and
-    `image_encoder` from disk (tests, benchmarks, callers with a pipeline in memory)."""
+    `image_encoder` from disk (tests, benchmarks, callers with a pipeline in memory).
+
+    `progress` gets plain dicts on the main process: {"event": "start", "step", "steps"}, then
+    {"event": "step", "step", "steps", <losses>, "samples_per_s"} per optimizer step, and
+    {"event": "checkpoint", "step", "path", "plot", "grid"} per checkpoint."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
 
     bad_lines = check_dataset(recipe)
+    if recipe.threads is not None:
+        torch.set_num_threads(recipe.threads)
     accelerator = accelerator or Accelerator(mixed_precision=recipe.mixed_precision,
                                              cpu=not torch.cuda.is_available())
     if components is None:
@@ -627,41 +666,105 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
     components.image_encoder.to(device)
     adapter = make_adapter(recipe, components).to(device)
     params = freeze(components, adapter, recipe.stage)
-    handle = install(adapter, pipe.unet)
     optimizer = torch.optim.AdamW([p for _, p in params], lr=recipe.lr)
     # Only the optimizer is prepared (mixed-precision scaling). The adapter is not wrapped in
     # DDP: its modules run inside the UNet's attention processors, never through a wrapper's
     # forward, so gradients are averaged across processes by hand in `_optimizer_step`.
     optimizer = accelerator.prepare(optimizer)
-    core = adapter
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    encoders = Encoders(components, core, device)
+    encoders = Encoders(components, adapter, device)
     resolution = recipe.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    stream = SampleStream(recipe, core.config.reference_size, resolution,
+    stream = SampleStream(recipe, adapter.config.reference_size, resolution,
                           accelerator.process_index, accelerator.num_processes, bad_lines)
     output = recipe.output_dir
-    output.mkdir(parents=True, exist_ok=True)
+    main = accelerator.is_main_process
+    report = progress if (progress is not None and main) else (lambda event: None)
     log = output / "log.jsonl"
     start, checkpoint = 0, None
     if recipe.resume and (found := latest_checkpoint(output)) is not None:
-        start, checkpoint = restore(found, core, optimizer), found
-        _truncate_log(log, start)
-    elif accelerator.is_main_process:
+        start, checkpoint = restore(found, adapter, optimizer), found
+        if main:
+            _truncate_log(log, start)
+    elif main:
+        _prepare_output(output)
         log.unlink(missing_ok=True)
+    preview = _Preview(recipe, components, adapter, params) if main else None
     history = []
+    report({"event": "start", "step": start, "steps": recipe.steps})
+    handle = install(adapter, pipe.unet)
     try:
         for step in range(start, recipe.steps):
-            record = _optimizer_step(recipe, step, stream, core, encoders, scheduler, optimizer, params, accelerator)
+            began = time.perf_counter()
+            record = _optimizer_step(recipe, step, stream, adapter, encoders, scheduler, optimizer, params, accelerator)
+            samples = recipe.batch_size * recipe.grad_accumulation * accelerator.num_processes
+            record["samples_per_s"] = round(samples / max(time.perf_counter() - began, 1e-9), 3)
             history.append(record)
-            if accelerator.is_main_process:
+            if main:
                 _append_log(log, record)
+            report({"event": "step", "steps": recipe.steps, **record})
             if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps:
                 accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    checkpoint = save_checkpoint(output, core, optimizer, step + 1, recipe)
+                if main:
+                    checkpoint = save_checkpoint(output, adapter, optimizer, step + 1, recipe)
+                    handle.remove()  # the preview generates through the inference processors
+                    try:
+                        shown = preview.write(output, step + 1)
+                    finally:
+                        handle = install(adapter, pipe.unet)
+                    report({"event": "checkpoint", "step": step + 1, "path": str(checkpoint), **shown})
+                accelerator.wait_for_everyone()
     finally:
         handle.remove()
-    return TrainResult(core.eval(), max(start, recipe.steps), history, checkpoint, stream.skipped)
+    return TrainResult(adapter.eval(), max(start, recipe.steps), history, checkpoint, stream.skipped)
+
+
+def _prepare_output(output: Path) -> None:
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot create the output folder ({exc.strerror or exc})") from None
+    if not os.access(output, os.W_OK):
+        raise OutputError(f"{output}: the output folder is not writable")
+
+
+class _Preview:
+    """The loss plot and the sample grid of a checkpoint (main process only). A preview that
+    fails (out of memory, a bad preview row) is reported in the result, never stops training."""
+
+    def __init__(self, recipe: TrainRecipe, components: Components, adapter, params):
+        self.recipe, self.components, self.adapter, self.params = recipe, components, adapter, params
+        self.rows = None
+
+    def write(self, output: Path, step: int) -> dict:
+        from . import train_report
+
+        shown = {"plot": None, "grid": None}
+        shown["plot"] = _str_or_none(train_report.plot_losses(output / "log.jsonl", output / "losses.png"))
+        if self.recipe.preview_count == 0:
+            return shown
+        if self.rows is None:
+            self.rows = train_report.preview_rows(self.recipe, self.recipe.preview_count)
+        was_training = self.adapter.training
+        try:
+            with torch.random.fork_rng(devices=[]):
+                grid = train_report.preview_grid(self.components.pipe, self.components.image_encoder, self.adapter,
+                                                 self.rows, self.recipe, output / "samples" / f"step-{step:07d}.png")
+            shown["grid"] = _str_or_none(grid)
+            if grid is not None:
+                with atomic_path(output / "samples.png") as tmp:
+                    shutil.copyfile(grid, tmp)
+        except (InputError, RuntimeError, OSError) as exc:
+            warnings.warn(f"step {step}: the sample grid was not written ({exc})")
+        finally:
+            # AnyStoryPipeline freezes the adapter for inference; give the stage its parameters back.
+            self.adapter.train(was_training)
+            for _, param in self.params:
+                param.requires_grad_(True)
+        return shown
+
+
+def _str_or_none(path: Path | None) -> str | None:
+    return None if path is None else str(path)
 
 
 def _optimizer_step(recipe, step, stream, adapter, encoders, scheduler, optimizer, params, accelerator) -> dict:

@@ -130,7 +130,7 @@ def test_failed_write_keeps_the_earlier_file(tmp_path, monkeypatch, name, writer
     writer(target)
     before = target.read_bytes()
     monkeypatch.setattr(Image.Image, "save", _failing_save)
-    with pytest.raises(OutputError, match=rf"comic\.{name}: write failed \(No space left on device\)"):
+    with pytest.raises(OutputError, match=rf"comic\.{name}: write failed \(No space left on device: the disk is full"):
         writer(target)
     assert target.read_bytes() == before
     assert leftovers(tmp_path) == []

@@ -52,7 +52,8 @@ def recipe(tmp_path, stage, **overrides):
     tmp_path.mkdir(parents=True, exist_ok=True)
     data = (write_stage1 if stage == 1 else write_stage2)(tmp_path)
     fields = dict(stage=stage, data=str(data), output_dir=str(tmp_path / "out"), lr=1e-3, steps=2,
-                  batch_size=2, checkpoint_every=1, seed=3, adapter_options=tiny.TINY_ADAPTER_OPTIONS)
+                  batch_size=2, checkpoint_every=1, seed=3, adapter_options=tiny.TINY_ADAPTER_OPTIONS,
+                  preview_count=1, preview_steps=2)
     return recipe_from_dict({**fields, **overrides})
 
 
@@ -248,3 +249,112 @@ def test_a_recipe_key_given_twice_is_refused(tmp_path):
     path.write_text("stage: 1\nstage: 2\n")
     with pytest.raises(InputError, match="recipe.yaml: not valid YAML"):
         read_recipe_yaml(path)
+
+
+def test_a_run_shows_its_losses_and_samples_with_routing_maps(tmp_path):
+    events = []
+    train(recipe(tmp_path, 2, steps=2, checkpoint_every=2, preview_count=2), components(), progress=events.append)
+    out = tmp_path / "out"
+    assert [e["event"] for e in events] == ["start", "step", "step", "checkpoint"]
+    assert events[1]["samples_per_s"] > 0 and np.isfinite(events[1]["routing"])
+    grid = Image.open(out / "samples.png")
+    # two rows; columns: 2 references, the target with its masks, the generated image, its routing map
+    assert grid.size == (5 * 128, 2 * (128 + 14))
+    assert (out / "samples" / "step-0000002.png").is_file() and Image.open(out / "losses.png").size[0] > 0
+    routing_tile = np.asarray(grid)[14:142, 4 * 128:5 * 128]
+    assert routing_tile.std() > 0  # tinted by owner, not blank
+
+
+def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import errno
+
+    import anystory_cli.train as T
+    from anystory_cli.errors import OutputError
+
+    rec = recipe(tmp_path, 1, steps=1, preview_count=0)
+    first = train(rec, components())
+    before = (first.checkpoint / "adapter.safetensors").read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(T, "save_file", full_disk)
+    with pytest.raises(OutputError, match="checkpoint not written .No space left on device: the disk is full.*previous checkpoint is intact"):
+        train(recipe(tmp_path, 1, steps=2, resume=True, preview_count=0), components())
+    out = tmp_path / "out"
+    assert (out / "latest").read_text().strip() == "step-0000001"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000001"]  # no debris
+    assert (out / "checkpoints" / "step-0000001" / "adapter.safetensors").read_bytes() == before
+    monkeypatch.undo()
+    resumed = train(recipe(tmp_path, 1, steps=2, resume=True, preview_count=0), components())
+    assert resumed.step == 2
+
+
+def test_the_default_base_is_named_in_a_recipe_without_a_path(tmp_path):
+    write_stage1(tmp_path, 1)
+    (tmp_path / "r.yaml").write_text("stage: 1\ndata: train.jsonl\noutput_dir: out\nsteps: 1\n"
+                                     "pipeline: default\nimage_encoder: default\n")
+    rec = load_recipe(tmp_path / "r.yaml")
+    assert str(rec.pipeline) == "default" and str(rec.image_encoder) == "default"
+
+
+def test_world_datasets_are_valid_manifests_of_training_identities(tmp_path):
+    from anystory_cli.world import split_of
+    from anystory_cli.world.dataset import write_dataset
+
+    for stage in (1, 2):
+        manifest = write_dataset(tmp_path / f"s{stage}", stage, 6, seed=1, size=32)
+        assert validate_manifest(manifest, stage) == []
+        rows = [json.loads(line) for line in manifest.read_text().splitlines()]
+        seeds = [s for r in rows for s in r.get("identity_seeds", [r.get("identity_seed")])]
+        assert {split_of(s) for s in seeds} == {"train"}
+        if stage == 2:
+            assert [len(r["masks"]) for r in rows] == [2, 3, 4, 2, 3, 4]
+    again = write_dataset(tmp_path / "again", 2, 3, seed=1, size=32)  # a shorter set is a prefix
+    assert (tmp_path / "s2" / "train.jsonl").read_text().startswith(again.read_text())
+    for name in ("image/000002.png", "mask/000002_3.png"):
+        assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "s2" / name).read_bytes()
+
+
+def _saved_tiny_model(folder):
+    pipe = tiny.tiny_sd_pipeline()
+    pipe.save_pretrained(folder / "pipe")
+    tiny.tiny_image_encoder().save_pretrained(folder / "clip")
+
+
+def test_the_train_command_checks_and_trains_a_recipe(tmp_path):
+    from typer.testing import CliRunner
+
+    from anystory_cli.cli import app
+
+    write_stage2(tmp_path, 2)
+    _saved_tiny_model(tmp_path)
+    options = json.dumps(tiny.TINY_ADAPTER_OPTIONS)
+    (tmp_path / "r.yaml").write_text(
+        "stage: 2\ndata: train.jsonl\noutput_dir: out\nsteps: 2\nbatch_size: 1\ncheckpoint_every: 2\n"
+        f"pipeline: pipe\nimage_encoder: clip\nadapter_options: {options}\npreview_count: 1\npreview_steps: 2\n")
+    runner = CliRunner()
+    checked = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "--check"])
+    assert checked.exit_code == 0 and "usable" in checked.output
+    done = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "--json"])
+    assert done.exit_code == 0, done.output
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events] == ["start", "step", "step", "checkpoint"]
+    assert (tmp_path / "out" / "adapter.safetensors").is_file() and (tmp_path / "out" / "samples.png").is_file()
+
+
+def test_the_train_command_reports_a_bad_row_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from anystory_cli.cli import app
+
+    manifest = write_stage1(tmp_path, 2)
+    rows = manifest.read_text().splitlines()
+    rows[1] = rows[1].replace("target1.png", "missing.png")
+    manifest.write_text("\n".join(rows) + "\n")
+    (tmp_path / "r.yaml").write_text("stage: 1\ndata: train.jsonl\noutput_dir: out\nsteps: 1\non_corrupt: stop\n")
+    result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml"), "--check"])
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "train.jsonl:2:" in lines[0] and "missing.png" in lines[0], result.stderr
+    assert "Traceback" not in result.output
