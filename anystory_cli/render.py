@@ -830,6 +830,7 @@ def render_story(
         stop()
         if mine:
             _check_model_fits(model.pipeline, plans, source)  # loads the model (stops at once)
+            _warn_unknown_words(story, model.pipeline, [job.plan for job in mine], source, emit)
             characters = _Characters(story, source, model, cache_dir,
                                      story.seed if seed is None else seed, steps, summary, out, emit)
             needed = list(dict.fromkeys(c.name for job in mine for c in job.plan.characters))
@@ -919,6 +920,25 @@ def _check_model_fits(pipeline, plans: Sequence[PanelPlan], source: str) -> None
         if len(plan.characters) > limit:
             raise StoryError(f"{source}: panels[{plan.index}].characters: {len(plan.characters)} "
                              f"characters, but the model supports at most {limit} per panel")
+
+
+def _warn_unknown_words(story: Story, pipeline, plans: Sequence[PanelPlan], source: str, emit) -> None:
+    """The embedded default model knows only its world's words (one token each); any other word
+    reaches it as meaningless pieces. Say which, once per panel, instead of dropping them
+    silently. Real CLIP tokenizers split any text into known pieces, so other models are not
+    checked."""
+    from .model_loading import DEFAULT_MODEL
+
+    if story.model != DEFAULT_MODEL:
+        return
+    from .world.base_models import unknown_words
+
+    for plan in plans:
+        unknown = unknown_words(pipeline.base.tokenizer, plan.prompt)
+        if unknown:
+            emit(ProgressEvent("warning", f"{source}: panels[{plan.index}].prompt: the default model does not "
+                               f"know {', '.join(repr(w) for w in unknown)}; it draws the rest "
+                               "(`python -c 'import anystory_cli.world as w; print(w.vocabulary())'` lists its words)"))
 
 
 def _draw_panel(pipeline, job: _PanelJob, encodings: dict[str, Any], out: Path, source: str, emit,

@@ -280,3 +280,29 @@ def test_a_local_model_folder_loads_offline_and_renders(tmp_path):
     summary = render_story(story, tmp_path / "out", cache_dir=tmp_path / "cache")
     assert summary.panels_rendered == [1] and summary.model_loaded
     assert model_fingerprint(str(folder)) == model_fingerprint("mine", tmp_path / "models")
+
+
+def test_words_the_default_model_does_not_know_are_reported_per_panel(tmp_path):
+    """The default model's tokenizer has one token per world word; any other word would reach it
+    as meaningless pieces, so each panel's unknown words are named in a warning."""
+    from types import SimpleNamespace
+
+    from anystory_cli.render import _warn_unknown_words
+    from anystory_cli.story import load_story
+    from anystory_cli.world.base_models import build_tokenizer
+
+    panels = [{"prompt": "a kite on a hill", "characters": ["mira"]},
+              {"prompt": "one character on a hill at night", "characters": ["mira"]}]
+    path = storykit.write_story(tmp_path, panels, model="default")
+    story = load_story(path)
+    plans = build_plan(story, model_id="m")
+    pipeline = SimpleNamespace(base=SimpleNamespace(tokenizer=build_tokenizer()))
+    events = []
+    _warn_unknown_words(story, pipeline, plans, "story.yaml", events.append)
+    assert [e.kind for e in events] == ["warning"]
+    assert "story.yaml: panels[0].prompt:" in events[0].message and "'kite'" in events[0].message
+    assert "'hill'" not in events[0].message
+    events.clear()
+    other = load_story(storykit.write_story(tmp_path / "other", panels, model="some/folder"))
+    _warn_unknown_words(other, pipeline, build_plan(other, model_id="m"), "story.yaml", events.append)
+    assert events == []  # real CLIP tokenizers read any text
