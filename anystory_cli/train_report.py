@@ -110,15 +110,40 @@ def _row_inputs(row: dict, stage: int) -> tuple[list[tuple[Image.Image, Image.Im
     return [(image, m) for m in masks], image, arrays
 
 
+def finest_routing(layers: dict) -> np.ndarray:
+    """(E, H, W) mean of the routing maps of the highest-resolution layers (first sample).
+
+    Layers route somewhat different pixels, so an average over all resolutions blurs every
+    character into the background; the finest layers show the silhouettes the router drew."""
+    side = max(maps.shape[-1] for maps in layers.values())
+    finest = [maps[0].float().cpu().numpy() for maps in layers.values() if maps.shape[-1] == side]
+    return np.mean(finest, axis=0)
+
+
+BACKGROUND_GREY = 40.0
+
+
+def soft_routing(image: Image.Image, maps: np.ndarray) -> Image.Image:
+    """The routing probabilities as colours, at the image's size: sum_e p_e * colour_e, with the
+    background entry dark grey. A sure router shows pure colours; an unsure one, mixtures."""
+    from .render import ROUTING_COLOURS
+
+    colours = [np.array(ROUTING_COLOURS[e % len(ROUTING_COLOURS)], np.float32) for e in range(maps.shape[0] - 1)]
+    colours.append(np.full(3, BACKGROUND_GREY, np.float32))
+    picture = np.einsum("ehw,ec->hwc", maps.astype(np.float32), np.stack(colours))
+    small = Image.fromarray(np.clip(picture + 0.5, 0, 255).astype(np.uint8))
+    return small.resize(image.size, Image.Resampling.NEAREST)
+
+
 def preview_grid(pipe, image_encoder, adapter, rows: list[dict], recipe, out_path: Path) -> Path | None:
-    """One line per row: references | target (with its masks) | generated | routing map.
+    """One line per row: references | target (with its masks) | generated | routing map (stage 2:
+    the finest layers' soft maps, one colour per reference, as in the target's mask tints).
 
     The caller removes its training processors first; this installs the pipeline's own, and
     unloads them again before returning."""
     import torch
 
     from .pipeline import AnyStoryPipeline
-    from .render import routing_overlay
 
     if not rows:
         return None
@@ -140,9 +165,8 @@ def preview_grid(pipe, image_encoder, adapter, rows: list[dict], recipe, out_pat
                      for k, (image, mask) in enumerate(references)]
             tiles.append(_tile(_mask_overlay(target, masks) if masks else target, "target"))
             tiles.append(_tile(generated, "generated"))
-            if output.routing_maps is not None:
-                maps = output.routing_maps[0].float().cpu().numpy()
-                tiles.append(_tile(routing_overlay(generated, maps), "routing"))
+            if output.routing_layers:
+                tiles.append(_tile(soft_routing(generated, finest_routing(output.routing_layers)), "routing"))
             lines.append(tiles)
     finally:
         pipeline.unload()
