@@ -9,6 +9,7 @@ process, so machine noise hits them alike; each number is the median over the ro
 
     python benchmarks/train_throughput.py                 # prints JSON
     python benchmarks/train_throughput.py --rounds 8 --batch 8 --threads 1
+    python benchmarks/train_throughput.py --mixed-precision bf16     # CPUs with AVX512-BF16 / AMX
 
 A plain fine-tuning step: VAE-encode the batch, encode the captions, noise, UNet forward,
 v-prediction MSE, backward, AdamW over every UNet weight. An AnyStory step adds the CLIP image
@@ -58,12 +59,13 @@ def default_architecture() -> Components:
 class PlainStep:
     """A plain UNet fine-tuning step on the same samples (the baseline)."""
 
-    def __init__(self, parts: Components, encoders: Encoders):
+    def __init__(self, parts: Components, encoders: Encoders, precision: str):
         from diffusers import DDPMScheduler
 
         self.unet, self.encoders = parts.pipe.unet, encoders
         self.scheduler = DDPMScheduler.from_config(parts.pipe.scheduler.config)
         self.optimizer = torch.optim.AdamW(self.unet.parameters(), lr=1e-5)
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def __call__(self, samples) -> None:
         self.unet.requires_grad_(True).train()
@@ -72,15 +74,16 @@ class PlainStep:
         noise = torch.randn(latents.shape, generator=generator)
         t = torch.randint(0, 1000, (latents.shape[0],), generator=generator)
         text, _ = self.encoders.text([s.caption for s in samples])
-        pred = self.unet(self.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
-        F.mse_loss(pred, self.scheduler.get_velocity(latents, noise, t)).backward()
+        with self.autocast:
+            pred = self.unet(self.scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=text).sample
+        F.mse_loss(pred.float(), self.scheduler.get_velocity(latents, noise, t)).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.unet.requires_grad_(False).eval()
 
 
 class StageStep:
-    def __init__(self, stage: int, parts: Components, data: Path, batch: int, out: Path):
+    def __init__(self, stage: int, parts: Components, data: Path, batch: int, out: Path, precision: str):
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
@@ -88,10 +91,11 @@ class StageStep:
 
         options = read_recipe_yaml(ROOT / "recipes" / "world_stage1.yaml")["adapter_options"]
         self.recipe = recipe_from_dict(dict(stage=stage, data=str(data), output_dir=str(out), steps=10**6,
-                                            batch_size=batch, adapter_options=options))
+                                            batch_size=batch, adapter_options=options,
+                                            mixed_precision=precision))
         self.parts = parts
         self.adapter = make_adapter(self.recipe, parts)
-        self.accelerator = Accelerator(cpu=True)
+        self.accelerator = Accelerator(cpu=True, mixed_precision=precision)
         self.encoders = Encoders(parts, self.adapter, torch.device("cpu"))
         self.scheduler = DDPMScheduler.from_config(parts.pipe.scheduler.config)
         self.stream = SampleStream(self.recipe, self.adapter.config.reference_size, 64, 0, 1)
@@ -115,14 +119,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--mixed-precision", choices=["no", "bf16"], default="no",
+                        help="bf16 autocast (all three kinds of step alike)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data = {stage: write_dataset(tmp / f"stage{stage}", stage, 64, seed=stage) for stage in (1, 2)}
         parts = default_architecture()
-        stages = {stage: StageStep(stage, parts, data[stage], args.batch, tmp / f"out{stage}") for stage in (1, 2)}
-        plain = PlainStep(parts, stages[1].encoders)
+        stages = {stage: StageStep(stage, parts, data[stage], args.batch, tmp / f"out{stage}", args.mixed_precision)
+                  for stage in (1, 2)}
+        plain = PlainStep(parts, stages[1].encoders, args.mixed_precision)
         plain_batch = stages[1].stream.batch(0)
         runs = {"plain": lambda: plain(plain_batch), "stage1": stages[1], "stage2": stages[2]}
         for run in runs.values():  # warm-up: first calls allocate and pick kernels
@@ -138,6 +145,7 @@ def main() -> None:
     trained = {stage: sum(p.numel() for _, p in freeze(parts, stages[stage].adapter, stage)) for stage in (1, 2)}
     report = {
         "threads": args.threads, "batch": args.batch, "rounds": args.rounds,
+        "mixed_precision": args.mixed_precision,
         "unet_parameters": sum(p.numel() for p in parts.pipe.unet.parameters()),
         "adapter_parameters": adapter_params,
         "trained_parameters": {f"stage{s}": n for s, n in trained.items()},
