@@ -322,7 +322,8 @@ def test_a_corrupt_entry_is_reported_once_in_a_batch(seam, tmp_path):
                                   name="other.yaml")
     result = invoke("render", str(first), str(second), "--out", str(tmp_path / "out"))
     assert result.exit_code == 0, result.stderr
-    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    # (the tiny model stands in for `model: default`, whose vocabulary warnings are not counted here)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: cache entry")]
     assert len(warnings) == 1 and "is corrupt or truncated" in warnings[0]
     assert "encoding the character again" in warnings[0]
 
