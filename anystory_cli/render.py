@@ -793,11 +793,12 @@ def render_story(
     with clock("check"):
         story = check_story(story_path)
         summary.title = story.title
-        out = check_output_dir(Path(out_dir))
         model = _Model(story.model, Path(story_path).resolve().parent, pipeline_factory,
                        model_fingerprint, source, emit)
         plans = build_plan(story, seed=seed, steps=steps, model_id=model.key,
                            character_keys=character_fingerprints(story))
+        # After the model's key: a model that is missing leaves no empty output folder behind.
+        out = check_output_dir(Path(out_dir))
         page_plans = group_pages(plans)
         try:
             chosen = select_panels(plans, pages, panels)

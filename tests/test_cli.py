@@ -395,3 +395,6 @@ def test_default_model_not_shipped_says_how_to_point_at_a_folder(rendered, tmp_p
     assert "story.yaml: model: the embedded default model is not complete in this build" in line
     assert "model_index.json" in line and "anystory_adapter.safetensors" in line
     assert storykit.snapshot(out) == before
+    fresh = tmp_path / "never-made"
+    one_error_line(invoke("render", str(story / "story.yaml"), "--out", str(fresh)))
+    assert not fresh.exists()  # a failed render leaves no empty output folder
