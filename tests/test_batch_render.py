@@ -110,7 +110,7 @@ def test_two_processes_render_the_same_bytes_as_one(tiny_story_pipeline, tmp_pat
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script), "render",
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), "render",
          str(story), "--out", str(tmp_path / "two"), "--cache", str(tmp_path / "cache2"), "--json"],
         capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
