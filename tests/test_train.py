@@ -358,3 +358,18 @@ def test_the_train_command_reports_a_bad_row_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "train.jsonl:2:" in lines[0] and "missing.png" in lines[0], result.stderr
     assert "Traceback" not in result.output
+
+
+def test_the_train_command_takes_base_model_recipes_too():
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from anystory_cli.cli import app
+
+    recipe_path = Path(__file__).parent.parent / "recipes" / "base_unet.yaml"
+    runner = CliRunner()
+    checked = runner.invoke(app, ["train", str(recipe_path), "--check"])
+    assert checked.exit_code == 0 and "base_unet.yaml: the recipe is usable" in checked.output
+    refused = runner.invoke(app, ["train", str(recipe_path), "--restart"])
+    assert refused.exit_code == 1 and "always continue from their state file" in refused.stderr
