@@ -654,12 +654,9 @@ def parse_recipe(data: Any, source: str = "recipe"):
     try:
         return _recipe_classes()(**data)
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            loc = ".".join(str(p) for p in error["loc"]) or "(recipe)"
-            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-            lines.append(f"{source}: {loc}: {message}")
-        raise InputError("; ".join(lines)) from None
+        from .recipe_files import recipe_error
+
+        raise recipe_error(exc, source) from None
 
 
 def load_recipe(path: str | Path):

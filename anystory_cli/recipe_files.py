@@ -21,3 +21,16 @@ def read_recipe_yaml(path: str | Path) -> Any:
         return yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML ({exc})") from None
+
+
+def recipe_error(exc, source: str, skip: int = 0) -> InputError:
+    """One InputError naming every bad field of a pydantic ValidationError, '; '-separated.
+    `skip` drops leading parts of each error's location (a tagged union's tag)."""
+    lines = []
+    for error in exc.errors():
+        # nothing left after the tag: the whole recipe; no location at all under a tag: the tag itself
+        fallback = "model" if skip and not error["loc"] else "(recipe)"
+        loc = ".".join(str(p) for p in error["loc"][skip:]) or fallback
+        message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
+        lines.append(f"{source}: {loc}: {message}")
+    return InputError("; ".join(lines))

@@ -36,7 +36,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path
-from ..recipe_files import read_recipe_yaml
+from ..recipe_files import read_recipe_yaml, recipe_error
 from ..errors import InputError, ModelError
 from . import base_models as bm
 from .identity import ATTRIBUTE_CLASSES, identity_from_seed
@@ -173,13 +173,8 @@ def parse_recipe(data: Any, source: str = "recipe"):
     try:
         return TypeAdapter(Recipe).validate_python(data)
     except ValidationError as exc:
-        lines = []
-        for error in exc.errors():
-            # loc starts with the recipe kind ("vae", ...); empty when `model` itself is wrong.
-            loc = ".".join(str(p) for p in error["loc"][1:]) or ("(recipe)" if error["loc"] else "model")
-            message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
-            lines.append(f"{source}: {loc}: {message}")
-        raise InputError("; ".join(lines)) from None
+        # loc starts with the recipe kind ("vae", ...); empty when `model` itself is wrong.
+        raise recipe_error(exc, source, skip=1) from None
 
 
 def load_recipe(path: str | Path):
