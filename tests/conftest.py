@@ -13,8 +13,5 @@ def tiny_story_pipeline():
     """One tiny real AnyStoryPipeline (SD-1.5-shaped, random) shared by the render and CLI
     tests; built on first use."""
     import tiny
-    from anystory_cli.pipeline import AnyStoryPipeline
 
-    base = tiny.tiny_sd_pipeline()
-    encoder = tiny.tiny_image_encoder()
-    return AnyStoryPipeline.from_pipe(base, encoder, tiny.tiny_adapter(base.unet, encoder))
+    return tiny.tiny_story_pipeline()

@@ -76,10 +76,8 @@ torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 import storykit, tiny
 from anystory_cli import cli
-from anystory_cli.pipeline import AnyStoryPipeline
 
-base, encoder = tiny.tiny_sd_pipeline(), tiny.tiny_image_encoder()
-pipeline = AnyStoryPipeline.from_pipe(base, encoder, tiny.tiny_adapter(base.unet, encoder))
+pipeline = tiny.tiny_story_pipeline()
 cli.PIPELINE_FACTORY = storykit.TinyFactory(pipeline)
 cli.MODEL_FINGERPRINT = storykit.tiny_fingerprint
 cli.app(sys.argv[1:], prog_name="anystory")

@@ -26,18 +26,14 @@ def generator(seed=0):
 
 @pytest.fixture(scope="module", params=["sd15", "sdxl"])
 def story_pipe(request):
-    base = tiny.tiny_sd_pipeline() if request.param == "sd15" else tiny.tiny_sdxl_pipeline()
-    encoder = tiny.tiny_image_encoder()
-    pipe = AnyStoryPipeline.from_pipe(base, encoder, tiny.tiny_adapter(base.unet, encoder))
+    pipe = tiny.tiny_story_pipeline(tiny.tiny_sd_pipeline() if request.param == "sd15" else tiny.tiny_sdxl_pipeline())
     yield pipe
     pipe.unload()
 
 
 @pytest.fixture(scope="module")
 def sd_pipe():
-    base = tiny.tiny_sd_pipeline()
-    encoder = tiny.tiny_image_encoder()
-    return AnyStoryPipeline.from_pipe(base, encoder, tiny.tiny_adapter(base.unet, encoder))
+    return tiny.tiny_story_pipeline()
 
 
 @pytest.fixture(scope="module")

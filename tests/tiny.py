@@ -147,3 +147,12 @@ def sprite(color=(220, 40, 40), size=48, seed=0):
     rgba[..., :3][(yy // 4) % 2 == 0] = rng.integers(0, 255, 3, dtype=np.uint8)
     rgba[..., 3] = inside * 255
     return Image.fromarray(rgba, "RGBA")
+
+
+def tiny_story_pipeline(base=None):
+    """A tiny real AnyStoryPipeline over `base` (default: the SD-1.5-shaped tiny pipeline)."""
+    from anystory_cli.pipeline import AnyStoryPipeline
+
+    base = base if base is not None else tiny_sd_pipeline()
+    encoder = tiny_image_encoder()
+    return AnyStoryPipeline.from_pipe(base, encoder, tiny_adapter(base.unet, encoder))
