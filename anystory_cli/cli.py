@@ -639,9 +639,8 @@ BASE_PIPELINE_FACTORY: Optional[Callable[[Optional[Path]], Any]] = None
 evaluate_app = typer.Typer(help="Grade the default model with the independent judge (trained on "
                            "rendered scenes only).", no_args_is_help=True)
 app.add_typer(evaluate_app, name="evaluate")
-# `anystory evaluate base` grades the base text-to-image model. The AnyStory evaluation (identity
-# accuracy of held-out characters at their places, blending rate; issue 7) is to be added here as
-# another command of this group, e.g. `anystory evaluate adapter`, on the same judge.
+# `anystory evaluate base` grades the base text-to-image model; `anystory evaluate adapter` grades
+# AnyStory on held-out identities (identity, blending, placement, routing IoU, ablations).
 
 
 def _format_rate(value: float) -> str:
@@ -701,6 +700,102 @@ def evaluate_base_command(
         typer.echo(f"goal ({goals} on generated images): {'met' if result['goals_met'] else 'not met'}")
         if report is not None:
             typer.echo(f"report: {result['report']['grid']}, {result['report']['json']}")
+
+
+@evaluate_app.command("adapter")
+def evaluate_adapter_command(
+    panels: int = typer.Option(16, "--panels-per-count", min=1, max=1000,
+                               help="Held-out panels with each number of characters (1-4)."),
+    steps: int = typer.Option(25, "--steps", min=1, max=500, help="Denoising steps."),
+    guidance: float = typer.Option(4.0, "--guidance", min=1.0, max=50.0, help="Classifier-free guidance."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Chooses the panels and the noise."),
+    distractors: int = typer.Option(9, "--distractors", min=1, max=200,
+                                    help="Other held-out identities each character is told apart from."),
+    routing_scenes: int = typer.Option(12, "--routing-scenes", min=1, max=1000,
+                                       help="Noised rendered scenes for the routing IoU."),
+    variants: str = typer.Option(",".join(["anystory", "no_router", "no_reference_net", "no_subject_tokens",
+                                           "text_only"]), "--variants",
+                                 help="Comma-separated: anystory and any ablations to draw beside it."),
+    model: str = typer.Option("default", "--model", help="'default' or a model folder (see `anystory render`)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="An adapter file from `anystory train` to "
+                                           "grade on the default base instead (e.g. runs/…/adapter.safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object on stdout."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Folder for index.html, samples.png, "
+                                          "routing.png and report.json."),
+) -> None:
+    """Grade AnyStory on identities never seen in training.
+
+    Per character at its place: identity (picked out among its panel's characters and distractors
+    by the judge), blending (taken for another character of the panel), all attributes; the
+    router as a segmenter (IoU on noised rendered scenes); placement; the ablations drawn from
+    the same noise; beside each figure, the judge's own on the rendered scenes.
+    """
+    with _guarded(as_json):
+        from .evaluate import evaluate_adapter
+        from .judge import load_judge
+
+        _quiet_libraries()
+        import torch
+
+        chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+        judge = load_judge()
+        pipe = _adapter_pipeline(model, adapter)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            if not as_json and (done == total or done % 10 == 0):
+                typer.echo(f"{'drawn' if stage == 'draw' else 'routing scenes'} {done}/{total}", err=True)
+
+        with torch.inference_mode():
+            result = evaluate_adapter(pipe, judge, panels_per_count=panels, seed=seed, steps=steps, guidance=guidance,
+                                      distractors=distractors, routing_scenes=routing_scenes, variants=chosen,
+                                      report_dir=report, progress=progress)
+        if as_json:
+            typer.echo(json.dumps({"ok": True, **result}, indent=2))
+            return
+        _print_adapter_result(result)
+
+
+def _adapter_pipeline(model: str, adapter: Optional[Path]):
+    """The AnyStoryPipeline to grade: `model` as `render` loads it, or the default base + `adapter`."""
+    if adapter is not None:
+        from .errors import ModelError
+        from .pipeline import AnyStoryPipeline
+        from .world.base_models import load_default_base
+
+        if not adapter.is_file():
+            raise ModelError(f"{adapter}: no adapter file here")
+        base, encoder = load_default_base()
+        return AnyStoryPipeline.from_pipe(base, encoder, adapter)
+    if PIPELINE_FACTORY is not None:
+        return PIPELINE_FACTORY(model, Path.cwd())
+    from .model_loading import load_pipeline
+
+    return load_pipeline(model, Path.cwd())
+
+
+def _print_adapter_result(result: dict) -> None:
+    counts = [c for c in ("1", "2", "3", "4") if c in result["rendered"]]
+    typer.echo(f"AnyStory on held-out identities: {result['panels_per_count']} panels per count, {result['steps']} "
+               f"steps, guidance {result['guidance_scale']}, seed {result['seed']}, {result['candidates']} candidates "
+               f"per character ({result['seconds']['total']:.0f} s)")
+    for key, title in (("identity", "identity"), ("blended", "blending")):
+        typer.echo(f"{title + ' by characters in the panel':34}" + "".join(f"{c:>7}" for c in counts))
+        rows = [(v, result["results"][v]) for v in result["variants"]] + [("rendered (judge)", result["rendered"])]
+        for name, figures in rows:
+            typer.echo(f"  {name:32}" + "".join(f"{_format_rate(figures[c][key]):>7}" for c in counts))
+    iou = result["routing_iou"]
+    typer.echo(f"routing IoU (latent side x timestep {', '.join(map(str, iou['timesteps']))}):")
+    for side, by_t in iou["by_resolution"].items():
+        typer.echo(f"  {side + 'x' + side:8}" + "".join(f"{_format_rate(v):>7}" for v in by_t.values()))
+    placement = result["placement"]
+    typer.echo(f"placement: routing mass in region {_format_rate(placement['routing_share_in_region'])}, "
+               f"characters found in their regions {_format_rate(placement['found_in_region'])}")
+    for key, goal in result["goals"].items():
+        sign = "<=" if key.endswith("_max") else ">="
+        typer.echo(f"goal {key} {sign} {goal:.2f}: {_format_rate(result['reached'][key]).strip()} "
+                   f"({'met' if result['goals_met'][key] else 'not met'})")
+    if "report" in result:
+        typer.echo(f"report: {result['report']['html']}")
 
 
 if __name__ == "__main__":  # pragma: no cover

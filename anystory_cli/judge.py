@@ -6,6 +6,8 @@ only, so that it can grade what the base model and AnyStory draw:
     judge = load_judge()                          # the shipped weights (assets/judge/)
     verdicts = judge.read_scenes(images)          # uint8 (B, 64, 64, 3) -> [SceneVerdict]
     judge.read_characters(images, boxes)          # -> [CharacterVerdict]: attributes + pose
+    judge.character_log_probs(images, boxes)      # the same crops' log-probabilities per head
+    identity_log_likelihood(log_probs, identity.attributes())   # how well a crop fits an identity
     score_scene(verdict, scene_truth(scene))      # what the verdict got right, per image
 
 Two networks (sizes in `JudgeConfig`):
@@ -201,6 +203,24 @@ class CharacterVerdict:
                 for name, index in self.attributes.items()}
 
 
+def verdict_of(log_probs: dict[str, np.ndarray]) -> CharacterVerdict:
+    """The most likely class of every head; what does not apply without a pattern / an
+    accessory is not read."""
+    attributes = {name: int(np.argmax(log_probs[name])) for name in ATTRIBUTE_CLASSES}
+    if ATTRIBUTE_CLASSES["pattern"][attributes["pattern"]] == "none":
+        attributes["pattern_colour"] = attributes["pattern_scale"] = NOT_APPLICABLE
+    if ATTRIBUTE_CLASSES["accessory"][attributes["accessory"]] == "none":
+        attributes["accessory_colour"] = NOT_APPLICABLE
+    return CharacterVerdict(attributes=attributes, pose=POSES[int(np.argmax(log_probs["pose"]))])
+
+
+def identity_log_likelihood(log_probs: dict[str, np.ndarray], attributes: dict[str, int]) -> float:
+    """log p(a crop shows an identity with `attributes`) under the judge, attributes taken as
+    independent; one that does not apply (the colour of no pattern) adds nothing, since "none"
+    of its parent attribute already carries the evidence."""
+    return float(sum(log_probs[name][index] for name, index in attributes.items() if index != NOT_APPLICABLE))
+
+
 @dataclass(frozen=True)
 class SceneTruth:
     """What a caption (and its rendered scene) says; characters left to right."""
@@ -356,28 +376,26 @@ class Judge(nn.Module):
         return verdicts
 
     @torch.no_grad()
-    def read_characters(self, images, boxes: Sequence[Sequence[Sequence[float]]]) -> list[list[CharacterVerdict]]:
+    def character_log_probs(self, images, boxes: Sequence[Sequence[Sequence[float]]]) -> list[list[dict[str, np.ndarray]]]:
         """`boxes[b]` lists boxes (x0, y0, x1, y1, pixels of the judge's image size) in image b;
-        returns the verdicts in the same nesting."""
+        returns, in the same nesting, each crop's log-probabilities: head name -> (classes,)."""
         pixels = to_pixels(images, self.config.image_size)
         flat = [(b, box) for b, image_boxes in enumerate(boxes) for box in image_boxes]
+        result: list[list[dict[str, np.ndarray]]] = [[] for _ in boxes]
         if not flat:
-            return [[] for _ in boxes]
+            return result
         index = torch.tensor([b for b, _ in flat])
         crops = crop_characters(pixels, torch.tensor([list(box) for _, box in flat], dtype=torch.float32), index,
                                 self.config.crop_size, self.config.crop_margin)
-        out = self.character_net.eval()(crops)
-        labels = {name: logits.argmax(1).tolist() for name, logits in out.items()}
-        result: list[list[CharacterVerdict]] = [[] for _ in boxes]
+        out = {name: logits.log_softmax(1).numpy() for name, logits in self.character_net.eval()(crops).items()}
         for n, (b, _) in enumerate(flat):
-            attributes = {name: labels[name][n] for name in ATTRIBUTE_CLASSES}
-            # What does not apply without a pattern / an accessory is not read.
-            if ATTRIBUTE_CLASSES["pattern"][attributes["pattern"]] == "none":
-                attributes["pattern_colour"] = attributes["pattern_scale"] = NOT_APPLICABLE
-            if ATTRIBUTE_CLASSES["accessory"][attributes["accessory"]] == "none":
-                attributes["accessory_colour"] = NOT_APPLICABLE
-            result[b].append(CharacterVerdict(attributes=attributes, pose=POSES[labels["pose"][n]]))
+            result[b].append({name: values[n] for name, values in out.items()})
         return result
+
+    def read_characters(self, images, boxes: Sequence[Sequence[Sequence[float]]]) -> list[list[CharacterVerdict]]:
+        """`boxes[b]` lists boxes (x0, y0, x1, y1, pixels of the judge's image size) in image b;
+        returns the verdicts in the same nesting."""
+        return [[verdict_of(log_probs) for log_probs in image] for image in self.character_log_probs(images, boxes)]
 
     def read(self, images) -> list[tuple[SceneVerdict, list[CharacterVerdict]]]:
         """Scenes, then every located character read from its box."""

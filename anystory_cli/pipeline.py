@@ -169,7 +169,8 @@ class AnyStoryPipeline:
             return None
         return torch.stack([_region_to_mask(r, latent_size, i) for i, r in enumerate(regions)]).to(self.device)
 
-    def _injection_inputs(self, characters, regions, rows, latent_size, subject_scale, reference_scale, record):
+    def _injection_inputs(self, characters, regions, rows, latent_size, subject_scale, reference_scale, record,
+                          route=True):
         null_tokens, null_routing = self.null_subject()
         tokens = torch.stack([c.subject_tokens.to(self.device, self.dtype) for c in characters] + [null_tokens])
         routing = torch.stack([c.routing_feature.to(self.device, self.dtype) for c in characters] + [null_routing])
@@ -187,6 +188,9 @@ class AnyStoryPipeline:
             latent_size=latent_size,
             null_tokens=null_tokens,
             region_masks=None if regions is None else regions.expand(rows, -1, -1, -1),
+            # Without the router every entry's gate is 1 at every pixel: each character's tokens
+            # and reference features reach the whole image (the paper's motivation for routing).
+            fixed_routes=None if route else torch.ones(rows, len(characters) + 1, *latent_size, device=self.device),
             subject_scale=float(subject_scale),
             reference_scale=None if reference_scale is None else float(reference_scale),
             record_maps=record,
@@ -201,6 +205,7 @@ class AnyStoryPipeline:
         subject_scale: float = 1.0,
         reference_scale: float | None = 0.0,
         return_routing: bool = False,
+        route: bool = True,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
@@ -210,7 +215,8 @@ class AnyStoryPipeline:
 
         subject_scale (η) weights the routed subject tokens; reference_scale (γ) is the bias on
         routed reference features (None switches them off). `regions`, one per character, confine
-        each character's routing to a box or mask. Other keyword arguments (num_inference_steps,
+        each character's routing to a box or mask. route=False replaces the router by gates of 1
+        everywhere (every character at every pixel: the no-router ablation). Other keyword arguments (num_inference_steps,
         guidance_scale, generator, negative_prompt, output_type, callback_on_step_end, ...) go to
         the base pipeline unchanged.
         """
@@ -223,7 +229,7 @@ class AnyStoryPipeline:
             raise InputError(f"height and width must be multiples of {scale}, got {height}x{width}")
         rows = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         inputs = self._injection_inputs(characters, regions, rows, (height // scale, width // scale),
-                                        subject_scale, reference_scale, return_routing)
+                                        subject_scale, reference_scale, return_routing, route)
         context = AnyStoryContext(inputs)
         result = self.base(
             prompt=prompt, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
@@ -239,6 +245,25 @@ class AnyStoryPipeline:
                 for m in layers.values()
             ]).mean(dim=0)
         return output
+
+
+    @torch.no_grad()
+    def route_latents(self, latents: torch.Tensor, timestep: int, prompt: str,
+                      characters: Sequence[CharacterEncoding]) -> dict[str, torch.Tensor]:
+        """The router as a segmenter: one conditional UNet forward on given noisy `latents`
+        (1, C, h, w) at `timestep`; returns each cross-attention layer's soft routing map
+        (1, E, h', w'), characters in order, then the background. SD-style bases only (an SDXL
+        UNet needs its added conditions, which this does not build)."""
+        if getattr(self.base, "text_encoder_2", None) is not None:
+            raise ModelError("route_latents supports SD-style bases (one text encoder) only")
+        characters = list(characters)
+        self._check_inputs(characters, None, 1.0, 0.0)
+        text, _ = self.base.encode_prompt(prompt, self.device, 1, False)
+        inputs = self._injection_inputs(characters, None, 1, tuple(latents.shape[-2:]), 1.0, 0.0, True)
+        context = AnyStoryContext(inputs)
+        self.base.unet(latents.to(self.device, self.dtype), timestep, encoder_hidden_states=text,
+                       cross_attention_kwargs={"anystory": context})
+        return {name: maps.float() for name, maps in context.maps}
 
 
 def _region_to_mask(region: Region, size: tuple[int, int], index: int) -> torch.Tensor:
