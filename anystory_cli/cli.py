@@ -665,7 +665,7 @@ def evaluate_base_command(
     Goal (issue 6): scene and count accuracy >= 0.90 on the generated images.
     """
     with _guarded(as_json):
-        from .evaluate import evaluate_base
+        from .evaluate import evaluate_base, json_safe
         from .judge import load_judge
 
         _quiet_libraries()
@@ -687,7 +687,8 @@ def evaluate_base_command(
             result = evaluate_base(pipe, judge, n_samples=samples, seed=seed, steps=steps, guidance=guidance,
                                    report_dir=report, progress=progress)
         if as_json:
-            typer.echo(json.dumps({"ok": True, **{k: v for k, v in result.items() if k != "records"}}, indent=2))
+            typer.echo(json.dumps(json_safe({"ok": True, **{k: v for k, v in result.items() if k != "records"}}),
+                                  indent=2, allow_nan=False))
             return
         typer.echo(f"base model: {samples} held-out captions, {steps} steps, guidance {guidance}, "
                    f"seed {seed} ({result['seconds']['total']:.0f} s)")
@@ -731,7 +732,7 @@ def evaluate_adapter_command(
     the same noise; beside each figure, the judge's own on the rendered scenes.
     """
     with _guarded(as_json):
-        from .evaluate import evaluate_adapter
+        from .evaluate import evaluate_adapter, json_safe
         from .judge import load_judge
 
         _quiet_libraries()
@@ -750,7 +751,7 @@ def evaluate_adapter_command(
                                       distractors=distractors, routing_scenes=routing_scenes, variants=chosen,
                                       report_dir=report, progress=progress)
         if as_json:
-            typer.echo(json.dumps({"ok": True, **result}, indent=2))
+            typer.echo(json.dumps(json_safe({"ok": True, **result}), indent=2, allow_nan=False))
             return
         _print_adapter_result(result)
 

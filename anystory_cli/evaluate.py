@@ -37,6 +37,17 @@ BASE_GOALS = {"scene": 0.9, "count": 0.9}
 HEADLINE = ("place", "time", "scene", "prop", "count", "position", "pose")
 
 
+def json_safe(value):
+    """NaN (nothing to measure, e.g. no panel of that kind) as None: strict JSON for CI tools."""
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def base_eval_scenes(n_samples: int, seed: int = 0, size: int = 64) -> list[Scene]:
     """Held-out scenes whose captions the base model is asked to draw; 1, 2, 3, 4 characters in
     turn so that every count is equally represented."""
@@ -190,7 +201,8 @@ def write_base_report(result: dict, generated: np.ndarray, rendered: np.ndarray,
     with atomic_path(paths["grid"]) as tmp:
         sheet.save(tmp, format="PNG")
     with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=2) + "\n")
+        tmp.write_text(json.dumps(json_safe({k: v for k, v in result.items() if k != "report"}), indent=2,
+                                  allow_nan=False) + "\n")
     return paths
 
 
@@ -526,7 +538,8 @@ def write_adapter_report(result: dict, panels: list[EvalPanel], images: dict[str
     with atomic_path(paths["html"]) as tmp:
         tmp.write_text(_adapter_html(result))
     with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps({k: v for k, v in result.items() if k != "report"}, indent=2) + "\n")
+        tmp.write_text(json.dumps(json_safe({k: v for k, v in result.items() if k != "report"}), indent=2,
+                                  allow_nan=False) + "\n")
     return paths
 
 

@@ -1,4 +1,5 @@
-"""The shipped default base model loads offline and samples what it sampled when it was published.
+"""The shipped default model loads offline and draws what it drew when it was published: the
+base alone from captions, and one AnyStory panel with two of the demo's characters.
 
 A broken, truncated or silently changed weight file (or a diffusers/transformers upgrade that
 changes the computation) changes the sample and fails here. After publishing new weights on
@@ -19,6 +20,10 @@ from PIL import Image
 
 DATA = Path(__file__).parent / "data"
 BASE_REFERENCE = DATA / "default_base_sample.png"
+PANEL_REFERENCE = DATA / "default_panel_sample.png"
+ASSETS = Path(__file__).parent.parent / "anystory_cli" / "assets" / "default"
+DEMO_CHARACTERS = Path(__file__).parent.parent / "stories" / "characters"
+PANEL_PROMPT = "two characters on a hill during the day , the left one is waving , the right one is standing"
 PROMPTS = (
     "two characters on a beach at sunset near a rock , the left one is jumping , the right one is standing",
     "one character in a forest at night , it is waving in the center",
@@ -39,22 +44,49 @@ def sample_base() -> np.ndarray:
     return np.concatenate(list((np.clip(images, 0, 1) * 255).round().astype(np.uint8)), axis=1)
 
 
-def test_shipped_base_model_samples_match_the_stored_reference():
-    unet = Path(__file__).parent.parent / "anystory_cli" / "assets" / "default" / "unet.safetensors"
-    if not unet.is_file():
-        pytest.fail(f"{unet} is missing: the default base model is not shipped")
-    assert BASE_REFERENCE.is_file(), "no stored reference: run python tests/test_default_model.py --update"
-    expected = np.asarray(Image.open(BASE_REFERENCE).convert("RGB")).astype(np.int16)
-    got = sample_base().astype(np.int16)
+def sample_panel() -> np.ndarray:
+    """mira (left) and bolt (right) in one panel, through the loader `anystory render` uses."""
+    from anystory_cli.masks import load_image
+    from anystory_cli.model_loading import load_pipeline
+
+    torch.set_num_threads(1)
+    pipe = load_pipeline("default")
+    characters = [pipe.encode_character(load_image(DEMO_CHARACTERS / f"{name}.png", "reference"), name=name)
+                  for name in ("mira", "bolt")]
+    images = pipe(PANEL_PROMPT, characters=characters, regions=[(0.0, 0.2, 0.5, 1.0), (0.5, 0.2, 1.0, 1.0)],
+                  num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=torch.Generator().manual_seed(SEED),
+                  output_type="np").images
+    return (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)
+
+
+def _assert_close(got: np.ndarray, reference: Path) -> None:
+    assert reference.is_file(), "no stored reference: run python tests/test_default_model.py --update"
+    expected = np.asarray(Image.open(reference).convert("RGB")).astype(np.int16)
+    got = got.astype(np.int16)
     assert got.shape == expected.shape
     diff = np.abs(got - expected)
     assert diff.mean() <= MEAN_TOLERANCE, f"mean difference {diff.mean():.2f} levels"
     assert (diff.max(axis=-1) > 24).mean() <= PIXEL_SHARE_TOLERANCE
 
 
+def test_shipped_base_model_samples_match_the_stored_reference():
+    unet = ASSETS / "unet.safetensors"
+    if not unet.is_file():
+        pytest.fail(f"{unet} is missing: the default base model is not shipped")
+    _assert_close(sample_base(), BASE_REFERENCE)
+
+
+def test_shipped_default_model_draws_a_panel_that_matches_the_stored_reference():
+    adapter = ASSETS / "anystory_adapter.safetensors"
+    if not adapter.is_file():
+        pytest.fail(f"{adapter} is missing: the default AnyStory adapter is not shipped")
+    _assert_close(sample_panel(), PANEL_REFERENCE)
+
+
 if __name__ == "__main__":
     if sys.argv[1:] != ["--update"]:
         sys.exit("usage: python tests/test_default_model.py --update")
     DATA.mkdir(exist_ok=True)
-    Image.fromarray(sample_base()).save(BASE_REFERENCE)
-    print(f"wrote {BASE_REFERENCE}")
+    for path, sample in ((BASE_REFERENCE, sample_base), (PANEL_REFERENCE, sample_panel)):
+        Image.fromarray(sample()).save(path)
+        print(f"wrote {path}")
