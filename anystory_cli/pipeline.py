@@ -188,9 +188,7 @@ class AnyStoryPipeline:
             latent_size=latent_size,
             null_tokens=null_tokens,
             region_masks=None if regions is None else regions.expand(rows, -1, -1, -1),
-            # Without the router every entry's gate is 1 at every pixel: each character's tokens
-            # and reference features reach the whole image (the paper's motivation for routing).
-            fixed_routes=None if route else torch.ones(rows, len(characters) + 1, *latent_size, device=self.device),
+            fixed_routes=None if route or not characters else _everywhere(rows, len(characters), latent_size, self.device),
             subject_scale=float(subject_scale),
             reference_scale=None if reference_scale is None else float(reference_scale),
             record_maps=record,
@@ -215,8 +213,8 @@ class AnyStoryPipeline:
 
         subject_scale (η) weights the routed subject tokens; reference_scale (γ) is the bias on
         routed reference features (None switches them off). `regions`, one per character, confine
-        each character's routing to a box or mask. route=False replaces the router by gates of 1
-        everywhere (every character at every pixel: the no-router ablation). Other keyword arguments (num_inference_steps,
+        each character's routing to a box or mask. route=False replaces the router by every
+        character at every pixel (the no-router ablation; how stage 1 trains a lone character). Other keyword arguments (num_inference_steps,
         guidance_scale, generator, negative_prompt, output_type, callback_on_step_end, ...) go to
         the base pipeline unchanged.
         """
@@ -264,6 +262,15 @@ class AnyStoryPipeline:
         self.base.unet(latents.to(self.device, self.dtype), timestep, encoder_hidden_states=text,
                        cross_attention_kwargs={"anystory": context})
         return {name: maps.float() for name, maps in context.maps}
+
+
+def _everywhere(rows: int, characters: int, size: tuple[int, int], device) -> torch.Tensor:
+    """Gates without a router: every character at every pixel, the background entry nowhere —
+    the sum of each character's attention, as in stage-1 training (sigma = 1 for its one subject)
+    and in adapters without routing (the paper's motivation for the router)."""
+    gates = torch.ones(rows, characters + 1, *size, device=device)
+    gates[:, -1] = 0.0
+    return gates
 
 
 def _region_to_mask(region: Region, size: tuple[int, int], index: int) -> torch.Tensor:

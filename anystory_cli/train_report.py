@@ -155,7 +155,9 @@ def preview_grid(pipe, image_encoder, adapter, rows: list[dict], recipe, out_pat
             encodings = [pipeline.encode_character(image, mask) for image, mask in references]
             output = pipeline(
                 row["caption"], encodings, subject_scale=1.0, reference_scale=0.0,
-                return_routing=recipe.stage == 2, num_inference_steps=recipe.preview_steps,
+                # Stage 1 trains without a router (its one character at every pixel) and leaves
+                # the router untrained, so its previews draw that way too.
+                return_routing=recipe.stage == 2, route=recipe.stage == 2, num_inference_steps=recipe.preview_steps,
                 guidance_scale=recipe.preview_guidance, output_type="pil",
                 generator=torch.Generator().manual_seed(recipe.seed + index),
             )

@@ -351,6 +351,34 @@ def test_route_false_changes_a_two_character_image_and_nothing_without_character
     np.testing.assert_array_equal(_draw(pipe, [], True), _draw(pipe, [], False))
 
 
+def test_route_false_does_not_consult_the_router_and_leaves_the_null_subject_out(pipe, encodings, heldout_panels):
+    """Without a router every character is at every pixel and the background entry nowhere, as
+    stage 1 trains a lone character: neither the routers' weights nor the null subject matter."""
+    characters = [encodings(s) for s in heldout_panels[4].scene.identity_seeds]
+    before = _draw(pipe, characters, False)
+    saved = {k: v.clone() for k, v in pipe.adapter.state_dict().items()}
+    try:
+        with torch.no_grad():
+            for p in pipe.adapter.routers.parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)))
+            np.testing.assert_array_equal(_draw(pipe, characters, False), before)
+            assert np.abs(_draw(pipe, characters, True) - before).max() > 1e-4
+        # Without guidance the null subject appears only as the background entry: nowhere without a router.
+        def plain(route):
+            out = pipe("two characters on a hill", characters=characters, route=route, num_inference_steps=1,
+                       guidance_scale=1.0, generator=torch.Generator().manual_seed(3), output_type="np")
+            return np.asarray(out.images[0])
+
+        unrouted, routed = plain(False), plain(True)
+        null_tokens, null_routing = pipe.null_subject()
+        pipe._null_subject = (null_tokens * 5.0, null_routing)
+        np.testing.assert_array_equal(plain(False), unrouted)
+        assert np.abs(plain(True) - routed).max() > 1e-4  # the router does give the background pixels
+    finally:
+        pipe.adapter.load_state_dict(saved)
+        pipe._null_subject = None
+
+
 def test_route_latents_gives_one_soft_map_per_cross_attention_layer(pipe, encodings, heldout_panels):
     seeds = heldout_panels[8].scene.identity_seeds  # three characters
     characters = [encodings(s) for s in seeds]
