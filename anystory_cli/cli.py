@@ -671,6 +671,10 @@ def evaluate_base_command(
         _quiet_libraries()
         import torch
 
+        if report is not None:  # before minutes of drawing, not after
+            from .render import check_output_dir
+
+            check_output_dir(report)
         judge = load_judge()
         if BASE_PIPELINE_FACTORY is not None:
             pipe = BASE_PIPELINE_FACTORY(assets)
@@ -739,6 +743,10 @@ def evaluate_adapter_command(
         import torch
 
         chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+        if report is not None:  # before minutes of drawing, not after
+            from .render import check_output_dir
+
+            check_output_dir(report)
         judge = load_judge()
         pipe = _adapter_pipeline(model, adapter)
 

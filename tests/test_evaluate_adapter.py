@@ -614,3 +614,20 @@ def test_cli_evaluate_adapter_with_an_unknown_variant_is_one_line(pipe, monkeypa
     assert as_json.exit_code == 1
     data = json.loads(as_json.stdout)
     assert data["ok"] is False and "bogus" in data["error"] and data["exit_code"] == 1
+
+
+def test_cli_evaluate_adapter_refuses_an_unwritable_report_folder_before_drawing(tiny_story_pipeline, monkeypatch,
+                                                                                 tmp_path):
+    from typer.testing import CliRunner
+
+    from anystory_cli import cli
+
+    drawn = []
+    monkeypatch.setattr(cli, "PIPELINE_FACTORY", lambda model, folder: drawn.append(model) or tiny_story_pipeline)
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    result = CliRunner().invoke(cli.app, ["evaluate", "adapter", "--panels-per-count", "1", "--steps", "1",
+                                          "--report", str(blocker / "report")])
+    assert result.exit_code == 1 and drawn == []
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and str(blocker) in lines[0] and "Traceback" not in result.output
