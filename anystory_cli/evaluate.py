@@ -293,7 +293,8 @@ def match_to_places(expected: list[tuple[float, float, float, float]], located: 
     used = set()
     for _, i, j in sorted(pairs):
         if chosen[i] is None and j not in used:
-            chosen[i], _ = j, used.add(j)
+            chosen[i] = j
+            used.add(j)
     return chosen
 
 
