@@ -643,6 +643,14 @@ app.add_typer(evaluate_app, name="evaluate")
 # AnyStory on held-out identities (identity, blending, placement, routing IoU, ablations).
 
 
+def _check_report_dir(report: Optional[Path]) -> None:
+    """A report folder that cannot be written fails before minutes of drawing, not after."""
+    if report is not None:
+        from .render import check_output_dir
+
+        check_output_dir(report)
+
+
 def _format_rate(value: float) -> str:
     return "  -  " if value != value else f"{value:5.2f}"  # NaN: nothing to measure
 
@@ -671,10 +679,7 @@ def evaluate_base_command(
         _quiet_libraries()
         import torch
 
-        if report is not None:  # before minutes of drawing, not after
-            from .render import check_output_dir
-
-            check_output_dir(report)
+        _check_report_dir(report)
         judge = load_judge()
         if BASE_PIPELINE_FACTORY is not None:
             pipe = BASE_PIPELINE_FACTORY(assets)
@@ -743,10 +748,7 @@ def evaluate_adapter_command(
         import torch
 
         chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
-        if report is not None:  # before minutes of drawing, not after
-            from .render import check_output_dir
-
-            check_output_dir(report)
+        _check_report_dir(report)
         judge = load_judge()
         pipe = _adapter_pipeline(model, adapter)
 

@@ -143,21 +143,36 @@ def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps:
 # the report folder: a picture and the numbers
 
 
+def _font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=11)
+    except TypeError:  # pragma: no cover - Pillow without FreeType
+        return ImageFont.load_default()
+
+
+def _write_report_json(path: Path, result: dict) -> None:
+    """Every figure of `result` (its own paths aside) as strict JSON."""
+    import json
+
+    from .atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(json_safe({k: v for k, v in result.items() if k != "report"}), indent=2,
+                                  allow_nan=False) + "\n")
+
+
 def write_base_report(result: dict, generated: np.ndarray, rendered: np.ndarray, folder: str | Path,
                       columns: int = 4, upscale: int = 2) -> dict[str, Path]:
     """grid.png (each sample: generated | rendered, the judge's boxes and verdicts under them,
     green where scene and count are right, red where not) and report.json."""
-    import json
-
-    from PIL import Image, ImageDraw, ImageFont
+    from PIL import Image, ImageDraw
 
     from .atomic import atomic_path
 
     folder = Path(folder)
-    try:
-        font = ImageFont.load_default(size=11)
-    except TypeError:  # pragma: no cover - Pillow without FreeType
-        font = ImageFont.load_default()
+    font = _font()
     side = generated.shape[1] * upscale if len(generated) else 64 * upscale
     line, gap = 13, 8
     cell_w, cell_h = 2 * side + gap, side + 4 * line + gap
@@ -200,9 +215,7 @@ def write_base_report(result: dict, generated: np.ndarray, rendered: np.ndarray,
     paths = {"grid": folder / "grid.png", "json": folder / "report.json"}
     with atomic_path(paths["grid"]) as tmp:
         sheet.save(tmp, format="PNG")
-    with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(json_safe({k: v for k, v in result.items() if k != "report"}), indent=2,
-                                  allow_nan=False) + "\n")
+    _write_report_json(paths["json"], result)
     return paths
 
 
@@ -524,8 +537,6 @@ def _verdict_letter(record: dict) -> str:
 
 def write_adapter_report(result: dict, panels: list[EvalPanel], images: dict[str, list[np.ndarray]],
                          routing_layers: list[dict], folder: str | Path, max_panels: int = 16) -> dict[str, Path]:
-    import json
-
     from .atomic import atomic_path
 
     folder = Path(folder)
@@ -538,9 +549,7 @@ def write_adapter_report(result: dict, panels: list[EvalPanel], images: dict[str
             sheet.save(tmp, format="PNG")
     with atomic_path(paths["html"]) as tmp:
         tmp.write_text(_adapter_html(result))
-    with atomic_path(paths["json"]) as tmp:
-        tmp.write_text(json.dumps(json_safe({k: v for k, v in result.items() if k != "report"}), indent=2,
-                                  allow_nan=False) + "\n")
+    _write_report_json(paths["json"], result)
     return paths
 
 
@@ -551,15 +560,6 @@ def _spread(panels: list[EvalPanel], max_panels: int) -> list[int]:
         by_count.setdefault(len(p.scene.instances), []).append(i)
     per = max(1, max_panels // max(1, len(by_count)))
     return sorted(i for indices in by_count.values() for i in indices[:per])
-
-
-def _font():
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=11)
-    except TypeError:  # pragma: no cover - Pillow without FreeType
-        return ImageFont.load_default()
 
 
 def _samples_sheet(result: dict, panels: list[EvalPanel], images: dict[str, list[np.ndarray]], max_panels: int):

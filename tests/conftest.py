@@ -14,13 +14,10 @@ def tiny_story_pipeline():
     tests; built on first use, on one thread like the subprocesses of the tests that compare
     bytes with it (a random initialisation on two threads can differ in the last bit, and with
     it the model id and every image)."""
-    import torch
+    from contextlib import contextmanager
 
+    import storykit
     import tiny
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with contextmanager(storykit.one_torch_thread)():
         return tiny.tiny_story_pipeline()
-    finally:
-        torch.set_num_threads(threads)
