@@ -12,6 +12,8 @@ Recipe (YAML, unknown keys refused):
     image_encoder: models/clip-h  # a local CLIPVisionModel folder; `default` for both: the
                                   # embedded default model's base (recipes/world_stage1.yaml)
     init_adapter: null            # adapter file to start from (stage 2: the stage-1 result)
+    init_trained_groups: null     # adapter file whose groups this stage trains replace init_adapter's:
+                                  # continue a stage after the adapter it started from was retrained
     adapter_options: {}           # AnyStoryConfig overrides for a fresh adapter
     output_dir: runs/stage1
     lr: 1.0e-4
@@ -30,11 +32,15 @@ Recipe (YAML, unknown keys refused):
     preview_data: null            # their manifest (default: data)
     preview_steps: 20             # denoising steps and guidance of the previews
     preview_guidance: 4.0
+    character_loss_weight: 0.0    # > 0: the diffusion loss weighs pixels inside the target's
+                                  # characters (1 + w) times; needs target masks (below)
 
 Manifest: JSONL, one sample per line, paths relative to the manifest's folder.
 
     stage 1: {"reference": "a.png", "reference_mask": "a_mask.png" | null, "target": "b.png",
-              "caption": "..."}   # null mask: the reference's alpha channel segments it
+              "target_mask": "b_mask.png", "caption": "..."}
+             # null reference_mask: the reference's alpha channel segments it; target_mask (the
+             # character in the target) is optional unless character_loss_weight > 0
     stage 2: {"image": "s.png", "masks": ["s_0.png", "s_1.png"], "caption": "..."}
              # one mask per instance (white = the instance), the image's size, 1..max_characters
     Other fields of a row are ignored (`anystory world dataset` adds the identity seeds).
@@ -98,6 +104,7 @@ class TrainRecipe(BaseModel):
     pipeline: Path | None = None
     image_encoder: Path | None = None
     init_adapter: Path | None = None
+    init_trained_groups: Path | None = None
     adapter_options: dict[str, Any] = Field(default_factory=dict)
     output_dir: Path
     lr: float = Field(1e-4, gt=0)
@@ -118,6 +125,9 @@ class TrainRecipe(BaseModel):
     preview_steps: int = Field(20, ge=1)
     preview_guidance: float = Field(4.0, ge=1.0)
     threads: int | None = Field(None, ge=1)  # torch CPU threads (default: torch's choice)
+    # Not in the paper (which trains on large, well-trained bases): a character covers a tenth of
+    # a sprite-world target, so its identity is a tenth of the plain loss; 0 keeps the paper's loss.
+    character_loss_weight: float = Field(0.0, ge=0)
 
     @field_validator("lr")
     @classmethod
@@ -150,7 +160,8 @@ def load_recipe(path: str | Path) -> TrainRecipe:
     path = Path(path)
     data = read_recipe_yaml(path)
     if isinstance(data, dict):
-        for key in ("data", "pipeline", "image_encoder", "init_adapter", "output_dir", "preview_data"):
+        for key in ("data", "pipeline", "image_encoder", "init_adapter", "init_trained_groups", "output_dir",
+                    "preview_data"):
             if data.get(key) == DEFAULT_BASE and key in ("pipeline", "image_encoder"):
                 continue
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
@@ -175,13 +186,16 @@ def read_manifest(path: Path) -> list[tuple[int, Any]]:
     return rows
 
 
-def _row_problems(row: Any, stage: int, folder: Path) -> list[str]:
+def _row_problems(row: Any, stage: int, folder: Path, target_masks: bool = False) -> list[str]:
+    """Why a row cannot be trained on (empty: usable). target_masks: stage 1 needs target_mask."""
     if isinstance(row, str):
         return [row]
     if not isinstance(row, dict):
         return ["a row must be a JSON object"]
     image_key, mask_keys = ("target", ["reference_mask"]) if stage == 1 else ("image", ["masks"])
     required = ["reference", "target", "caption"] if stage == 1 else ["image", "masks", "caption"]
+    if stage == 1 and target_masks:
+        required.append("target_mask")
     missing = [k for k in required if k not in row]
     if missing:
         return [f"missing field(s) {', '.join(missing)}"]
@@ -201,21 +215,28 @@ def _row_problems(row: Any, stage: int, folder: Path) -> list[str]:
         owner = images["reference"]
         if not masks and owner.mode not in ("RGBA", "LA", "PA", "P"):
             problems.append("reference has no alpha channel and reference_mask is null")
+        if row.get("target_mask") is not None:
+            problems += _mask_problems("target_mask", row["target_mask"], images["target"], folder)
     else:
         masks, owner = row["masks"], images["image"]
         if not isinstance(masks, list) or not masks:
             return ["masks must be a non-empty list of mask paths"]
     for i, mask_path in enumerate(masks):
-        try:
-            mask = load_image(folder / str(mask_path), "mask")
-            if not _mask_array(mask, owner.size).any():
-                problems.append(f"mask {i} ({mask_path}) is empty")
-        except InputError as exc:
-            problems.append(f"mask {i}: {exc}")
+        problems += _mask_problems(f"mask {i}", mask_path, owner, folder)
     return problems
 
 
-def manifest_problems(path: str | Path, stage: int) -> list[tuple[int, str]]:
+def _mask_problems(name: str, mask_path: Any, owner: Image.Image, folder: Path) -> list[str]:
+    try:
+        mask = load_image(folder / str(mask_path), "mask")
+        if not _mask_array(mask, owner.size).any():
+            return [f"{name} ({mask_path}) is empty"]
+    except InputError as exc:
+        return [f"{name}: {exc}"]
+    return []
+
+
+def manifest_problems(path: str | Path, stage: int, target_masks: bool = False) -> list[tuple[int, str]]:
     """(line number, problem) for every problem of the manifest; line 0: the whole file."""
     path = Path(path)
     if not path.is_file():
@@ -223,13 +244,14 @@ def manifest_problems(path: str | Path, stage: int) -> list[tuple[int, str]]:
     rows = read_manifest(path)
     if not rows:
         return [(0, "the dataset is empty")]
-    return [(number, problem) for number, row in rows for problem in _row_problems(row, stage, path.parent)]
+    return [(number, problem) for number, row in rows
+            for problem in _row_problems(row, stage, path.parent, target_masks)]
 
 
-def validate_manifest(path: str | Path, stage: int) -> list[str]:
+def validate_manifest(path: str | Path, stage: int, target_masks: bool = False) -> list[str]:
     """Every problem of the manifest as 'path:line: problem' (empty list: all rows usable)."""
     return [f"{path}:{line}: {problem}" if line else f"{path}: {problem}"
-            for line, problem in manifest_problems(path, stage)]
+            for line, problem in manifest_problems(path, stage, target_masks)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +262,7 @@ def validate_manifest(path: str | Path, stage: int) -> list[str]:
 class Sample:
     target: np.ndarray  # (S, S, 3) uint8
     references: list  # masks.Reference per character, augmented
-    masks: np.ndarray  # (N, S, S) float32 instance masks in the target (stage 2; stage 1: empty)
+    masks: np.ndarray  # (N, S, S) float32 instance masks in the target (stage 1: its target_mask or none)
     caption: str
 
 
@@ -278,15 +300,23 @@ def load_sample(row: dict, stage: int, folder: Path, resolution: int, reference_
         mask = None if row.get("reference_mask") is None else load_image(folder / row["reference_mask"], "mask")
         references = [augment_reference(prepare_reference(reference, mask, reference_size), rng)]
         target = load_image(folder / row["target"], "target").convert("RGB")
-        no_masks = np.zeros((0, resolution, resolution), np.float32)
-        return Sample(np.asarray(_square(target, resolution)), references, no_masks, row["caption"])
+        paths = [] if row.get("target_mask") is None else [row["target_mask"]]
+        masks = _target_masks([load_image(folder / m, "mask") for m in paths], target.size, resolution)
+        return Sample(np.asarray(_square(target, resolution)), references, masks, row["caption"])
     image = load_image(folder / row["image"], "image").convert("RGB")
     masks = [load_image(folder / m, "mask") for m in row["masks"]]
     references = [augment_reference(prepare_reference(image, m, reference_size), rng) for m in masks]
-    instance = np.stack([
-        np.asarray(_square(Image.fromarray(_mask_array(m, image.size).astype(np.uint8) * 255), resolution,
-                           Image.Resampling.BOX), np.float32) / 255 for m in masks])
+    instance = _target_masks(masks, image.size, resolution)
     return Sample(np.asarray(_square(image, resolution)), references, instance, row["caption"])
+
+
+def _target_masks(masks: list[Image.Image], size: tuple[int, int], resolution: int) -> np.ndarray:
+    """(N, S, S) float32 coverage of each mask, resized like the target."""
+    if not masks:
+        return np.zeros((0, resolution, resolution), np.float32)
+    return np.stack([
+        np.asarray(_square(Image.fromarray(_mask_array(m, size).astype(np.uint8) * 255), resolution,
+                           Image.Resampling.BOX), np.float32) / 255 for m in masks])
 
 
 def _seed_for(*parts: int) -> list[int]:
@@ -382,10 +412,24 @@ def trainable_groups(stage: int) -> tuple[str, ...]:
 
 def make_adapter(recipe: TrainRecipe, components: Components) -> AnyStoryAdapter:
     if recipe.init_adapter is not None:
-        return load_adapter(recipe.init_adapter)
-    torch.manual_seed(recipe.seed)  # a fresh adapter is part of the seeded run
-    options = {"max_characters": 4, **recipe.adapter_options}
-    return AnyStoryAdapter.from_unet(components.pipe.unet, components.image_encoder.config.hidden_size, **options)
+        adapter = load_adapter(recipe.init_adapter)
+    else:
+        torch.manual_seed(recipe.seed)  # a fresh adapter is part of the seeded run
+        options = {"max_characters": 4, **recipe.adapter_options}
+        adapter = AnyStoryAdapter.from_unet(components.pipe.unet, components.image_encoder.config.hidden_size,
+                                            **options)
+    if recipe.init_trained_groups is not None:
+        copy_groups(load_adapter(recipe.init_trained_groups), adapter, trainable_groups(recipe.stage))
+    return adapter
+
+
+def copy_groups(source: AnyStoryAdapter, target: AnyStoryAdapter, groups: tuple[str, ...]) -> None:
+    """Overwrite `groups` of `target` with `source`'s; ModelError if their shapes differ."""
+    for group in groups:
+        wanted, given = getattr(target, group).state_dict(), getattr(source, group).state_dict()
+        if wanted.keys() != given.keys() or any(wanted[k].shape != given[k].shape for k in wanted):
+            raise ModelError(f"init_trained_groups: its {group} does not fit the adapter's")
+        getattr(target, group).load_state_dict({k: v.to(wanted[k].dtype) for k, v in given.items()})
 
 
 def freeze(components: Components, adapter: AnyStoryAdapter, stage: int) -> list[tuple[str, torch.nn.Parameter]]:
@@ -486,8 +530,10 @@ def injection_inputs(samples: list[Sample], adapter: AnyStoryAdapter, encoders: 
 
 
 def step_loss(samples: list[Sample], adapter, encoders: Encoders, scheduler, stage: int,
-              generator: torch.Generator, drop: list[bool]) -> dict[str, torch.Tensor]:
-    """Diffusion loss (+ routing loss in stage 2) of one micro-batch."""
+              generator: torch.Generator, drop: list[bool], character_weight: float = 0.0) -> dict[str, torch.Tensor]:
+    """Diffusion loss (+ routing loss in stage 2) of one micro-batch, and "total", their sum.
+    With target masks it also reports "in_characters", the plain loss inside them (not trained on:
+    identity is learned there, and the whole-image loss hides it)."""
     device = encoders.device
     unet = encoders.pipe.unet
     latents = encoders.latents([s.target for s in samples], generator)
@@ -506,13 +552,37 @@ def step_loss(samples: list[Sample], adapter, encoders: Encoders, scheduler, sta
     context = AnyStoryContext(inputs)
     pred = unet(noisy, timesteps, encoder_hidden_states=text, added_cond_kwargs=added or None,
                 cross_attention_kwargs={"anystory": context}).sample
-    losses = {"diffusion": F.mse_loss(pred.float(), target.float())}
+    error = (pred.float() - target.float()).pow(2).mean(dim=1)  # (B, h, w)
+    coverage = _character_coverage(samples, error.shape[-2:], device)
+    losses = {"diffusion": weighted_mean(error, coverage, character_weight)}
     if stage == 2:
         masks = torch.from_numpy(np.stack([_pad(s.masks, valid.shape[1]) for s in samples])).to(device)
         maps = [m.float() for _, m in context.maps + context.coarse_maps]
         losses["routing"] = routing_loss(maps, masks, valid)
     losses["total"] = sum(losses.values())
+    if coverage is not None and float(coverage.sum()) > 0:
+        losses["in_characters"] = ((error * coverage).sum() / coverage.sum()).detach()
     return losses
+
+
+def _character_coverage(samples: list[Sample], latent_size, device) -> torch.Tensor | None:
+    """(B, h, w) share of each latent pixel covered by the target's characters; None when a
+    sample has no target masks."""
+    if any(len(s.masks) == 0 for s in samples):
+        return None
+    union = torch.from_numpy(np.stack([s.masks.sum(axis=0).clip(0, 1) for s in samples]))[:, None]
+    return F.interpolate(union, size=tuple(latent_size), mode="area")[:, 0].to(device)
+
+
+def weighted_mean(error: torch.Tensor, coverage: torch.Tensor | None, character_weight: float) -> torch.Tensor:
+    """Mean of (B, h, w) `error` with pixel weights 1 + character_weight * coverage, normalised per
+    sample (each sample counts equally, as in the plain mean). Weight 0: exactly the plain mean."""
+    if character_weight == 0:
+        return error.mean()
+    if coverage is None:
+        raise InputError("character_loss_weight > 0 needs target masks in every row")
+    weights = 1.0 + character_weight * coverage
+    return ((error * weights).sum(dim=(1, 2)) / weights.sum(dim=(1, 2))).mean()
 
 
 def _pad(masks: np.ndarray, n: int) -> np.ndarray:
@@ -629,7 +699,7 @@ class TrainResult:
 def check_dataset(recipe: TrainRecipe) -> set[int]:
     """Validate every row before any model is loaded: stop on a bad row, or warn and return the
     line numbers to skip (per `on_corrupt`); an empty or wholly bad dataset always stops."""
-    problems = manifest_problems(recipe.data, recipe.stage)
+    problems = manifest_problems(recipe.data, recipe.stage, target_masks=recipe.character_loss_weight > 0)
     if not problems:
         return set()
     text = [f"{recipe.data}:{line}: {p}" if line else f"{recipe.data}: {p}" for line, p in problems]
@@ -782,7 +852,8 @@ def _optimizer_step(recipe, step, stream, adapter, encoders, scheduler, optimize
         drop_rng = np.random.default_rng(_seed_for(recipe.seed, micro, accelerator.process_index, 7))
         drop = [recipe.stage == 1 and bool(drop_rng.random() < recipe.null_subject_prob) for _ in samples]
         with accelerator.autocast():
-            losses = step_loss(samples, adapter, encoders, scheduler, recipe.stage, generator, drop)
+            losses = step_loss(samples, adapter, encoders, scheduler, recipe.stage, generator, drop,
+                               recipe.character_loss_weight)
         accelerator.backward(losses["total"] / recipe.grad_accumulation)
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + float(value.detach()) / recipe.grad_accumulation

@@ -40,7 +40,8 @@ def plot_losses(log_path: Path, out_path: Path, smooth: int = 25) -> Path | None
     records = read_log(log_path)
     if not records:
         return None
-    keys = [k for k in records[0] if k not in ("step", "samples_per_s")]
+    # every loss any record has, in first-seen order (a resumed run may log a new one)
+    keys = list(dict.fromkeys(k for r in records for k in r if k not in ("step", "samples_per_s")))
     steps = np.array([r["step"] for r in records])
     figure, axes = plt.subplots(len(keys), 1, figsize=(7, 2.2 * len(keys)), squeeze=False, sharex=True)
     for axis, key in zip(axes[:, 0], keys):

@@ -8,7 +8,9 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 mkdir -p runs
-[ -f runs/world_stage1/train.jsonl ] || anystory world dataset --stage 1 --count 40000 --out runs/world_stage1
+# (a stage-1 set from before session 4 lacks the target masks that character_loss_weight needs)
+grep -qs target_mask runs/world_stage1/train.jsonl ||
+    anystory world dataset --stage 1 --count 40000 --out runs/world_stage1
 [ -f runs/world_stage2/train.jsonl ] || anystory world dataset --stage 2 --count 30000 --out runs/world_stage2
 nohup bash -c 'anystory train recipes/world_stage1.yaml >> runs/world_stage1.out 2>&1 &&
                anystory train recipes/world_stage2.yaml >> runs/world_stage2.out 2>&1' >/dev/null 2>&1 &

@@ -312,6 +312,14 @@ def test_world_datasets_are_valid_manifests_of_training_identities(tmp_path):
         assert {split_of(s) for s in seeds} == {"train"}
         if stage == 2:
             assert [len(r["masks"]) for r in rows] == [2, 3, 4, 2, 3, 4]
+        else:  # the target mask is exactly where the target differs from its own background
+            from anystory_cli.world.scenes import sample_pair
+            from anystory_cli.world.dataset import _rng_seed
+
+            for index, row in enumerate(rows):
+                mask = np.asarray(Image.open(tmp_path / "s1" / row["target_mask"])) > 0
+                pair = sample_pair(_rng_seed(1, 1, index), "train", 32)
+                assert np.array_equal(mask, pair.target.masks.any(axis=0)) and mask.any()
     again = write_dataset(tmp_path / "again", 2, 3, seed=1, size=32)  # a shorter set is a prefix
     assert (tmp_path / "s2" / "train.jsonl").read_text().startswith(again.read_text())
     for name in ("image/000002.png", "mask/000002_3.png"):
@@ -375,3 +383,68 @@ def test_the_train_command_takes_base_model_recipes_too():
     assert checked.exit_code == 0 and "base_unet.yaml: the recipe is usable" in checked.output
     refused = runner.invoke(app, ["train", str(recipe_path), "--restart"])
     assert refused.exit_code == 1 and "always continue from their state file" in refused.stderr
+
+
+def write_stage1_with_masks(folder, count=3):
+    rows = []
+    for i in range(count):
+        pair = sample_pair(i, size=32)
+        mask = pair.target.masks.any(axis=0).astype(np.uint8) * 255
+        rows.append({"reference": _save(folder, f"ref{i}.png", pair.reference), "reference_mask": None,
+                     "target": _save(folder, f"target{i}.png", pair.target.image),
+                     "target_mask": _save(folder, f"target{i}_mask.png", mask), "caption": pair.target.caption})
+    return _manifest(folder, rows)
+
+
+def test_character_weighted_loss_is_the_plain_mean_at_weight_zero_and_leans_on_characters():
+    from anystory_cli.train import weighted_mean
+
+    generator = torch.Generator().manual_seed(0)
+    error = torch.rand(3, 8, 8, generator=generator)
+    coverage = torch.zeros(3, 8, 8)
+    coverage[:, 2:5, 3:6] = 1.0
+    assert torch.equal(weighted_mean(error, coverage, 0.0), error.mean())
+    assert torch.equal(weighted_mean(error, None, 0.0), error.mean())
+    assert torch.allclose(weighted_mean(error, torch.zeros(3, 8, 8), 4.0), error.mean())
+    assert torch.allclose(weighted_mean(torch.full((3, 8, 8), 0.25), coverage, 4.0), torch.tensor(0.25))
+    inside = torch.where(coverage > 0, 1.0, 0.0)  # all the error inside the characters
+    plain, weighted = float(inside.mean()), float(weighted_mean(inside, coverage, 4.0))
+    assert weighted == pytest.approx(9 * 5 / (64 + 4 * 9), rel=1e-5) and weighted > 3 * plain
+    with pytest.raises(InputError, match="target masks"):
+        weighted_mean(error, None, 4.0)
+
+
+def test_character_weight_trains_stage_1_and_logs_the_loss_inside_the_characters(tmp_path):
+    (tmp_path / "masked").mkdir()
+    data = write_stage1_with_masks(tmp_path / "masked")  # recipe() writes its own rows in tmp_path
+    rec = recipe(tmp_path, 1, data=str(data), character_loss_weight=4.0)
+    result = train(rec, components())
+    assert all(r["in_characters"] > 0 and np.isfinite(r["in_characters"]) for r in result.losses)
+    assert all(r["total"] == r["diffusion"] for r in result.losses)  # the metric is not trained on
+    plain = train(recipe(tmp_path / "plain", 1, data=str(data), output_dir=str(tmp_path / "plain_out")),
+                  components())
+    assert plain.losses[0]["diffusion"] != result.losses[0]["diffusion"]  # same draws, other weights
+
+
+def test_character_weight_needs_target_masks_in_every_row(tmp_path):
+    rec = recipe(tmp_path, 1, character_loss_weight=4.0)  # write_stage1: no target_mask
+    with pytest.raises(InputError, match="missing field.*target_mask"):
+        train(rec, components())
+    assert validate_manifest(rec.data, 1) == []  # without the weight the rows are fine
+
+
+def test_init_trained_groups_replaces_only_the_stage_s_groups(tmp_path):
+    from anystory_cli.train import make_adapter
+    from anystory_cli.weights import save_adapter
+
+    parts = components()
+    first = tiny.tiny_adapter(parts.pipe.unet, parts.image_encoder, seed=1)
+    second = tiny.tiny_adapter(parts.pipe.unet, parts.image_encoder, seed=2)
+    save_adapter(first, tmp_path / "first.safetensors")
+    save_adapter(second, tmp_path / "second.safetensors")
+    rec = recipe(tmp_path / "data", 2, init_adapter=str(tmp_path / "first.safetensors"),
+                 init_trained_groups=str(tmp_path / "second.safetensors"))
+    made = make_adapter(rec, parts).state_dict()
+    for key, value in made.items():
+        source = second if key.split(".")[0] in TRAINED[2] else first
+        assert torch.equal(value, source.state_dict()[key]), key

@@ -3,7 +3,8 @@
 files exactly as it reads a user's own.
 
     stage 1: one training identity in two views. The reference is the character cut out of the
-             source view (alpha = its exact mask), the target is the other view with its caption.
+             source view (alpha = its exact mask), the target is the other view with its caption
+             and the character's exact mask in it (for the recipe's character_loss_weight).
     stage 2: scenes of 2-4 training identities, one exact mask per instance.
 
 Only training identities are drawn; held-out identities never reach a dataset. Sample i of a
@@ -33,9 +34,11 @@ def _rng_seed(seed: int, stage: int, index: int) -> int:
 def stage1_row(index: int, seed: int, size: int, folder: Path) -> dict:
     pair = sample_pair(_rng_seed(seed, 1, index), "train", size)
     reference, target = f"ref/{index:06d}.png", f"target/{index:06d}.png"
+    target_mask = f"target_mask/{index:06d}.png"
     Image.fromarray(pair.reference, "RGBA").save(folder / reference)
     Image.fromarray(pair.target.image).save(folder / target)
-    return {"reference": reference, "reference_mask": None, "target": target,
+    Image.fromarray(pair.target.masks.any(axis=0).astype(np.uint8) * 255).save(folder / target_mask)
+    return {"reference": reference, "reference_mask": None, "target": target, "target_mask": target_mask,
             "caption": pair.target.caption, "identity_seed": pair.identity_seed}
 
 
@@ -58,7 +61,7 @@ def write_dataset(out_dir: str | Path, stage: int, count: int, seed: int = 0, si
     if stage not in (1, 2):
         raise ValueError(f"stage is 1 or 2, got {stage}")
     folder = Path(out_dir)
-    for sub in (("ref", "target") if stage == 1 else ("image", "mask")):
+    for sub in (("ref", "target", "target_mask") if stage == 1 else ("image", "mask")):
         (folder / sub).mkdir(parents=True, exist_ok=True)
     make_row = stage1_row if stage == 1 else stage2_row
     rows = []
