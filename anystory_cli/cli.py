@@ -728,7 +728,8 @@ def evaluate_adapter_command(
                                  help="Comma-separated: anystory and any ablations to draw beside it."),
     model: str = typer.Option("default", "--model", help="'default' or a model folder (see `anystory render`)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="An adapter file from `anystory train` to "
-                                           "grade on the default base instead (e.g. runs/…/adapter.safetensors)."),
+                                           "grade on --model's base instead of its own adapter "
+                                           "(e.g. runs/…/adapter.safetensors)."),
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object on stdout."),
     report: Optional[Path] = typer.Option(None, "--report", help="Folder for index.html, samples.png, "
                                           "routing.png and report.json."),
@@ -767,21 +768,12 @@ def evaluate_adapter_command(
 
 
 def _adapter_pipeline(model: str, adapter: Optional[Path]):
-    """The AnyStoryPipeline to grade: `model` as `render` loads it, or the default base + `adapter`."""
-    if adapter is not None:
-        from .errors import ModelError
-        from .pipeline import AnyStoryPipeline
-        from .world.base_models import load_default_base
-
-        if not adapter.is_file():
-            raise ModelError(f"{adapter}: no adapter file here")
-        base, encoder = load_default_base()
-        return AnyStoryPipeline.from_pipe(base, encoder, adapter)
-    if PIPELINE_FACTORY is not None:
+    """The AnyStoryPipeline to grade: `model` as `render` loads it, with `adapter` instead of its own."""
+    if PIPELINE_FACTORY is not None and adapter is None:
         return PIPELINE_FACTORY(model, Path.cwd())
     from .model_loading import load_pipeline
 
-    return load_pipeline(model, Path.cwd())
+    return load_pipeline(model, Path.cwd(), adapter=adapter)
 
 
 def _print_adapter_result(result: dict) -> None:

@@ -45,10 +45,12 @@ DEFAULT_PIECES = ("vae.safetensors", "text_encoder.safetensors", "image_encoder.
                   "unet.safetensors", "tokenizer_words.json", ADAPTER_FILE)
 
 
-def resolve_model_dir(model: str, base_dir: str | os.PathLike[str] | None = None) -> Path:
-    """The folder that `model` names: the embedded default, or a path (relative to `base_dir`)."""
+def resolve_model_dir(model: str, base_dir: str | os.PathLike[str] | None = None, with_adapter: bool = True) -> Path:
+    """The folder that `model` names: the embedded default, or a path (relative to `base_dir`).
+    with_adapter=False: the caller brings its own adapter file, the folder need not hold one."""
     if model == DEFAULT_MODEL:
-        missing = [name for name in DEFAULT_PIECES if not (DEFAULT_MODEL_DIR / name).is_file()]
+        pieces = DEFAULT_PIECES if with_adapter else tuple(p for p in DEFAULT_PIECES if p != ADAPTER_FILE)
+        missing = [name for name in pieces if not (DEFAULT_MODEL_DIR / name).is_file()]
         if missing:
             raise ModelError(
                 f"the embedded default model is not complete in this build (missing {', '.join(missing)}: "
@@ -62,7 +64,7 @@ def resolve_model_dir(model: str, base_dir: str | os.PathLike[str] | None = None
     return folder
 
 
-def check_model_dir(folder: Path) -> None:
+def check_model_dir(folder: Path, with_adapter: bool = True) -> None:
     """ModelError naming the first missing piece of a model folder."""
     if folder == DEFAULT_MODEL_DIR:
         return  # resolve_model_dir checked its pieces
@@ -77,7 +79,7 @@ def check_model_dir(folder: Path) -> None:
     if not (encoder / "config.json").is_file():
         raise ModelError(f"{encoder}/config.json not found: put a transformers CLIPVisionModel "
                          f"there (image_encoder.save_pretrained('{encoder}'))")
-    if not (folder / ADAPTER_FILE).is_file():
+    if with_adapter and not (folder / ADAPTER_FILE).is_file():
         raise ModelError(f"{folder / ADAPTER_FILE} not found: put the AnyStory adapter weights "
                          "there (`anystory train` writes them)")
 
@@ -86,12 +88,24 @@ def model_fingerprint(model: str, base_dir: str | os.PathLike[str] | None = None
     """A short id of a model folder's contents, without loading it (milliseconds)."""
     folder = resolve_model_dir(model, base_dir)
     check_model_dir(folder)
-    digest = hashlib.sha256()
+    return _pieces_digest(_model_files(folder))
+
+
+def _model_files(folder: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
+    """(name, path) of every file of a model folder, sorted; hidden files and `skip` left out."""
+    files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts):
+        if any(part.startswith(".") for part in relative.parts) or relative.as_posix() in skip:
             continue  # editor and OS droppings do not change the model
-        digest.update(str(relative.as_posix()).encode() + b"\x00")
+        files.append((relative.as_posix(), path))
+    return files
+
+
+def _pieces_digest(files: list[tuple[str, Path]]) -> str:
+    digest = hashlib.sha256()
+    for name, path in files:
+        digest.update(name.encode() + b"\x00")
         digest.update(_file_digest(path))
     return digest.hexdigest()[:16]
 
@@ -122,11 +136,20 @@ def _device_and_dtype():
     return device, (torch.float16 if device.type == "cuda" else torch.float32)
 
 
-def load_pipeline(model: str, base_dir: str | os.PathLike[str] | None = None):
-    """Load the AnyStoryPipeline that `model` names (see the module docstring)."""
-    folder = resolve_model_dir(model, base_dir)
-    check_model_dir(folder)
-    model_id = model_fingerprint(model, base_dir)
+def load_pipeline(model: str, base_dir: str | os.PathLike[str] | None = None,
+                  adapter: str | os.PathLike[str] | None = None):
+    """Load the AnyStoryPipeline that `model` names (see the module docstring). `adapter`: an
+    adapter file used instead of the folder's own (e.g. a training checkpoint to evaluate); the
+    device and precision are chosen as for the model's own."""
+    folder = resolve_model_dir(model, base_dir, with_adapter=adapter is None)
+    check_model_dir(folder, with_adapter=adapter is None)
+    if adapter is None:
+        adapter_file, model_id = folder / ADAPTER_FILE, model_fingerprint(model, base_dir)
+    else:
+        adapter_file = Path(adapter)
+        if not adapter_file.is_file():
+            raise ModelError(f"{adapter_file}: no adapter file here")
+        model_id = _pieces_digest(_model_files(folder, skip=(ADAPTER_FILE,)) + [(ADAPTER_FILE, adapter_file)])
     device, dtype = _device_and_dtype()
     with _library_progress_bars_off():
         if folder == DEFAULT_MODEL_DIR:
@@ -140,11 +163,12 @@ def load_pipeline(model: str, base_dir: str | os.PathLike[str] | None = None):
 
     try:
         base.to(device)
-        pipeline = AnyStoryPipeline.from_pipe(base, encoder, folder / ADAPTER_FILE, model_id=model_id)
+        pipeline = AnyStoryPipeline.from_pipe(base, encoder, adapter_file, model_id=model_id)
     except ModelError as exc:
         raise ModelError(f"model {folder}: {exc}") from None
     except (RuntimeError, ValueError, KeyError) as exc:
-        raise ModelError(f"model {folder}: the adapter does not fit this pipeline ({_first_line(exc)})") from None
+        raise ModelError(f"model {folder}: the adapter {adapter_file} does not fit this pipeline "
+                         f"({_first_line(exc)})") from None
     return pipeline
 
 

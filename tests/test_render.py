@@ -6,6 +6,7 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -280,6 +281,28 @@ def test_a_local_model_folder_loads_offline_and_renders(tmp_path):
     summary = render_story(story, tmp_path / "out", cache_dir=tmp_path / "cache")
     assert summary.panels_rendered == [1] and summary.model_loaded
     assert model_fingerprint(str(folder)) == model_fingerprint("mine", tmp_path / "models")
+
+
+def test_another_adapter_file_replaces_the_model_s_own(tmp_path):
+    """`evaluate adapter --adapter FILE`: the folder's base, that file's weights, its own model id;
+    the folder need not hold an adapter of its own."""
+    from anystory_cli.model_loading import load_pipeline
+    from anystory_cli.weights import save_adapter
+
+    folder = tmp_path / "mine"
+    base, encoder = tiny.tiny_sd_pipeline(), tiny.tiny_image_encoder()
+    base.save_pretrained(folder)
+    encoder.save_pretrained(folder / "image_encoder")
+    other = tiny.tiny_adapter(base.unet, encoder, seed=5)
+    save_adapter(other, tmp_path / "checkpoint.safetensors")
+    with pytest.raises(ModelError, match="missing.safetensors: no adapter file here"):
+        load_pipeline(str(folder), adapter=tmp_path / "missing.safetensors")
+    pipe = load_pipeline(str(folder), adapter=tmp_path / "checkpoint.safetensors")
+    assert all(torch.equal(v, other.state_dict()[k]) for k, v in pipe.adapter.state_dict().items())
+    save_adapter(tiny.tiny_adapter(base.unet, encoder, seed=6), folder / "anystory_adapter.safetensors")
+    own = load_pipeline(str(folder))
+    assert own.model_id != pipe.model_id
+    assert load_pipeline(str(folder), adapter=tmp_path / "checkpoint.safetensors").model_id == pipe.model_id
 
 
 def test_words_the_default_model_does_not_know_are_reported_per_panel(tmp_path):
