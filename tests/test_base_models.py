@@ -140,9 +140,9 @@ def test_recipe_errors_name_the_field():
 def test_shipped_recipes_are_valid():
     from pathlib import Path
 
-    for name in ("vae", "clip", "unet"):
+    for name in ("vae", "clip", "unet", "unet_shapes"):
         recipe, _ = load_recipe(Path(__file__).parent.parent / "recipes" / f"base_{name}.yaml")
-        assert recipe.model == name and recipe.max_hours <= 3
+        assert recipe.model == name.split("_")[0] and recipe.max_hours <= 3
 
 
 def _write_recipe(folder, name, **changes):
@@ -195,6 +195,42 @@ def test_finished_run_publishes_loadable_assets(trained_inputs):
     tokenizer = bm.load_tokenizer(trained_inputs)
     assert bm.load_text_encoder(tokenizer, trained_inputs).config.eos_token_id == len(tokenizer) - 1
     assert bm.load_image_encoder(trained_inputs).config.image_size == 64
+
+
+def test_a_continuation_recipe_starts_from_the_published_unet_and_trains_other_shapes(tmp_path, trained_inputs):
+    from anystory_cli.world.train_base import RunPaths, UNetTask
+
+    shutil.copytree(trained_inputs, tmp_path / "assets")
+    first, base = _write_recipe(tmp_path, "unet")
+    train(first, base, log=lambda record: None)
+    published = bm.load_unet(tmp_path / "assets").state_dict()
+    first_state = (tmp_path / "state" / "unet.state.safetensors").read_bytes()
+    path = tmp_path / "shapes.yaml"
+    path.write_text(yaml.safe_dump({**TINY_RECIPES["unet"], "run_name": "unet_shapes", "init_from_published": True,
+                                    "sizes": [[64, 64], [64, 96]], "size_weights": [0.0, 1.0], "size_pool": 3,
+                                    "steps": 1, "seed": 5}))
+    recipe, base = load_recipe(path)
+    task = UNetTask(recipe, RunPaths(recipe, base))
+    assert all(torch.equal(v.half(), published[k]) for k, v in task.unet.state_dict().items())
+    (square, _), (wide, wide_captions) = task.pools
+    assert square.shape[-2:] == (32, 32) and wide.shape == (3, 4, 32, 48) and len(wide_captions) == 3
+    record = train(recipe, base, log=lambda record: None)
+    assert record["step"] == 1 and record["final"]
+    assert (tmp_path / "state" / "unet_shapes.state.safetensors").is_file()
+    assert (tmp_path / "state" / "unet.state.safetensors").read_bytes() == first_state  # not resumed, not touched
+    after = bm.load_unet(tmp_path / "assets").state_dict()
+    assert any(not torch.equal(after[k], published[k]) for k in after)  # the continuation published its UNet
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"init_from_published": True}, "run_name of its own"),
+    ({"sizes": [[64, 64]], "size_weights": [1.0, 2.0]}, "one weight per entry"),
+    ({"sizes": [[64, 0]]}, "both positive"),
+    ({"run_name": "../elsewhere"}, "run_name"),
+])
+def test_unet_continuation_fields_are_checked(change, message):
+    with pytest.raises(InputError, match=message):
+        parse_recipe({**TINY_RECIPES["unet"], **change})
 
 
 def test_unet_recipe_refuses_unfinished_inputs(tmp_path):

@@ -12,6 +12,9 @@ uninterrupted run would have drawn, and ends with the same weights.
 Order: VAE and CLIP first (they can run side by side); the UNet needs the final VAE (its latents)
 and the final text tower (its conditioning). The CLIP recipe freezes and publishes the text tower
 after `text_steps`, then keeps training the image tower on identity, so the UNet can start early.
+
+A later UNet recipe can continue a finished one (`init_from_published`, its own `run_name`), for
+example on more image shapes (`sizes`: the panels a comic page asks for) or on a lent GPU (`device`).
 """
 
 from __future__ import annotations
@@ -88,6 +91,13 @@ class RecipeBase(BaseModel):
     cache_dir: str = "../runs"  # rendered scene pools and encoded latents (recomputed when missing)
     # AdamW moments in the state file: bfloat16 halves its size (resume then is close, not exact).
     moment_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Stem of the state, log and lock files (default: the model's name). A second recipe of the
+    # same model, such as a continuation, needs its own: it must not resume the first one's state.
+    run_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+
+    @property
+    def run(self) -> str:
+        return self.run_name or self.model
 
 
 class VaeRecipe(RecipeBase):
@@ -142,11 +152,33 @@ class UNetRecipe(RecipeBase):
     sample_prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_SAMPLE_PROMPTS))
     sample_steps: int = Field(default=25, gt=0)
     guidance_scale: float = Field(default=4.0, ge=1)
+    # Start from the UNet published in assets_dir (its EMA weights) instead of a fresh one.
+    init_from_published: bool = False
+    # Image shapes trained on, [height, width] in pixels; each step's batch has one of them, drawn
+    # with `size_weights`. Default: the VAE's square only. A UNet sees any shape, but draws well
+    # only those it was trained on: wide and tall panels need their own.
+    sizes: list[tuple[int, int]] | None = None
+    size_weights: list[float] | None = None
+    size_pool: int = Field(default=10_000, gt=0)  # scenes per shape other than the pool_size square
+    device: str = "cpu"  # "cuda" on a lent GPU (the recipe itself does not change)
 
     @field_validator("unet", mode="before")
     @classmethod
     def _unet_config(cls, value):
         return to_config(bm.UNetConfig, value)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.init_from_published and self.run_name is None:
+            raise ValueError("init_from_published needs a run_name of its own (not the published run's state)")
+        if self.size_weights is not None:
+            if self.sizes is None or len(self.size_weights) != len(self.sizes):
+                raise ValueError("size_weights needs one weight per entry of sizes")
+            if min(self.size_weights) < 0 or sum(self.size_weights) <= 0:
+                raise ValueError("size_weights must be non-negative with a positive sum")
+        if self.sizes is not None and any(h <= 0 or w <= 0 for h, w in self.sizes):
+            raise ValueError("sizes are [height, width] in pixels, both positive")
+        return self
 
 
 Recipe = Annotated[Union[VaeRecipe, ClipRecipe, UNetRecipe], Field(discriminator="model")]
@@ -226,25 +258,28 @@ def segmented_reference(identity_seed: int, rng_seed: int, size: int) -> np.ndar
     return prepare_reference(Image.fromarray(rgba, "RGBA"), size=size).rgb
 
 
-def scene_batch(rng: WorldRng, count: int, size: int):
+def scene_batch(rng: WorldRng, count: int, size: int | tuple[int, int]):
     """`count` training scenes with 1-4 characters (uniform), drawn from `rng`."""
     return [sample_scene(rng.integer(1 << 40), 1 + rng.integer(4), "train", size) for _ in range(count)]
 
 
-def scene_pool(cache_dir: Path, count: int, size: int, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+def scene_pool(cache_dir: Path, count: int, size: int | tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     """`count` training scenes with 1-4 characters: uint8 (N, H, W, 3) images and captions.
+    `size`: a square's side or (height, width).
 
     Rendered once and cached on disk; the CLIP and UNet recipes share it (same seed and size)."""
-    path = Path(cache_dir) / f"scenes_{seed}_{count}_{size}.safetensors"
+    height, width = (size, size) if isinstance(size, int) else size
+    shape = f"{height}" if height == width else f"{height}x{width}"  # squares keep their old file names
+    path = Path(cache_dir) / f"scenes_{seed}_{count}_{shape}.safetensors"
     if path.is_file():
         with safe_open(str(path), framework="pt") as handle:
             captions = json.loads(handle.metadata()["captions"])
         return load_file(str(path))["images"], captions
-    rng = WorldRng("scene-pool", seed)
-    images = torch.empty((count, size, size, 3), dtype=torch.uint8)
+    rng = WorldRng("scene-pool", seed) if height == width else WorldRng("scene-pool", seed, height, width)
+    images = torch.empty((count, height, width, 3), dtype=torch.uint8)
     captions = []
     for i in range(count):  # keep only pixels and caption: whole Scenes (masks, background) add up
-        scene = scene_batch(rng, 1, size)[0]
+        scene = scene_batch(rng, 1, (height, width))[0]
         images[i] = torch.from_numpy(scene.image)
         captions.append(scene.caption)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -465,39 +500,50 @@ class EMA:
 
 class UNetTask:
     """v-prediction diffusion loss on frozen-VAE latents, conditioned on the frozen text tower's
-    last hidden states; 10 % of captions dropped to "" (what the pipeline's negative prompt is)."""
+    last hidden states; 10 % of captions dropped to "" (what the pipeline's negative prompt is).
+    Each step's batch comes from the pool of one image shape (`sizes`)."""
 
     def __init__(self, recipe: UNetRecipe, paths: "RunPaths"):
         self.recipe, self.paths = recipe, paths
-        require_final(paths.assets, ("vae", "text_encoder"))
+        self.device = torch.device(recipe.device)
+        require_final(paths.assets, ("vae", "text_encoder") + (("unet",) if recipe.init_from_published else ()))
         self.vae_config = bm.read_config("vae", paths.assets)
         self.text_config = bm.read_config("text_encoder", paths.assets)
-        self.vae = bm.load_vae(paths.assets).requires_grad_(False)
+        self.vae = bm.load_vae(paths.assets).requires_grad_(False).to(self.device)
         self.tokenizer = bm.load_tokenizer(paths.assets)
-        self.text_encoder = bm.load_text_encoder(self.tokenizer, paths.assets).requires_grad_(False)
+        self.text_encoder = bm.load_text_encoder(self.tokenizer, paths.assets).requires_grad_(False).to(self.device)
         torch.manual_seed(recipe.seed)
         self.unet = bm.build_unet(recipe.unet, self.vae_config, self.text_config)
+        if recipe.init_from_published:  # overwritten again by a resumed run's own state
+            self.unet.load_state_dict(bm.load_unet(paths.assets).float().state_dict())
+        self.unet.to(self.device)
         self.ema = EMA(self.unet, recipe.ema_decay)
         self.modules = {"unet": self.unet, "ema": self.ema.module}
         self.scheduler = bm.build_training_scheduler()
-        self.latents, self.captions = self._pool()
-        self.empty = self._encode_text([""])
+        square = self.vae_config.sample_size
+        self.sizes = [tuple(size) for size in (recipe.sizes or [(square, square)])]
+        self.weights = torch.tensor(recipe.size_weights or [1.0] * len(self.sizes), dtype=torch.float64)
+        self.pools = [self._pool(size) for size in self.sizes]
 
-    def _pool(self) -> tuple[torch.Tensor, list[str]]:
-        """The shared scene pool encoded once (latent means, scaled); cached on disk, keyed by the
-        VAE weights, so a resumed run does not pay for it again."""
-        size = self.vae_config.sample_size
-        images, captions = scene_pool(self.paths.cache, self.recipe.pool_size, size, self.recipe.seed)
+    def _pool(self, size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
+        """One shape's scene pool encoded once (latent means, scaled); cached on disk, keyed by the
+        VAE weights, so a resumed run does not pay for it again. The VAE's own square keeps the
+        shared pool of pool_size scenes (and its cache name); other shapes have size_pool each."""
+        square = size == (self.vae_config.sample_size,) * 2
+        count = self.recipe.pool_size if square else self.recipe.size_pool
+        images, captions = scene_pool(self.paths.cache, count, size[0] if square else size, self.recipe.seed)
         vae_file = self.paths.assets / "vae.safetensors"
-        key = stable_hash("latents", self.recipe.seed, self.recipe.pool_size, vae_file.read_bytes()) % (1 << 48)
+        shape = () if square else tuple(size)  # the square's key predates other shapes
+        key = stable_hash("latents", self.recipe.seed, count, *shape, vae_file.read_bytes()) % (1 << 48)
         cache = self.paths.cache / f"latents_{key:012x}.safetensors"
         if cache.is_file():
             return load_file(str(cache))["latents"].float(), captions
         latents = []
         with torch.no_grad():
             for start in range(0, len(captions), 64):
-                mean = self.vae.encode(to_pixels(images[start : start + 64].numpy())).latent_dist.mean
-                latents.append((mean * self.vae_config.scaling_factor).half())
+                pixels = to_pixels(images[start : start + 64].numpy()).to(self.device)
+                mean = self.vae.encode(pixels).latent_dist.mean
+                latents.append((mean * self.vae_config.scaling_factor).half().cpu())
         latents = torch.cat(latents).contiguous()
         with atomic_path(cache) as tmp:
             save_file({"latents": latents}, str(tmp))
@@ -507,17 +553,21 @@ class UNetTask:
     def _encode_text(self, captions: list[str]) -> torch.Tensor:
         ids = self.tokenizer(captions, padding="max_length", max_length=bm.MAX_PROMPT_TOKENS,
                              truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids).last_hidden_state
+        return self.text_encoder(ids.to(self.device)).last_hidden_state
 
     def loss(self, step: int):
         gen = step_generator(self.recipe, step)
-        index = torch.randint(0, len(self.captions), (self.recipe.batch_size,), generator=gen)
-        x0 = self.latents[index]
+        # one draw less with a single shape: a square-only recipe draws exactly what it always did
+        shape = 0 if len(self.sizes) == 1 else int(torch.multinomial(self.weights, 1, generator=gen))
+        latents, pool_captions = self.pools[shape]
+        index = torch.randint(0, len(pool_captions), (self.recipe.batch_size,), generator=gen)
+        x0 = latents[index]
         drop = torch.rand(len(index), generator=gen) < self.recipe.caption_dropout
-        captions = ["" if d else self.captions[i] for i, d in zip(index.tolist(), drop.tolist())]
+        captions = ["" if d else pool_captions[i] for i, d in zip(index.tolist(), drop.tolist())]
         context = self._encode_text(captions)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(index),), generator=gen)
+        x0, noise, t = x0.to(self.device), noise.to(self.device), t.to(self.device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         target = self.scheduler.get_velocity(x0, noise, t)
         prediction = self.unet(noisy, t, context).sample
@@ -576,19 +626,19 @@ class RunPaths:
         self.assets = (base_dir / recipe.assets_dir).resolve()
         self.state = (base_dir / recipe.state_dir).resolve()
         self.cache = (base_dir / recipe.cache_dir).resolve()
-        self.state_file = self.state / f"{recipe.model}.state.safetensors"
-        self.log_file = self.state / f"{recipe.model}.log.jsonl"
+        self.state_file = self.state / f"{recipe.run}.state.safetensors"
+        self.log_file = self.state / f"{recipe.run}.log.jsonl"
 
 
 def save_state(path: Path, modules: dict, optimizer, step: int, elapsed: float, recipe) -> None:
     moment_dtype = getattr(torch, recipe.moment_dtype)
-    tensors = {f"{name}/{key}": value.detach().float().contiguous().clone()
+    tensors = {f"{name}/{key}": value.detach().float().cpu().contiguous().clone()
                for name, module in modules.items() for key, value in module.state_dict().items()}
     optim_state = optimizer.state_dict()
     for index, entries in optim_state["state"].items():
         for key, value in entries.items():
             cast = value if key == "step" else value.to(moment_dtype)
-            tensors[f"optim/{index}/{key}"] = cast.contiguous().clone()
+            tensors[f"optim/{index}/{key}"] = cast.cpu().contiguous().clone()
     tensors["rng/torch"] = torch.get_rng_state()
     metadata = {
         "format": STATE_FORMAT, "step": str(step), "elapsed": repr(elapsed),
@@ -679,7 +729,7 @@ def train(recipe, base_dir: str | Path = ".", max_steps: int | None = None, max_
     torch.set_num_threads(recipe.threads)
     paths = RunPaths(recipe, Path(base_dir))
     paths.state.mkdir(parents=True, exist_ok=True)
-    with run_lock(paths.state / f"{recipe.model}.lock"):
+    with run_lock(paths.state / f"{recipe.run}.lock"):
         return _train(recipe, paths, max_steps, max_minutes, log)
 
 
