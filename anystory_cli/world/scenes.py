@@ -186,7 +186,7 @@ def compose_scene(
             # Crowded scenes that keep hiding the prop lose it (and the caption stops naming it).
             setting = replace(setting, prop="none")
             break
-    if placement is None:  # pragma: no cover - the ranges above always leave room
+    if placement is None:  # squares always have room; tall scenes have none for 3-4 side by side
         raise RuntimeError(f"could not place {count} characters in a {height}x{width} scene")
     background = draw_background(setting, height, width)
     _draw_shadows(background, placement)

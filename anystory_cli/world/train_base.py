@@ -160,7 +160,7 @@ class UNetRecipe(RecipeBase):
     sizes: list[tuple[int, int]] | None = None
     size_weights: list[float] | None = None
     size_pool: int = Field(default=10_000, gt=0)  # scenes per shape other than the pool_size square
-    device: str = "cpu"  # "cuda" on a lent GPU (the recipe itself does not change)
+    device: str = "auto"  # auto: cuda when there is one, so the same recipe runs on a lent GPU
 
     @field_validator("unet", mode="before")
     @classmethod
@@ -259,8 +259,27 @@ def segmented_reference(identity_seed: int, rng_seed: int, size: int) -> np.ndar
 
 
 def scene_batch(rng: WorldRng, count: int, size: int | tuple[int, int]):
-    """`count` training scenes with 1-4 characters (uniform), drawn from `rng`."""
-    return [sample_scene(rng.integer(1 << 40), 1 + rng.integer(4), "train", size) for _ in range(count)]
+    """`count` training scenes with 1-4 characters (uniform where they fit), drawn from `rng`."""
+    scenes = []
+    for _ in range(count):
+        seed = rng.integer(1 << 40)  # seed, then count: the order the shipped model's pools were drawn in
+        scenes.append(_placeable_scene(rng, seed, 1 + rng.integer(4), size))
+    return scenes
+
+
+def _placeable_scene(rng: WorldRng, seed: int, characters: int, size: int | tuple[int, int], tries: int = 3):
+    """The scene of `seed`, or, where that many characters do not fit side by side (a tall
+    scene's characters are as wide as its width allows), another seed's, then fewer characters.
+    Squares always fit: they never draw more from `rng`."""
+    while True:
+        for _ in range(tries):
+            try:
+                return sample_scene(seed, characters, "train", size)
+            except RuntimeError:
+                seed = rng.integer(1 << 40)
+        if characters == 1:
+            raise RuntimeError(f"no character fits a {size} scene")
+        characters -= 1
 
 
 def scene_pool(cache_dir: Path, count: int, size: int | tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, list[str]]:
@@ -505,7 +524,8 @@ class UNetTask:
 
     def __init__(self, recipe: UNetRecipe, paths: "RunPaths"):
         self.recipe, self.paths = recipe, paths
-        self.device = torch.device(recipe.device)
+        self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if recipe.device == "auto"
+                                   else recipe.device)
         require_final(paths.assets, ("vae", "text_encoder") + (("unet",) if recipe.init_from_published else ()))
         self.vae_config = bm.read_config("vae", paths.assets)
         self.text_config = bm.read_config("text_encoder", paths.assets)
