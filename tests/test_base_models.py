@@ -208,14 +208,16 @@ def test_a_continuation_recipe_starts_from_the_published_unet_and_trains_other_s
     path = tmp_path / "shapes.yaml"
     path.write_text(yaml.safe_dump({**TINY_RECIPES["unet"], "run_name": "unet_shapes", "init_from_published": True,
                                     "sizes": [[64, 64], [64, 96]], "size_weights": [0.0, 1.0], "size_pool": 3,
-                                    "steps": 1, "seed": 5}))
+                                    "steps": 2, "seed": 5}))
     recipe, base = load_recipe(path)
     task = UNetTask(recipe, RunPaths(recipe, base))
     assert all(torch.equal(v.half(), published[k]) for k, v in task.unet.state_dict().items())
     (square, _), (wide, wide_captions) = task.pools
     assert square.shape[-2:] == (32, 32) and wide.shape == (3, 4, 32, 48) and len(wide_captions) == 3
-    record = train(recipe, base, log=lambda record: None)
-    assert record["step"] == 1 and record["final"]
+    record = train(recipe, base, max_steps=1, log=lambda record: None)
+    assert record["step"] == 1 and not record["final"]  # it published its own unfinished UNet
+    record = train(recipe, base, log=lambda record: None)  # and resumes from its own state
+    assert record["step"] == 2 and record["final"]
     assert (tmp_path / "state" / "unet_shapes.state.safetensors").is_file()
     assert (tmp_path / "state" / "unet.state.safetensors").read_bytes() == first_state  # not resumed, not touched
     after = bm.load_unet(tmp_path / "assets").state_dict()

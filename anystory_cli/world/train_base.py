@@ -526,7 +526,10 @@ class UNetTask:
         self.recipe, self.paths = recipe, paths
         self.device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if recipe.device == "auto"
                                    else recipe.device)
-        require_final(paths.assets, ("vae", "text_encoder") + (("unet",) if recipe.init_from_published else ()))
+        # A continuation starts from a finished UNet; once it has a state of its own, the UNet it
+        # published at its last checkpoint is its own unfinished one.
+        starts_from_published = recipe.init_from_published and not paths.state_file.is_file()
+        require_final(paths.assets, ("vae", "text_encoder") + (("unet",) if starts_from_published else ()))
         self.vae_config = bm.read_config("vae", paths.assets)
         self.text_config = bm.read_config("text_encoder", paths.assets)
         self.vae = bm.load_vae(paths.assets).requires_grad_(False).to(self.device)
@@ -534,7 +537,7 @@ class UNetTask:
         self.text_encoder = bm.load_text_encoder(self.tokenizer, paths.assets).requires_grad_(False).to(self.device)
         torch.manual_seed(recipe.seed)
         self.unet = bm.build_unet(recipe.unet, self.vae_config, self.text_config)
-        if recipe.init_from_published:  # overwritten again by a resumed run's own state
+        if starts_from_published:
             self.unet.load_state_dict(bm.load_unet(paths.assets).float().state_dict())
         self.unet.to(self.device)
         self.ema = EMA(self.unet, recipe.ema_decay)
