@@ -655,12 +655,29 @@ def _format_rate(value: float) -> str:
     return "  -  " if value != value else f"{value:5.2f}"  # NaN: nothing to measure
 
 
+def _panel_shape(text: str) -> tuple[int, int]:
+    """'HxW' -> (H, W): the base draws 64x64 pictures through a factor-4 VAE and a UNet that halves
+    its latent twice, so both sides must be multiples of 16 (32 to 256)."""
+    from .errors import InputError
+
+    try:
+        height, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--shape {text!r}: expected HEIGHTxWIDTH in pixels, e.g. 64x128") from None
+    if not all(32 <= side <= 256 and side % 16 == 0 for side in (height, width)):
+        raise InputError(f"--shape {text!r}: each side must be a multiple of 16 from 32 to 256")
+    return height, width
+
+
 @evaluate_app.command("base")
 def evaluate_base_command(
     samples: int = typer.Option(64, "--samples", min=1, max=10000, help="Held-out captions to draw."),
     steps: int = typer.Option(25, "--steps", min=1, max=500, help="Denoising steps."),
     guidance: float = typer.Option(4.0, "--guidance", min=1.0, max=50.0, help="Classifier-free guidance."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Chooses the captions and the noise."),
+    shape: Optional[str] = typer.Option(None, "--shape", metavar="HxW", help="Panel shape in pixels, e.g. "
+                                        "64x128 (wide) or 128x64 (tall); multiples of 16. Default: the "
+                                        "judge's 64x64 square."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     report: Optional[Path] = typer.Option(None, "--report", help="Folder for grid.png (generated beside "
                                           "rendered, with the judge's verdicts) and report.json."),
@@ -680,6 +697,7 @@ def evaluate_base_command(
         import torch
 
         _check_report_dir(report)
+        panel_shape = _panel_shape(shape) if shape is not None else None
         judge = load_judge()
         if BASE_PIPELINE_FACTORY is not None:
             pipe = BASE_PIPELINE_FACTORY(assets)
@@ -694,12 +712,13 @@ def evaluate_base_command(
 
         with torch.inference_mode():
             result = evaluate_base(pipe, judge, n_samples=samples, seed=seed, steps=steps, guidance=guidance,
-                                   report_dir=report, progress=progress)
+                                   shape=panel_shape, report_dir=report, progress=progress)
         if as_json:
             typer.echo(json.dumps(json_safe({"ok": True, **{k: v for k, v in result.items() if k != "records"}}),
                                   indent=2, allow_nan=False))
             return
-        typer.echo(f"base model: {samples} held-out captions, {steps} steps, guidance {guidance}, "
+        height, width = result["image_size"]
+        typer.echo(f"base model: {samples} held-out captions, {height}x{width}, {steps} steps, guidance {guidance}, "
                    f"seed {seed} ({result['seconds']['total']:.0f} s)")
         typer.echo(f"{'':10}{'generated':>10}{'rendered':>10}   (rendered: the judge on the captions' own scenes)")
         for key in ("place", "time", "scene", "prop", "count", "position", "pose"):

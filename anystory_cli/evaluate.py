@@ -30,7 +30,7 @@ from .judge import (Judge, SceneTruth, _mean, identity_log_likelihood, scene_tru
                     verdict_of)
 from .world.identity import NOT_APPLICABLE, draw_identity_seed, identity_from_seed
 from .world.rng import WorldRng, stable_hash
-from .world.scenes import MAX_CHARACTERS, Scene, sample_scene
+from .world.scenes import MAX_CHARACTERS, Scene, placeable_scene, sample_scene
 
 # Issue 6: scene (place and time) and count right on at least 90 % of generated images.
 BASE_GOALS = {"scene": 0.9, "count": 0.9}
@@ -48,27 +48,30 @@ def json_safe(value):
     return value
 
 
-def base_eval_scenes(n_samples: int, seed: int = 0, size: int = 64) -> list[Scene]:
+def base_eval_scenes(n_samples: int, seed: int = 0, size: int | tuple[int, int] = 64) -> list[Scene]:
     """Held-out scenes whose captions the base model is asked to draw; 1, 2, 3, 4 characters in
-    turn so that every count is equally represented."""
+    turn so that every count is equally represented (`size`: a square's side or (height, width);
+    a tall scene too narrow for 3-4 characters side by side gets fewer)."""
     rng = WorldRng("evaluate-base", int(seed))
-    return [sample_scene(rng.integer(1 << 40), 1 + i % MAX_CHARACTERS, "heldout", size) for i in range(n_samples)]
+    return [placeable_scene(rng, rng.integer(1 << 40), 1 + i % MAX_CHARACTERS, "heldout", size)
+            for i in range(n_samples)]
 
 
 def generate_from_captions(pipe, captions: list[str], noise_seeds: list[int], steps: int, guidance: float,
-                           size: int, batch_size: int = 16,
+                           size: tuple[int, int], batch_size: int = 16,
                            progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-    """uint8 (N, size, size, 3): each caption drawn by a diffusers text-to-image pipeline, with
+    """uint8 (N, height, width, 3): each caption drawn by a diffusers text-to-image pipeline, with
     its own generator (the same image whatever the batch size)."""
+    height, width = size
     images = []
     for start in range(0, len(captions), batch_size):
         generators = [torch.Generator().manual_seed(s) for s in noise_seeds[start:start + batch_size]]
         out = pipe(prompt=captions[start:start + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generators, output_type="np", height=size, width=size)
+                   generator=generators, output_type="np", height=height, width=width)
         images.append(np.clip(np.round(np.asarray(out.images) * 255), 0, 255).astype(np.uint8))
         if progress is not None:
             progress(min(start + batch_size, len(captions)), len(captions))
-    return np.concatenate(images) if images else np.zeros((0, size, size, 3), np.uint8)
+    return np.concatenate(images) if images else np.zeros((0, height, width, 3), np.uint8)
 
 
 def _truth_dict(truth: SceneTruth) -> dict:
@@ -87,22 +90,26 @@ def _judged(judge: Judge, images: np.ndarray, truths: list[SceneTruth]) -> tuple
 
 
 def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps: int = 25, guidance: float = 4.0,
-                  batch_size: int = 16, report_dir: str | Path | None = None,
+                  shape: tuple[int, int] | None = None, batch_size: int = 16, report_dir: str | Path | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict:
     """Draw `n_samples` held-out captions with the base `pipe` and grade them with `judge`.
+
+    `shape` (height, width) draws panels of that shape instead of the judge's square; the judge
+    reads them squashed to its square, which keeps left-to-right order and relative positions
+    (its own accuracy on the rendered scenes of that shape is reported beside, as always).
 
     Returns a plain dict: accuracies on the generated images ("generated") and the judge's own
     on the rendered scenes of the same captions ("rendered"), both overall and by character
     count; whether the issue's goals are met; timings; and one record per sample."""
     started = time.perf_counter()
-    size = judge.config.image_size
+    size = tuple(shape) if shape is not None else (judge.config.image_size,) * 2
     scenes = base_eval_scenes(n_samples, seed, size)
     truths = [scene_truth(scene) for scene in scenes]
     captions = [scene.caption for scene in scenes]
     noise_seeds = [stable_hash("evaluate-base-noise", int(seed), i) % (1 << 63) for i in range(n_samples)]
     generated = generate_from_captions(pipe, captions, noise_seeds, steps, guidance, size, batch_size, progress)
     generate_seconds = time.perf_counter() - started
-    rendered = np.stack([scene.image for scene in scenes]) if scenes else np.zeros((0, size, size, 3), np.uint8)
+    rendered = np.stack([scene.image for scene in scenes]) if scenes else np.zeros((0, *size, 3), np.uint8)
     generated_records, generated_verdicts = _judged(judge, generated, truths)
     rendered_records, rendered_verdicts = _judged(judge, rendered, truths)
 
@@ -119,7 +126,8 @@ def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps:
     heldout = judge.info.get("heldout", {}).get("rendered", {})
     result = {
         "model": "base",
-        "samples": n_samples, "seed": seed, "steps": steps, "guidance_scale": guidance, "image_size": size,
+        "samples": n_samples, "seed": seed, "steps": steps, "guidance_scale": guidance,
+        "image_size": list(size), "judge_size": judge.config.image_size,
         "generated": result_generated,
         "rendered": summarise(rendered_records),
         "by_count": by_count,
@@ -173,9 +181,12 @@ def write_base_report(result: dict, generated: np.ndarray, rendered: np.ndarray,
 
     folder = Path(folder)
     font = _font()
-    side = generated.shape[1] * upscale if len(generated) else 64 * upscale
+    height, width = result["image_size"]
+    tile_w, tile_h = width * upscale, height * upscale
+    # the judge's boxes are in its square frame; a panel of another shape was squashed into it
+    box_scale = (tile_w / result["judge_size"], tile_h / result["judge_size"])
     line, gap = 13, 8
-    cell_w, cell_h = 2 * side + gap, side + 4 * line + gap
+    cell_w, cell_h = 2 * tile_w + gap, tile_h + 4 * line + gap
     rows = max(1, -(-len(generated) // columns))
     header = 3 * line + gap
     sheet = Image.new("RGB", (columns * cell_w + gap, header + rows * cell_h + gap), (250, 250, 250))
@@ -194,12 +205,13 @@ def write_base_report(result: dict, generated: np.ndarray, rendered: np.ndarray,
     for i, record in enumerate(result["records"]):
         x, y = gap + (i % columns) * cell_w, header + (i // columns) * cell_h
         for k, (image, key) in enumerate(((generated[i], "generated"), (rendered[i], "rendered"))):
-            tile = Image.fromarray(image).resize((side, side), Image.NEAREST)
+            tile = Image.fromarray(image).resize((tile_w, tile_h), Image.NEAREST)
             tile_draw = ImageDraw.Draw(tile)
             for character in record[key]["characters"]:
-                x0, y0, x1, y1 = (v * upscale for v in character["box"])
-                tile_draw.rectangle((x0, y0, x1 - 1, y1 - 1), outline=(255, 255, 255))
-            sheet.paste(tile, (x + k * side, y))
+                x0, y0, x1, y1 = character["box"]
+                tile_draw.rectangle((x0 * box_scale[0], y0 * box_scale[1], x1 * box_scale[0] - 1,
+                                     y1 * box_scale[1] - 1), outline=(255, 255, 255))
+            sheet.paste(tile, (x + k * tile_w, y))
         truth = record["truth"]
         lines = [(f"#{i} {truth['place']} {truth['time']} {truth['prop']} "
                   + _who(truth["count"], truth["positions"], truth["poses"]), (40, 40, 40))]
@@ -211,7 +223,7 @@ def write_base_report(result: dict, generated: np.ndarray, rendered: np.ndarray,
                     + _who(verdict["count"], words, verdict["poses"]) + f"  pos {sum(right['positions'])}/{truth['count']}")
             lines.append((text, (20, 130, 40) if ok else (200, 30, 30)))
         for n, (text, colour) in enumerate(lines):
-            draw.text((x, y + side + 2 + n * line), text, fill=colour, font=font)
+            draw.text((x, y + tile_h + 2 + n * line), text, fill=colour, font=font)
     paths = {"grid": folder / "grid.png", "json": folder / "report.json"}
     with atomic_path(paths["grid"]) as tmp:
         sheet.save(tmp, format="PNG")

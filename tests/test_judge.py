@@ -219,3 +219,31 @@ def test_cli_evaluate_base_without_a_trained_unet_is_one_line(tmp_path):
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "unet" in lines[0] and "missing" in lines[0]
+
+
+def test_evaluation_scenes_of_a_tall_shape_fall_back_to_fewer_characters_and_squares_are_unchanged():
+    squares = base_eval_scenes(8, seed=3)
+    assert [s.caption for s in base_eval_scenes(8, seed=3, size=(64, 64))] == [s.caption for s in squares]
+    tall = base_eval_scenes(8, seed=3, size=(128, 64))
+    assert all(s.image.shape == (128, 64, 3) for s in tall)
+    assert [len(s.instances) for s in tall][:2] == [1, 2] and all(1 <= len(s.instances) <= 4 for s in tall)
+
+
+def test_evaluate_base_on_wide_panels_draws_that_shape_and_reports_it(tiny_base, shipped_judge, tmp_path):
+    result = evaluate_base(tiny_base, shipped_judge, n_samples=2, seed=1, steps=1, guidance=4.0, shape=(64, 128),
+                           report_dir=tmp_path / "report")
+    assert result["image_size"] == [64, 128] and result["judge_size"] == 64
+    # the judge reads the rendered wide scenes squashed to its square and still counts them
+    assert result["rendered"]["count"] == 1.0
+    from PIL import Image
+
+    grid = Image.open(result["report"]["grid"])
+    assert grid.width >= 4 * 2 * 128  # 4 columns of generated | rendered tiles, 128 wide at 2x
+
+
+@pytest.mark.parametrize("shape", ["64", "64x100", "0x64", "tall", "64x1024"])
+def test_cli_evaluate_base_refuses_a_bad_shape_in_one_line(shape):
+    result = CliRunner().invoke(cli.app, ["evaluate", "base", "--shape", shape])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--shape" in lines[0]

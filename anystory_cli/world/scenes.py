@@ -143,6 +143,22 @@ def sample_scene(
     return compose_scene(rng, seeds, poses, flips, split, size, seed=int(rng_seed))
 
 
+def placeable_scene(rng: WorldRng, seed: int, characters: int, split: str = "train",
+                    size: int | tuple[int, int] = 64, tries: int = 3) -> Scene:
+    """The scene of `seed`, or, where that many characters do not fit side by side (a tall
+    scene's characters are as wide as its width allows), another seed's drawn from `rng`, then
+    fewer characters. Squares always fit: they never draw from `rng`."""
+    while True:
+        for _ in range(tries):
+            try:
+                return sample_scene(seed, characters, split, size)
+            except RuntimeError:
+                seed = rng.integer(1 << 40)
+        if characters == 1:
+            raise RuntimeError(f"no character fits a {size} scene")
+        characters -= 1
+
+
 def _pick_identities(rng: WorldRng, count: int, split: str, given: list[int] | None) -> list[int]:
     if given is not None:
         if len(given) != count:

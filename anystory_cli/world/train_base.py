@@ -44,7 +44,7 @@ from ..errors import InputError, ModelError
 from . import base_models as bm
 from .identity import ATTRIBUTE_CLASSES, identity_from_seed
 from .rng import WorldRng, stable_hash
-from .scenes import random_reference, sample_scene
+from .scenes import placeable_scene, random_reference
 
 STATE_FORMAT = "anystory-base-state/1"
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -263,23 +263,8 @@ def scene_batch(rng: WorldRng, count: int, size: int | tuple[int, int]):
     scenes = []
     for _ in range(count):
         seed = rng.integer(1 << 40)  # seed, then count: the order the shipped model's pools were drawn in
-        scenes.append(_placeable_scene(rng, seed, 1 + rng.integer(4), size))
+        scenes.append(placeable_scene(rng, seed, 1 + rng.integer(4), "train", size))
     return scenes
-
-
-def _placeable_scene(rng: WorldRng, seed: int, characters: int, size: int | tuple[int, int], tries: int = 3):
-    """The scene of `seed`, or, where that many characters do not fit side by side (a tall
-    scene's characters are as wide as its width allows), another seed's, then fewer characters.
-    Squares always fit: they never draw more from `rng`."""
-    while True:
-        for _ in range(tries):
-            try:
-                return sample_scene(seed, characters, "train", size)
-            except RuntimeError:
-                seed = rng.integer(1 << 40)
-        if characters == 1:
-            raise RuntimeError(f"no character fits a {size} scene")
-        characters -= 1
 
 
 def scene_pool(cache_dir: Path, count: int, size: int | tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, list[str]]:
