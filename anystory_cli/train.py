@@ -34,6 +34,7 @@ Recipe (YAML, unknown keys refused):
     preview_guidance: 4.0
     character_loss_weight: 0.0    # > 0: the diffusion loss weighs pixels inside the target's
                                   # characters (1 + w) times; needs target masks (below)
+    routing_loss_weight: 0.1      # stage 2: λ of the routing loss (paper Eq. 4: 0.1)
 
 Manifest: JSONL, one sample per line, paths relative to the manifest's folder.
 
@@ -87,7 +88,7 @@ from .errors import InputError, ModelError, OutputError
 from .masks import _mask_array, load_image, prepare_reference
 from .models.adapter import AnyStoryAdapter, install
 from .models.attention import AnyStoryContext, InjectionInputs
-from .models.router import routing_loss
+from .models.router import ROUTING_LOSS_WEIGHT, routing_loss
 from .weights import load_adapter, save_adapter
 
 # ---------------------------------------------------------------------------------------------
@@ -128,6 +129,10 @@ class TrainRecipe(BaseModel):
     # Not in the paper (which trains on large, well-trained bases): a character covers a tenth of
     # a sprite-world target, so its identity is a tenth of the plain loss; 0 keeps the paper's loss.
     character_loss_weight: float = Field(0.0, ge=0)
+    # λ of paper Eq. 4. Stage 2 trains only the router, so λ sets how much its gradient follows the
+    # masks rather than the diffusion loss reaching it through straight-through Gumbel gates (Adam
+    # ignores the overall scale); small characters make the mask term small, see the model card.
+    routing_loss_weight: float = Field(ROUTING_LOSS_WEIGHT, ge=0)
 
     @field_validator("lr")
     @classmethod
@@ -530,7 +535,8 @@ def injection_inputs(samples: list[Sample], adapter: AnyStoryAdapter, encoders: 
 
 
 def step_loss(samples: list[Sample], adapter, encoders: Encoders, scheduler, stage: int,
-              generator: torch.Generator, drop: list[bool], character_weight: float = 0.0) -> dict[str, torch.Tensor]:
+              generator: torch.Generator, drop: list[bool], character_weight: float = 0.0,
+              routing_weight: float = ROUTING_LOSS_WEIGHT) -> dict[str, torch.Tensor]:
     """Diffusion loss (+ routing loss in stage 2) of one micro-batch, and "total", their sum.
     With target masks it also reports "in_characters", the plain loss inside them (not trained on:
     identity is learned there, and the whole-image loss hides it)."""
@@ -558,7 +564,7 @@ def step_loss(samples: list[Sample], adapter, encoders: Encoders, scheduler, sta
     if stage == 2:
         masks = torch.from_numpy(np.stack([_pad(s.masks, valid.shape[1]) for s in samples])).to(device)
         maps = [m.float() for _, m in context.maps + context.coarse_maps]
-        losses["routing"] = routing_loss(maps, masks, valid)
+        losses["routing"] = routing_loss(maps, masks, valid, routing_weight)
     losses["total"] = sum(losses.values())
     if coverage is not None and float(coverage.sum()) > 0:
         losses["in_characters"] = ((error * coverage).sum() / coverage.sum()).detach()
@@ -853,7 +859,7 @@ def _optimizer_step(recipe, step, stream, adapter, encoders, scheduler, optimize
         drop = [recipe.stage == 1 and bool(drop_rng.random() < recipe.null_subject_prob) for _ in samples]
         with accelerator.autocast():
             losses = step_loss(samples, adapter, encoders, scheduler, recipe.stage, generator, drop,
-                               recipe.character_loss_weight)
+                               recipe.character_loss_weight, recipe.routing_loss_weight)
         accelerator.backward(losses["total"] / recipe.grad_accumulation)
         for key, value in losses.items():
             totals[key] = totals.get(key, 0.0) + float(value.detach()) / recipe.grad_accumulation

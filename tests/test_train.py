@@ -127,6 +127,18 @@ def test_overfitting_one_batch_drives_the_routing_loss_down(tmp_path):
     assert min(routing[-5:]) < routing[0] / 2.5, routing
 
 
+def test_the_recipe_s_routing_loss_weight_is_lambda_of_the_logged_routing_loss(tmp_path):
+    """routing_loss_weight scales the routing term and nothing else: the first step's losses come
+    from the same weights and draws, so λ = 1 logs exactly ten times λ = 0.1 (the paper's)."""
+    paper = train(recipe(tmp_path / "a", 2, steps=1), components()).losses[0]
+    tenfold = train(recipe(tmp_path / "b", 2, steps=1, routing_loss_weight=1.0), components()).losses[0]
+    assert recipe(tmp_path / "c", 2).routing_loss_weight == 0.1
+    assert tenfold["routing"] == pytest.approx(10 * paper["routing"], rel=1e-4)
+    assert tenfold["diffusion"] == pytest.approx(paper["diffusion"], rel=1e-5)
+    with pytest.raises(InputError, match="routing_loss_weight"):
+        recipe(tmp_path / "d", 2, routing_loss_weight=-1)
+
+
 def test_resume_continues_exactly(tmp_path):
     straight = train(recipe(tmp_path / "a", 2, steps=4, grad_accumulation=2), components())
     train(recipe(tmp_path / "b", 2, steps=2, grad_accumulation=2), components())

@@ -89,6 +89,7 @@ def routing_loss(
     soft_maps: list[torch.Tensor],  # per layer: (B, E, h, w) softmax maps, background last
     instance_masks: torch.Tensor,  # (B, N, H, W) ground truth, N = E - 1 (padding: all zero)
     character_valid: torch.Tensor | None = None,  # (B, N) bool, False for padded entries
+    weight: float = ROUTING_LOSS_WEIGHT,  # λ
 ) -> torch.Tensor:
     """Paper Eq. 4: λ · mean over layers and characters of ‖M_i^l − M_i^gt‖² (mean over pixels).
     The background entry is supervised only through the softmax."""
@@ -97,10 +98,10 @@ def routing_loss(
     n = instance_masks.shape[1]
     if character_valid is None:
         character_valid = torch.ones(instance_masks.shape[:2], dtype=torch.bool, device=instance_masks.device)
-    weight = character_valid.float()  # (B, N)
+    valid = character_valid.float()  # (B, N)
     per_layer = []
     for maps in soft_maps:
         target = downsample_masks(instance_masks, maps.shape[-2:])
         err = (maps[:, :n] - target).pow(2).mean(dim=(-2, -1))  # (B, N)
-        per_layer.append((err * weight).sum() / weight.sum().clamp(min=1.0))
-    return ROUTING_LOSS_WEIGHT * torch.stack(per_layer).mean()
+        per_layer.append((err * valid).sum() / valid.sum().clamp(min=1.0))
+    return weight * torch.stack(per_layer).mean()
