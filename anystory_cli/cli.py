@@ -585,6 +585,8 @@ def world_dataset(
     count: int = typer.Option(..., "--count", min=1, max=10_000_000, help="How many samples."),
     seed: int = typer.Option(0, "--seed", min=0, help="Random seed (same seed, same samples)."),
     size: int = typer.Option(64, "--size", min=32, max=512, help="Image size in pixels."),
+    workers: int = typer.Option(1, "--workers", min=1, max=256, help="Processes that draw samples "
+                                "(the same files whatever the number)."),
 ) -> None:
     """Write an `anystory train` dataset drawn from the world's training identities."""
     with _guarded():
@@ -592,7 +594,7 @@ def world_dataset(
         from .world.dataset import write_dataset
 
         try:
-            manifest = write_dataset(out, stage, count, seed, size)
+            manifest = write_dataset(out, stage, count, seed, size, workers=workers)
         except OSError as exc:
             raise OutputError(f"{out}: cannot write the dataset ({exc.strerror or exc})") from None
         typer.echo(f"{count} stage-{stage} samples -> {manifest}")

@@ -114,6 +114,13 @@ class TrainRecipe(BaseModel):
     steps: int = Field(ge=1)
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)
+    # Stop this run after this many minutes, with a checkpoint (`resume: true` goes on from it):
+    # a lent GPU's session is sized in minutes, not steps.
+    max_minutes: float | None = Field(None, gt=0)
+    # Processes that decode and augment batches ahead of the training step (0: the training
+    # process does it between steps). The same samples either way; a GPU step is shorter than
+    # loading its batch on one core.
+    loader_workers: int = Field(0, ge=0)
     resume: bool = False
     on_corrupt: Literal["skip", "stop"] = "skip"
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
@@ -347,12 +354,20 @@ class SampleStream:
         if not self.rows:
             raise InputError(f"{recipe.data}: no usable rows")
         self.bad: set[int] = set()
-        self.skipped = len(bad_lines)
+        self.refused = len(bad_lines)
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def skipped(self) -> int:
+        return self.refused + len(self.bad)
 
     def _row_at(self, position: int) -> tuple[int, dict]:
         epoch, offset = divmod(position, len(self.rows))
-        order = np.random.default_rng(_seed_for(self.recipe.seed, epoch, 1)).permutation(len(self.rows))
-        return self.rows[order[offset]]
+        if epoch not in self._orders:  # one permutation per epoch, not per sample
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng(_seed_for(self.recipe.seed, epoch, 1)).permutation(len(self.rows))
+        return self.rows[self._orders[epoch][offset]]
 
     def batch(self, micro_step: int) -> list[Sample]:
         size = self.recipe.batch_size
@@ -371,11 +386,57 @@ class SampleStream:
                 if self.recipe.on_corrupt == "stop":
                     raise InputError(f"{self.recipe.data}:{number}: {exc}") from None
                 self.bad.add(number)
-                self.skipped += 1
                 warnings.warn(f"{self.recipe.data}:{number}: skipped ({exc}); {self.skipped} skipped so far")
                 if len(self.bad) == len(self.rows):
                     raise InputError(f"{self.recipe.data}: every row is unusable") from None
         return samples
+
+
+_WORKER_STREAM: SampleStream | None = None
+
+
+def _start_loader(stream: SampleStream) -> None:
+    global _WORKER_STREAM
+    _WORKER_STREAM = stream
+
+
+def _load_batch(micro_step: int) -> tuple[list[Sample], set[int]]:
+    samples = _WORKER_STREAM.batch(micro_step)
+    return samples, set(_WORKER_STREAM.bad)
+
+
+class PrefetchingStream:
+    """A SampleStream whose batches `workers` processes load ahead, asked for in order from
+    `first` on. Each worker holds a copy of the stream; the rows any of them found bad are merged
+    here, so `skipped` counts each row once, as one process would."""
+
+    def __init__(self, stream: SampleStream, workers: int, first: int):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.stream, self.next, self.window = stream, first, 2 * workers
+        # spawn: a forked child must not inherit the parent's CUDA or its threads
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=_start_loader, initargs=(stream,))
+        self.pending = {g: self.pool.submit(_load_batch, g) for g in range(first, first + self.window)}
+
+    @property
+    def skipped(self) -> int:
+        return self.stream.skipped
+
+    def batch(self, micro_step: int) -> list[Sample]:
+        if micro_step != self.next:
+            raise RuntimeError(f"batches are asked for in order: expected {self.next}, got {micro_step}")
+        samples, bad = self.pending.pop(micro_step).result()
+        self.stream.bad |= bad
+        self.next += 1
+        self.pending[self.next + self.window - 1] = self.pool.submit(_load_batch, self.next + self.window - 1)
+        return samples
+
+    def close(self) -> None:
+        for future in self.pending.values():
+            future.cancel()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -767,7 +828,10 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
     preview = _Preview(recipe, components, adapter, params) if main else None
     history = []
     report({"event": "start", "step": start, "steps": recipe.steps})
+    if recipe.loader_workers:
+        stream = PrefetchingStream(stream, recipe.loader_workers, start * recipe.grad_accumulation)
     handle = install(adapter, pipe.unet)
+    started, reached = time.monotonic(), start
     try:
         for step in range(start, recipe.steps):
             began = time.perf_counter()
@@ -778,7 +842,9 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
             if main:
                 _append_log(log, record)
             report({"event": "step", "steps": recipe.steps, **record})
-            if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps:
+            reached = step + 1
+            out_of_time = _out_of_time(recipe, started, accelerator)
+            if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps or out_of_time:
                 accelerator.wait_for_everyone()
                 if main:
                     checkpoint = save_checkpoint(output, adapter, optimizer, step + 1, recipe)
@@ -789,9 +855,23 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
                         handle = install(adapter, pipe.unet)
                     report({"event": "checkpoint", "step": step + 1, "path": str(checkpoint), **shown})
                 accelerator.wait_for_everyone()
+            if out_of_time:
+                break
     finally:
         handle.remove()
-    return TrainResult(adapter.eval(), max(start, recipe.steps), history, checkpoint, stream.skipped)
+        if isinstance(stream, PrefetchingStream):
+            stream.close()
+    return TrainResult(adapter.eval(), reached, history, checkpoint, stream.skipped)
+
+
+def _out_of_time(recipe: TrainRecipe, started: float, accelerator) -> bool:
+    """Past `max_minutes`: every process stops at the same step (the slowest one's clock decides)."""
+    if recipe.max_minutes is None:
+        return False
+    late = torch.tensor(float(time.monotonic() - started > recipe.max_minutes * 60), device=accelerator.device)
+    if accelerator.num_processes > 1:
+        late = accelerator.reduce(late, reduction="max")
+    return bool(late.item())
 
 
 def _prepare_output(output: Path) -> None:
@@ -829,7 +909,7 @@ class _Preview:
             if grid is not None:
                 with atomic_path(output / "samples.png") as tmp:
                     shutil.copyfile(grid, tmp)
-        except (InputError, RuntimeError, OSError) as exc:
+        except (InputError, RuntimeError, OSError, TypeError, ValueError) as exc:
             warnings.warn(f"step {step}: the sample grid was not written ({exc})")
         finally:
             # AnyStoryPipeline freezes the adapter for inference; give the stage its parameters back.

@@ -212,8 +212,8 @@ def test_a_continuation_recipe_starts_from_the_published_unet_and_trains_other_s
     recipe, base = load_recipe(path)
     task = UNetTask(recipe, RunPaths(recipe, base))
     assert all(torch.equal(v.half(), published[k]) for k, v in task.unet.state_dict().items())
-    (square, _), (wide, wide_captions) = task.pools
-    assert square.shape[-2:] == (32, 32) and wide.shape == (3, 4, 32, 48) and len(wide_captions) == 3
+    (square, _), (wide, wide_ids) = task.pools
+    assert square.shape[-2:] == (32, 32) and wide.shape == (3, 4, 32, 48) and len(wide_ids) == 3
     record = train(recipe, base, max_steps=1, log=lambda record: None)
     assert record["step"] == 1 and not record["final"]  # it published its own unfinished UNet
     record = train(recipe, base, log=lambda record: None)  # and resumes from its own state
@@ -314,3 +314,21 @@ def test_scene_pools_of_tall_shapes_fall_back_to_fewer_characters_and_squares_ar
                 for _ in range(6)]  # the draws the pools always made: shared pools stay valid
     for scene, wanted in zip(squares, expected):
         assert np.array_equal(scene.image, wanted.image) and scene.caption == wanted.caption
+
+
+@pytest.mark.parametrize("size", [32, (64, 32)])
+def test_scene_pools_rendered_by_several_processes_are_the_pools_one_process_renders(tmp_path, size):
+    from anystory_cli.world import sample_scene
+    from anystory_cli.world.rng import WorldRng
+    from anystory_cli.world.train_base import scene_pool
+
+    one, captions = scene_pool(tmp_path / "one", 12, size, seed=3)
+    many, many_captions = scene_pool(tmp_path / "many", 12, size, seed=3, workers=2)
+    assert torch.equal(one, many) and captions == many_captions
+    cached, _ = scene_pool(tmp_path / "many", 12, size, seed=3)  # read back from the cache file
+    assert torch.equal(cached, one)
+    if size == 32:  # squares never retry: the draws the shipped model's pools were made of
+        rng = WorldRng("scene-pool", 3)
+        draws = [(rng.integer(1 << 40), 1 + rng.integer(4)) for _ in range(12)]
+        assert all(np.array_equal(one[i].numpy(), sample_scene(s, n, "train", 32).image)
+                   for i, (s, n) in enumerate(draws))

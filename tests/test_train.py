@@ -139,6 +139,18 @@ def test_the_recipe_s_routing_loss_weight_is_lambda_of_the_logged_routing_loss(t
         recipe(tmp_path / "d", 2, routing_loss_weight=-1)
 
 
+def test_max_minutes_stops_with_a_checkpoint_that_resumes_exactly(tmp_path):
+    """A lent GPU is sized in minutes: the run stops at the first step past max_minutes with a
+    checkpoint, and `resume` goes on to the same weights an uninterrupted run reaches."""
+    straight = train(recipe(tmp_path / "a", 2, steps=3, checkpoint_every=10), components())
+    cut = train(recipe(tmp_path / "b", 2, steps=3, checkpoint_every=10, max_minutes=1e-9), components())
+    assert cut.step == 1 and cut.checkpoint is not None and cut.checkpoint.name == "step-0000001"
+    resumed = train(recipe(tmp_path / "b", 2, steps=3, checkpoint_every=10, resume=True), components())
+    assert resumed.step == 3
+    for k, v in straight.adapter.state_dict().items():
+        assert torch.equal(v, resumed.adapter.state_dict()[k]), k
+
+
 def test_resume_continues_exactly(tmp_path):
     straight = train(recipe(tmp_path / "a", 2, steps=4, grad_accumulation=2), components())
     train(recipe(tmp_path / "b", 2, steps=2, grad_accumulation=2), components())
@@ -219,6 +231,18 @@ def test_corrupt_images_stop_or_are_skipped_with_a_count(tmp_path):
     with pytest.warns(UserWarning, match="skipped"):
         result = train(rec, components())
     assert result.skipped >= 1 and np.isfinite(result.losses[0]["total"])
+
+
+def test_batches_loaded_ahead_by_worker_processes_train_the_same_weights(tmp_path):
+    rec = recipe(tmp_path, 1, steps=3, batch_size=2, checkpoint_every=10)
+    (tmp_path / "target1.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipped"):
+        serial = train(rec, components())
+    ahead = train(rec.model_copy(update={"loader_workers": 2, "output_dir": tmp_path / "ahead"}), components())
+    assert ahead.step == 3 and ahead.skipped == serial.skipped >= 1
+    assert [r["total"] for r in ahead.losses] == [r["total"] for r in serial.losses]
+    for k, v in serial.adapter.state_dict().items():
+        assert torch.equal(v, ahead.adapter.state_dict()[k]), k
 
 
 DDP_SCRIPT = """
@@ -336,6 +360,10 @@ def test_world_datasets_are_valid_manifests_of_training_identities(tmp_path):
     assert (tmp_path / "s2" / "train.jsonl").read_text().startswith(again.read_text())
     for name in ("image/000002.png", "mask/000002_3.png"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "s2" / name).read_bytes()
+    parallel = write_dataset(tmp_path / "parallel", 2, 6, seed=1, size=32, workers=2)
+    assert parallel.read_text() == (tmp_path / "s2" / "train.jsonl").read_text()
+    for name in ("image/000005.png", "mask/000005_3.png"):
+        assert (tmp_path / "parallel" / name).read_bytes() == (tmp_path / "s2" / name).read_bytes()
 
 
 def _saved_tiny_model(folder):

@@ -163,7 +163,7 @@ class AnyStoryAdapter(nn.Module):
                 t = tensor.detach().float().flatten()
                 digest.update(name.encode())
                 digest.update(repr((tuple(tensor.shape), float(t.sum()), float(t.abs().sum()))).encode())
-                digest.update(t[:16].numpy().tobytes())
+                digest.update(t[:16].cpu().numpy().tobytes())  # the adapter may live on a GPU
         return digest.hexdigest()[:16]
 
 

@@ -13,7 +13,11 @@ stage depends only on (seed, stage, i), so a longer dataset starts with the shor
 
 from __future__ import annotations
 
+import contextlib
 import json
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,7 @@ def _rng_seed(seed: int, stage: int, index: int) -> int:
     return WorldRng("dataset", int(seed), int(stage), int(index)).integer(1 << 31)
 
 
-def stage1_row(index: int, seed: int, size: int, folder: Path) -> dict:
+def stage1_row(index: int, *, seed: int, size: int, folder: Path) -> dict:
     pair = sample_pair(_rng_seed(seed, 1, index), "train", size)
     reference, target = f"ref/{index:06d}.png", f"target/{index:06d}.png"
     target_mask = f"target_mask/{index:06d}.png"
@@ -42,7 +46,7 @@ def stage1_row(index: int, seed: int, size: int, folder: Path) -> dict:
             "caption": pair.target.caption, "identity_seed": pair.identity_seed}
 
 
-def stage2_row(index: int, seed: int, size: int, folder: Path) -> dict:
+def stage2_row(index: int, *, seed: int, size: int, folder: Path) -> dict:
     count = SCENE_SIZES[index % len(SCENE_SIZES)]
     scene = sample_scene(_rng_seed(seed, 2, index), count, "train", size)
     image = f"image/{index:06d}.png"
@@ -55,20 +59,27 @@ def stage2_row(index: int, seed: int, size: int, folder: Path) -> dict:
 
 
 def write_dataset(out_dir: str | Path, stage: int, count: int, seed: int = 0, size: int = 64,
-                  progress=None) -> Path:
+                  progress=None, workers: int = 1) -> Path:
     """Write `count` samples and their manifest (written last, atomically: a manifest on disk
-    always describes files that exist). Files already present are rewritten identically."""
+    always describes files that exist). Files already present are rewritten identically.
+    `workers` > 1 writes the samples in that many processes, with the same files."""
     if stage not in (1, 2):
         raise ValueError(f"stage is 1 or 2, got {stage}")
     folder = Path(out_dir)
     for sub in (("ref", "target", "target_mask") if stage == 1 else ("image", "mask")):
         (folder / sub).mkdir(parents=True, exist_ok=True)
-    make_row = stage1_row if stage == 1 else stage2_row
+    make_row = partial(stage1_row if stage == 1 else stage2_row, seed=seed, size=size, folder=folder)
     rows = []
-    for index in range(count):
-        rows.append(make_row(index, seed, size, folder))
-        if progress is not None:
-            progress(index + 1, count)
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+            made = pool.map(make_row, range(count), chunksize=max(1, min(256, count // (4 * workers))))
+        else:
+            made = map(make_row, range(count))
+        for row in made:  # in index order, whatever the workers' order
+            rows.append(row)
+            if progress is not None:
+                progress(len(rows), count)
     with atomic_path(folder / MANIFEST) as tmp:
         tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return folder / MANIFEST

@@ -143,6 +143,9 @@ def sample_scene(
     return compose_scene(rng, seeds, poses, flips, split, size, seed=int(rng_seed))
 
 
+LONE_CHARACTER_TRIES = 30
+
+
 def placeable_scene(rng: WorldRng, seed: int, characters: int, split: str = "train",
                     size: int | tuple[int, int] = 64, tries: int = 3) -> Scene:
     """The scene of `seed`, or, where that many characters do not fit side by side (a tall
@@ -155,8 +158,21 @@ def placeable_scene(rng: WorldRng, seed: int, characters: int, split: str = "tra
             except RuntimeError:
                 seed = rng.integer(1 << 40)
         if characters == 1:
-            raise RuntimeError(f"no character fits a {size} scene")
+            if tries >= LONE_CHARACTER_TRIES:
+                raise RuntimeError(f"no character fits a {size} scene")
+            tries = LONE_CHARACTER_TRIES  # a tall frame turns a lone character down now and then
+            continue
         characters -= 1
+
+
+def pool_scene(job: tuple[int, int, tuple[int, int]]) -> tuple[np.ndarray, str]:
+    """A training pool's scene from its drawn (seed, characters, (height, width)): pixels and
+    caption only (whole Scenes add up). It depends on nothing else, so worker processes can render
+    a pool in any order; a tall scene that must retry draws from its own seed's stream. Here, not
+    in train_base, so that a worker imports the world alone (no torch)."""
+    seed, characters, size = job
+    scene = placeable_scene(WorldRng("scene-pool-retry", seed), seed, characters, "train", size)
+    return scene.image, scene.caption
 
 
 def _pick_identities(rng: WorldRng, count: int, split: str, given: list[int] | None) -> list[int]:

@@ -44,7 +44,7 @@ from ..errors import InputError, ModelError
 from . import base_models as bm
 from .identity import ATTRIBUTE_CLASSES, identity_from_seed
 from .rng import WorldRng, stable_hash
-from .scenes import placeable_scene, random_reference
+from .scenes import placeable_scene, pool_scene, random_reference
 
 STATE_FORMAT = "anystory-base-state/1"
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -85,6 +85,8 @@ class RecipeBase(BaseModel):
     max_hours: float = Field(default=3.0, gt=0)  # wall-clock cap over all sessions together
     threads: int = Field(default=1, gt=0)
     log_every: int = Field(default=25, gt=0)
+    # Processes that render scene pools (the same pools whatever the number): a GPU host's cores.
+    render_workers: int = Field(default=1, gt=0)
     # Relative paths are relative to the recipe file's folder.
     assets_dir: str = "../anystory_cli/assets/default"
     state_dir: str = "../checkpoints"
@@ -267,9 +269,11 @@ def scene_batch(rng: WorldRng, count: int, size: int | tuple[int, int]):
     return scenes
 
 
-def scene_pool(cache_dir: Path, count: int, size: int | tuple[int, int], seed: int = 0) -> tuple[torch.Tensor, list[str]]:
+def scene_pool(cache_dir: Path, count: int, size: int | tuple[int, int], seed: int = 0,
+               workers: int = 1) -> tuple[torch.Tensor, list[str]]:
     """`count` training scenes with 1-4 characters: uint8 (N, H, W, 3) images and captions.
-    `size`: a square's side or (height, width).
+    `size`: a square's side or (height, width). `workers` > 1 renders in that many processes,
+    with the same result.
 
     Rendered once and cached on disk; the CLIP and UNet recipes share it (same seed and size)."""
     height, width = (size, size) if isinstance(size, int) else size
@@ -280,15 +284,25 @@ def scene_pool(cache_dir: Path, count: int, size: int | tuple[int, int], seed: i
             captions = json.loads(handle.metadata()["captions"])
         return load_file(str(path))["images"], captions
     rng = WorldRng("scene-pool", seed) if height == width else WorldRng("scene-pool", seed, height, width)
-    images = torch.empty((count, height, width, 3), dtype=torch.uint8)
-    captions = []
-    for i in range(count):  # keep only pixels and caption: whole Scenes (masks, background) add up
-        scene = scene_batch(rng, 1, (height, width))[0]
-        images[i] = torch.from_numpy(scene.image)
-        captions.append(scene.caption)
+    jobs = []
+    for _ in range(count):  # seed, then count: the order the shipped model's pools were drawn in
+        scene_seed = rng.integer(1 << 40)
+        jobs.append((scene_seed, 1 + rng.integer(4), (height, width)))
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        # spawn: the parent may hold CUDA, which a forked child must not inherit
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rendered = list(pool.map(pool_scene, jobs, chunksize=max(1, min(256, count // (4 * workers)))))
+    else:
+        rendered = [pool_scene(job) for job in jobs]
+    images = torch.from_numpy(np.stack([image for image, _ in rendered])) if rendered else \
+        torch.empty((0, height, width, 3), dtype=torch.uint8)
+    captions = [caption for _, caption in rendered]
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        save_file({"images": images}, str(tmp), metadata={"captions": json.dumps(captions)})
+        save_file({"images": images.contiguous()}, str(tmp), metadata={"captions": json.dumps(captions)})
     return images, captions
 
 
@@ -419,7 +433,8 @@ class ClipTask:
         self.identity_projection = torch.nn.Linear(recipe.vision.hidden_size, recipe.vision.projection_dim)
         self.modules = {"clip": self.clip, "heads": self.heads, "identity_projection": self.identity_projection}
         self.size = recipe.vision.image_size
-        self.pool = scene_pool(paths.cache, recipe.scene_pool, self.size, recipe.seed) if recipe.scene_pool else None
+        self.pool = (scene_pool(paths.cache, recipe.scene_pool, self.size, recipe.seed, recipe.render_workers)
+                     if recipe.scene_pool else None)
 
     def _scenes(self, step: int) -> tuple[np.ndarray, list[str]]:
         if self.pool is None:
@@ -531,51 +546,63 @@ class UNetTask:
         square = self.vae_config.sample_size
         self.sizes = [tuple(size) for size in (recipe.sizes or [(square, square)])]
         self.weights = torch.tensor(recipe.size_weights or [1.0] * len(self.sizes), dtype=torch.float64)
+        if self.device.type == "cuda":  # TF32 matmuls and convolutions: a GPU's fast fp32 path; the
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # few shapes
+            torch.backends.cudnn.benchmark = True  # each get their fastest kernels once
+        self.empty_ids = self._token_ids([""])  # a dropped caption: what the pipeline's negative prompt is
         self.pools = [self._pool(size) for size in self.sizes]
 
-    def _pool(self, size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
-        """One shape's scene pool encoded once (latent means, scaled); cached on disk, keyed by the
-        VAE weights, so a resumed run does not pay for it again. The VAE's own square keeps the
-        shared pool of pool_size scenes (and its cache name); other shapes have size_pool each."""
+    def _pool(self, size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One shape's scene pool on the training device: latents encoded once (means, scaled) and
+        captions tokenized once (tokenizing a batch each step held a GPU back). The latents are
+        cached on disk, keyed by the VAE weights, so a resumed run does not pay for them again.
+        The VAE's own square keeps the shared pool of pool_size scenes (and its cache name); other
+        shapes have size_pool each."""
         square = size == (self.vae_config.sample_size,) * 2
         count = self.recipe.pool_size if square else self.recipe.size_pool
-        images, captions = scene_pool(self.paths.cache, count, size[0] if square else size, self.recipe.seed)
+        images, captions = scene_pool(self.paths.cache, count, size[0] if square else size, self.recipe.seed,
+                                      self.recipe.render_workers)
+        return self._latents(images, count, size, square), self._token_ids(captions)
+
+    def _latents(self, images: torch.Tensor, count: int, size: tuple[int, int], square: bool) -> torch.Tensor:
         vae_file = self.paths.assets / "vae.safetensors"
         shape = () if square else tuple(size)  # the square's key predates other shapes
         key = stable_hash("latents", self.recipe.seed, count, *shape, vae_file.read_bytes()) % (1 << 48)
         cache = self.paths.cache / f"latents_{key:012x}.safetensors"
         if cache.is_file():
-            return load_file(str(cache))["latents"].float(), captions
+            return load_file(str(cache))["latents"].float().to(self.device)
         latents = []
         with torch.no_grad():
-            for start in range(0, len(captions), 64):
-                pixels = to_pixels(images[start : start + 64].numpy()).to(self.device)
+            chunk = 512 if self.device.type == "cuda" else 64
+            for start in range(0, len(images), chunk):
+                pixels = to_pixels(images[start : start + chunk].numpy()).to(self.device)
                 mean = self.vae.encode(pixels).latent_dist.mean
                 latents.append((mean * self.vae_config.scaling_factor).half().cpu())
         latents = torch.cat(latents).contiguous()
         with atomic_path(cache) as tmp:
             save_file({"latents": latents}, str(tmp))
-        return latents.float(), captions
+        return latents.float().to(self.device)
 
-    @torch.no_grad()
-    def _encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=bm.MAX_PROMPT_TOKENS,
-                             truncation=True, return_tensors="pt").input_ids
-        return self.text_encoder(ids.to(self.device)).last_hidden_state
+    def _token_ids(self, captions: list[str]) -> torch.Tensor:
+        ids = [self.tokenizer(captions[start : start + 4096], padding="max_length", max_length=bm.MAX_PROMPT_TOKENS,
+                              truncation=True, return_tensors="pt").input_ids
+               for start in range(0, len(captions), 4096)]
+        return torch.cat(ids).to(self.device)
 
     def loss(self, step: int):
         gen = step_generator(self.recipe, step)
         # one draw less with a single shape: a square-only recipe draws exactly what it always did
         shape = 0 if len(self.sizes) == 1 else int(torch.multinomial(self.weights, 1, generator=gen))
-        latents, pool_captions = self.pools[shape]
-        index = torch.randint(0, len(pool_captions), (self.recipe.batch_size,), generator=gen)
-        x0 = latents[index]
+        latents, token_ids = self.pools[shape]
+        index = torch.randint(0, len(token_ids), (self.recipe.batch_size,), generator=gen)
         drop = torch.rand(len(index), generator=gen) < self.recipe.caption_dropout
-        captions = ["" if d else pool_captions[i] for i, d in zip(index.tolist(), drop.tolist())]
-        context = self._encode_text(captions)
+        index, drop = index.to(self.device), drop.to(self.device)
+        x0 = latents[index]
+        with torch.no_grad():
+            context = self.text_encoder(torch.where(drop[:, None], self.empty_ids, token_ids[index])).last_hidden_state
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(index),), generator=gen)
-        x0, noise, t = x0.to(self.device), noise.to(self.device), t.to(self.device)
+        noise, t = noise.to(self.device), t.to(self.device)
         noisy = self.scheduler.add_noise(x0, noise, t)
         target = self.scheduler.get_velocity(x0, noise, t)
         prediction = self.unet(noisy, t, context).sample
