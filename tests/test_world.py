@@ -275,3 +275,18 @@ def test_write_samples(tmp_path):
 
 IDENTITY_DIGEST = "8e3bab643b9dfdcca7c6f0e2ebfd8ff667ccff59ccb24041bf3cbed938e1a63a"
 SCENE_DIGEST = "f10674965c2cd8c7bcf3601c6925fbeec936189e2b00dd39f1d70715e3f5fa5d"
+
+
+def test_a_lone_character_gets_more_tries_where_a_tall_frame_turns_most_down(monkeypatch):
+    """In a 128x48 frame a lone character fits about one seed in three: three tries (what two or
+    more characters get before dropping one) failed a GPU run's tall pool; lone ones get 30."""
+    import anystory_cli.world.scenes as scenes_module
+    from anystory_cli.world.rng import WorldRng
+
+    def lone_scenes():  # seed 14: its own scene and the next two drawn do not fit
+        return [scenes_module.placeable_scene(WorldRng("lone", s), s, 1, "train", (128, 48)) for s in (3, 14)]
+
+    assert all(len(scene.masks) == 1 and scene.image.shape == (128, 48, 3) for scene in lone_scenes())
+    monkeypatch.setattr(scenes_module, "LONE_CHARACTER_TRIES", 3)
+    with pytest.raises(RuntimeError, match="no character fits"):
+        lone_scenes()
