@@ -434,8 +434,6 @@ class PrefetchingStream:
         return samples
 
     def close(self) -> None:
-        for future in self.pending.values():
-            future.cancel()
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -868,10 +866,10 @@ def _out_of_time(recipe: TrainRecipe, started: float, accelerator) -> bool:
     """Past `max_minutes`: every process stops at the same step (the slowest one's clock decides)."""
     if recipe.max_minutes is None:
         return False
-    late = torch.tensor(float(time.monotonic() - started > recipe.max_minutes * 60), device=accelerator.device)
-    if accelerator.num_processes > 1:
-        late = accelerator.reduce(late, reduction="max")
-    return bool(late.item())
+    late = time.monotonic() - started > recipe.max_minutes * 60
+    if accelerator.num_processes > 1:  # a tensor only where processes must agree (a device sync)
+        late = bool(accelerator.reduce(torch.tensor(float(late), device=accelerator.device), reduction="max").item())
+    return late
 
 
 def _prepare_output(output: Path) -> None:

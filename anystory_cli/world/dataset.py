@@ -13,10 +13,7 @@ stage depends only on (seed, stage, i), so a longer dataset starts with the shor
 
 from __future__ import annotations
 
-import contextlib
 import json
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from ..atomic import atomic_path
+from .parallel import ordered_map
 from .rng import WorldRng
 from .scenes import sample_pair, sample_scene
 
@@ -70,13 +68,8 @@ def write_dataset(out_dir: str | Path, stage: int, count: int, seed: int = 0, si
         (folder / sub).mkdir(parents=True, exist_ok=True)
     make_row = partial(stage1_row if stage == 1 else stage2_row, seed=seed, size=size, folder=folder)
     rows = []
-    with contextlib.ExitStack() as stack:
-        if workers > 1:
-            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
-            made = pool.map(make_row, range(count), chunksize=max(1, min(256, count // (4 * workers))))
-        else:
-            made = map(make_row, range(count))
-        for row in made:  # in index order, whatever the workers' order
+    with ordered_map(make_row, range(count), workers) as made:
+        for row in made:
             rows.append(row)
             if progress is not None:
                 progress(len(rows), count)

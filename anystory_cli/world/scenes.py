@@ -150,18 +150,16 @@ def placeable_scene(rng: WorldRng, seed: int, characters: int, split: str = "tra
                     size: int | tuple[int, int] = 64, tries: int = 3) -> Scene:
     """The scene of `seed`, or, where that many characters do not fit side by side (a tall
     scene's characters are as wide as its width allows), another seed's drawn from `rng`, then
-    fewer characters. Squares always fit: they never draw from `rng`."""
+    fewer characters. Squares always fit: they never draw from `rng`. A lone character gets
+    LONE_CHARACTER_TRIES seeds: a tall frame turns it down now and then, and there is no fewer."""
     while True:
-        for _ in range(tries):
+        for _ in range(tries if characters > 1 else max(tries, LONE_CHARACTER_TRIES)):
             try:
                 return sample_scene(seed, characters, split, size)
             except RuntimeError:
                 seed = rng.integer(1 << 40)
         if characters == 1:
-            if tries >= LONE_CHARACTER_TRIES:
-                raise RuntimeError(f"no character fits a {size} scene")
-            tries = LONE_CHARACTER_TRIES  # a tall frame turns a lone character down now and then
-            continue
+            raise RuntimeError(f"no character fits a {size} scene")
         characters -= 1
 
 

@@ -43,6 +43,7 @@ from ..recipe_files import read_recipe_yaml, recipe_error
 from ..errors import InputError, ModelError
 from . import base_models as bm
 from .identity import ATTRIBUTE_CLASSES, identity_from_seed
+from .parallel import ordered_map
 from .rng import WorldRng, stable_hash
 from .scenes import placeable_scene, pool_scene, random_reference
 
@@ -288,15 +289,8 @@ def scene_pool(cache_dir: Path, count: int, size: int | tuple[int, int], seed: i
     for _ in range(count):  # seed, then count: the order the shipped model's pools were drawn in
         scene_seed = rng.integer(1 << 40)
         jobs.append((scene_seed, 1 + rng.integer(4), (height, width)))
-    if workers > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        # spawn: the parent may hold CUDA, which a forked child must not inherit
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rendered = list(pool.map(pool_scene, jobs, chunksize=max(1, min(256, count // (4 * workers)))))
-    else:
-        rendered = [pool_scene(job) for job in jobs]
+    with ordered_map(pool_scene, jobs, workers) as scenes:
+        rendered = list(scenes)
     images = torch.from_numpy(np.stack([image for image, _ in rendered])) if rendered else \
         torch.empty((0, height, width, 3), dtype=torch.uint8)
     captions = [caption for _, caption in rendered]
