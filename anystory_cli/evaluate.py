@@ -123,7 +123,11 @@ def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps:
                 "rendered": summarise([rendered_records[i] for i in chosen]),
             }
     result_generated = summarise(generated_records)
-    heldout = judge.info.get("heldout", {}).get("rendered", {})
+    # the judge's own held-out report for this panel shape (squares, or a shape it was trained on)
+    square = size == (judge.config.image_size,) * 2
+    shape_reports = judge.info.get("heldout_shapes", {})
+    heldout = (judge.info.get("heldout", {}) if square else shape_reports.get(f"{size[0]}x{size[1]}", {}))
+    heldout = heldout.get("rendered", {})
     result = {
         "model": "base",
         "samples": n_samples, "seed": seed, "steps": steps, "guidance_scale": guidance,

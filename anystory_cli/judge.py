@@ -39,7 +39,7 @@ import json
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -52,7 +52,7 @@ from .errors import InputError, ModelError
 from .world.background import PLACES, PROPS, TIMES, draw_background, sample_setting
 from .world.identity import ATTRIBUTE_CLASSES, NOT_APPLICABLE, identity_from_seed
 from .world.rng import WorldRng
-from .world.scenes import MAX_CHARACTERS, ORDER_WORDS, Scene, sample_scene
+from .world.scenes import MAX_CHARACTERS, ORDER_WORDS, Scene, placeable_scene, sample_scene
 from .world.sprites import POSES
 
 JUDGE_ASSETS = Path(__file__).resolve().parent / "assets" / "judge"
@@ -447,7 +447,9 @@ def load_judge(folder: Path | str = JUDGE_ASSETS) -> Judge:
 
 @dataclass
 class Pool:
-    """Rendered scenes as arrays; characters padded to MAX_CHARACTERS (count says how many)."""
+    """Rendered scenes as arrays; characters padded to MAX_CHARACTERS (count says how many).
+    A scene drawn at another panel shape is stored squashed into the square, as the judge reads
+    such a panel; `native` keeps its own pixels for the VAE round trip."""
 
     images: np.ndarray          # uint8 (N, 64, 64, 3)
     vae_images: np.ndarray      # uint8 (M, 64, 64, 3): the first M images after a VAE round trip
@@ -455,24 +457,35 @@ class Pool:
     time: np.ndarray
     prop: np.ndarray
     count: np.ndarray
-    boxes: np.ndarray           # float (N, 4, 4)
+    boxes: np.ndarray           # float (N, 4, 4), in the square's pixels
     attributes: np.ndarray      # int (N, 4, len(ATTRIBUTE_CLASSES)), NOT_APPLICABLE where none
     pose: np.ndarray            # int (N, 4)
     foreground: np.ndarray      # float16 (N, 32, 32): share of each cell covered by characters
+    native: dict[int, np.ndarray] = field(default_factory=dict)  # index -> uint8 (H, W, 3), other shapes
 
     def __len__(self) -> int:
         return len(self.images)
 
 
-def empty_scene_image(rng_seed: int, size: int = 64) -> tuple[np.ndarray, Any]:
+def squash(images: np.ndarray, size: int = 64) -> np.ndarray:
+    """uint8 (B, H, W, 3) resized to (B, size, size, 3) exactly as the judge resizes a panel of
+    another shape (`to_pixels`), back in uint8."""
+    return ((to_pixels(images, size) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
+def empty_scene_image(rng_seed: int, size: int | tuple[int, int] = 64) -> tuple[np.ndarray, Any]:
     """A background with no character (count 0) and its setting."""
+    height, width = (size, size) if isinstance(size, int) else size
     setting = sample_setting(WorldRng("judge-empty", int(rng_seed)), 1.0)
-    return draw_background(setting, size, size), setting
+    return draw_background(setting, height, width), setting
 
 
 def render_pool(count: int, split: str, seed: int, empty_share: float = 0.0, salt: str = "judge-pool",
-                size: int = 64) -> Pool:
-    """`count` scenes of `split` identities with 1-4 characters (uniform), plus empty backgrounds."""
+                size: int = 64, shapes: Sequence[tuple[int, int]] = (), shape_share: float = 0.0) -> Pool:
+    """`count` scenes of `split` identities with 1-4 characters (uniform), plus empty backgrounds.
+    A `shape_share` of them is drawn at one of `shapes` (height, width), uniformly, and squashed
+    into the square; a tall shape may hold fewer characters than drawn (they must fit side by
+    side). Without shapes, no draw is spent on them: the square pools stay what they were."""
     rng = WorldRng(salt, seed, split)
     n = MAX_CHARACTERS
     arrays = dict(
@@ -483,28 +496,55 @@ def render_pool(count: int, split: str, seed: int, empty_share: float = 0.0, sal
         pose=np.full((count, n), -1, np.int64),
         foreground=np.zeros((count, size // STRIDE, size // STRIDE), np.float16),
     )
+    native: dict[int, np.ndarray] = {}
     for k in range(count):
         scene_seed = rng.integer(1 << 40)
+        shape = (size, size)
+        if shapes and rng.chance(shape_share):
+            shape = tuple(shapes[rng.integer(len(shapes))])
         if rng.chance(empty_share):
-            image, setting = empty_scene_image(scene_seed, size)
-            arrays["images"][k] = image
+            image, setting = empty_scene_image(scene_seed, shape)
             truth = None
         else:
-            scene = sample_scene(scene_seed, 1 + rng.integer(MAX_CHARACTERS), split, size)
-            arrays["images"][k] = scene.image
-            setting, truth = scene.setting, scene_truth(scene)
-            union = scene.masks.any(0).astype(np.float32)
-            arrays["foreground"][k] = union.reshape(size // STRIDE, STRIDE, size // STRIDE, STRIDE).mean((1, 3))
+            characters = 1 + rng.integer(MAX_CHARACTERS)
+            scene = (sample_scene(scene_seed, characters, split, size) if shape == (size, size) else
+                     placeable_scene(WorldRng(salt, "retry", scene_seed), scene_seed, characters, split, shape))
+            image, setting, truth = scene.image, scene.setting, scene_truth(scene)
+            union = torch.from_numpy(scene.masks.any(0).astype(np.float32))[None, None]
+            cells = size // STRIDE
+            arrays["foreground"][k] = F.adaptive_avg_pool2d(union, (cells, cells))[0, 0].numpy()
+        if shape != (size, size):
+            native[k] = image
+            image = squash(image[None], size)[0]
+        arrays["images"][k] = image
         arrays["place"][k] = PLACES.index(setting.place)
         arrays["time"][k] = TIMES.index(setting.time)
         arrays["prop"][k] = PROPS.index(setting.prop)
         if truth is not None:
+            scale = np.array([size / shape[1], size / shape[0]] * 2, np.float32)
             arrays["count"][k] = truth.count
             for i in range(truth.count):
-                arrays["boxes"][k, i] = truth.boxes[i]
+                arrays["boxes"][k, i] = np.asarray(truth.boxes[i], np.float32) * scale
                 arrays["attributes"][k, i] = list(identity_from_seed(truth.identity_seeds[i]).attributes().values())
                 arrays["pose"][k, i] = POSES.index(truth.poses[i])
-    return Pool(vae_images=np.zeros((0, size, size, 3), np.uint8), **arrays)
+    return Pool(vae_images=np.zeros((0, size, size, 3), np.uint8), native=native, **arrays)
+
+
+def pool_round_trip(vae, pool: Pool, count: int) -> np.ndarray:
+    """The first `count` images of `pool` after a VAE round trip, as generated panels come out of
+    the decoder: a scene of another shape goes through the VAE at its own shape, then is squashed."""
+    out = pool.images[:count].copy()
+    square = [k for k in range(count) if k not in pool.native]
+    if square:
+        out[square] = vae_round_trip(vae, pool.images[square])
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for k in range(count):
+        if k in pool.native:
+            by_shape.setdefault(pool.native[k].shape, []).append(k)
+    for indices in by_shape.values():
+        trip = vae_round_trip(vae, np.stack([pool.native[k] for k in indices]))
+        out[indices] = squash(trip, pool.images.shape[1])
+    return out
 
 
 @torch.no_grad()
@@ -635,6 +675,10 @@ def _recipe_classes():
         weight_decay: float = Field(default=1e-4, ge=0)
         grad_clip: float = Field(default=2.0, gt=0)
         heldout_scenes: int = Field(default=512, gt=0)  # held-out identities, unseen scene seeds
+        # Panels of other shapes (height, width), read squashed into the square: a share of the
+        # pool is drawn at one of them, and each gets its own held-out report of heldout_scenes / 2.
+        other_shapes: list[tuple[int, int]] = []
+        other_shape_share: float = Field(default=0.0, ge=0, le=1)
         max_minutes: float = Field(default=20.0, gt=0)  # stop (and publish) after this long in all
         log_every: int = Field(default=25, gt=0)
         vae_dir: str = "../anystory_cli/assets/default"
@@ -816,15 +860,21 @@ def train_judge(recipe, base_dir: str | Path = ".", log: Callable[[dict], None] 
         (log or (lambda r: print(json.dumps(r), flush=True)))(record)
 
     emit({"event": "start", "recipe": recipe.model_dump(mode="json")})
-    pool = render_pool(recipe.pool_scenes, "train", recipe.seed, recipe.empty_share)
+    pool = render_pool(recipe.pool_scenes, "train", recipe.seed, recipe.empty_share,
+                       shapes=recipe.other_shapes, shape_share=recipe.other_shape_share)
     heldout = render_pool(recipe.heldout_scenes, "heldout", recipe.seed, 0.0, salt="judge-heldout")
-    emit({"event": "rendered", "train_scenes": len(pool), "heldout_scenes": len(heldout)})
+    heldout_shapes = {f"{h}x{w}": render_pool(max(1, recipe.heldout_scenes // 2), "heldout", recipe.seed, 0.0,
+                                              salt=f"judge-heldout-{h}x{w}", shapes=[(h, w)], shape_share=1.0)
+                      for h, w in recipe.other_shapes}
+    emit({"event": "rendered", "train_scenes": len(pool), "heldout_scenes": len(heldout),
+          "other_shapes": len(pool.native)})
     if vae is None:
         from .world.base_models import load_vae
 
         vae = load_vae((base_dir / recipe.vae_dir).resolve())
-    pool.vae_images = vae_round_trip(vae, pool.images[: recipe.vae_scenes])
-    heldout.vae_images = vae_round_trip(vae, heldout.images)
+    pool.vae_images = pool_round_trip(vae, pool, min(recipe.vae_scenes, len(pool)))
+    for held in (heldout, *heldout_shapes.values()):
+        held.vae_images = pool_round_trip(vae, held, len(held))
     emit({"event": "vae", "train_scenes": len(pool.vae_images), "heldout_scenes": len(heldout.vae_images)})
 
     torch.manual_seed(recipe.seed)
@@ -886,9 +936,14 @@ def train_judge(recipe, base_dir: str | Path = ".", log: Callable[[dict], None] 
             "vae_round_trip": heldout_report(judge, heldout, heldout.vae_images),
         },
     }
+    if heldout_shapes:  # panels of other shapes, squashed into the square as evaluate reads them
+        info["heldout_shapes"] = {
+            name: {"scenes": len(held), "rendered": heldout_report(judge, held, held.images),
+                   "vae_round_trip": heldout_report(judge, held, held.vae_images)}
+            for name, held in heldout_shapes.items()}
     info["training"]["total_minutes"] = round((time.monotonic() - started) / 60, 2)
     judge.info = info
-    emit({"event": "heldout", **info["heldout"]})
+    emit({"event": "heldout", **info["heldout"], **({"shapes": info["heldout_shapes"]} if heldout_shapes else {})})
     if publish:
         path = save_judge(judge, (base_dir / recipe.out_dir).resolve(), info)
         emit({"event": "published", "path": str(path), "bytes": path.stat().st_size})

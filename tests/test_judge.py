@@ -14,7 +14,8 @@ from anystory_cli.errors import InputError
 from anystory_cli.evaluate import base_eval_scenes, evaluate_base
 from anystory_cli.judge import (
     CHARACTER_HEADS, COUNTS, SCENE_HEADS, STRIDE, Judge, JudgeConfig, load_judge, load_recipe, locator_targets,
-    parse_recipe, position_words, render_pool, scene_truth, score_scene, summarise, train_judge,
+    parse_recipe, pool_round_trip, position_words, render_pool, scene_truth, score_scene, squash, summarise,
+    train_judge, vae_round_trip,
 )
 from anystory_cli.world import ATTRIBUTE_CLASSES, NOT_APPLICABLE, sample_scene, split_of
 from anystory_cli.world.base_models import DEFAULT_ASSETS
@@ -94,6 +95,33 @@ def test_pool_targets_match_the_scene():
     assert (i + ox) * STRIDE == pytest.approx((x0 + x1) / 2) and (j + oy) * STRIDE == pytest.approx((y0 + y1) / 2)
 
 
+def test_pool_of_other_shapes_is_squashed_with_its_boxes_and_masks():
+    shapes = [(128, 64), (64, 128)]
+    pool = render_pool(10, "heldout", seed=3, empty_share=0.0, salt="test-shapes", shapes=shapes, shape_share=1.0)
+    assert pool.images.shape == (10, 64, 64, 3) and sorted(pool.native) == list(range(10))
+    assert {pool.native[k].shape[:2] for k in pool.native} == set(shapes)
+    for k in range(len(pool)):
+        n = pool.count[k]
+        assert 1 <= n <= 4
+        covered = np.zeros((32, 32), bool)
+        for x0, y0, x1, y1 in pool.boxes[k, :n] / STRIDE:
+            assert 0 <= x0 < x1 <= 32 and 0 <= y0 < y1 <= 32  # in the square's frame
+            covered[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
+        foreground = pool.foreground[k].astype(np.float32) > 0
+        assert foreground.any() and not (foreground & ~covered).any()  # the boxes hold the characters
+        height, width = pool.native[k].shape[:2]
+        assert np.array_equal(pool.images[k], squash(pool.native[k][None])[0])
+        # a character's box keeps its share of the panel's width and height
+        widths = (pool.boxes[k, :n, 2] - pool.boxes[k, :n, 0]) / 64
+        assert (widths <= 1.0).all() and (widths * width >= 4).all()
+    # The VAE round trip goes through the VAE at the panel's own shape, then squashes.
+    vae = tiny.tiny_vae().eval()
+    trips = pool_round_trip(vae, pool, 3)
+    for k in range(3):
+        alone = squash(vae_round_trip(vae, pool.native[k][None]))[0]
+        assert np.abs(trips[k].astype(int) - alone).max() <= 1  # batched or not: rounding apart
+
+
 def test_score_scene_counts_positions_only_with_the_right_count():
     scene = sample_scene(11, 2, "heldout")
     truth = scene_truth(scene)
@@ -110,6 +138,7 @@ def test_training_a_few_steps_lowers_the_loss_and_publishes_a_loadable_judge(tmp
     recipe = parse_recipe({
         "steps": 40, "pool_scenes": 32, "vae_scenes": 8, "heldout_scenes": 8, "batch_size": 8,
         "crops_per_step": 16, "lr": 3e-3, "warmup_steps": 2, "log_every": 5,
+        "other_shapes": [[64, 96]], "other_shape_share": 0.5,
         "out_dir": str(tmp_path / "judge"), "log_file": str(tmp_path / "judge.log"),
         "judge": {"scene_widths": [8, 8, 8, 8], "crop_size": 16, "character_widths": [8, 8, 8]},
     })
@@ -120,6 +149,8 @@ def test_training_a_few_steps_lowers_the_loss_and_publishes_a_loadable_judge(tmp
     assert (tmp_path / "judge.log").read_text().count("\n") == len(records)
     for key in ("rendered", "vae_round_trip"):
         assert 0.0 <= info["heldout"][key]["count"] <= 1.0
+        assert 0.0 <= info["heldout_shapes"]["64x96"][key]["count"] <= 1.0
+    assert info["heldout_shapes"]["64x96"]["scenes"] == 4
     loaded = load_judge(tmp_path / "judge")
     assert loaded.config == judge.config and loaded.info["heldout"] == json.loads(json.dumps(info["heldout"]))
     for (name, a), b in zip(judge.state_dict().items(), loaded.state_dict().values()):
