@@ -679,6 +679,7 @@ def _recipe_classes():
         # pool is drawn at one of them, and each gets its own held-out report of heldout_scenes / 2.
         other_shapes: list[tuple[int, int]] = []
         other_shape_share: float = Field(default=0.0, ge=0, le=1)
+        crops_from_other_shapes: bool = False  # CharacterNet: crops of square scenes only
         max_minutes: float = Field(default=20.0, gt=0)  # stop (and publish) after this long in all
         log_every: int = Field(default=25, gt=0)
         vae_dir: str = "../anystory_cli/assets/default"
@@ -773,8 +774,11 @@ def make_batch(pool: Pool, recipe, generator: torch.Generator) -> dict:
         "foreground": torch.from_numpy(np.ascontiguousarray(foreground)),
         "locator": locator_targets(boxes, counts, size),
     }
-    # Character crops from the same augmented images, around jittered true boxes.
-    owners = [(b, i) for b in range(recipe.batch_size) for i in range(counts[b])]
+    # Character crops from the same augmented images, around jittered true boxes: of square scenes
+    # only, unless the recipe says otherwise (a squashed character's pattern and proportions are
+    # not its own, and learning them too cost the square's attribute accuracy).
+    owners = [(b, i) for b in range(recipe.batch_size) for i in range(counts[b])
+              if recipe.crops_from_other_shapes or int(index[b]) not in pool.native]
     if owners:
         pick = torch.randperm(len(owners), generator=generator)[: recipe.crops_per_step].tolist()
         chosen = [owners[p] for p in pick]

@@ -123,7 +123,7 @@ def bring_back(out: Path, reached: dict) -> None:
     (ROOT / "runs" / "gpu_reached.json").write_text(json.dumps(reached, indent=2) + "\n")
     with tarfile.open(out / "logs.tar", "w") as tar:
         for path in [ROOT / "runs" / "gpu_reached.json", ROOT / "checkpoints" / "unet_shapes.log.jsonl",
-                     ROOT / "checkpoints" / "unet_samples.png"]:
+                     ROOT / "checkpoints" / "unet_shapes_samples.png"]:
             if path.is_file():
                 tar.add(path, arcname=path.name)
         for stage in (1, 2):

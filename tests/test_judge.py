@@ -14,6 +14,7 @@ from anystory_cli.errors import InputError
 from anystory_cli.evaluate import base_eval_scenes, evaluate_base
 from anystory_cli.judge import (
     CHARACTER_HEADS, COUNTS, SCENE_HEADS, STRIDE, Judge, JudgeConfig, load_judge, load_recipe, locator_targets,
+    make_batch,
     parse_recipe, pool_round_trip, position_words, render_pool, scene_truth, score_scene, squash, summarise,
     train_judge, vae_round_trip,
 )
@@ -120,6 +121,16 @@ def test_pool_of_other_shapes_is_squashed_with_its_boxes_and_masks():
     for k in range(3):
         alone = squash(vae_round_trip(vae, pool.native[k][None]))[0]
         assert np.abs(trips[k].astype(int) - alone).max() <= 1  # batched or not: rounding apart
+
+
+def test_character_crops_come_from_square_scenes_unless_the_recipe_says_so():
+    pool = render_pool(6, "train", seed=5, salt="test-crops", shapes=[(64, 128)], shape_share=1.0)
+    base = {"steps": 1, "batch_size": 4, "crops_per_step": 8, "other_shapes": [[64, 128]], "other_shape_share": 1.0}
+    squares_only = make_batch(pool, parse_recipe(base), torch.Generator().manual_seed(0))
+    assert "crops" not in squares_only and squares_only["pixels"].shape == (4, 3, 64, 64)
+    every_shape = make_batch(pool, parse_recipe({**base, "crops_from_other_shapes": True}),
+                             torch.Generator().manual_seed(0))
+    assert len(every_shape["crops"]) > 0
 
 
 def test_score_scene_counts_positions_only_with_the_right_count():

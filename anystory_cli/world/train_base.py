@@ -610,7 +610,7 @@ class UNetTask:
     def publish(self, step: int, final: bool) -> dict:
         bm.save_asset("unet", self.ema.module, self.recipe.unet, self.paths.assets, extra_config=_status(step, final))
         picture = self.sample_grid()
-        save_png(picture, self.paths.state / "unet_samples.png")
+        save_png(picture, self.paths.state / f"{self.recipe.run}_samples.png")  # unet_shapes: its own
         return {}
 
     @torch.no_grad()
