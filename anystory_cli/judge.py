@@ -467,10 +467,15 @@ class Pool:
         return len(self.images)
 
 
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """float (B, 3, H, W) in [-1, 1] -> uint8 (B, H, W, 3): the inverse of `to_pixels`."""
+    return ((pixels.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+
+
 def squash(images: np.ndarray, size: int = 64) -> np.ndarray:
     """uint8 (B, H, W, 3) resized to (B, size, size, 3) exactly as the judge resizes a panel of
     another shape (`to_pixels`), back in uint8."""
-    return ((to_pixels(images, size) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    return to_uint8(to_pixels(images, size))
 
 
 def empty_scene_image(rng_seed: int, size: int | tuple[int, int] = 64) -> tuple[np.ndarray, Any]:
@@ -533,17 +538,16 @@ def render_pool(count: int, split: str, seed: int, empty_share: float = 0.0, sal
 def pool_round_trip(vae, pool: Pool, count: int) -> np.ndarray:
     """The first `count` images of `pool` after a VAE round trip, as generated panels come out of
     the decoder: a scene of another shape goes through the VAE at its own shape, then is squashed."""
+    def source(k: int) -> np.ndarray:
+        return pool.native.get(k, pool.images[k])
+
     out = pool.images[:count].copy()
-    square = [k for k in range(count) if k not in pool.native]
-    if square:
-        out[square] = vae_round_trip(vae, pool.images[square])
     by_shape: dict[tuple[int, ...], list[int]] = {}
     for k in range(count):
-        if k in pool.native:
-            by_shape.setdefault(pool.native[k].shape, []).append(k)
-    for indices in by_shape.values():
-        trip = vae_round_trip(vae, np.stack([pool.native[k] for k in indices]))
-        out[indices] = squash(trip, pool.images.shape[1])
+        by_shape.setdefault(source(k).shape, []).append(k)
+    for shape, indices in by_shape.items():
+        trip = vae_round_trip(vae, np.stack([source(k) for k in indices]))
+        out[indices] = trip if shape == pool.images.shape[1:] else squash(trip, pool.images.shape[1])
     return out
 
 
@@ -554,7 +558,7 @@ def vae_round_trip(vae, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
     for start in range(0, len(images), batch_size):
         x = torch.from_numpy(images[start:start + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
-        out[start:start + batch_size] = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        out[start:start + batch_size] = to_uint8(y)
     return out
 
 

@@ -110,9 +110,9 @@ def test_pool_of_other_shapes_is_squashed_with_its_boxes_and_masks():
             covered[int(y0):int(np.ceil(y1)), int(x0):int(np.ceil(x1))] = True
         foreground = pool.foreground[k].astype(np.float32) > 0
         assert foreground.any() and not (foreground & ~covered).any()  # the boxes hold the characters
-        height, width = pool.native[k].shape[:2]
+        width = pool.native[k].shape[1]
         assert np.array_equal(pool.images[k], squash(pool.native[k][None])[0])
-        # a character's box keeps its share of the panel's width and height
+        # a character's box keeps its share of the panel's width
         widths = (pool.boxes[k, :n, 2] - pool.boxes[k, :n, 0]) / 64
         assert (widths <= 1.0).all() and (widths * width >= 4).all()
     # The VAE round trip goes through the VAE at the panel's own shape, then squashes.
