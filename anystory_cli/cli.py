@@ -20,6 +20,7 @@ from typing import Any, Optional
 import typer
 
 from . import __version__
+from .guidance import DEFAULT_INTERVAL
 
 # The seams tests use to put a tiny real pipeline in place of the model loader:
 # PIPELINE_FACTORY(model_value, story_dir) -> AnyStoryPipeline, MODEL_FINGERPRINT(model_value,
@@ -657,6 +658,24 @@ def _format_rate(value: float) -> str:
     return "  -  " if value != value else f"{value:5.2f}"  # NaN: nothing to measure
 
 
+DEFAULT_INTERVAL_TEXT = ",".join(f"{v:g}" for v in DEFAULT_INTERVAL)  # "0,0.7"
+
+
+def _guidance_interval(text: str) -> tuple[float, float]:
+    """'LOW,HIGH' -> (low, high), checked as a story's style.guidance_interval is."""
+    from .errors import InputError
+    from .guidance import check_interval
+
+    try:
+        low, high = (float(part) for part in text.split(","))
+    except ValueError:
+        raise InputError(f"--guidance-interval {text!r}: expected LOW,HIGH, e.g. 0,0.7") from None
+    try:
+        return check_interval((low, high))
+    except InputError as exc:
+        raise InputError(f"--guidance-interval {text!r}: {exc}") from None
+
+
 def _panel_shape(text: str) -> tuple[int, int]:
     """'HxW' -> (H, W): the base draws 64x64 pictures through a factor-4 VAE and a UNet that halves
     its latent twice, so both sides must be multiples of 16 (32 to 256)."""
@@ -676,6 +695,10 @@ def evaluate_base_command(
     samples: int = typer.Option(64, "--samples", min=1, max=10000, help="Held-out captions to draw."),
     steps: int = typer.Option(25, "--steps", min=1, max=500, help="Denoising steps."),
     guidance: float = typer.Option(4.0, "--guidance", min=1.0, max=50.0, help="Classifier-free guidance."),
+    guidance_interval: str = typer.Option(DEFAULT_INTERVAL_TEXT, "--guidance-interval", metavar="LOW,HIGH",
+                                          help="Guide only the steps whose noise level t/T lies in "
+                                          "[LOW, HIGH] (0 clean, 1 pure noise), as a story's style does "
+                                          "by default; 0,1 guides every step."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Chooses the captions and the noise."),
     shape: Optional[str] = typer.Option(None, "--shape", metavar="HxW", help="Panel shape in pixels, e.g. "
                                         "64x128 (wide) or 128x64 (tall); multiples of 16. Default: the "
@@ -700,6 +723,7 @@ def evaluate_base_command(
 
         _check_report_dir(report)
         panel_shape = _panel_shape(shape) if shape is not None else None
+        interval = _guidance_interval(guidance_interval)
         judge = load_judge()
         if BASE_PIPELINE_FACTORY is not None:
             pipe = BASE_PIPELINE_FACTORY(assets)
@@ -714,13 +738,15 @@ def evaluate_base_command(
 
         with torch.inference_mode():
             result = evaluate_base(pipe, judge, n_samples=samples, seed=seed, steps=steps, guidance=guidance,
-                                   shape=panel_shape, report_dir=report, progress=progress)
+                                   shape=panel_shape, report_dir=report, progress=progress,
+                                   guidance_interval=interval)
         if as_json:
             typer.echo(json.dumps(json_safe({"ok": True, **{k: v for k, v in result.items() if k != "records"}}),
                                   indent=2, allow_nan=False))
             return
         height, width = result["image_size"]
-        typer.echo(f"base model: {samples} held-out captions, {height}x{width}, {steps} steps, guidance {guidance}, "
+        typer.echo(f"base model: {samples} held-out captions, {height}x{width}, {steps} steps, guidance {guidance} "
+                   f"at t/T in {list(interval)}, "
                    f"seed {seed} ({result['seconds']['total']:.0f} s)")
         typer.echo(f"{'':10}{'generated':>10}{'rendered':>10}   (rendered: the judge on the captions' own scenes)")
         for key in ("place", "time", "scene", "prop", "count", "position", "pose"):
@@ -739,6 +765,10 @@ def evaluate_adapter_command(
                                help="Held-out panels with each number of characters (1-4)."),
     steps: int = typer.Option(25, "--steps", min=1, max=500, help="Denoising steps."),
     guidance: float = typer.Option(4.0, "--guidance", min=1.0, max=50.0, help="Classifier-free guidance."),
+    guidance_interval: str = typer.Option(DEFAULT_INTERVAL_TEXT, "--guidance-interval", metavar="LOW,HIGH",
+                                          help="Guide only the steps whose noise level t/T lies in "
+                                          "[LOW, HIGH] (0 clean, 1 pure noise), as a story's style does "
+                                          "by default; 0,1 guides every step."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Chooses the panels and the noise."),
     distractors: int = typer.Option(9, "--distractors", min=1, max=200,
                                     help="Other held-out identities each character is told apart from."),
@@ -770,6 +800,7 @@ def evaluate_adapter_command(
         import torch
 
         chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+        interval = _guidance_interval(guidance_interval)
         _check_report_dir(report)
         judge = load_judge()
         pipe = _adapter_pipeline(model, adapter)
@@ -781,7 +812,7 @@ def evaluate_adapter_command(
         with torch.inference_mode():
             result = evaluate_adapter(pipe, judge, panels_per_count=panels, seed=seed, steps=steps, guidance=guidance,
                                       distractors=distractors, routing_scenes=routing_scenes, variants=chosen,
-                                      report_dir=report, progress=progress)
+                                      report_dir=report, progress=progress, guidance_interval=interval)
         if as_json:
             typer.echo(json.dumps(json_safe({"ok": True, **result}), indent=2, allow_nan=False))
             return
@@ -800,7 +831,7 @@ def _adapter_pipeline(model: str, adapter: Optional[Path]):
 def _print_adapter_result(result: dict) -> None:
     counts = [c for c in ("1", "2", "3", "4") if c in result["rendered"]]
     typer.echo(f"AnyStory on held-out identities: {result['panels_per_count']} panels per count, {result['steps']} "
-               f"steps, guidance {result['guidance_scale']}, seed {result['seed']}, {result['candidates']} candidates "
+               f"steps, guidance {result['guidance_scale']} at t/T in {result['guidance_interval']}, seed {result['seed']}, {result['candidates']} candidates "
                f"per character ({result['seconds']['total']:.0f} s)")
     for key, title in (("identity", "identity"), ("blended", "blending")):
         typer.echo(f"{title + ' by characters in the panel':34}" + "".join(f"{c:>7}" for c in counts))

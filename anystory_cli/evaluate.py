@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .guidance import DEFAULT_INTERVAL, guided_call_kwargs
 from .judge import (Judge, SceneTruth, _mean, identity_log_likelihood, scene_truth, score_scene, summarise,
                     verdict_of)
 from .world.identity import NOT_APPLICABLE, draw_identity_seed, identity_from_seed
@@ -59,19 +60,26 @@ def base_eval_scenes(n_samples: int, seed: int = 0, size: int | tuple[int, int] 
 
 def generate_from_captions(pipe, captions: list[str], noise_seeds: list[int], steps: int, guidance: float,
                            size: tuple[int, int], batch_size: int = 16,
-                           progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+                           progress: Callable[[int, int], None] | None = None,
+                           guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL) -> np.ndarray:
     """uint8 (N, height, width, 3): each caption drawn by a diffusers text-to-image pipeline, with
-    its own generator (the same image whatever the batch size)."""
+    its own generator (the same image whatever the batch size), guided in `guidance_interval`."""
     height, width = size
     images = []
     for start in range(0, len(captions), batch_size):
         generators = [torch.Generator().manual_seed(s) for s in noise_seeds[start:start + batch_size]]
-        out = pipe(prompt=captions[start:start + batch_size], num_inference_steps=steps, guidance_scale=guidance,
-                   generator=generators, output_type="np", height=height, width=width)
+        guided = guided_call_kwargs(pipe, guidance, guidance_interval, steps)
+        out = pipe(prompt=captions[start:start + batch_size], num_inference_steps=steps, generator=generators,
+                   output_type="np", height=height, width=width, **guided)
         images.append(np.clip(np.round(np.asarray(out.images) * 255), 0, 255).astype(np.uint8))
         if progress is not None:
             progress(min(start + batch_size, len(captions)), len(captions))
     return np.concatenate(images) if images else np.zeros((0, height, width, 3), np.uint8)
+
+
+def _interval_record(interval: tuple[float, float] | None) -> list[float]:
+    """The guided noise levels as [low, high] (None: every step, [0, 1])."""
+    return [0.0, 1.0] if interval is None else [float(v) for v in interval]
 
 
 def _truth_dict(truth: SceneTruth) -> dict:
@@ -91,7 +99,8 @@ def _judged(judge: Judge, images: np.ndarray, truths: list[SceneTruth]) -> tuple
 
 def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps: int = 25, guidance: float = 4.0,
                   shape: tuple[int, int] | None = None, batch_size: int = 16, report_dir: str | Path | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> dict:
+                  progress: Callable[[int, int], None] | None = None,
+                  guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL) -> dict:
     """Draw `n_samples` held-out captions with the base `pipe` and grade them with `judge`.
 
     `shape` (height, width) draws panels of that shape instead of the judge's square; the judge
@@ -107,7 +116,8 @@ def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps:
     truths = [scene_truth(scene) for scene in scenes]
     captions = [scene.caption for scene in scenes]
     noise_seeds = [stable_hash("evaluate-base-noise", int(seed), i) % (1 << 63) for i in range(n_samples)]
-    generated = generate_from_captions(pipe, captions, noise_seeds, steps, guidance, size, batch_size, progress)
+    generated = generate_from_captions(pipe, captions, noise_seeds, steps, guidance, size, batch_size, progress,
+                                       guidance_interval)
     generate_seconds = time.perf_counter() - started
     rendered = np.stack([scene.image for scene in scenes]) if scenes else np.zeros((0, *size, 3), np.uint8)
     generated_records, generated_verdicts = _judged(judge, generated, truths)
@@ -131,7 +141,7 @@ def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps:
     result = {
         "model": "base",
         "samples": n_samples, "seed": seed, "steps": steps, "guidance_scale": guidance,
-        "image_size": list(size), "judge_size": judge.config.image_size,
+        "guidance_interval": _interval_record(guidance_interval), "image_size": list(size), "judge_size": judge.config.image_size,
         "generated": result_generated,
         "rendered": summarise(rendered_records),
         "by_count": by_count,
@@ -197,7 +207,7 @@ def write_base_report(result: dict, generated: np.ndarray, rendered: np.ndarray,
     draw = ImageDraw.Draw(sheet)
     generated_rates, rendered_rates = result["generated"], result["rendered"]
     legend = [
-        f"base model, {result['steps']} steps, guidance {result['guidance_scale']}: left generated, right rendered "
+        f"base model, {result['steps']} steps, guidance {result['guidance_scale']} at t/T in {result['guidance_interval']}: left generated, right rendered "
         f"(the caption's own scene); boxes: where the judge locates characters",
         "lines: caption truth / judge on generated / judge on rendered: place time prop count [word]: poses "
         "(s standing, j jumping, w waving); green: scene and count right",
@@ -378,11 +388,12 @@ def _by_count(panels: list[EvalPanel], per_panel: list[list[dict]]) -> dict:
 
 
 def draw_panel(pipe, panel: EvalPanel, encodings: list, variant: str, steps: int, guidance: float,
-               record_routing: bool = False):
+               record_routing: bool = False, guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL):
     """(uint8 image at the pipeline's native size, last-step routing layers or None)."""
     options = ADAPTER_VARIANTS[variant]
     generator = torch.Generator().manual_seed(panel.noise_seed)
-    common = dict(num_inference_steps=steps, guidance_scale=guidance, generator=generator, output_type="np")
+    common = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_interval=guidance_interval,
+                  generator=generator, output_type="np")
     if options is None:  # the base alone: no characters, no injection (== the plain base pipeline)
         out = pipe(panel.scene.caption, characters=[], subject_scale=0.0, **common)
     else:
@@ -454,7 +465,8 @@ def routing_iou(pipe, scenes: list[Scene], encode: Callable, seed: int = 0,
 def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 0, steps: int = 25,
                      guidance: float = 4.0, distractors: int = 9, routing_scenes: int = 8,
                      variants: tuple[str, ...] = tuple(ADAPTER_VARIANTS), report_dir: str | Path | None = None,
-                     progress: Callable[[str, int, int], None] | None = None) -> dict:
+                     progress: Callable[[str, int, int], None] | None = None,
+                     guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL) -> dict:
     """Identity, blending, placement and routing IoU of an `AnyStoryPipeline` on held-out
     identities, with the ablations in `variants` drawn from the same noise. Returns a plain dict
     (see `anystory evaluate adapter --json`); `report_dir` also gets the pictures."""
@@ -484,7 +496,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
         characters = [encode(s) for s in panel.scene.identity_seeds]
         for k, variant in enumerate(variants):
             image, layers = draw_panel(pipe, panel, characters, variant, steps, guidance,
-                                       record_routing=variant == "anystory")
+                                       record_routing=variant == "anystory", guidance_interval=guidance_interval)
             images[variant].append(image)
             judged[variant].append(judge_panel(judge, image, panel, list(panel.regions)))
             if layers is not None:
@@ -515,7 +527,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
     result = {
         "model": "anystory", "model_id": getattr(pipe, "model_id", None),
         "panels_per_count": panels_per_count, "seed": seed, "steps": steps, "guidance_scale": guidance,
-        "distractors": distractors, "candidates": distractors + 1, "variants": list(variants),
+        "guidance_interval": _interval_record(guidance_interval), "distractors": distractors, "candidates": distractors + 1, "variants": list(variants),
         "results": results,
         "rendered": ceiling,
         "placement": {"routing_share_in_region": _mean(shares),
@@ -594,7 +606,7 @@ def _samples_sheet(result: dict, panels: list[EvalPanel], images: dict[str, list
     row_h = tile + line + gap
     sheet = Image.new("RGB", (width, header + line + len(chosen) * row_h + gap), (250, 250, 250))
     draw = ImageDraw.Draw(sheet)
-    draw.text((gap, 2), f"held-out identities, {result['steps']} steps, guidance {result['guidance_scale']}; "
+    draw.text((gap, 2), f"held-out identities, {result['steps']} steps, guidance {result['guidance_scale']} at t/T in {result['guidance_interval']}; "
               f"each character identified among {result['candidates']} (its panel's and distractors)", fill=(40, 40, 40), font=font)
     draw.text((gap, 2 + line), "letters per character, left to right: R right, B blended (another character of the "
               "panel), x wrong, - not found in its region; boxes: the regions asked for", fill=(40, 40, 40), font=font)
@@ -685,7 +697,7 @@ def _adapter_html(result: dict) -> str:
     return f"""<!doctype html><meta charset="utf-8"><title>AnyStory evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 10px;text-align:right}} td:first-child{{text-align:left}}</style>
 <h1>AnyStory on held-out identities</h1>
-<p>{result['panels_per_count']} panels per character count, {result['steps']} steps, guidance {result['guidance_scale']},
+<p>{result['panels_per_count']} panels per character count, {result['steps']} steps, guidance {result['guidance_scale']} at t/T in {result['guidance_interval']},
 seed {result['seed']}; each character identified among {result['candidates']} candidates. Model {escape(str(result['model_id']))}.</p>
 <h2>Goals (issue 7)</h2><ul>{goals}</ul>
 <h2>Characters</h2>{''.join(tables)}

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import InputError, ModelError
+from .guidance import guided_call_kwargs
 from .masks import prepare_reference
 from .models.adapter import AnyStoryAdapter, install
 from .models.attention import AnyStoryContext, InjectionInputs
@@ -207,6 +208,7 @@ class AnyStoryPipeline:
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
+        guidance_interval: tuple[float, float] | None = None,
         **base_kwargs,
     ) -> AnyStoryOutput:
         """Generate images with `characters` (from `encode_character`).
@@ -214,9 +216,11 @@ class AnyStoryPipeline:
         subject_scale (η) weights the routed subject tokens; reference_scale (γ) is the bias on
         routed reference features (None switches them off). `regions`, one per character, confine
         each character's routing to a box or mask. route=False replaces the router by every
-        character at every pixel (the no-router ablation; how stage 1 trains a lone character). Other keyword arguments (num_inference_steps,
-        guidance_scale, generator, negative_prompt, output_type, callback_on_step_end, ...) go to
-        the base pipeline unchanged.
+        character at every pixel (the no-router ablation; how stage 1 trains a lone character).
+        `guidance_interval` (low, high) applies classifier-free guidance only at timesteps
+        t / T in that interval (`guidance.py`; None: at every step). Other keyword arguments
+        (num_inference_steps, guidance_scale, generator, negative_prompt, output_type,
+        callback_on_step_end, ...) go to the base pipeline unchanged.
         """
         characters = list(characters)
         self._check_inputs(characters, regions, subject_scale, reference_scale)
@@ -229,6 +233,13 @@ class AnyStoryPipeline:
         inputs = self._injection_inputs(characters, regions, rows, (height // scale, width // scale),
                                         subject_scale, reference_scale, return_routing, route)
         context = AnyStoryContext(inputs)
+        if guidance_interval is not None:
+            # diffusers' own defaults for the two arguments the interval needs.
+            base_kwargs.setdefault("num_inference_steps", 50)
+            base_kwargs.setdefault("guidance_scale", 7.5)
+            base_kwargs.update(guided_call_kwargs(
+                self.base, base_kwargs["guidance_scale"], guidance_interval, base_kwargs["num_inference_steps"],
+                base_kwargs.get("callback_on_step_end")))
         result = self.base(
             prompt=prompt, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
             cross_attention_kwargs={"anystory": context}, **base_kwargs,

@@ -59,6 +59,7 @@ class PanelPlan:
     seed: int
     num_inference_steps: int
     guidance_scale: float
+    guidance_interval: tuple[float, float]  # noise levels t/T that are guided (guidance.py)
     subject_strength: float
     reference_strength: float
     caption: str | None
@@ -113,6 +114,7 @@ def build_plan(
             seed=panel.seed if panel.seed is not None else derive_seed(story_seed, index),
             num_inference_steps=num_steps,
             guidance_scale=story.style.guidance,
+            guidance_interval=tuple(story.style.guidance_interval),
             subject_strength=story.style.subject_strength,
             reference_strength=story.style.reference_strength,
         )

@@ -510,7 +510,8 @@ class _Characters:
             description=description.strip())) if p.strip())
         seed = int.from_bytes(hashlib.sha256(f"anystory/sheet/{self.sheet_seed}/{name}".encode()).digest()[:4], "big")
         return {"version": SHEET_VERSION, "prompt": prompt, "negative_prompt": style.negative_prompt,
-                "seed": seed, "steps": self.steps or style.steps, "guidance": style.guidance}
+                "seed": seed, "steps": self.steps or style.steps, "guidance": style.guidance,
+                "guidance_interval": list(style.guidance_interval)}
 
     def _from_description(self, name: str, key: str, settings: dict[str, Any]):
         pipeline = self.model.pipeline
@@ -523,7 +524,8 @@ class _Characters:
         try:
             output = pipeline(
                 settings["prompt"], characters=[], num_inference_steps=settings["steps"],
-                guidance_scale=settings["guidance"], negative_prompt=settings["negative_prompt"] or None,
+                guidance_scale=settings["guidance"], guidance_interval=tuple(settings["guidance_interval"]),
+                negative_prompt=settings["negative_prompt"] or None,
                 generator=_generator(settings["seed"]), callback_on_step_end=on_step,
             )
             sheet = output.images[0].convert("RGB")
@@ -962,6 +964,7 @@ def _draw_panel(pipeline, job: _PanelJob, encodings: dict[str, Any], out: Path, 
             return_routing=True,
             num_inference_steps=plan.num_inference_steps,
             guidance_scale=plan.guidance_scale,
+            guidance_interval=plan.guidance_interval,
             negative_prompt=plan.negative_prompt or None,
             generator=_generator(plan.seed),
             height=height,

@@ -50,6 +50,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from anystory_cli.errors import StoryError
+from anystory_cli.guidance import DEFAULT_INTERVAL as DEFAULT_GUIDANCE_INTERVAL
 from anystory_cli.layout import LAYOUT_TEMPLATES, mm_to_px, page_size_px
 from anystory_cli.masks import ImageFileError, load_image
 
@@ -214,12 +215,28 @@ class Style(_Strict):
     negative_prompt: str = Field("", description="Negative prompt of every panel.")
     steps: int = Field(25, ge=1, le=500, description="Denoising steps per panel.")
     guidance: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    guidance_interval: Annotated[list[float], Field(min_length=2, max_length=2)] = Field(
+        default_factory=lambda: list(DEFAULT_GUIDANCE_INTERVAL),
+        description="[low, high]: guide only the steps whose noise level t/T lies in it (0 clean, "
+        "1 pure noise); guidance at the noisiest steps, where the layout is decided, leaves characters out.",
+    )
     subject_strength: float = Field(
         1.0, ge=0.0, le=4.0, description="Weight of the character tokens (eta in the paper)."
     )
     reference_strength: float = Field(
         0.0, ge=-10.0, le=10.0, description="Bias towards reference features (gamma in the paper)."
     )
+
+    @field_validator("guidance_interval")
+    @classmethod
+    def _interval_inside_schedule(cls, value: list[float]) -> list[float]:
+        low, high = value
+        if not 0.0 <= low < high <= 1.0:
+            raise PydanticCustomError(
+                "interval_range", "guidance_interval must satisfy 0 <= low < high <= 1, got {interval}",
+                {"interval": value},
+            )
+        return value
 
 
 class PageSettings(_Strict):

@@ -248,6 +248,10 @@ def test_cli_evaluate_base_json_through_the_seam(tiny_base, monkeypatch):
     data = json.loads(result.stdout)
     assert data["ok"] and data["samples"] == 2 and "records" not in data
     assert set(data["generated"]) >= {"scene", "count", "position"}
+    assert data["guidance_interval"] == [0.0, 0.7]  # what a story's style guides by default
+    every_step = CliRunner().invoke(cli.app, ["evaluate", "base", "--samples", "2", "--steps", "1", "--json",
+                                              "--guidance-interval", "0,1"])
+    assert json.loads(every_step.stdout)["guidance_interval"] == [0.0, 1.0]
 
 
 def test_cli_evaluate_base_without_a_trained_unet_is_one_line(tmp_path):
@@ -281,6 +285,15 @@ def test_evaluate_base_on_wide_panels_draws_that_shape_and_reports_it(tiny_base,
 
     grid = Image.open(result["report"]["grid"])
     assert grid.width >= 4 * 2 * 128  # 4 columns of generated | rendered tiles, 128 wide at 2x
+
+
+@pytest.mark.parametrize("interval", ["0.7", "0.7,0.2", "a,b", "0,1.5"])
+@pytest.mark.parametrize("command", ["base", "adapter"])
+def test_cli_evaluate_refuses_a_bad_guidance_interval_in_one_line(command, interval):
+    result = CliRunner().invoke(cli.app, ["evaluate", command, "--guidance-interval", interval])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --guidance-interval"), lines
 
 
 @pytest.mark.parametrize("shape", ["64", "64x100", "0x64", "tall", "64x1024"])

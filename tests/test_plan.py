@@ -76,6 +76,7 @@ def test_style_is_applied_to_every_panel():
     assert plan.prompt == "pixel art, sky 1, bright"
     assert plan.negative_prompt == "blur"
     assert (plan.num_inference_steps, plan.guidance_scale) == (9, 3.0)
+    assert plan.guidance_interval == (0.0, 0.7)  # guidance.DEFAULT_INTERVAL: the noisiest steps unguided
     assert (plan.subject_strength, plan.reference_strength) == (0.5, 1.0)
     assert build_plan(story, steps=2)[1].num_inference_steps == 2
     assert build_plan(make_story(plain(1)))[0].prompt == "sky 0"  # no dangling commas
@@ -290,3 +291,11 @@ def test_pagination_invariants(spec, layout):
                 assert len(row) == 1
     firsts = {page[0][0] for page in pages}
     assert all(i in firsts for i, p in enumerate(panels) if p.get("page_break"))
+
+
+def test_the_guidance_interval_is_part_of_the_panel_content():
+    """A different interval draws different pixels: the panel must be redrawn, not reused."""
+    default = build_plan(make_story(plain(1)))[0]
+    everywhere = build_plan(make_story(plain(1), style={"guidance_interval": [0.0, 1.0]}))[0]
+    assert everywhere.guidance_interval == (0.0, 1.0)
+    assert everywhere.content_key != default.content_key

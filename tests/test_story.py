@@ -256,6 +256,14 @@ BAD_CASES = {
         "style: {guidance: .nan}\npanels:\n" + PANEL,
         "story.yaml: style.guidance: input should be a finite number",
     ),
+    "guidance interval upside down": (
+        "style: {guidance_interval: [0.8, 0.2]}\npanels:\n" + PANEL,
+        "story.yaml: style.guidance_interval: guidance_interval must satisfy 0 <= low < high <= 1, got [0.8, 0.2]",
+    ),
+    "guidance interval of one number": (
+        "style: {guidance_interval: [0.5]}\npanels:\n" + PANEL,
+        "story.yaml: style.guidance_interval:",
+    ),
     "python object tag": (
         "title: !!python/object/apply:os.system ['echo hi']\npanels:\n" + PANEL,
         "story.yaml: not valid YAML: line 1",
