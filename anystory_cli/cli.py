@@ -715,7 +715,7 @@ def evaluate_base_command(
     Goal (issue 6): scene and count accuracy >= 0.90 on the generated images.
     """
     with _guarded(as_json):
-        from .evaluate import evaluate_base, json_safe
+        from .evaluate import evaluate_base, guidance_label, json_safe
         from .judge import load_judge
 
         _quiet_libraries()
@@ -745,9 +745,8 @@ def evaluate_base_command(
                                   indent=2, allow_nan=False))
             return
         height, width = result["image_size"]
-        typer.echo(f"base model: {samples} held-out captions, {height}x{width}, {steps} steps, guidance {guidance} "
-                   f"at t/T in {list(interval)}, "
-                   f"seed {seed} ({result['seconds']['total']:.0f} s)")
+        typer.echo(f"base model: {samples} held-out captions, {height}x{width}, {steps} steps, "
+                   f"{guidance_label(result)}, seed {seed} ({result['seconds']['total']:.0f} s)")
         typer.echo(f"{'':10}{'generated':>10}{'rendered':>10}   (rendered: the judge on the captions' own scenes)")
         for key in ("place", "time", "scene", "prop", "count", "position", "pose"):
             if key in result["generated"]:
@@ -829,9 +828,11 @@ def _adapter_pipeline(model: str, adapter: Optional[Path]):
 
 
 def _print_adapter_result(result: dict) -> None:
+    from .evaluate import guidance_label
+
     counts = [c for c in ("1", "2", "3", "4") if c in result["rendered"]]
     typer.echo(f"AnyStory on held-out identities: {result['panels_per_count']} panels per count, {result['steps']} "
-               f"steps, guidance {result['guidance_scale']} at t/T in {result['guidance_interval']}, seed {result['seed']}, {result['candidates']} candidates "
+               f"steps, {guidance_label(result)}, seed {result['seed']}, {result['candidates']} candidates "
                f"per character ({result['seconds']['total']:.0f} s)")
     for key, title in (("identity", "identity"), ("blended", "blending")):
         typer.echo(f"{title + ' by characters in the panel':34}" + "".join(f"{c:>7}" for c in counts))

@@ -82,6 +82,11 @@ def _interval_record(interval: tuple[float, float] | None) -> list[float]:
     return [0.0, 1.0] if interval is None else [float(v) for v in interval]
 
 
+def guidance_label(result: dict) -> str:
+    """'guidance 4.0 at t/T in [0.0, 0.7]' for a result of either evaluation."""
+    return f"guidance {result['guidance_scale']} at t/T in {result['guidance_interval']}"
+
+
 def _truth_dict(truth: SceneTruth) -> dict:
     return {"place": truth.place, "time": truth.time, "prop": truth.prop, "count": truth.count,
             "positions": list(truth.positions), "poses": list(truth.poses)}
@@ -141,7 +146,8 @@ def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps:
     result = {
         "model": "base",
         "samples": n_samples, "seed": seed, "steps": steps, "guidance_scale": guidance,
-        "guidance_interval": _interval_record(guidance_interval), "image_size": list(size), "judge_size": judge.config.image_size,
+        "guidance_interval": _interval_record(guidance_interval),
+        "image_size": list(size), "judge_size": judge.config.image_size,
         "generated": result_generated,
         "rendered": summarise(rendered_records),
         "by_count": by_count,
@@ -207,7 +213,7 @@ def write_base_report(result: dict, generated: np.ndarray, rendered: np.ndarray,
     draw = ImageDraw.Draw(sheet)
     generated_rates, rendered_rates = result["generated"], result["rendered"]
     legend = [
-        f"base model, {result['steps']} steps, guidance {result['guidance_scale']} at t/T in {result['guidance_interval']}: left generated, right rendered "
+        f"base model, {result['steps']} steps, {guidance_label(result)}: left generated, right rendered "
         f"(the caption's own scene); boxes: where the judge locates characters",
         "lines: caption truth / judge on generated / judge on rendered: place time prop count [word]: poses "
         "(s standing, j jumping, w waving); green: scene and count right",
@@ -527,7 +533,8 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
     result = {
         "model": "anystory", "model_id": getattr(pipe, "model_id", None),
         "panels_per_count": panels_per_count, "seed": seed, "steps": steps, "guidance_scale": guidance,
-        "guidance_interval": _interval_record(guidance_interval), "distractors": distractors, "candidates": distractors + 1, "variants": list(variants),
+        "guidance_interval": _interval_record(guidance_interval),
+        "distractors": distractors, "candidates": distractors + 1, "variants": list(variants),
         "results": results,
         "rendered": ceiling,
         "placement": {"routing_share_in_region": _mean(shares),
@@ -606,7 +613,7 @@ def _samples_sheet(result: dict, panels: list[EvalPanel], images: dict[str, list
     row_h = tile + line + gap
     sheet = Image.new("RGB", (width, header + line + len(chosen) * row_h + gap), (250, 250, 250))
     draw = ImageDraw.Draw(sheet)
-    draw.text((gap, 2), f"held-out identities, {result['steps']} steps, guidance {result['guidance_scale']} at t/T in {result['guidance_interval']}; "
+    draw.text((gap, 2), f"held-out identities, {result['steps']} steps, {guidance_label(result)}; "
               f"each character identified among {result['candidates']} (its panel's and distractors)", fill=(40, 40, 40), font=font)
     draw.text((gap, 2 + line), "letters per character, left to right: R right, B blended (another character of the "
               "panel), x wrong, - not found in its region; boxes: the regions asked for", fill=(40, 40, 40), font=font)
@@ -697,7 +704,7 @@ def _adapter_html(result: dict) -> str:
     return f"""<!doctype html><meta charset="utf-8"><title>AnyStory evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 10px;text-align:right}} td:first-child{{text-align:left}}</style>
 <h1>AnyStory on held-out identities</h1>
-<p>{result['panels_per_count']} panels per character count, {result['steps']} steps, guidance {result['guidance_scale']} at t/T in {result['guidance_interval']},
+<p>{result['panels_per_count']} panels per character count, {result['steps']} steps, {guidance_label(result)},
 seed {result['seed']}; each character identified among {result['candidates']} candidates. Model {escape(str(result['model_id']))}.</p>
 <h2>Goals (issue 7)</h2><ul>{goals}</ul>
 <h2>Characters</h2>{''.join(tables)}

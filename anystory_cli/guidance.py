@@ -28,6 +28,7 @@ StepCallback = Callable[[Any, int, Any, dict], dict]
 
 
 def check_interval(interval: tuple[float, float]) -> tuple[float, float]:
+    """(low, high) as floats, or InputError unless 0 <= low < high <= 1."""
     low, high = (float(v) for v in interval)
     if not 0.0 <= low < high <= 1.0:
         raise InputError(f"a guidance interval is (low, high) with 0 <= low < high <= 1, got {tuple(interval)}")
