@@ -27,10 +27,15 @@ UNGUIDED_SCALE = 1.0 + 1e-6
 StepCallback = Callable[[Any, int, Any, dict], dict]
 
 
+def inside_schedule(low: float, high: float) -> bool:
+    """Whether (low, high) is an interval of noise levels: 0 <= low < high <= 1."""
+    return 0.0 <= low < high <= 1.0
+
+
 def check_interval(interval: tuple[float, float]) -> tuple[float, float]:
     """(low, high) as floats, or InputError unless 0 <= low < high <= 1."""
     low, high = (float(v) for v in interval)
-    if not 0.0 <= low < high <= 1.0:
+    if not inside_schedule(low, high):
         raise InputError(f"a guidance interval is (low, high) with 0 <= low < high <= 1, got {tuple(interval)}")
     return low, high
 

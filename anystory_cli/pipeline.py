@@ -9,6 +9,7 @@ base pipeline draws.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -234,9 +235,11 @@ class AnyStoryPipeline:
                                         subject_scale, reference_scale, return_routing, route)
         context = AnyStoryContext(inputs)
         if guidance_interval is not None:
-            # diffusers' own defaults for the two arguments the interval needs.
-            base_kwargs.setdefault("num_inference_steps", 50)
-            base_kwargs.setdefault("guidance_scale", 7.5)
+            # The base pipeline's own defaults for the two arguments the interval needs (SD 1.5
+            # guides at 7.5 and SDXL at 5.0 when the caller names no scale).
+            defaults = inspect.signature(self.base.__call__).parameters
+            for name in ("num_inference_steps", "guidance_scale"):
+                base_kwargs.setdefault(name, defaults[name].default)
             base_kwargs.update(guided_call_kwargs(
                 self.base, base_kwargs["guidance_scale"], guidance_interval, base_kwargs["num_inference_steps"],
                 base_kwargs.get("callback_on_step_end")))

@@ -51,6 +51,7 @@ from pydantic_core import PydanticCustomError
 
 from anystory_cli.errors import StoryError
 from anystory_cli.guidance import DEFAULT_INTERVAL as DEFAULT_GUIDANCE_INTERVAL
+from anystory_cli.guidance import inside_schedule
 from anystory_cli.layout import LAYOUT_TEMPLATES, mm_to_px, page_size_px
 from anystory_cli.masks import ImageFileError, load_image
 
@@ -230,8 +231,7 @@ class Style(_Strict):
     @field_validator("guidance_interval")
     @classmethod
     def _interval_inside_schedule(cls, value: list[float]) -> list[float]:
-        low, high = value
-        if not 0.0 <= low < high <= 1.0:
+        if not inside_schedule(*value):
             raise PydanticCustomError(
                 "interval_range", "guidance_interval must satisfy 0 <= low < high <= 1, got {interval}",
                 {"interval": value},

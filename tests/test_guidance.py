@@ -96,3 +96,15 @@ def test_an_interval_outside_the_schedule_is_refused(interval, base):
         check_interval(interval)
     with pytest.raises(InputError, match="0 <= low < high <= 1"):
         guided_call_kwargs(base, 4.0, interval, STEPS)
+
+
+def test_an_unnamed_scale_is_the_base_pipelines_own_default():
+    """SDXL guides at 5.0 when no scale is named (SD 1.5 at 7.5): with an interval the scale must
+    still be the base's own, so the whole range draws what the plain SDXL call draws."""
+    pipe = tiny.tiny_story_pipeline(tiny.tiny_sdxl_pipeline())
+    try:
+        plain = draw(pipe.base)
+        whole = draw(pipe, characters=[], subject_scale=0.0, guidance_interval=(0.0, 1.0))
+        assert np.array_equal(whole, plain)
+    finally:
+        pipe.unload()
