@@ -715,7 +715,7 @@ def evaluate_base_command(
     Goal (issue 6): scene and count accuracy >= 0.90 on the generated images.
     """
     with _guarded(as_json):
-        from .evaluate import evaluate_base, guidance_label, json_safe
+        from .evaluate import evaluate_base, sampling_label, json_safe
         from .judge import load_judge
 
         _quiet_libraries()
@@ -746,7 +746,7 @@ def evaluate_base_command(
             return
         height, width = result["image_size"]
         typer.echo(f"base model: {samples} held-out captions, {height}x{width}, {steps} steps, "
-                   f"{guidance_label(result)}, seed {seed} ({result['seconds']['total']:.0f} s)")
+                   f"{sampling_label(result)}, seed {seed} ({result['seconds']['total']:.0f} s)")
         typer.echo(f"{'':10}{'generated':>10}{'rendered':>10}   (rendered: the judge on the captions' own scenes)")
         for key in ("place", "time", "scene", "prop", "count", "position", "pose"):
             if key in result["generated"]:
@@ -769,6 +769,10 @@ def evaluate_adapter_command(
                                           "[LOW, HIGH] (0 clean, 1 pure noise), as a story's style does "
                                           "by default; 0,1 guides every step."),
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Chooses the panels and the noise."),
+    subject_strength: float = typer.Option(1.0, "--subject-strength", min=0.0, max=4.0,
+                                           help="Weight of the character tokens (eta), as a story's style."),
+    reference_strength: float = typer.Option(0.0, "--reference-strength", min=-10.0, max=10.0,
+                                             help="Bias towards reference features (gamma), as a story's style."),
     distractors: int = typer.Option(9, "--distractors", min=1, max=200,
                                     help="Other held-out identities each character is told apart from."),
     routing_scenes: int = typer.Option(12, "--routing-scenes", min=1, max=1000,
@@ -811,7 +815,8 @@ def evaluate_adapter_command(
         with torch.inference_mode():
             result = evaluate_adapter(pipe, judge, panels_per_count=panels, seed=seed, steps=steps, guidance=guidance,
                                       distractors=distractors, routing_scenes=routing_scenes, variants=chosen,
-                                      report_dir=report, progress=progress, guidance_interval=interval)
+                                      report_dir=report, progress=progress, guidance_interval=interval,
+                                      subject_strength=subject_strength, reference_strength=reference_strength)
         if as_json:
             typer.echo(json.dumps(json_safe({"ok": True, **result}), indent=2, allow_nan=False))
             return
@@ -828,11 +833,11 @@ def _adapter_pipeline(model: str, adapter: Optional[Path]):
 
 
 def _print_adapter_result(result: dict) -> None:
-    from .evaluate import guidance_label
+    from .evaluate import sampling_label
 
     counts = [c for c in ("1", "2", "3", "4") if c in result["rendered"]]
     typer.echo(f"AnyStory on held-out identities: {result['panels_per_count']} panels per count, {result['steps']} "
-               f"steps, {guidance_label(result)}, seed {result['seed']}, {result['candidates']} candidates "
+               f"steps, {sampling_label(result)}, seed {result['seed']}, {result['candidates']} candidates "
                f"per character ({result['seconds']['total']:.0f} s)")
     for key, title in (("identity", "identity"), ("blended", "blending")):
         typer.echo(f"{title + ' by characters in the panel':34}" + "".join(f"{c:>7}" for c in counts))

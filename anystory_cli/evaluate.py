@@ -82,9 +82,13 @@ def _interval_record(interval: tuple[float, float] | None) -> list[float]:
     return [0.0, 1.0] if interval is None else [float(v) for v in interval]
 
 
-def guidance_label(result: dict) -> str:
-    """'guidance 4.0 at t/T in [0.0, 0.7]' for a result of either evaluation."""
-    return f"guidance {result['guidance_scale']} at t/T in {result['guidance_interval']}"
+def sampling_label(result: dict) -> str:
+    """'guidance 4.0 at t/T in [0.0, 0.7]' for a result of either evaluation, and for the
+    adapter's ', subject strength 1.0, reference strength 0.0'."""
+    label = f"guidance {result['guidance_scale']} at t/T in {result['guidance_interval']}"
+    if "subject_strength" in result:
+        label += f", subject strength {result['subject_strength']}, reference strength {result['reference_strength']}"
+    return label
 
 
 def _truth_dict(truth: SceneTruth) -> dict:
@@ -213,7 +217,7 @@ def write_base_report(result: dict, generated: np.ndarray, rendered: np.ndarray,
     draw = ImageDraw.Draw(sheet)
     generated_rates, rendered_rates = result["generated"], result["rendered"]
     legend = [
-        f"base model, {result['steps']} steps, {guidance_label(result)}: left generated, right rendered "
+        f"base model, {result['steps']} steps, {sampling_label(result)}: left generated, right rendered "
         f"(the caption's own scene); boxes: where the judge locates characters",
         "lines: caption truth / judge on generated / judge on rendered: place time prop count [word]: poses "
         "(s standing, j jumping, w waving); green: scene and count right",
@@ -394,9 +398,13 @@ def _by_count(panels: list[EvalPanel], per_panel: list[list[dict]]) -> dict:
 
 
 def draw_panel(pipe, panel: EvalPanel, encodings: list, variant: str, steps: int, guidance: float,
-               record_routing: bool = False, guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL):
-    """(uint8 image at the pipeline's native size, last-step routing layers or None)."""
+               record_routing: bool = False, guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
+               subject_strength: float = 1.0, reference_strength: float = 0.0):
+    """(uint8 image at the pipeline's native size, last-step routing layers or None). The
+    strengths are η and γ, as a story's style sets them; an ablation overrides its own."""
     options = ADAPTER_VARIANTS[variant]
+    if options is not None:
+        options = {"subject_scale": subject_strength, "reference_scale": reference_strength, **options}
     generator = torch.Generator().manual_seed(panel.noise_seed)
     common = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_interval=guidance_interval,
                   generator=generator, output_type="np")
@@ -472,10 +480,12 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
                      guidance: float = 4.0, distractors: int = 9, routing_scenes: int = 8,
                      variants: tuple[str, ...] = tuple(ADAPTER_VARIANTS), report_dir: str | Path | None = None,
                      progress: Callable[[str, int, int], None] | None = None,
-                     guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL) -> dict:
+                     guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
+                     subject_strength: float = 1.0, reference_strength: float = 0.0) -> dict:
     """Identity, blending, placement and routing IoU of an `AnyStoryPipeline` on held-out
     identities, with the ablations in `variants` drawn from the same noise. Returns a plain dict
-    (see `anystory evaluate adapter --json`); `report_dir` also gets the pictures."""
+    (see `anystory evaluate adapter --json`); `report_dir` also gets the pictures.
+    `subject_strength` (η) and `reference_strength` (γ) are a story's style settings of the same names."""
     from PIL import Image
 
     from .world.scenes import reference_image
@@ -502,7 +512,8 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
         characters = [encode(s) for s in panel.scene.identity_seeds]
         for k, variant in enumerate(variants):
             image, layers = draw_panel(pipe, panel, characters, variant, steps, guidance,
-                                       record_routing=variant == "anystory", guidance_interval=guidance_interval)
+                                       record_routing=variant == "anystory", guidance_interval=guidance_interval,
+                                       subject_strength=subject_strength, reference_strength=reference_strength)
             images[variant].append(image)
             judged[variant].append(judge_panel(judge, image, panel, list(panel.regions)))
             if layers is not None:
@@ -534,6 +545,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
         "model": "anystory", "model_id": getattr(pipe, "model_id", None),
         "panels_per_count": panels_per_count, "seed": seed, "steps": steps, "guidance_scale": guidance,
         "guidance_interval": _interval_record(guidance_interval),
+        "subject_strength": subject_strength, "reference_strength": reference_strength,
         "distractors": distractors, "candidates": distractors + 1, "variants": list(variants),
         "results": results,
         "rendered": ceiling,
@@ -613,7 +625,7 @@ def _samples_sheet(result: dict, panels: list[EvalPanel], images: dict[str, list
     row_h = tile + line + gap
     sheet = Image.new("RGB", (width, header + line + len(chosen) * row_h + gap), (250, 250, 250))
     draw = ImageDraw.Draw(sheet)
-    draw.text((gap, 2), f"held-out identities, {result['steps']} steps, {guidance_label(result)}; "
+    draw.text((gap, 2), f"held-out identities, {result['steps']} steps, {sampling_label(result)}; "
               f"each character identified among {result['candidates']} (its panel's and distractors)", fill=(40, 40, 40), font=font)
     draw.text((gap, 2 + line), "letters per character, left to right: R right, B blended (another character of the "
               "panel), x wrong, - not found in its region; boxes: the regions asked for", fill=(40, 40, 40), font=font)
@@ -704,7 +716,7 @@ def _adapter_html(result: dict) -> str:
     return f"""<!doctype html><meta charset="utf-8"><title>AnyStory evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 10px;text-align:right}} td:first-child{{text-align:left}}</style>
 <h1>AnyStory on held-out identities</h1>
-<p>{result['panels_per_count']} panels per character count, {result['steps']} steps, {guidance_label(result)},
+<p>{result['panels_per_count']} panels per character count, {result['steps']} steps, {sampling_label(result)},
 seed {result['seed']}; each character identified among {result['candidates']} candidates. Model {escape(str(result['model_id']))}.</p>
 <h2>Goals (issue 7)</h2><ul>{goals}</ul>
 <h2>Characters</h2>{''.join(tables)}

@@ -558,6 +558,35 @@ def test_text_only_variant_is_the_plain_base_pipeline(pipe):
     np.testing.assert_array_equal(image, np.clip(np.round(base * 255), 0, 255).astype(np.uint8))
 
 
+def test_strengths_reach_the_pipeline_and_ablations_keep_their_own(pipe, encodings, heldout_panels):
+    """η and γ reach every call as a story's style passes them, except the one an ablation removes."""
+    panel = heldout_panels[4]
+    characters = [encodings(s) for s in panel.scene.identity_seeds]
+    calls = []
+
+    class Spy:
+        def __call__(self, *args, **kwargs):
+            calls.append(kwargs)
+            return pipe(*args, **kwargs)
+
+    for variant in ("anystory", "no_router", "no_reference_net", "no_subject_tokens"):
+        ev.draw_panel(Spy(), panel, characters, variant, steps=1, guidance=4.0,
+                      subject_strength=1.5, reference_strength=2.0)
+    scales = [(c["subject_scale"], c["reference_scale"]) for c in calls]
+    assert scales == [(1.5, 2.0), (1.5, 2.0), (1.5, None), (0.0, 2.0)]
+    assert calls[1]["route"] is False
+
+
+def test_reference_strength_changes_a_two_character_panel(pipe, encodings, heldout_panels):
+    panel = heldout_panels[4]
+    characters = [encodings(s) for s in panel.scene.identity_seeds]
+    drawn = {gamma: ev.draw_panel(pipe, panel, characters, "anystory", steps=1, guidance=4.0,
+                                  reference_strength=gamma)[0] for gamma in (0.0, 3.0)}
+    default = ev.draw_panel(pipe, panel, characters, "anystory", steps=1, guidance=4.0)[0]
+    np.testing.assert_array_equal(default, drawn[0.0])
+    assert np.abs(drawn[3.0].astype(int) - drawn[0.0].astype(int)).max() > 0
+
+
 def test_evaluate_adapter_rejects_unknown_variants(pipe, judge):
     with pytest.raises(InputError, match="bogus"):
         ev.evaluate_adapter(pipe, judge, panels_per_count=1, steps=1, routing_scenes=1, variants=("anystory", "bogus"))
@@ -582,6 +611,18 @@ def test_cli_evaluate_adapter_json_through_the_seam(pipe, monkeypatch):
     assert data["ok"] is True and data["panels_per_count"] == 1 and data["steps"] == 1
     assert set(data["results"]) == set(ev.ADAPTER_VARIANTS) and len(data["panels"]) == 4
     assert data["routing_iou"]["scenes"] == 1 and "report" not in data
+    assert data["subject_strength"] == 1.0 and data["reference_strength"] == 0.0
+
+
+def test_cli_evaluate_adapter_records_the_strengths_and_refuses_out_of_range(pipe, monkeypatch):
+    monkeypatch.setattr(cli, "PIPELINE_FACTORY", lambda model, folder: pipe)
+    args = ["evaluate", "adapter", "--panels-per-count", "1", "--steps", "1", "--routing-scenes", "1",
+            "--variants", "anystory"]
+    result = CliRunner().invoke(cli.app, [*args, "--subject-strength", "1.5", "--reference-strength", "2"])
+    assert result.exit_code == 0, result.output
+    assert "subject strength 1.5, reference strength 2.0" in result.stdout
+    bad = CliRunner().invoke(cli.app, [*args, "--subject-strength", "9"])
+    assert bad.exit_code != 0 and "Traceback" not in bad.output
 
 
 def test_cli_evaluate_adapter_prints_a_table_and_writes_the_report(pipe, monkeypatch, tmp_path):
