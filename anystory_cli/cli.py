@@ -848,6 +848,9 @@ def _print_adapter_result(result: dict) -> None:
     typer.echo(f"routing IoU (latent side x timestep {', '.join(map(str, iou['timesteps']))}):")
     for side, by_t in iou["by_resolution"].items():
         typer.echo(f"  {side + 'x' + side:8}" + "".join(f"{_format_rate(v):>7}" for v in by_t.values()))
+    typer.echo("  any character against all the masks (finds characters, whichever it takes them for):")
+    for side, by_t in iou["foreground_by_resolution"].items():
+        typer.echo(f"  {side + 'x' + side:8}" + "".join(f"{_format_rate(v):>7}" for v in by_t.values()))
     placement = result["placement"]
     typer.echo(f"placement: routing mass in region {_format_rate(placement['routing_share_in_region'])}, "
                f"characters found in their regions {_format_rate(placement['found_in_region'])}")

@@ -437,7 +437,9 @@ def routing_iou(pipe, scenes: list[Scene], encode: Callable, seed: int = 0,
     """The router as a segmenter on noised *real* (rendered) scenes: at each timestep, every
     cross-attention layer's routing map, made hard (each latent pixel to its likeliest entry),
     against each character's true mask at that layer's resolution (area > 1/2). Mean IoU over
-    characters and scenes, per layer resolution (side in latent pixels) and timestep."""
+    characters and scenes, per layer resolution (side in latent pixels) and timestep; and the
+    same for the foreground (any character against the union of the masks), which tells a
+    router that finds characters but mixes them up from one that does not find them."""
     from PIL import Image
 
     from diffusers import DDPMScheduler
@@ -450,6 +452,7 @@ def routing_iou(pipe, scenes: list[Scene], encode: Callable, seed: int = 0,
     total_steps = scheduler.config.num_train_timesteps
     timesteps = [max(1, min(total_steps - 1, int(round(s * total_steps)))) for s in shares]
     sums: dict[tuple[int, int], list[float]] = {}
+    foreground: dict[tuple[int, int], list[float]] = {}
     for n, scene in enumerate(scenes):
         image = np.array(Image.fromarray(scene.image).resize((side, side), Image.Resampling.NEAREST))
         pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
@@ -467,13 +470,23 @@ def routing_iou(pipe, scenes: list[Scene], encode: Callable, seed: int = 0,
                     union = ((hard == i) | truth[i]).sum().item()
                     if union:
                         sums.setdefault((h, t), []).append(((hard == i) & truth[i]).sum().item() / union)
+                drawn, anyone = hard < len(characters), truth.any(dim=0)
+                union = (drawn | anyone).sum().item()
+                if union:
+                    foreground.setdefault((h, t), []).append((drawn & anyone).sum().item() / union)
     resolutions = sorted({h for h, _ in sums}, reverse=True)
-    table = {str(h): {str(t): _mean(sums.get((h, t), [])) for t in timesteps} for h in resolutions}
     finest = str(resolutions[0]) if resolutions else None
     late = [str(t) for t in timesteps if t <= LATE_TIMESTEP_SHARE * total_steps]
+
+    def tabled(values: dict) -> tuple[dict, float]:
+        table = {str(h): {str(t): _mean(values.get((h, t), [])) for t in timesteps} for h in resolutions}
+        return table, _mean([table[finest][t] for t in late]) if finest and late else float("nan")
+
+    table, finest_late = tabled(sums)
+    foreground_table, foreground_late = tabled(foreground)
     return {"timesteps": timesteps, "by_resolution": table, "finest_resolution": finest,
-            "finest_late": _mean([table[finest][t] for t in late]) if finest and late else float("nan"),
-            "scenes": len(scenes)}
+            "finest_late": finest_late, "foreground_by_resolution": foreground_table,
+            "foreground_finest_late": foreground_late, "scenes": len(scenes)}
 
 
 def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 0, steps: int = 25,
@@ -709,6 +722,9 @@ def _adapter_html(result: dict) -> str:
     iou_head = "".join(f"<th>t={t}</th>" for t in iou["timesteps"])
     iou_body = "".join(f"<tr><td>{side}x{side}</td>" + "".join(f"<td>{_rate(v)}</td>" for v in by_t.values()) + "</tr>"
                        for side, by_t in iou["by_resolution"].items())
+    iou_body += "".join(f"<tr><td>{side}x{side}, any character</td>" + "".join(f"<td>{_rate(v)}</td>"
+                                                                         for v in by_t.values()) + "</tr>"
+                        for side, by_t in iou["foreground_by_resolution"].items())
     goals = "".join(f"<li>{escape(k)}: goal {'≤' if k.endswith('_max') else '≥'} {v:.2f}, reached "
                     f"{_rate(result['reached'][k])} — {'met' if result['goals_met'][k] else 'not met'}</li>"
                     for k, v in result["goals"].items())

@@ -460,8 +460,11 @@ def test_routing_iou_scores_the_router_against_the_true_masks(pipe):
     background = ev.routing_iou(_OraclePipe(pipe, scenes, "background"), scenes, lambda s: s, seed=0)
     assert all(v == 0.0 for row in background["by_resolution"].values() for v in row.values())
     assert background["finest_late"] == 0.0
+    assert perfect["foreground_finest_late"] == 1.0 and background["foreground_finest_late"] == 0.0
     shifted = ev.routing_iou(_OraclePipe(pipe, scenes, "shifted"), scenes, lambda s: s, seed=0)
     assert all(v == 0.0 for row in shifted["by_resolution"].values() for v in row.values())
+    # every character found, each taken for another: the foreground is perfect
+    assert all(v == 1.0 for row in shifted["foreground_by_resolution"].values() for v in row.values())
     oracle = _OraclePipe(pipe, scenes[:1], "truth")
     custom = ev.routing_iou(oracle, scenes[:1], lambda s: s, seed=0, shares=(0.5, 0.05))
     assert custom["timesteps"] == [500, 50] and oracle.calls == [500, 50]
