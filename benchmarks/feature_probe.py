@@ -3,7 +3,8 @@
     python benchmarks/feature_probe.py
 
 A linear probe per latent pixel of the character's body colour and pattern, from the hidden
-states a router reads (the input of a 16x16 cross-attention) and from the VAE latents, on noised
+states a router reads (the input of a 16x16 cross-attention; alone, and with the mean of their
+3x3 or 5x5 neighbourhood beside them) and from the VAE latents, on noised
 rendered scenes: trained on 300 scenes of training identities, tested on 100 of held-out ones.
 """
 import sys
@@ -28,7 +29,7 @@ def main():
         mod.register_forward_pre_hook(lambda m, args, kwargs, name=name: captured.__setitem__(name, (kwargs.get("hidden_states", args[0] if args else None))), with_kwargs=True)
 
     def features(split, count, t, seed0):
-        X = {k: [] for k in LAYERS + ["latent"]}; Y = {"body_colour": [], "pattern": []}
+        X = {k: [] for k in LAYERS + ["latent"] + [f"{k} +{side}x{side}" for k in LAYERS for side in (3, 5)]}; Y = {"body_colour": [], "pattern": []}
         for i in range(count):
             scene = sample_scene(seed0 + i, 2 + i % 3, split, 64)
             px = torch.from_numpy(scene.image).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -43,6 +44,11 @@ def main():
             idx = inside.flatten().nonzero()[:, 0]
             for k in LAYERS:
                 X[k].append(captured[k][0][idx].float())
+                # the same pixel with the mean of its 3x3 and 5x5 neighbourhoods beside it
+                grid = captured[k][0].float().T.reshape(1, -1, 16, 16)
+                for side in (3, 5):
+                    pooled = F.avg_pool2d(grid, side, stride=1, padding=side // 2, count_include_pad=False)
+                    X[f"{k} +{side}x{side}"].append(torch.cat([captured[k][0].float(), pooled[0].flatten(1).T], 1)[idx])
             X["latent"].append(lat[0].flatten(1).T[idx])
             for j in idx.tolist():
                 a = identity_from_seed(scene.identity_seeds[owner.flatten()[j]]).attributes()
@@ -65,7 +71,7 @@ def main():
         xtr, ytr = features("train", 300, t, 1000)
         xte, yte = features("heldout", 100, t, 5000)
         for attr in ("body_colour", "pattern"):
-            for k in ["latent"] + LAYERS:
+            for k in xtr:
                 acc, chance = probe(xtr[k], ytr[attr], xte[k], yte[attr])
                 print(f"t={t:3d} {attr:12s} {k:55s} probe accuracy {acc:.2f} (majority {chance:.2f}; {len(yte[attr])} held-out pixels)", flush=True)
 
