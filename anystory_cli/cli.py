@@ -659,6 +659,10 @@ def _format_rate(value: float) -> str:
 
 
 DEFAULT_INTERVAL_TEXT = ",".join(f"{v:g}" for v in DEFAULT_INTERVAL)  # "0,0.7"
+GUIDANCE_INTERVAL_OPTION = typer.Option(DEFAULT_INTERVAL_TEXT, "--guidance-interval", metavar="LOW,HIGH",
+                                        help="Guide only the steps whose noise level t/T lies in [LOW, HIGH] "
+                                        "(0 clean, 1 pure noise), as a story's style does by default; 0,1 "
+                                        "guides every step.")
 
 
 def _guidance_interval(text: str) -> tuple[float, float]:
@@ -695,10 +699,7 @@ def evaluate_base_command(
     samples: int = typer.Option(64, "--samples", min=1, max=10000, help="Held-out captions to draw."),
     steps: int = typer.Option(25, "--steps", min=1, max=500, help="Denoising steps."),
     guidance: float = typer.Option(4.0, "--guidance", min=1.0, max=50.0, help="Classifier-free guidance."),
-    guidance_interval: str = typer.Option(DEFAULT_INTERVAL_TEXT, "--guidance-interval", metavar="LOW,HIGH",
-                                          help="Guide only the steps whose noise level t/T lies in "
-                                          "[LOW, HIGH] (0 clean, 1 pure noise), as a story's style does "
-                                          "by default; 0,1 guides every step."),
+    guidance_interval: str = GUIDANCE_INTERVAL_OPTION,
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Chooses the captions and the noise."),
     shape: Optional[str] = typer.Option(None, "--shape", metavar="HxW", help="Panel shape in pixels, e.g. "
                                         "64x128 (wide) or 128x64 (tall); multiples of 16. Default: the "
@@ -764,10 +765,7 @@ def evaluate_adapter_command(
                                help="Held-out panels with each number of characters (1-4)."),
     steps: int = typer.Option(25, "--steps", min=1, max=500, help="Denoising steps."),
     guidance: float = typer.Option(4.0, "--guidance", min=1.0, max=50.0, help="Classifier-free guidance."),
-    guidance_interval: str = typer.Option(DEFAULT_INTERVAL_TEXT, "--guidance-interval", metavar="LOW,HIGH",
-                                          help="Guide only the steps whose noise level t/T lies in "
-                                          "[LOW, HIGH] (0 clean, 1 pure noise), as a story's style does "
-                                          "by default; 0,1 guides every step."),
+    guidance_interval: str = GUIDANCE_INTERVAL_OPTION,
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Chooses the panels and the noise."),
     subject_strength: float = typer.Option(1.0, "--subject-strength", min=0.0, max=4.0,
                                            help="Weight of the character tokens (eta), as a story's style."),
@@ -846,11 +844,12 @@ def _print_adapter_result(result: dict) -> None:
             typer.echo(f"  {name:32}" + "".join(f"{_format_rate(figures[c][key]):>7}" for c in counts))
     iou = result["routing_iou"]
     typer.echo(f"routing IoU (latent side x timestep {', '.join(map(str, iou['timesteps']))}):")
-    for side, by_t in iou["by_resolution"].items():
-        typer.echo(f"  {side + 'x' + side:8}" + "".join(f"{_format_rate(v):>7}" for v in by_t.values()))
-    typer.echo("  any character against all the masks (finds characters, whichever it takes them for):")
-    for side, by_t in iou["foreground_by_resolution"].items():
-        typer.echo(f"  {side + 'x' + side:8}" + "".join(f"{_format_rate(v):>7}" for v in by_t.values()))
+    for key, title in (("by_resolution", None), ("foreground_by_resolution", "any character against all the "
+                                                 "masks (finds characters, whichever it takes them for)")):
+        if title:
+            typer.echo(f"  {title}:")
+        for side, by_t in iou[key].items():
+            typer.echo(f"  {side + 'x' + side:8}" + "".join(f"{_format_rate(v):>7}" for v in by_t.values()))
     placement = result["placement"]
     typer.echo(f"placement: routing mass in region {_format_rate(placement['routing_share_in_region'])}, "
                f"characters found in their regions {_format_rate(placement['found_in_region'])}")

@@ -432,6 +432,35 @@ def region_share(layers: dict[str, torch.Tensor], regions) -> float:
     return _mean(shares)
 
 
+def routing_eval_scenes(count: int, seed: int, size: int) -> list[Scene]:
+    """The rendered held-out scenes the router is scored on as a segmenter: 2, 3, 4 characters in turn."""
+    rng = WorldRng("evaluate-adapter-routing", int(seed))
+    return [sample_scene(rng.integer(1 << 40), 2 + i % (MAX_CHARACTERS - 1), "heldout", size) for i in range(count)]
+
+
+def noised_routing_maps(pipe, scenes: list[Scene], characters_of: Callable, seed: int, timesteps: list[int]):
+    """Yields (scene, t, {layer: (1, E, h, w) soft routing maps}) for each scene and timestep:
+    one conditional UNet call on the scene's latents noised to t as in training (the forward
+    process of the same beta schedule, whatever sampler the pipeline draws with), with each
+    scene's own noise. `characters_of(scene)` gives its characters' encodings, in order."""
+    from PIL import Image
+
+    from diffusers import DDPMScheduler
+
+    vae = pipe.base.vae
+    scheduler = DDPMScheduler.from_config(pipe.base.scheduler.config)
+    side = pipe.base.unet.config.sample_size * pipe.base.vae_scale_factor
+    for n, scene in enumerate(scenes):
+        image = np.array(Image.fromarray(scene.image).resize((side, side), Image.Resampling.NEAREST))
+        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        latents = vae.encode(pixels.to(pipe.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(stable_hash("iou", seed, n) % (1 << 63)))
+        characters = characters_of(scene)
+        for t in timesteps:
+            noisy = scheduler.add_noise(latents, noise.to(latents.device, latents.dtype), torch.tensor([t]))
+            yield scene, t, pipe.route_latents(noisy, t, scene.caption, characters)
+
+
 def routing_iou(pipe, scenes: list[Scene], encode: Callable, seed: int = 0,
                 shares: tuple[float, ...] = ROUTING_TIMESTEP_SHARES) -> dict:
     """The router as a segmenter on noised *real* (rendered) scenes: at each timestep, every
@@ -440,40 +469,25 @@ def routing_iou(pipe, scenes: list[Scene], encode: Callable, seed: int = 0,
     characters and scenes, per layer resolution (side in latent pixels) and timestep; and the
     same for the foreground (any character against the union of the masks), which tells a
     router that finds characters but mixes them up from one that does not find them."""
-    from PIL import Image
-
-    from diffusers import DDPMScheduler
-
-    vae = pipe.base.vae
-    # Noise as in training (the forward process of the same beta schedule), whatever sampler
-    # the pipeline draws with.
-    scheduler = DDPMScheduler.from_config(pipe.base.scheduler.config)
-    side = pipe.base.unet.config.sample_size * pipe.base.vae_scale_factor
-    total_steps = scheduler.config.num_train_timesteps
+    total_steps = pipe.base.scheduler.config.num_train_timesteps
     timesteps = [max(1, min(total_steps - 1, int(round(s * total_steps)))) for s in shares]
     sums: dict[tuple[int, int], list[float]] = {}
     foreground: dict[tuple[int, int], list[float]] = {}
-    for n, scene in enumerate(scenes):
-        image = np.array(Image.fromarray(scene.image).resize((side, side), Image.Resampling.NEAREST))
-        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
-        latents = vae.encode(pixels.to(pipe.device, vae.dtype)).latent_dist.mean * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(stable_hash("iou", seed, n) % (1 << 63)))
-        characters = [encode(s) for s in scene.identity_seeds]
+    for scene, t, layers in noised_routing_maps(pipe, scenes, lambda sc: [encode(s) for s in sc.identity_seeds],
+                                                seed, timesteps):
         masks = torch.from_numpy(scene.masks).float()[:, None]  # (K, 1, H, W)
-        for t in timesteps:
-            noisy = scheduler.add_noise(latents, noise.to(latents.device, latents.dtype), torch.tensor([t]))
-            for maps in pipe.route_latents(noisy, t, scene.caption, characters).values():
-                h, w = maps.shape[-2:]
-                hard = maps[0].argmax(0)
-                truth = F.interpolate(masks, size=(h, w), mode="area")[:, 0] > 0.5
-                for i in range(len(characters)):
-                    union = ((hard == i) | truth[i]).sum().item()
-                    if union:
-                        sums.setdefault((h, t), []).append(((hard == i) & truth[i]).sum().item() / union)
-                drawn, anyone = hard < len(characters), truth.any(dim=0)
-                union = (drawn | anyone).sum().item()
+        for maps in layers.values():
+            h, w = maps.shape[-2:]
+            hard = maps[0].argmax(0)
+            truth = F.interpolate(masks, size=(h, w), mode="area")[:, 0] > 0.5
+            for i in range(len(scene.identity_seeds)):
+                union = ((hard == i) | truth[i]).sum().item()
                 if union:
-                    foreground.setdefault((h, t), []).append((drawn & anyone).sum().item() / union)
+                    sums.setdefault((h, t), []).append(((hard == i) & truth[i]).sum().item() / union)
+            drawn, anyone = hard < len(scene.identity_seeds), truth.any(dim=0)
+            union = (drawn | anyone).sum().item()
+            if union:
+                foreground.setdefault((h, t), []).append((drawn & anyone).sum().item() / union)
     resolutions = sorted({h for h, _ in sums}, reverse=True)
     finest = str(resolutions[0]) if resolutions else None
     late = [str(t) for t in timesteps if t <= LATE_TIMESTEP_SHARE * total_steps]
@@ -537,10 +551,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
     draw_seconds = time.perf_counter() - started
     rendered = [judge_panel(judge, p.scene.image, p, _true_places(p.scene)) for p in panels]
 
-    routing_rng = WorldRng("evaluate-adapter-routing", int(seed))
-    iou_scenes = [sample_scene(routing_rng.integer(1 << 40), 2 + i % (MAX_CHARACTERS - 1), "heldout", size)
-                  for i in range(routing_scenes)]
-    iou = routing_iou(pipe, iou_scenes, encode, seed)
+    iou = routing_iou(pipe, routing_eval_scenes(routing_scenes, seed, size), encode, seed)
     if progress is not None:
         progress("routing", routing_scenes, routing_scenes)
 
@@ -720,11 +731,10 @@ def _adapter_html(result: dict) -> str:
         tables.append(f"<h3>{escape(title)}</h3><table><tr><th></th>{head}</tr>{body}</table>")
     iou = result["routing_iou"]
     iou_head = "".join(f"<th>t={t}</th>" for t in iou["timesteps"])
-    iou_body = "".join(f"<tr><td>{side}x{side}</td>" + "".join(f"<td>{_rate(v)}</td>" for v in by_t.values()) + "</tr>"
-                       for side, by_t in iou["by_resolution"].items())
-    iou_body += "".join(f"<tr><td>{side}x{side}, any character</td>" + "".join(f"<td>{_rate(v)}</td>"
-                                                                         for v in by_t.values()) + "</tr>"
-                        for side, by_t in iou["foreground_by_resolution"].items())
+    iou_body = "".join(f"<tr><td>{side}x{side}{suffix}</td>" + "".join(f"<td>{_rate(v)}</td>" for v in by_t.values())
+                       + "</tr>"
+                       for key, suffix in (("by_resolution", ""), ("foreground_by_resolution", ", any character"))
+                       for side, by_t in iou[key].items())
     goals = "".join(f"<li>{escape(k)}: goal {'≤' if k.endswith('_max') else '≥'} {v:.2f}, reached "
                     f"{_rate(result['reached'][k])} — {'met' if result['goals_met'][k] else 'not met'}</li>"
                     for k, v in result["goals"].items())
