@@ -726,12 +726,14 @@ def evaluate_base_command(
         panel_shape = _panel_shape(shape) if shape is not None else None
         interval = _guidance_interval(guidance_interval)
         judge = load_judge()
+        from .world.base_models import DEFAULT_ASSETS, load_default_base, shaped_prompt_of
+
+        folder = assets if assets is not None else DEFAULT_ASSETS
+        shaped_prompt = shaped_prompt_of(folder)
         if BASE_PIPELINE_FACTORY is not None:
             pipe = BASE_PIPELINE_FACTORY(assets)
         else:
-            from .world.base_models import DEFAULT_ASSETS, load_default_base
-
-            pipe, _ = load_default_base(assets if assets is not None else DEFAULT_ASSETS)
+            pipe, _ = load_default_base(folder)
 
         def progress(done: int, total: int) -> None:
             if not as_json:
@@ -740,7 +742,7 @@ def evaluate_base_command(
         with torch.inference_mode():
             result = evaluate_base(pipe, judge, n_samples=samples, seed=seed, steps=steps, guidance=guidance,
                                    shape=panel_shape, report_dir=report, progress=progress,
-                                   guidance_interval=interval)
+                                   guidance_interval=interval, shaped_prompt=shaped_prompt)
         if as_json:
             typer.echo(json.dumps(json_safe({"ok": True, **{k: v for k, v in result.items() if k != "records"}}),
                                   indent=2, allow_nan=False))
