@@ -726,14 +726,12 @@ def evaluate_base_command(
         panel_shape = _panel_shape(shape) if shape is not None else None
         interval = _guidance_interval(guidance_interval)
         judge = load_judge()
-        from .world.base_models import DEFAULT_ASSETS, load_default_base, shaped_prompt_of
-
-        folder = assets if assets is not None else DEFAULT_ASSETS
-        shaped_prompt = shaped_prompt_of(folder)
         if BASE_PIPELINE_FACTORY is not None:
             pipe = BASE_PIPELINE_FACTORY(assets)
         else:
-            pipe, _ = load_default_base(folder)
+            from .world.base_models import DEFAULT_ASSETS, load_default_base
+
+            pipe, _ = load_default_base(assets if assets is not None else DEFAULT_ASSETS)
 
         def progress(done: int, total: int) -> None:
             if not as_json:
@@ -742,7 +740,7 @@ def evaluate_base_command(
         with torch.inference_mode():
             result = evaluate_base(pipe, judge, n_samples=samples, seed=seed, steps=steps, guidance=guidance,
                                    shape=panel_shape, report_dir=report, progress=progress,
-                                   guidance_interval=interval, shaped_prompt=shaped_prompt)
+                                   guidance_interval=interval)
         if as_json:
             typer.echo(json.dumps(json_safe({"ok": True, **{k: v for k, v in result.items() if k != "records"}}),
                                   indent=2, allow_nan=False))

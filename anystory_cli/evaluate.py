@@ -109,15 +109,12 @@ def _judged(judge: Judge, images: np.ndarray, truths: list[SceneTruth]) -> tuple
 def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps: int = 25, guidance: float = 4.0,
                   shape: tuple[int, int] | None = None, batch_size: int = 16, report_dir: str | Path | None = None,
                   progress: Callable[[int, int], None] | None = None,
-                  guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
-                  shaped_prompt: Callable[[str, int, int], str] | None = None) -> dict:
+                  guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL) -> dict:
     """Draw `n_samples` held-out captions with the base `pipe` and grade them with `judge`.
 
     `shape` (height, width) draws panels of that shape instead of the judge's square; the judge
     reads them squashed to its square, which keeps left-to-right order and relative positions
     (its own accuracy on the rendered scenes of that shape is reported beside, as always).
-    `shaped_prompt` (caption, height, width) -> prompt: how the model is told the panel's shape
-    (`base_models.shaped_prompt_of`; None: captions as they are).
 
     Returns a plain dict: accuracies on the generated images ("generated") and the judge's own
     on the rendered scenes of the same captions ("rendered"), both overall and by character
@@ -126,7 +123,7 @@ def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps:
     size = tuple(shape) if shape is not None else (judge.config.image_size,) * 2
     scenes = base_eval_scenes(n_samples, seed, size)
     truths = [scene_truth(scene) for scene in scenes]
-    captions = [scene.caption if shaped_prompt is None else shaped_prompt(scene.caption, *size) for scene in scenes]
+    captions = [scene.caption for scene in scenes]
     noise_seeds = [stable_hash("evaluate-base-noise", int(seed), i) % (1 << 63) for i in range(n_samples)]
     generated = generate_from_captions(pipe, captions, noise_seeds, steps, guidance, size, batch_size, progress,
                                        guidance_interval)

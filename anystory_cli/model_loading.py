@@ -151,13 +151,11 @@ def load_pipeline(model: str, base_dir: str | os.PathLike[str] | None = None,
             raise ModelError(f"{adapter_file}: no adapter file here")
         model_id = _pieces_digest(_model_files(folder, skip=(ADAPTER_FILE,)) + [(ADAPTER_FILE, adapter_file)])
     device, dtype = _device_and_dtype()
-    shaped_prompt = None
     with _library_progress_bars_off():
         if folder == DEFAULT_MODEL_DIR:
-            from .world.base_models import load_default_base, shaped_prompt_of
+            from .world.base_models import load_default_base
 
             base, encoder = load_default_base(folder, dtype)
-            shaped_prompt = shaped_prompt_of(folder)
         else:
             base = _load_base(folder, dtype)
             encoder = _load_image_encoder(folder / IMAGE_ENCODER_DIR, dtype)
@@ -165,8 +163,7 @@ def load_pipeline(model: str, base_dir: str | os.PathLike[str] | None = None,
 
     try:
         base.to(device)
-        pipeline = AnyStoryPipeline.from_pipe(base, encoder, adapter_file, model_id=model_id,
-                                              shaped_prompt=shaped_prompt)
+        pipeline = AnyStoryPipeline.from_pipe(base, encoder, adapter_file, model_id=model_id)
     except ModelError as exc:
         raise ModelError(f"model {folder}: {exc}") from None
     except (RuntimeError, ValueError, KeyError) as exc:

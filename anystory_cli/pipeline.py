@@ -13,7 +13,7 @@ import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,14 +41,10 @@ class AnyStoryOutput:
 
 
 class AnyStoryPipeline:
-    def __init__(self, base, image_encoder, adapter: AnyStoryAdapter, model_id: str | None = None,
-                 shaped_prompt: Callable[[str, int, int], str] | None = None):
+    def __init__(self, base, image_encoder, adapter: AnyStoryAdapter, model_id: str | None = None):
         from transformers import CLIPImageProcessorPil
 
         self.base = base
-        # The base model's own way of being told a panel's shape, (prompt, height, width) ->
-        # prompt: the default model ends wide and tall prompts with a phrase it was trained on.
-        self.shaped_prompt = shaped_prompt
         self.image_encoder = image_encoder.eval().requires_grad_(False)
         self.adapter = adapter.eval().requires_grad_(False)
         config = adapter.config
@@ -69,12 +65,11 @@ class AnyStoryPipeline:
         self._null_subject = None
 
     @classmethod
-    def from_pipe(cls, pipe, image_encoder, adapter: AnyStoryAdapter | str | Path, model_id: str | None = None,
-                  shaped_prompt: Callable[[str, int, int], str] | None = None):
+    def from_pipe(cls, pipe, image_encoder, adapter: AnyStoryAdapter | str | Path, model_id: str | None = None):
         """Wrap a diffusers pipeline; `adapter` is a module or a file written by `save_adapter`."""
         if not isinstance(adapter, AnyStoryAdapter):
             adapter = load_adapter(adapter)
-        return cls(pipe, image_encoder, adapter, model_id=model_id, shaped_prompt=shaped_prompt)
+        return cls(pipe, image_encoder, adapter, model_id=model_id)
 
     def unload(self) -> None:
         """Restore the base pipeline's original attention processors."""
@@ -235,9 +230,6 @@ class AnyStoryPipeline:
         width = width or self.base.unet.config.sample_size * scale
         if height % scale or width % scale:
             raise InputError(f"height and width must be multiples of {scale}, got {height}x{width}")
-        if self.shaped_prompt is not None:
-            prompt = (self.shaped_prompt(prompt, height, width) if isinstance(prompt, str)
-                      else [self.shaped_prompt(p, height, width) for p in prompt])
         rows = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         inputs = self._injection_inputs(characters, regions, rows, (height // scale, width // scale),
                                         subject_scale, reference_scale, return_routing, route)

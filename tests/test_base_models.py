@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from anystory_cli.errors import InputError
 from anystory_cli.world import base_models as bm
 from anystory_cli.world import vocabulary
-from anystory_cli.world.train_base import asset_status, load_recipe, parse_recipe, train
+from anystory_cli.world.train_base import load_recipe, parse_recipe, train
 
 TINY_VAE = {"block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 4, "sample_size": 64}
 TINY_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -53,54 +53,6 @@ def test_every_world_word_is_one_token_and_round_trips(tokenizer):
     assert tokenizer.decode(ids, skip_special_tokens=True) == text
     # CLIPTextModel pools at the end-of-text token: it must be the largest id.
     assert tokenizer.eos_token_id == len(tokenizer) - 1 == max(vocab.values())
-
-
-def test_panel_shape_phrases_are_world_words_and_leave_squares_alone(tokenizer):
-    from anystory_cli.world import panel_shape_phrase, shaped_caption
-
-    caption = "two characters on a hill at night , the left one is jumping , the right one is standing"
-    assert shaped_caption(caption, 64, 64) == caption and panel_shape_phrase(96, 96) == ""
-    assert shaped_caption(caption, 64, 128) == caption + " , in a horizontal panel"
-    assert shaped_caption(caption, 96, 64) == caption + " , in a vertical panel"
-    assert not bm.unknown_words(tokenizer, shaped_caption(caption, 64, 80) + " " + shaped_caption(caption, 80, 64))
-
-
-def test_a_grown_vocabulary_reads_old_prompts_exactly_as_before(tmp_path):
-    """New words (the panel-shape phrase) added to a published text tower: every old word keeps
-    its embedding, so the UNet trained on the old tower sees the same conditioning for old
-    prompts; a phrase appended at the end changes nothing before it (the tower is causal)."""
-    from anystory_cli.world import shaped_caption
-
-    new_words = ["horizontal", "panel", "vertical"]
-    old_words = [w for w in vocabulary() if w not in new_words]
-    old_tokenizer = bm.build_tokenizer(old_words)
-    torch.manual_seed(0)
-    old = bm.build_text_encoder(bm.TextConfig(**TINY_TEXT), old_tokenizer).eval()
-    bm.save_asset("text_encoder", old, bm.TextConfig(**TINY_TEXT), tmp_path,
-                  extra_config={"_status": {"step": 1, "final": True}})
-    bm.write_vocab(tmp_path, old_words)
-    old = bm.load_text_encoder(old_tokenizer, tmp_path)  # as published (fp16)
-    assert bm.grow_published_vocabulary(tmp_path) == new_words
-    assert bm.grow_published_vocabulary(tmp_path) == []  # already there: untouched
-    assert asset_status(tmp_path, "text_encoder") == {"step": 1, "final": True}  # still final
-    new_tokenizer = bm.load_tokenizer(tmp_path)
-    grown = bm.load_text_encoder(new_tokenizer, tmp_path)
-    assert len(new_tokenizer) == len(bm.build_tokenizer()) and grown.config.eos_token_id == len(new_tokenizer) - 1
-
-    def hidden(encoder, tokenizer, prompt):
-        ids = tokenizer([prompt], padding="max_length", max_length=bm.MAX_PROMPT_TOKENS, return_tensors="pt")
-        with torch.no_grad():
-            return encoder(ids.input_ids).last_hidden_state[0]
-
-    caption = "two characters on a hill at night , the left one is jumping"
-    before = hidden(old, old_tokenizer, caption)
-    assert torch.equal(before, hidden(grown, new_tokenizer, caption))
-    words = len(old_tokenizer(caption).input_ids) - 1  # start token and words, not the end token
-    wide = hidden(grown, new_tokenizer, shaped_caption(caption, 64, 128))
-    assert torch.equal(before[:words], wide[:words])
-    assert not torch.allclose(before[words:], wide[words:])
-    tall = hidden(grown, new_tokenizer, shaped_caption(caption, 128, 64))
-    assert not torch.allclose(wide[words:], tall[words:])
 
 
 def test_captions_tokenize_word_by_word(tokenizer):
@@ -270,51 +222,6 @@ def test_a_continuation_recipe_starts_from_the_published_unet_and_trains_other_s
     assert (tmp_path / "state" / "unet.state.safetensors").read_bytes() == first_state  # not resumed, not touched
     after = bm.load_unet(tmp_path / "assets").state_dict()
     assert any(not torch.equal(after[k], published[k]) for k in after)  # the continuation published its UNet
-
-
-def test_shape_words_end_wide_captions_in_training_and_mark_the_published_unet(tmp_path, trained_inputs):
-    from anystory_cli.world import shaped_caption
-    from anystory_cli.world.train_base import RunPaths, UNetTask
-
-    shutil.copytree(trained_inputs, tmp_path / "assets")
-    recipe, base = _write_recipe(tmp_path, "unet", sizes=[[64, 64], [64, 96]], size_weights=[0.5, 0.5],
-                                 size_pool=3, shape_words=True)
-    task = UNetTask(recipe, RunPaths(recipe, base))
-    (_, square_ids), (_, wide_ids) = task.pools
-    decode = lambda ids: task.tokenizer.decode(ids, skip_special_tokens=True)
-    assert all(decode(ids).endswith(" , in a horizontal panel") for ids in wide_ids)
-    assert not any("panel" in decode(ids) for ids in square_ids)
-    assert bm.shaped_prompt_of(tmp_path / "assets") is None  # nothing published yet
-    train(recipe, base, log=lambda record: None)
-    assert bm.shaped_prompt_of(tmp_path / "assets") is shaped_caption
-    assert bm.load_unet(tmp_path / "assets") is not None  # the marker is not a UNet config field
-
-
-def test_the_pipeline_tells_a_shape_aware_base_the_panel_shape(tokenizer):
-    """With the default model's shaped_prompt, a wide panel draws exactly what the same prompt
-    ending in the shape phrase draws without it; a square is drawn from the prompt unchanged."""
-    from anystory_cli.models.adapter import AnyStoryAdapter
-    from anystory_cli.pipeline import AnyStoryPipeline
-    from anystory_cli.world import shaped_caption
-
-    parts, _ = _tiny_components(tokenizer)
-    base = bm.assemble_pipeline(**parts)
-    image_encoder = bm.build_image_encoder(bm.VisionConfig(**TINY_VISION))
-    adapter = AnyStoryAdapter.from_unet(base.unet, 16, image_size=64, reference_size=64, num_subject_tokens=4,
-                                        qformer_hidden_dim=16, qformer_heads=2, routing_dim=16, router_hidden_dim=8)
-    prompt = "one character on grass"
-
-    def draw(pipe, text, height, width):
-        return pipe(text, num_inference_steps=2, generator=torch.Generator().manual_seed(0), output_type="np",
-                    height=height, width=width).images
-
-    aware = AnyStoryPipeline(base, image_encoder, adapter, shaped_prompt=shaped_caption)
-    wide, square = draw(aware, prompt, 64, 96), draw(aware, prompt, 64, 64)
-    aware.unload()
-    plain = AnyStoryPipeline(base, image_encoder, adapter)
-    assert np.array_equal(wide, draw(plain, prompt + " , in a horizontal panel", 64, 96))
-    assert not np.array_equal(wide, draw(plain, prompt, 64, 96))
-    assert np.array_equal(square, draw(plain, prompt, 64, 64))
 
 
 @pytest.mark.parametrize("change, message", [

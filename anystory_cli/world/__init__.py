@@ -36,8 +36,6 @@ from .scenes import (
     reference_image,
     sample_pair,
     sample_scene,
-    shaped_caption,
-    panel_shape_phrase,
     vocabulary,
 )
 from .sprites import POSES, Sprite, draw_character
@@ -65,12 +63,10 @@ __all__ = [
     "iter_identity_seeds",
     "mask_overlay",
     "num_classes",
-    "panel_shape_phrase",
     "random_reference",
     "reference_image",
     "sample_pair",
     "sample_scene",
-    "shaped_caption",
     "split_of",
     "train_identity_seeds",
     "vocabulary",

@@ -20,7 +20,6 @@ config per model, plus the tokenizer's word list.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -37,7 +36,6 @@ START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 WORD_SUFFIX = "</w>"
 MAX_PROMPT_TOKENS = 77  # the length StableDiffusionPipeline pads every prompt to
-EMBEDDING_KEY = "embeddings.token_embedding.weight"  # CLIPTextModel's state dict (transformers 5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,50 +251,6 @@ def build_text_encoder(config: TextConfig, tokenizer):
     return CLIPTextModel(text_model_config(config, tokenizer))
 
 
-def grow_text_vocabulary(text_encoder, old_tokenizer, new_tokenizer, seed: int = 0):
-    """`text_encoder` rebuilt for `new_tokenizer`: every token both tokenizers have keeps its
-    embedding row (the ids move: words are sorted, end-of-text stays last), new tokens get rows
-    drawn at the old rows' scale. A prompt of old words therefore gives the same hidden states as
-    before, so a UNet trained on the old tower is unaffected until it is trained on new words."""
-    config = copy.deepcopy(text_encoder.config)
-    config.vocab_size = len(new_tokenizer)
-    config.bos_token_id, config.eos_token_id = new_tokenizer.bos_token_id, new_tokenizer.eos_token_id
-    config.pad_token_id = new_tokenizer.pad_token_id
-    from transformers import CLIPTextModel
-
-    grown = CLIPTextModel(config)
-    state = {k: v for k, v in text_encoder.state_dict().items() if k != EMBEDDING_KEY}
-    old_rows = text_encoder.state_dict()[EMBEDDING_KEY]
-    generator = torch.Generator().manual_seed(seed)
-    rows = torch.randn((len(new_tokenizer), old_rows.shape[1]), generator=generator, dtype=old_rows.dtype)
-    rows *= old_rows.std()
-    old_vocab = old_tokenizer.get_vocab()
-    for token, new_id in new_tokenizer.get_vocab().items():
-        if token in old_vocab:
-            rows[new_id] = old_rows[old_vocab[token]]
-    grown.load_state_dict({**state, EMBEDDING_KEY: rows})
-    return grown.eval()
-
-
-def grow_published_vocabulary(folder: Path = DEFAULT_ASSETS) -> list[str]:
-    """Add the world's words that the published tokenizer lacks (the panel-shape phrase, for a
-    text tower trained before it existed) to the tokenizer and text tower in `folder`, in place.
-    Returns the words added; a folder that has them all is left untouched."""
-    from .scenes import vocabulary
-
-    old_words = json.loads((Path(folder) / "tokenizer_words.json").read_text())
-    added = sorted(set(vocabulary()) - set(old_words))
-    if not added:
-        return []
-    old_tokenizer = load_tokenizer(folder)
-    new_tokenizer = build_tokenizer(sorted(set(old_words) | set(added)))
-    grown = grow_text_vocabulary(load_text_encoder(old_tokenizer, folder), old_tokenizer, new_tokenizer)
-    status = {k: v for k, v in json.loads((Path(folder) / "text_encoder.json").read_text()).items() if k.startswith("_")}
-    save_asset("text_encoder", grown, read_config("text_encoder", folder), folder, extra_config=status)
-    write_vocab(folder, sorted(set(old_words) | set(added)))  # last: the tower for it is already there
-    return added
-
-
 def build_image_encoder(config: VisionConfig):
     from transformers import CLIPVisionModel
 
@@ -384,24 +338,6 @@ def save_asset(name: str, module: torch.nn.Module, config: _Config, folder: Path
         save_file(tensors, str(tmp), metadata={"format": f"anystory-base-{name}/1"})
     write_json(folder / f"{name}.json", {**config.to_dict(), **(extra_config or {})})
     return folder / f"{name}.safetensors"
-
-
-# In unet.json: the UNet was trained with a phrase ending each wide or tall caption
-# (world.shaped_caption), so its prompts for such panels need the phrase too.
-PANEL_SHAPE_KEY = "_panel_shape_words"
-
-
-def knows_panel_shapes(folder: Path = DEFAULT_ASSETS) -> bool:
-    path = Path(folder) / "unet.json"
-    return path.is_file() and bool(json.loads(path.read_text()).get(PANEL_SHAPE_KEY, False))
-
-
-def shaped_prompt_of(folder: Path = DEFAULT_ASSETS):
-    """(prompt, height, width) -> prompt for the base model in `folder`, or None when its prompts
-    do not depend on the panel's shape."""
-    from .scenes import shaped_caption
-
-    return shaped_caption if knows_panel_shapes(folder) else None
 
 
 def write_json(path: Path, data) -> None:

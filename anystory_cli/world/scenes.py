@@ -380,25 +380,6 @@ def make_caption(setting: Setting, instances: tuple[Instance, ...]) -> str:
     return " , ".join([" ".join(words)] + clauses)
 
 
-def panel_shape_phrase(height: int, width: int) -> str:
-    """Words that tell the base model a panel's shape, '' for a square. Its UNet has no position
-    embedding and cannot see a panel's shape: trained on wide and tall scenes without these words,
-    it learned them at the square's expense (four characters spread over a wide panel's width
-    came back as fewer on squares)."""
-    if width > height:
-        return "in a horizontal panel"
-    if height > width:
-        return "in a vertical panel"
-    return ""
-
-
-def shaped_caption(caption: str, height: int, width: int) -> str:
-    """`caption` with the panel's shape phrase at its end (the text tower is causal, so the words
-    before it read exactly as on a square)."""
-    phrase = panel_shape_phrase(height, width)
-    return f"{caption} , {phrase}" if phrase else caption
-
-
 def caption_vocabulary() -> list[str]:
     """Every word a caption can contain (',' included), sorted."""
     words: set[str] = {",", "it", "is", "the", "one", "in", "on", "character", "characters", "center"}
@@ -409,7 +390,6 @@ def caption_vocabulary() -> list[str]:
     for names in ORDER_WORDS.values():
         words.update(names)
     words.update(SINGLE_POSITIONS)
-    words.update(panel_shape_phrase(1, 2).split() + panel_shape_phrase(2, 1).split())
     return sorted(words)
 
 

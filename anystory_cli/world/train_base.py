@@ -45,7 +45,7 @@ from . import base_models as bm
 from .identity import ATTRIBUTE_CLASSES, identity_from_seed
 from .parallel import ordered_map
 from .rng import WorldRng, stable_hash
-from .scenes import placeable_scene, pool_scene, random_reference, shaped_caption
+from .scenes import placeable_scene, pool_scene, random_reference
 
 STATE_FORMAT = "anystory-base-state/1"
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -163,9 +163,6 @@ class UNetRecipe(RecipeBase):
     sizes: list[tuple[int, int]] | None = None
     size_weights: list[float] | None = None
     size_pool: int = Field(default=10_000, gt=0)  # scenes per shape other than the pool_size square
-    # End each wide or tall scene's caption with its shape phrase (world.panel_shape_phrase), as
-    # the renderer then does for such panels; squares keep their captions.
-    shape_words: bool = False
     device: str = "auto"  # auto: cuda when there is one, so the same recipe runs on a lent GPU
 
     @field_validator("unet", mode="before")
@@ -527,10 +524,6 @@ class UNetTask:
         # published at its last checkpoint is its own unfinished one.
         starts_from_published = recipe.init_from_published and not paths.state_file.is_file()
         require_final(paths.assets, ("vae", "text_encoder") + (("unet",) if starts_from_published else ()))
-        if recipe.shape_words:  # a text tower trained before the shape phrase existed learns its words here
-            added = bm.grow_published_vocabulary(paths.assets)
-            if added:
-                print(f"added {', '.join(added)} to the text tower in {paths.assets}", file=sys.stderr)
         self.vae_config = bm.read_config("vae", paths.assets)
         self.text_config = bm.read_config("text_encoder", paths.assets)
         self.vae = bm.load_vae(paths.assets).requires_grad_(False).to(self.device)
@@ -563,8 +556,6 @@ class UNetTask:
         count = self.recipe.pool_size if square else self.recipe.size_pool
         images, captions = scene_pool(self.paths.cache, count, size[0] if square else size, self.recipe.seed,
                                       self.recipe.render_workers)
-        if self.recipe.shape_words:
-            captions = [shaped_caption(caption, *size) for caption in captions]
         return self._latents(images, count, size, square), self._token_ids(captions)
 
     def _latents(self, images: torch.Tensor, count: int, size: tuple[int, int], square: bool) -> torch.Tensor:
@@ -617,9 +608,7 @@ class UNetTask:
 
     @torch.no_grad()
     def publish(self, step: int, final: bool) -> dict:
-        shape_words = {bm.PANEL_SHAPE_KEY: True} if self.recipe.shape_words else {}
-        bm.save_asset("unet", self.ema.module, self.recipe.unet, self.paths.assets,
-                      extra_config={**_status(step, final), **shape_words})
+        bm.save_asset("unet", self.ema.module, self.recipe.unet, self.paths.assets, extra_config=_status(step, final))
         picture = self.sample_grid()
         save_png(picture, self.paths.state / f"{self.recipe.run}_samples.png")  # unet_shapes: its own
         return {}
