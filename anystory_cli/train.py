@@ -460,7 +460,7 @@ def load_components(recipe: TrainRecipe) -> Components:
             raise InputError(f"`pipeline: {DEFAULT_BASE}` and `image_encoder: {DEFAULT_BASE}` go together")
         from .world.base_models import load_default_base
 
-        return Components(*load_default_base())
+        return Components(*load_default_base(panel_weights=False))  # adapters train on squares
     for path in (recipe.pipeline, recipe.image_encoder):
         if not path.is_dir():
             raise ModelError(f"{path}: model folder not found")

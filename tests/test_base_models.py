@@ -140,7 +140,7 @@ def test_recipe_errors_name_the_field():
 def test_shipped_recipes_are_valid():
     from pathlib import Path
 
-    for name in ("vae", "clip", "unet", "unet_shapes"):
+    for name in ("vae", "clip", "unet", "unet_shapes", "unet_panels"):
         recipe, _ = load_recipe(Path(__file__).parent.parent / "recipes" / f"base_{name}.yaml")
         assert recipe.model == name.split("_")[0] and recipe.max_hours <= 3
 
@@ -224,7 +224,46 @@ def test_a_continuation_recipe_starts_from_the_published_unet_and_trains_other_s
     assert any(not torch.equal(after[k], published[k]) for k in after)  # the continuation published its UNet
 
 
+def test_a_panel_lora_trains_over_the_frozen_unet_and_draws_only_non_square_panels(tmp_path, trained_inputs):
+    """The panel LoRA recipe leaves the published UNet untouched, resumes exactly, and the
+    loaded LoRA changes a wide forward while a square one stays bit-identical to the UNet's."""
+    shutil.copytree(trained_inputs, tmp_path / "assets")
+    first, base = _write_recipe(tmp_path, "unet")
+    train(first, base, log=lambda record: None)
+    unet_bytes = (tmp_path / "assets" / "unet.safetensors").read_bytes()
+    states = []
+    for run, first_call_steps in (("whole", None), ("resumed", 1)):
+        folder = tmp_path / run
+        shutil.copytree(tmp_path / "assets", folder / "assets")
+        path = folder / "panels.yaml"
+        path.write_text(yaml.safe_dump({**TINY_RECIPES["unet"], "run_name": "unet_panels", "init_from_published": True,
+                                        "panel_lora_rank": 2, "sizes": [[64, 96], [96, 64]], "size_pool": 3,
+                                        "steps": 2, "lr": 1e-2}))
+        recipe, recipe_base = load_recipe(path)
+        if first_call_steps:
+            assert not train(recipe, recipe_base, max_steps=first_call_steps, log=lambda record: None)["final"]
+        assert train(recipe, recipe_base, log=lambda record: None)["final"]
+        assert (folder / "assets" / "unet.safetensors").read_bytes() == unet_bytes  # the UNet is not retrained
+        states.append(_state(folder, "unet_panels"))
+    whole, resumed = states
+    assert whole.keys() == resumed.keys() and any("lora" in key for key in whole)
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+    assets = tmp_path / "whole" / "assets"
+    plain = bm.load_unet(assets)
+    with_lora = bm.load_unet(assets)
+    assert bm.load_panel_lora(with_lora, assets) and not bm.load_panel_lora(bm.load_unet(tmp_path / "assets"), tmp_path / "assets")
+    context = torch.randn(1, bm.MAX_PROMPT_TOKENS, TINY_TEXT["hidden_size"])
+    with torch.no_grad():
+        for size, same in (((32, 32), True), ((32, 48), False), ((48, 32), False), ((32, 32), True)):
+            latents = torch.randn(1, 4, *size, generator=torch.Generator().manual_seed(0))
+            drawn = with_lora(latents, 500, context).sample
+            assert torch.equal(drawn, plain(latents, 500, context).sample) == same, size
+
+
 @pytest.mark.parametrize("change, message", [
+    ({"panel_lora_rank": 4, "run_name": "unet_panels"}, "needs init_from_published"),
     ({"init_from_published": True}, "run_name of its own"),
     ({"sizes": [[64, 64]], "size_weights": [1.0, 2.0]}, "one weight per entry"),
     ({"sizes": [[64, 0]]}, "both positive"),
@@ -286,6 +325,44 @@ def test_anystory_pipeline_wraps_the_base_model(tokenizer):
     out = pipe("one character on grass", characters=[character], num_inference_steps=2,
                generator=torch.Generator().manual_seed(0), output_type="np", return_routing=True)
     assert out.images.shape == (1, 64, 64, 3) and out.routing_maps.shape == (1, 2, 64, 64)
+
+
+def test_anystory_draws_squares_without_the_panel_lora_and_other_shapes_with_it(tokenizer, tmp_path):
+    """AnyStory's attention processors run over the LoRA-wrapped layers: a square panel is the
+    plain UNet's, a wide one is not."""
+    from PIL import Image
+
+    from anystory_cli.models.adapter import AnyStoryAdapter
+    from anystory_cli.pipeline import AnyStoryPipeline
+    from anystory_cli.world import reference_image, train_identity_seeds
+
+    parts, (vae_config, text_config, unet_config) = _tiny_components(tokenizer)
+    adapter = AnyStoryAdapter.from_unet(parts["unet"], 16, image_size=64, reference_size=64, num_subject_tokens=4,
+                                        qformer_hidden_dim=16, qformer_heads=2, routing_dim=16, router_hidden_dim=8)
+    trained = bm.build_unet(unet_config, vae_config, text_config)
+    trained.load_state_dict(parts["unet"].state_dict())
+    bm.add_panel_lora(trained, 2)
+    with torch.no_grad():
+        for name, weight in trained.named_parameters():
+            if "lora_B" in name:
+                weight.normal_(0, 0.1)  # as trained: B is no longer zero
+    bm.save_panel_lora(trained, 2, tmp_path)
+    plain_unet = bm.build_unet(unet_config, vae_config, text_config)
+    plain_unet.load_state_dict(parts["unet"].state_dict())
+    assert bm.load_panel_lora(parts["unet"], tmp_path)
+    image_encoder = bm.build_image_encoder(bm.VisionConfig(**TINY_VISION))
+    reference = Image.fromarray(reference_image(train_identity_seeds(1)[0]), "RGBA")
+
+    def draw(unet, height, width):
+        pipe = AnyStoryPipeline(bm.assemble_pipeline(**{**parts, "unet": unet}), image_encoder, adapter)
+        character = pipe.encode_character(reference, name="mira")
+        out = pipe("one character on grass", characters=[character], num_inference_steps=2, height=height,
+                   width=width, generator=torch.Generator().manual_seed(0), output_type="np").images
+        pipe.unload()
+        return out
+
+    assert np.array_equal(draw(parts["unet"], 64, 64), draw(plain_unet, 64, 64))
+    assert not np.array_equal(draw(parts["unet"], 64, 96), draw(plain_unet, 64, 96))
 
 
 def test_shipped_base_assets_load_offline():

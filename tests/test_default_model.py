@@ -1,5 +1,5 @@
 """The shipped default model loads offline and draws what it drew when it was published: the
-base alone from captions, and one AnyStory panel with two of the demo's characters.
+base alone from captions (squares, and a wide panel with its panel LoRA), and one AnyStory panel with two of the demo's characters.
 
 A broken, truncated or silently changed weight file (or a diffusers/transformers upgrade that
 changes the computation) changes the sample and fails here. After publishing new weights on
@@ -21,6 +21,7 @@ from PIL import Image
 DATA = Path(__file__).parent / "data"
 BASE_REFERENCE = DATA / "default_base_sample.png"
 PANEL_REFERENCE = DATA / "default_panel_sample.png"
+WIDE_REFERENCE = DATA / "default_wide_sample.png"
 ASSETS = Path(__file__).parent.parent / "anystory_cli" / "assets" / "default"
 DEMO_CHARACTERS = Path(__file__).parent.parent / "stories" / "characters"
 PANEL_PROMPT = "two characters on a hill during the day , the left one is waving , the right one is standing"
@@ -42,6 +43,17 @@ def sample_base() -> np.ndarray:
     images = pipe(list(PROMPTS), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                   generator=torch.Generator().manual_seed(SEED), output_type="np").images
     return np.concatenate(list((np.clip(images, 0, 1) * 255).round().astype(np.uint8)), axis=1)
+
+
+def sample_wide() -> np.ndarray:
+    """The base at 64x128, where its panel LoRA draws (base_models.load_panel_lora)."""
+    from anystory_cli.world.base_models import load_default_base
+
+    torch.set_num_threads(1)
+    pipe, _ = load_default_base()
+    images = pipe(PROMPTS[0], num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=128,
+                  generator=torch.Generator().manual_seed(SEED), output_type="np").images
+    return (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)
 
 
 def sample_panel() -> np.ndarray:
@@ -76,6 +88,13 @@ def test_shipped_base_model_samples_match_the_stored_reference():
     _assert_close(sample_base(), BASE_REFERENCE)
 
 
+def test_shipped_panel_lora_draws_a_wide_panel_that_matches_the_stored_reference():
+    lora = ASSETS / "unet_panels.safetensors"
+    if not lora.is_file():
+        pytest.fail(f"{lora} is missing: the default model's panel LoRA is not shipped")
+    _assert_close(sample_wide(), WIDE_REFERENCE)
+
+
 def test_shipped_default_model_draws_a_panel_that_matches_the_stored_reference():
     adapter = ASSETS / "anystory_adapter.safetensors"
     if not adapter.is_file():
@@ -87,6 +106,6 @@ if __name__ == "__main__":
     if sys.argv[1:] != ["--update"]:
         sys.exit("usage: python tests/test_default_model.py --update")
     DATA.mkdir(exist_ok=True)
-    for path, sample in ((BASE_REFERENCE, sample_base), (PANEL_REFERENCE, sample_panel)):
+    for path, sample in ((BASE_REFERENCE, sample_base), (WIDE_REFERENCE, sample_wide), (PANEL_REFERENCE, sample_panel)):
         Image.fromarray(sample()).save(path)
         print(f"wrote {path}")

@@ -20,6 +20,7 @@ config per model, plus the tokenizer's word list.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from dataclasses import asdict, dataclass, fields
@@ -406,12 +407,108 @@ def load_unet(folder: Path = DEFAULT_ASSETS):
     return load_weights(unet, "unet", folder)
 
 
-def load_default_base(folder: Path | str = DEFAULT_ASSETS, dtype: torch.dtype = torch.float32):
-    """(StableDiffusionPipeline, CLIPVisionModel) rebuilt offline from the shipped assets."""
+def load_default_base(folder: Path | str = DEFAULT_ASSETS, dtype: torch.dtype = torch.float32,
+                      panel_weights: bool = True):
+    """(StableDiffusionPipeline, CLIPVisionModel) rebuilt offline from the shipped assets.
+    `panel_weights`: the UNet draws wide and tall panels with its panel LoRA where the folder
+    has one (`load_panel_lora`); adapter training, on squares only, leaves it out."""
     folder = Path(folder)
     tokenizer = load_tokenizer(folder)
-    pipe = assemble_pipeline(load_vae(folder), load_text_encoder(tokenizer, folder), tokenizer, load_unet(folder))
+    unet = load_unet(folder)
+    if panel_weights:
+        load_panel_lora(unet, folder)
+    pipe = assemble_pipeline(load_vae(folder), load_text_encoder(tokenizer, folder), tokenizer, unet)
     image_encoder = load_image_encoder(folder)
     return pipe.to(dtype=dtype), image_encoder.to(dtype=dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# the panel LoRA: the UNet's weights for wide and tall panels
+#
+# Trained on squares only, the UNet crowds a wide panel's characters into one another; trained
+# on every shape (four runs, recipes/base_unet_shapes.yaml), it learns them at the square's
+# expense. A LoRA trained on the other shapes over the frozen UNet leaves the square exactly as
+# it was: it is switched on for a forward whose latents are not square and off otherwise.
+
+PANEL_LORA = "unet_panels"  # unet_panels.safetensors + unet_panels.json in the assets
+PANEL_ADAPTER = "panels"
+# Attention projections and the resnets' convolutions: where a layout is decided.
+PANEL_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                      "conv1", "conv2", "conv_shortcut")
+
+
+def panel_lora_config(rank: int):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(PANEL_LORA_TARGETS))
+
+
+def add_panel_lora(unet, rank: int) -> None:
+    """Add an untrained panel LoRA (zero update: B starts at zero) to `unet`, switched on."""
+    unet.add_adapter(panel_lora_config(rank), adapter_name=PANEL_ADAPTER)
+
+
+def save_panel_lora(unet, rank: int, folder: Path, extra_config: dict | None = None) -> Path:
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unet, adapter_name=PANEL_ADAPTER)
+    tensors = {k: v.detach().half().contiguous().cpu() for k, v in state.items()}
+    path = Path(folder) / f"{PANEL_LORA}.safetensors"
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": f"anystory-base-{PANEL_LORA}/1"})
+    write_json(Path(folder) / f"{PANEL_LORA}.json", {"rank": rank, **(extra_config or {})})
+    return path
+
+
+def load_panel_lora(unet, folder: Path = DEFAULT_ASSETS) -> bool:
+    """Give `unet` the folder's panel LoRA, used for non-square latents only; False without one.
+
+    The LoRA is merged (by PEFT) into a copy of the layers it adapts once, here; a forward whose
+    latents change between square and not square swaps those weights in place. The UNet stays a
+    plain diffusers UNet: no LoRA matmuls at each step, and squares run on exactly its weights."""
+    path, config = Path(folder) / f"{PANEL_LORA}.safetensors", Path(folder) / f"{PANEL_LORA}.json"
+    if not path.is_file():
+        return False
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import set_peft_model_state_dict
+
+    merged = copy.deepcopy(unet)
+    add_panel_lora(merged, json.loads(config.read_text())["rank"])
+    result = set_peft_model_state_dict(merged, {k: v.float() for k, v in load_file(str(path)).items()},
+                                       adapter_name=PANEL_ADAPTER)
+    if getattr(result, "unexpected_keys", None):
+        raise ModelError(f"{path}: does not fit the UNet (unexpected {result.unexpected_keys[:3]})")
+    panel_weights = {}
+    for name, module in merged.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=[PANEL_ADAPTER])
+            panel_weights[f"{name}.weight"] = module.get_base_layer().weight.detach().clone()
+    swap = _PanelWeights(unet, panel_weights)
+    unet.register_forward_pre_hook(lambda module, args, kwargs: swap.use(_non_square(args, kwargs)), with_kwargs=True)
+    return True
+
+
+def _non_square(args, kwargs) -> bool:
+    sample = args[0] if args else kwargs["sample"]
+    return sample.shape[-1] != sample.shape[-2]
+
+
+class _PanelWeights:
+    """The adapted layers' two weight sets, the one not in use kept aside; `use` swaps them."""
+
+    def __init__(self, unet, panel_weights: dict):
+        self.parameters = {name: p for name, p in unet.named_parameters() if name in panel_weights}
+        if len(self.parameters) != len(panel_weights):
+            raise ModelError("the panel LoRA adapts layers this UNet does not have")
+        self.aside = panel_weights
+        self.panel_in_use = False
+
+    @torch.no_grad()
+    def use(self, panel: bool) -> None:
+        if panel == self.panel_in_use:
+            return
+        for name, parameter in self.parameters.items():
+            incoming = self.aside[name].to(device=parameter.device, dtype=parameter.dtype)  # after pipe.to()
+            self.aside[name] = parameter.data
+            parameter.data = incoming
+        self.panel_in_use = panel

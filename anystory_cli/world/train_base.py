@@ -163,6 +163,9 @@ class UNetRecipe(RecipeBase):
     sizes: list[tuple[int, int]] | None = None
     size_weights: list[float] | None = None
     size_pool: int = Field(default=10_000, gt=0)  # scenes per shape other than the pool_size square
+    # Train a LoRA of this rank over the frozen published UNet (base_models' panel LoRA, published
+    # as unet_panels.safetensors, used for non-square panels only) instead of the UNet itself.
+    panel_lora_rank: int | None = Field(default=None, gt=0)
     device: str = "auto"  # auto: cuda when there is one, so the same recipe runs on a lent GPU
 
     @field_validator("unet", mode="before")
@@ -172,6 +175,8 @@ class UNetRecipe(RecipeBase):
 
     @model_validator(mode="after")
     def _consistent(self):
+        if self.panel_lora_rank is not None and not self.init_from_published:
+            raise ValueError("panel_lora_rank trains over the published UNet: it needs init_from_published")
         if self.init_from_published and self.run_name is None:
             raise ValueError("init_from_published needs a run_name of its own (not the published run's state)")
         if self.size_weights is not None:
@@ -508,7 +513,8 @@ class EMA:
     def update(self, source: torch.nn.Module, step: int) -> None:
         decay = min(self.decay, (1 + step) / (10 + step))  # short memory early, when weights move fast
         for ema, live in zip(self.module.parameters(), source.parameters()):
-            ema.lerp_(live, 1 - decay)
+            if live.requires_grad:  # frozen weights (under a panel LoRA) stay as they are
+                ema.lerp_(live, 1 - decay)
 
 
 class UNetTask:
@@ -522,7 +528,9 @@ class UNetTask:
                                    else recipe.device)
         # A continuation starts from a finished UNet; once it has a state of its own, the UNet it
         # published at its last checkpoint is its own unfinished one.
-        starts_from_published = recipe.init_from_published and not paths.state_file.is_file()
+        # A panel LoRA always sits on the published UNet, which it never changes.
+        starts_from_published = recipe.init_from_published and (recipe.panel_lora_rank is not None
+                                                                 or not paths.state_file.is_file())
         require_final(paths.assets, ("vae", "text_encoder") + (("unet",) if starts_from_published else ()))
         self.vae_config = bm.read_config("vae", paths.assets)
         self.text_config = bm.read_config("text_encoder", paths.assets)
@@ -533,6 +541,9 @@ class UNetTask:
         self.unet = bm.build_unet(recipe.unet, self.vae_config, self.text_config)
         if starts_from_published:
             self.unet.load_state_dict(bm.load_unet(paths.assets).float().state_dict())
+        if recipe.panel_lora_rank is not None:
+            self.unet.requires_grad_(False)
+            bm.add_panel_lora(self.unet, recipe.panel_lora_rank)  # only its weights train
         self.unet.to(self.device)
         self.ema = EMA(self.unet, recipe.ema_decay)
         self.modules = {"unet": self.unet, "ema": self.ema.module}
@@ -608,7 +619,12 @@ class UNetTask:
 
     @torch.no_grad()
     def publish(self, step: int, final: bool) -> dict:
-        bm.save_asset("unet", self.ema.module, self.recipe.unet, self.paths.assets, extra_config=_status(step, final))
+        if self.recipe.panel_lora_rank is not None:
+            bm.save_panel_lora(self.ema.module, self.recipe.panel_lora_rank, self.paths.assets,
+                               extra_config=_status(step, final))
+        else:
+            bm.save_asset("unet", self.ema.module, self.recipe.unet, self.paths.assets,
+                          extra_config=_status(step, final))
         picture = self.sample_grid()
         save_png(picture, self.paths.state / f"{self.recipe.run}_samples.png")  # unet_shapes: its own
         return {}
@@ -616,11 +632,13 @@ class UNetTask:
     @torch.no_grad()
     def sample_grid(self, seeds: tuple[int, ...] = (0, 1)):
         pipe = bm.assemble_pipeline(self.vae, self.text_encoder, self.tokenizer, self.ema.module)
+        height, width = self.sizes[0]  # the first shape trained on (a panel LoRA's: not the square)
         rows = []
         for seed in seeds:
             generator = torch.Generator().manual_seed(seed)
             images = pipe(self.recipe.sample_prompts, num_inference_steps=self.recipe.sample_steps,
-                          guidance_scale=self.recipe.guidance_scale, generator=generator, output_type="np").images
+                          guidance_scale=self.recipe.guidance_scale, generator=generator, output_type="np",
+                          height=height, width=width).images
             rows.append((images * 255).round().astype(np.uint8))
         return image_grid(rows)
 
@@ -766,7 +784,8 @@ def _train(recipe, paths: "RunPaths", max_steps, max_minutes, log) -> dict:
     task = TASKS[recipe.model](recipe, paths)
     parameters = [p for m in task.modules.values() for p in m.parameters() if p.requires_grad]
     if recipe.model == "unet":
-        parameters = list(task.unet.parameters())  # the EMA copy is not optimised
+        # the EMA copy is not optimised, nor a panel LoRA's frozen UNet
+        parameters = [p for p in task.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.99))
     step, elapsed = load_state(paths.state_file, task.modules, optimizer)
     log = log or (lambda record: print(json.dumps(record), flush=True))
