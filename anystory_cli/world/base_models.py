@@ -13,9 +13,10 @@ or SDXL:
     build_scheduler()                      -> diffusers.DDIMScheduler (v-prediction)
     assemble_pipeline(...)                 -> diffusers.StableDiffusionPipeline (safety_checker=None)
     load_default_base()                    -> (pipeline, image encoder) from the shipped assets
+    load_panel_lora(unet)                  -> the UNet's own weights for wide and tall panels
 
 The shipped assets live in `anystory_cli/assets/default/`: one fp16 safetensors file and one JSON
-config per model, plus the tokenizer's word list.
+config per model, plus the tokenizer's word list and the UNet's panel LoRA.
 """
 
 from __future__ import annotations
