@@ -365,6 +365,17 @@ def test_anystory_draws_squares_without_the_panel_lora_and_other_shapes_with_it(
     assert not np.array_equal(draw(parts["unet"], 64, 96), draw(plain_unet, 64, 96))
 
 
+@pytest.mark.parametrize("name", ["unet", "unet_panels"])
+def test_a_damaged_weights_file_is_named_in_one_error(name, tmp_path):
+    from anystory_cli.errors import ModelError
+
+    shutil.copytree(bm.DEFAULT_ASSETS, tmp_path / "assets")
+    path = tmp_path / "assets" / f"{name}.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(ModelError, match=f"{path}: damaged weights file"):
+        bm.load_default_base(tmp_path / "assets")
+
+
 def test_shipped_base_assets_load_offline():
     """Whatever has been trained so far must load; skipped until every base model exists."""
     folder = bm.DEFAULT_ASSETS

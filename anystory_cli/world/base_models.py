@@ -364,11 +364,21 @@ def read_config(name: str, folder: Path = DEFAULT_ASSETS) -> _Config:
     return ASSET_CONFIGS[name].from_dict(data)
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A shipped safetensors file as float32 tensors; ModelError naming it when it is damaged."""
+    from safetensors import SafetensorError
+
+    try:
+        return {k: v.float() for k, v in load_file(str(path)).items()}
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{path}: damaged weights file ({exc}); reinstall the package") from None
+
+
 def load_weights(module: torch.nn.Module, name: str, folder: Path = DEFAULT_ASSETS) -> torch.nn.Module:
     path = Path(folder) / f"{name}.safetensors"
     if not path.is_file():
         raise _missing(path, name)
-    state = {k: v.float() for k, v in load_file(str(path)).items()}
+    state = read_weights(path)
     missing, unexpected = module.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ModelError(f"{path}: weights do not match {name}.json "
@@ -475,7 +485,7 @@ def load_panel_lora(unet, folder: Path = DEFAULT_ASSETS) -> bool:
 
     merged = copy.deepcopy(unet)
     add_panel_lora(merged, json.loads(config.read_text())["rank"])
-    result = set_peft_model_state_dict(merged, {k: v.float() for k, v in load_file(str(path)).items()},
+    result = set_peft_model_state_dict(merged, read_weights(path),
                                        adapter_name=PANEL_ADAPTER)
     if getattr(result, "unexpected_keys", None):
         raise ModelError(f"{path}: does not fit the UNet (unexpected {result.unexpected_keys[:3]})")
