@@ -328,8 +328,8 @@ def test_anystory_pipeline_wraps_the_base_model(tokenizer):
 
 
 def test_anystory_draws_squares_without_the_panel_lora_and_other_shapes_with_it(tokenizer, tmp_path):
-    """AnyStory's attention processors run over the LoRA-wrapped layers: a square panel is the
-    plain UNet's, a wide one is not."""
+    """AnyStory's attention processors on a UNet whose adapted layers the panel LoRA swaps: a
+    square panel is the plain UNet's, a wide one is not."""
     from PIL import Image
 
     from anystory_cli.models.adapter import AnyStoryAdapter

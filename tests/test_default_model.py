@@ -35,25 +35,24 @@ STEPS, GUIDANCE, SEED = 10, 4.0, 0
 MEAN_TOLERANCE, PIXEL_SHARE_TOLERANCE = 2.0, 0.02  # mean |diff| in levels; share of pixels off by >24
 
 
-def sample_base() -> np.ndarray:
+def _draw_base(prompts: list[str], height: int = 64, width: int = 64) -> np.ndarray:
+    """uint8 images of `prompts` by the shipped base, as `load_default_base` assembles it."""
     from anystory_cli.world.base_models import load_default_base
 
     torch.set_num_threads(1)
     pipe, _ = load_default_base()
-    images = pipe(list(PROMPTS), num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+    images = pipe(prompts, num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=height, width=width,
                   generator=torch.Generator().manual_seed(SEED), output_type="np").images
-    return np.concatenate(list((np.clip(images, 0, 1) * 255).round().astype(np.uint8)), axis=1)
+    return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def sample_base() -> np.ndarray:
+    return np.concatenate(list(_draw_base(list(PROMPTS))), axis=1)
 
 
 def sample_wide() -> np.ndarray:
     """The base at 64x128, where its panel LoRA draws (base_models.load_panel_lora)."""
-    from anystory_cli.world.base_models import load_default_base
-
-    torch.set_num_threads(1)
-    pipe, _ = load_default_base()
-    images = pipe(PROMPTS[0], num_inference_steps=STEPS, guidance_scale=GUIDANCE, height=64, width=128,
-                  generator=torch.Generator().manual_seed(SEED), output_type="np").images
-    return (np.clip(images[0], 0, 1) * 255).round().astype(np.uint8)
+    return _draw_base([PROMPTS[0]], height=64, width=128)[0]
 
 
 def sample_panel() -> np.ndarray:

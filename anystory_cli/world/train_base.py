@@ -782,10 +782,8 @@ def train(recipe, base_dir: str | Path = ".", max_steps: int | None = None, max_
 
 def _train(recipe, paths: "RunPaths", max_steps, max_minutes, log) -> dict:
     task = TASKS[recipe.model](recipe, paths)
+    # Frozen weights are not optimised: EMA copies, and a panel LoRA's UNet under it.
     parameters = [p for m in task.modules.values() for p in m.parameters() if p.requires_grad]
-    if recipe.model == "unet":
-        # the EMA copy is not optimised, nor a panel LoRA's frozen UNet
-        parameters = [p for p in task.unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.99))
     step, elapsed = load_state(paths.state_file, task.modules, optimizer)
     log = log or (lambda record: print(json.dumps(record), flush=True))
