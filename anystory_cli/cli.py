@@ -680,6 +680,10 @@ def _guidance_interval(text: str) -> tuple[float, float]:
         raise InputError(f"--guidance-interval {text!r}: {exc}") from None
 
 
+PANEL_SHAPE_OPTION = typer.Option(None, "--shape", metavar="HxW", help="Panel shape in pixels, e.g. 64x128 "
+                                  "(wide) or 128x64 (tall); multiples of 16. Default: the judge's 64x64 square.")
+
+
 def _panel_shape(text: str) -> tuple[int, int]:
     """'HxW' -> (H, W): the base draws 64x64 pictures through a factor-4 VAE and a UNet that halves
     its latent twice, so both sides must be multiples of 16 (32 to 256)."""
@@ -701,9 +705,7 @@ def evaluate_base_command(
     guidance: float = typer.Option(4.0, "--guidance", min=1.0, max=50.0, help="Classifier-free guidance."),
     guidance_interval: str = GUIDANCE_INTERVAL_OPTION,
     seed: int = typer.Option(0, "--seed", min=0, max=2**32 - 1, help="Chooses the captions and the noise."),
-    shape: Optional[str] = typer.Option(None, "--shape", metavar="HxW", help="Panel shape in pixels, e.g. "
-                                        "64x128 (wide) or 128x64 (tall); multiples of 16. Default: the "
-                                        "judge's 64x64 square."),
+    shape: Optional[str] = PANEL_SHAPE_OPTION,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     report: Optional[Path] = typer.Option(None, "--report", help="Folder for grid.png (generated beside "
                                           "rendered, with the judge's verdicts) and report.json."),
@@ -774,7 +776,9 @@ def evaluate_adapter_command(
     distractors: int = typer.Option(9, "--distractors", min=1, max=200,
                                     help="Other held-out identities each character is told apart from."),
     routing_scenes: int = typer.Option(12, "--routing-scenes", min=1, max=1000,
-                                       help="Noised rendered scenes for the routing IoU."),
+                                       help="Noised rendered scenes for the routing IoU (squares, whatever "
+                                       "--shape)."),
+    shape: Optional[str] = PANEL_SHAPE_OPTION,
     variants: str = typer.Option(",".join(["anystory", "no_router", "no_reference_net", "no_subject_tokens",
                                            "text_only"]), "--variants",
                                  help="Comma-separated: anystory and any ablations to draw beside it."),
@@ -802,6 +806,7 @@ def evaluate_adapter_command(
 
         chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
         interval = _guidance_interval(guidance_interval)
+        panel_shape = _panel_shape(shape) if shape is not None else None
         _check_report_dir(report)
         judge = load_judge()
         pipe = _adapter_pipeline(model, adapter)
@@ -814,7 +819,8 @@ def evaluate_adapter_command(
             result = evaluate_adapter(pipe, judge, panels_per_count=panels, seed=seed, steps=steps, guidance=guidance,
                                       distractors=distractors, routing_scenes=routing_scenes, variants=chosen,
                                       report_dir=report, progress=progress, guidance_interval=interval,
-                                      subject_strength=subject_strength, reference_strength=reference_strength)
+                                      subject_strength=subject_strength, reference_strength=reference_strength,
+                                      shape=panel_shape)
         if as_json:
             typer.echo(json.dumps(json_safe({"ok": True, **result}), indent=2, allow_nan=False))
             return
@@ -834,7 +840,9 @@ def _print_adapter_result(result: dict) -> None:
     from .evaluate import sampling_label
 
     counts = [c for c in ("1", "2", "3", "4") if c in result["rendered"]]
-    typer.echo(f"AnyStory on held-out identities: {result['panels_per_count']} panels per count, {result['steps']} "
+    height, width = result["image_size"]
+    typer.echo(f"AnyStory on held-out identities: {result['panels_per_count']} {height}x{width} panels per count, "
+               f"{result['steps']} "
                f"steps, {sampling_label(result)}, seed {result['seed']}, {result['candidates']} candidates "
                f"per character ({result['seconds']['total']:.0f} s)")
     for key, title in (("identity", "identity"), ("blended", "blending")):

@@ -91,6 +91,16 @@ def sampling_label(result: dict) -> str:
     return label
 
 
+def _judge_heldout(judge: Judge, size: tuple[int, int]) -> dict:
+    """The judge's own held-out report on rendered scenes of this panel shape ({} for a shape it
+    was not graded on)."""
+    if tuple(size) == (judge.config.image_size,) * 2:
+        report = judge.info.get("heldout", {})
+    else:
+        report = judge.info.get("heldout_shapes", {}).get(f"{size[0]}x{size[1]}", {})
+    return report.get("rendered", {})
+
+
 def _truth_dict(truth: SceneTruth) -> dict:
     return {"place": truth.place, "time": truth.time, "prop": truth.prop, "count": truth.count,
             "positions": list(truth.positions), "poses": list(truth.poses)}
@@ -142,11 +152,7 @@ def evaluate_base(pipe, judge: Judge, n_samples: int = 64, seed: int = 0, steps:
                 "rendered": summarise([rendered_records[i] for i in chosen]),
             }
     result_generated = summarise(generated_records)
-    # the judge's own held-out report for this panel shape (squares, or a shape it was trained on)
-    square = size == (judge.config.image_size,) * 2
-    shape_reports = judge.info.get("heldout_shapes", {})
-    heldout = (judge.info.get("heldout", {}) if square else shape_reports.get(f"{size[0]}x{size[1]}", {}))
-    heldout = heldout.get("rendered", {})
+    heldout = _judge_heldout(judge, size)
     result = {
         "model": "base",
         "samples": n_samples, "seed": seed, "steps": steps, "guidance_scale": guidance,
@@ -303,8 +309,9 @@ class EvalPanel:
 
 
 def adapter_eval_panels(panels_per_count: int, seed: int = 0, distractors: int = 9,
-                        size: int = 64) -> list[EvalPanel]:
-    """Held-out panels, `panels_per_count` with each number of characters (1-4)."""
+                        size: int | tuple[int, int] = 64) -> list[EvalPanel]:
+    """Held-out panels, `panels_per_count` with each number of characters (1-4; `size`: a
+    square's side or (height, width); a tall panel too narrow for 3-4 characters gets fewer)."""
     from .plan import placement_boxes
     from .story import CharacterRef
 
@@ -312,9 +319,10 @@ def adapter_eval_panels(panels_per_count: int, seed: int = 0, distractors: int =
     panels = []
     for count in range(1, MAX_CHARACTERS + 1):
         for k in range(panels_per_count):
-            scene = sample_scene(rng.integer(1 << 40), count, "heldout", size)
+            scene = placeable_scene(rng, rng.integer(1 << 40), count, "heldout", size)
             words = [inst.position for inst in scene.instances]
-            refs = [CharacterRef(name=f"c{i}", at=words[0] if count == 1 else None) for i in range(count)]
+            placed = len(words)
+            refs = [CharacterRef(name=f"c{i}", at=words[0] if placed == 1 else None) for i in range(placed)]
             looks = {identity_from_seed(s).key() for s in scene.identity_seeds}
             others: list[int] = []
             while len(others) < distractors:
@@ -352,7 +360,7 @@ def judge_panel(judge: Judge, image: np.ndarray, panel: EvalPanel,
     """One record per character of the panel: found, identified as, right, blended, attributes."""
     verdict = judge.read_scenes(image[None])[0]
     boxes = [c.box for c in verdict.characters]
-    log_probs = judge.character_log_probs(image[None], [boxes])[0]
+    log_probs = judge.character_log_probs(image[None], [boxes], as_drawn=True)[0]
     matched = match_to_places(expected, boxes, judge.config.image_size)
     own = list(panel.scene.identity_seeds)
     candidates = [(s, identity_from_seed(s).attributes()) for s in panel.candidates]
@@ -399,15 +407,19 @@ def _by_count(panels: list[EvalPanel], per_panel: list[list[dict]]) -> dict:
 
 def draw_panel(pipe, panel: EvalPanel, encodings: list, variant: str, steps: int, guidance: float,
                record_routing: bool = False, guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
-               subject_strength: float = 1.0, reference_strength: float = 0.0):
-    """(uint8 image at the pipeline's native size, last-step routing layers or None). The
-    strengths are η and γ, as a story's style sets them; an ablation overrides its own."""
+               subject_strength: float = 1.0, reference_strength: float = 0.0,
+               size: tuple[int, int] | None = None):
+    """(uint8 image at the pipeline's native size or `size` (height, width), last-step routing
+    layers or None). The strengths are η and γ, as a story's style sets them; an ablation
+    overrides its own."""
     options = ADAPTER_VARIANTS[variant]
     if options is not None:
         options = {"subject_scale": subject_strength, "reference_scale": reference_strength, **options}
     generator = torch.Generator().manual_seed(panel.noise_seed)
     common = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_interval=guidance_interval,
                   generator=generator, output_type="np")
+    if size is not None:
+        common.update(height=size[0], width=size[1])
     if options is None:  # the base alone: no characters, no injection (== the plain base pipeline)
         out = pipe(panel.scene.caption, characters=[], subject_scale=0.0, **common)
     else:
@@ -508,11 +520,15 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
                      variants: tuple[str, ...] = tuple(ADAPTER_VARIANTS), report_dir: str | Path | None = None,
                      progress: Callable[[str, int, int], None] | None = None,
                      guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
-                     subject_strength: float = 1.0, reference_strength: float = 0.0) -> dict:
+                     subject_strength: float = 1.0, reference_strength: float = 0.0,
+                     shape: tuple[int, int] | None = None) -> dict:
     """Identity, blending, placement and routing IoU of an `AnyStoryPipeline` on held-out
     identities, with the ablations in `variants` drawn from the same noise. Returns a plain dict
     (see `anystory evaluate adapter --json`); `report_dir` also gets the pictures.
-    `subject_strength` (η) and `reference_strength` (γ) are a story's style settings of the same names."""
+    `subject_strength` (η) and `reference_strength` (γ) are a story's style settings of the same names.
+    `shape` (height, width) draws the panels at that shape instead of the judge's square: the
+    judge locates characters in the panel squashed to its square and reads each one from the
+    panel as drawn. The routing IoU is measured on square scenes whatever the shape."""
     from PIL import Image
 
     from .world.scenes import reference_image
@@ -522,7 +538,8 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
         raise InputError(f"variants must include 'anystory' and be among {list(ADAPTER_VARIANTS)}, got {list(variants)}")
     started = time.perf_counter()
     size = judge.config.image_size
-    panels = adapter_eval_panels(panels_per_count, seed, distractors, size)
+    panel_size = tuple(shape) if shape is not None else (size, size)
+    panels = adapter_eval_panels(panels_per_count, seed, distractors, panel_size)
     encodings: dict[int, object] = {}
 
     def encode(identity_seed: int):  # each identity once, like a story's character sheet
@@ -540,7 +557,8 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
         for k, variant in enumerate(variants):
             image, layers = draw_panel(pipe, panel, characters, variant, steps, guidance,
                                        record_routing=variant == "anystory", guidance_interval=guidance_interval,
-                                       subject_strength=subject_strength, reference_strength=reference_strength)
+                                       subject_strength=subject_strength, reference_strength=reference_strength,
+                                       size=shape)
             images[variant].append(image)
             judged[variant].append(judge_panel(judge, image, panel, list(panel.regions)))
             if layers is not None:
@@ -577,8 +595,8 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
                       "found_in_region": anystory["multi"]["found"] if "multi" in anystory else float("nan")},
         "routing_iou": iou,
         "goals": dict(ADAPTER_GOALS), "reached": reached, "goals_met": met,
-        "judge_heldout": {k: v for k, v in judge.info.get("heldout", {}).get("rendered", {}).items()
-                          if not isinstance(v, dict)},
+        "image_size": list(panel_size), "routing_iou_image_size": [size, size],
+        "judge_heldout": {k: v for k, v in _judge_heldout(judge, panel_size).items() if not isinstance(v, dict)},
         "seconds": {"draw": round(draw_seconds, 1), "total": round(time.perf_counter() - started, 1)},
         "panels": [
             {"index": i, "scene_seed": p.scene.seed, "caption": p.scene.caption,
@@ -614,7 +632,8 @@ def write_adapter_report(result: dict, panels: list[EvalPanel], images: dict[str
     paths = {"samples": folder / "samples.png", "routing": folder / "routing.png",
              "html": folder / "index.html", "json": folder / "report.json"}
     pictures = {"samples": _samples_sheet(result, panels, images, max_panels),
-                "routing": _routing_sheet(panels, images["anystory"], routing_layers, max_panels)}
+                "routing": _routing_sheet(panels, images["anystory"], routing_layers, max_panels,
+                                          _tile_width(result, 128))}
     for key, sheet in pictures.items():
         with atomic_path(paths[key]) as tmp:
             sheet.save(tmp, format="PNG")
@@ -642,9 +661,10 @@ def _samples_sheet(result: dict, panels: list[EvalPanel], images: dict[str, list
     from .world.scenes import reference_image
 
     font, tile, ref_tile, gap, line = _font(), 128, 48, 6, 13
+    tile_w = _tile_width(result, tile)
     variants = result["variants"]
     chosen = _spread(panels, max_panels)
-    width = MAX_CHARACTERS * ref_tile + (len(variants) + 1) * (tile + gap) + 3 * gap
+    width = MAX_CHARACTERS * ref_tile + (len(variants) + 1) * (tile_w + gap) + 3 * gap
     header = 3 * line + gap
     row_h = tile + line + gap
     sheet = Image.new("RGB", (width, header + line + len(chosen) * row_h + gap), (250, 250, 250))
@@ -655,7 +675,7 @@ def _samples_sheet(result: dict, panels: list[EvalPanel], images: dict[str, list
               "panel), x wrong, - not found in its region; boxes: the regions asked for", fill=(40, 40, 40), font=font)
     x0 = MAX_CHARACTERS * ref_tile + 2 * gap
     for k, name in enumerate([*variants, "rendered truth"]):
-        draw.text((x0 + k * (tile + gap), header), name, fill=(40, 40, 40), font=font)
+        draw.text((x0 + k * (tile_w + gap), header), name, fill=(40, 40, 40), font=font)
     for row, i in enumerate(chosen):
         panel, y = panels[i], header + line + row * row_h
         for c, identity_seed in enumerate(panel.scene.identity_seeds):
@@ -669,12 +689,12 @@ def _samples_sheet(result: dict, panels: list[EvalPanel], images: dict[str, list
         columns = [(images[v][i], result["panels"][i]["judged"][v], True) for v in variants]
         columns.append((panel.scene.image, result["panels"][i]["rendered"], False))
         for k, (image, records, with_regions) in enumerate(columns):
-            x = x0 + k * (tile + gap)
-            picture = Image.fromarray(image).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
+            x = x0 + k * (tile_w + gap)
+            picture = Image.fromarray(image).convert("RGB").resize((tile_w, tile), Image.Resampling.NEAREST)
             picture_draw = ImageDraw.Draw(picture)
             if with_regions:
                 for c, (rx0, ry0, rx1, ry1) in enumerate(panel.regions):
-                    picture_draw.rectangle((rx0 * tile + c, ry0 * tile + c, rx1 * tile - 1 - c, ry1 * tile - 1 - c),
+                    picture_draw.rectangle((rx0 * tile_w + c, ry0 * tile + c, rx1 * tile_w - 1 - c, ry1 * tile - 1 - c),
                                            outline=ROUTING_COLOURS[c % len(ROUTING_COLOURS)])
             sheet.paste(picture, (x, y))
             letters = " ".join(_verdict_letter(r) for r in records)
@@ -683,7 +703,14 @@ def _samples_sheet(result: dict, panels: list[EvalPanel], images: dict[str, list
     return sheet
 
 
-def _routing_sheet(panels: list[EvalPanel], generated: list[np.ndarray], routing_layers: list[dict], max_panels: int):
+def _tile_width(result: dict, tile: int) -> int:
+    """Width of a picture `tile` pixels high in the report sheets, keeping the panels' shape."""
+    height, width = result.get("image_size", (1, 1))
+    return max(1, round(tile * width / height))
+
+
+def _routing_sheet(panels: list[EvalPanel], generated: list[np.ndarray], routing_layers: list[dict], max_panels: int,
+                   tile_w: int = 128):
     """Generated image | the finest layers' routing maps of the last step (one colour per
     character, dark grey the background), for the panels with two or more characters."""
     from PIL import Image, ImageDraw
@@ -694,22 +721,31 @@ def _routing_sheet(panels: list[EvalPanel], generated: list[np.ndarray], routing
     chosen = [i for i in _spread(panels, max_panels) if len(panels[i].scene.instances) > 1][:max_panels]
     per_row = 3
     rows = max(1, -(-len(chosen) // per_row))
-    sheet = Image.new("RGB", (per_row * (2 * tile + 3 * gap), line + rows * (tile + line + gap) + gap), (250, 250, 250))
+    sheet = Image.new("RGB", (per_row * (2 * tile_w + 3 * gap), line + rows * (tile + line + gap) + gap), (250, 250, 250))
     draw = ImageDraw.Draw(sheet)
     draw.text((gap, 1), "generated | routing at the finest layers, last step (colours: characters left to right)",
               fill=(40, 40, 40), font=font)
     for n, i in enumerate(chosen):
-        x, y = gap + (n % per_row) * (2 * tile + 3 * gap), line + (n // per_row) * (tile + line + gap)
-        image = Image.fromarray(generated[i]).convert("RGB").resize((tile, tile), Image.Resampling.NEAREST)
+        x, y = gap + (n % per_row) * (2 * tile_w + 3 * gap), line + (n // per_row) * (tile + line + gap)
+        image = Image.fromarray(generated[i]).convert("RGB").resize((tile_w, tile), Image.Resampling.NEAREST)
         sheet.paste(image, (x, y))
         maps = finest_routing(routing_layers[i])
-        sheet.paste(soft_routing(image, maps), (x + tile + gap, y))
+        sheet.paste(soft_routing(image, maps), (x + tile_w + gap, y))
         draw.text((x, y + tile + 1), f"#{i}", fill=(40, 40, 40), font=font)
     return sheet
 
 
 def _rate(value) -> str:
     return "–" if value is None or value != value else f"{value:.2f}"
+
+
+def _size_words(result: dict) -> str:
+    """'64x128 panels (routing IoU on 64x64 scenes)', or '64x64 panels' for squares."""
+    height, width = result["image_size"]
+    words = f"{height}x{width} panels"
+    if [height, width] != list(result["routing_iou_image_size"]):
+        words += " (routing IoU on {0}x{1} scenes)".format(*result["routing_iou_image_size"])
+    return words
 
 
 def _adapter_html(result: dict) -> str:
@@ -742,7 +778,7 @@ def _adapter_html(result: dict) -> str:
     return f"""<!doctype html><meta charset="utf-8"><title>AnyStory evaluation</title>
 <style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 10px;text-align:right}} td:first-child{{text-align:left}}</style>
 <h1>AnyStory on held-out identities</h1>
-<p>{result['panels_per_count']} panels per character count, {result['steps']} steps, {sampling_label(result)},
+<p>{result['panels_per_count']} panels per character count, {_size_words(result)}, {result['steps']} steps, {sampling_label(result)},
 seed {result['seed']}; each character identified among {result['candidates']} candidates. Model {escape(str(result['model_id']))}.</p>
 <h2>Goals (issue 7)</h2><ul>{goals}</ul>
 <h2>Characters</h2>{''.join(tables)}

@@ -301,14 +301,15 @@ def _mean(values) -> float:
 # the judge
 
 
-def to_pixels(images: np.ndarray | torch.Tensor, size: int = 64) -> torch.Tensor:
-    """uint8 (B, H, W, 3), or float (B, H, W, 3) in [0, 1] -> float (B, 3, size, size) in [-1, 1]."""
+def to_pixels(images: np.ndarray | torch.Tensor, size: int | None = 64) -> torch.Tensor:
+    """uint8 (B, H, W, 3), or float (B, H, W, 3) in [0, 1] -> float (B, 3, size, size) in [-1, 1]
+    (size None: (B, 3, H, W), not resized)."""
     x = torch.as_tensor(np.ascontiguousarray(images) if isinstance(images, np.ndarray) else images)
     if x.ndim != 4 or x.shape[-1] != 3:
         raise InputError(f"the judge reads (batch, height, width, 3) images, got shape {tuple(x.shape)}")
     x = x.permute(0, 3, 1, 2).float() * 2.0 - 1.0 if torch.is_floating_point(x) else \
         x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if x.shape[-2:] != (size, size):
+    if size is not None and x.shape[-2:] != (size, size):
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
     return x.clamp(-1, 1)
 
@@ -376,17 +377,23 @@ class Judge(nn.Module):
         return verdicts
 
     @torch.no_grad()
-    def character_log_probs(self, images, boxes: Sequence[Sequence[Sequence[float]]]) -> list[list[dict[str, np.ndarray]]]:
+    def character_log_probs(self, images, boxes: Sequence[Sequence[Sequence[float]]],
+                            as_drawn: bool = False) -> list[list[dict[str, np.ndarray]]]:
         """`boxes[b]` lists boxes (x0, y0, x1, y1, pixels of the judge's image size) in image b;
-        returns, in the same nesting, each crop's log-probabilities: head name -> (classes,)."""
-        pixels = to_pixels(images, self.config.image_size)
+        returns, in the same nesting, each crop's log-probabilities: head name -> (classes,).
+        `as_drawn` crops from the images at their own size instead of squashed into the judge's
+        square, so that a wide or tall panel's characters keep their proportions (a squashed one
+        looks thinner or stockier: its build is an attribute). The same for square images."""
+        size = self.config.image_size
+        pixels = to_pixels(images, None if as_drawn else size)
         flat = [(b, box) for b, image_boxes in enumerate(boxes) for box in image_boxes]
         result: list[list[dict[str, np.ndarray]]] = [[] for _ in boxes]
         if not flat:
             return result
         index = torch.tensor([b for b, _ in flat])
-        crops = crop_characters(pixels, torch.tensor([list(box) for _, box in flat], dtype=torch.float32), index,
-                                self.config.crop_size, self.config.crop_margin)
+        scale = torch.tensor([pixels.shape[-1], pixels.shape[-2]] * 2, dtype=torch.float32) / size
+        crops = crop_characters(pixels, torch.tensor([list(box) for _, box in flat], dtype=torch.float32) * scale,
+                                index, self.config.crop_size, self.config.crop_margin)
         out = {name: logits.log_softmax(1).numpy() for name, logits in self.character_net.eval()(crops).items()}
         for n, (b, _) in enumerate(flat):
             result[b].append({name: values[n] for name, values in out.items()})
