@@ -842,8 +842,7 @@ def _print_adapter_result(result: dict) -> None:
     counts = [c for c in ("1", "2", "3", "4") if c in result["rendered"]]
     height, width = result["image_size"]
     typer.echo(f"AnyStory on held-out identities: {result['panels_per_count']} {height}x{width} panels per count, "
-               f"{result['steps']} "
-               f"steps, {sampling_label(result)}, seed {result['seed']}, {result['candidates']} candidates "
+               f"{result['steps']} steps, {sampling_label(result)}, seed {result['seed']}, {result['candidates']} candidates "
                f"per character ({result['seconds']['total']:.0f} s)")
     for key, title in (("identity", "identity"), ("blended", "blending")):
         typer.echo(f"{title + ' by characters in the panel':34}" + "".join(f"{c:>7}" for c in counts))

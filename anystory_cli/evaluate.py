@@ -705,7 +705,7 @@ def _samples_sheet(result: dict, panels: list[EvalPanel], images: dict[str, list
 
 def _tile_width(result: dict, tile: int) -> int:
     """Width of a picture `tile` pixels high in the report sheets, keeping the panels' shape."""
-    height, width = result.get("image_size", (1, 1))
+    height, width = result["image_size"]
     return max(1, round(tile * width / height))
 
 
