@@ -3,8 +3,10 @@ with its panel LoRA (as stories do) and with it switched off, alternating, in on
 
     python benchmarks/panel_lora_overhead.py [--runs 3] [--threads 2]     # prints JSON
 
-Squares never run through the LoRA's extra matmuls (it is off for square latents); a wide or tall
-panel does, in every LoRA-wrapped layer (base_models.PANEL_LORA_TARGETS).
+The LoRA is merged into a copy of the layers it adapts when the model loads, and a UNet call on
+non-square latents swaps those weights in (base_models.load_panel_lora): no LoRA layer runs at
+sampling time, so the ratio should be 1. Session 10's first version ran PEFT's LoRA layers at every
+step of a wide panel instead: x1.45.
 """
 
 from __future__ import annotations

@@ -485,8 +485,7 @@ def load_panel_lora(unet, folder: Path = DEFAULT_ASSETS) -> bool:
 
     merged = copy.deepcopy(unet)
     add_panel_lora(merged, json.loads(config.read_text())["rank"])
-    result = set_peft_model_state_dict(merged, read_weights(path),
-                                       adapter_name=PANEL_ADAPTER)
+    result = set_peft_model_state_dict(merged, read_weights(path), adapter_name=PANEL_ADAPTER)
     if getattr(result, "unexpected_keys", None):
         raise ModelError(f"{path}: does not fit the UNet (unexpected {result.unexpected_keys[:3]})")
     panel_weights = {}
