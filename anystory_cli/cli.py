@@ -773,6 +773,8 @@ def evaluate_adapter_command(
                                            help="Weight of the character tokens (eta), as a story's style."),
     reference_strength: float = typer.Option(0.0, "--reference-strength", min=-10.0, max=10.0,
                                              help="Bias towards reference features (gamma), as a story's style."),
+    reference_guidance: bool = typer.Option(True, "--reference-guidance/--no-reference-guidance",
+                                            help="Guidance amplifies the references too, as a story's style."),
     distractors: int = typer.Option(9, "--distractors", min=1, max=200,
                                     help="Other held-out identities each character is told apart from."),
     routing_scenes: int = typer.Option(12, "--routing-scenes", min=1, max=1000,
@@ -820,7 +822,7 @@ def evaluate_adapter_command(
                                       distractors=distractors, routing_scenes=routing_scenes, variants=chosen,
                                       report_dir=report, progress=progress, guidance_interval=interval,
                                       subject_strength=subject_strength, reference_strength=reference_strength,
-                                      shape=panel_shape)
+                                      shape=panel_shape, reference_guidance=reference_guidance)
         if as_json:
             typer.echo(json.dumps(json_safe({"ok": True, **result}), indent=2, allow_nan=False))
             return

@@ -88,6 +88,8 @@ def sampling_label(result: dict) -> str:
     label = f"guidance {result['guidance_scale']} at t/T in {result['guidance_interval']}"
     if "subject_strength" in result:
         label += f", subject strength {result['subject_strength']}, reference strength {result['reference_strength']}"
+        if not result.get("reference_guidance", True):
+            label += ", references in both halves of guidance"
     return label
 
 
@@ -408,13 +410,14 @@ def _by_count(panels: list[EvalPanel], per_panel: list[list[dict]]) -> dict:
 def draw_panel(pipe, panel: EvalPanel, encodings: list, variant: str, steps: int, guidance: float,
                record_routing: bool = False, guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
                subject_strength: float = 1.0, reference_strength: float = 0.0,
-               size: tuple[int, int] | None = None):
+               size: tuple[int, int] | None = None, reference_guidance: bool = True):
     """(uint8 image at the pipeline's native size or `size` (height, width), last-step routing
     layers or None). The strengths are η and γ, as a story's style sets them; an ablation
     overrides its own."""
     options = ADAPTER_VARIANTS[variant]
     if options is not None:
-        options = {"subject_scale": subject_strength, "reference_scale": reference_strength, **options}
+        options = {"subject_scale": subject_strength, "reference_scale": reference_strength,
+                   "reference_guidance": reference_guidance, **options}
     generator = torch.Generator().manual_seed(panel.noise_seed)
     common = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_interval=guidance_interval,
                   generator=generator, output_type="np")
@@ -521,11 +524,12 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
                      progress: Callable[[str, int, int], None] | None = None,
                      guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
                      subject_strength: float = 1.0, reference_strength: float = 0.0,
-                     shape: tuple[int, int] | None = None) -> dict:
+                     shape: tuple[int, int] | None = None, reference_guidance: bool = True) -> dict:
     """Identity, blending, placement and routing IoU of an `AnyStoryPipeline` on held-out
     identities, with the ablations in `variants` drawn from the same noise. Returns a plain dict
     (see `anystory evaluate adapter --json`); `report_dir` also gets the pictures.
-    `subject_strength` (η) and `reference_strength` (γ) are a story's style settings of the same names.
+    `subject_strength` (η), `reference_strength` (γ) and `reference_guidance` are a story's style
+    settings of the same names.
     `shape` (height, width) draws the panels at that shape instead of the judge's square: the
     judge locates characters in the panel squashed to its square and reads each one from the
     panel as drawn. The routing IoU is measured on square scenes whatever the shape."""
@@ -558,7 +562,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
             image, layers = draw_panel(pipe, panel, characters, variant, steps, guidance,
                                        record_routing=variant == "anystory", guidance_interval=guidance_interval,
                                        subject_strength=subject_strength, reference_strength=reference_strength,
-                                       size=shape)
+                                       size=shape, reference_guidance=reference_guidance)
             images[variant].append(image)
             judged[variant].append(judge_panel(judge, image, panel, list(panel.regions)))
             if layers is not None:
@@ -588,6 +592,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
         "panels_per_count": panels_per_count, "seed": seed, "steps": steps, "guidance_scale": guidance,
         "guidance_interval": _interval_record(guidance_interval),
         "subject_strength": subject_strength, "reference_strength": reference_strength,
+        "reference_guidance": reference_guidance,
         "distractors": distractors, "candidates": distractors + 1, "variants": list(variants),
         "results": results,
         "rendered": ceiling,

@@ -172,7 +172,7 @@ class AnyStoryPipeline:
         return torch.stack([_region_to_mask(r, latent_size, i) for i, r in enumerate(regions)]).to(self.device)
 
     def _injection_inputs(self, characters, regions, rows, latent_size, subject_scale, reference_scale, record,
-                          route=True):
+                          route=True, reference_guidance=True):
         null_tokens, null_routing = self.null_subject()
         tokens = torch.stack([c.subject_tokens.to(self.device, self.dtype) for c in characters] + [null_tokens])
         routing = torch.stack([c.routing_feature.to(self.device, self.dtype) for c in characters] + [null_routing])
@@ -193,6 +193,7 @@ class AnyStoryPipeline:
             fixed_routes=None if route or not characters else _everywhere(rows, len(characters), latent_size, self.device),
             subject_scale=float(subject_scale),
             reference_scale=None if reference_scale is None else float(reference_scale),
+            reference_guidance=bool(reference_guidance),
             record_maps=record,
         )
 
@@ -204,6 +205,7 @@ class AnyStoryPipeline:
         regions: Sequence[Region] | None = None,
         subject_scale: float = 1.0,
         reference_scale: float | None = 0.0,
+        reference_guidance: bool = True,
         return_routing: bool = False,
         route: bool = True,
         height: int | None = None,
@@ -215,9 +217,12 @@ class AnyStoryPipeline:
         """Generate images with `characters` (from `encode_character`).
 
         subject_scale (η) weights the routed subject tokens; reference_scale (γ) is the bias on
-        routed reference features (None switches them off). `regions`, one per character, confine
-        each character's routing to a box or mask. route=False replaces the router by every
-        character at every pixel (the no-router ablation; how stage 1 trains a lone character).
+        routed reference features (None switches them off). With `reference_guidance`, the
+        unconditional half of classifier-free guidance draws without the references, so that
+        guidance amplifies them as it does the caption and the subject tokens. `regions`, one per
+        character, confine each character's routing to a box or mask. route=False replaces the
+        router by every character at every pixel (the no-router ablation; how stage 1 trains a
+        lone character).
         `guidance_interval` (low, high) applies classifier-free guidance only at timesteps
         t / T in that interval (`guidance.py`; None: at every step). Other keyword arguments
         (num_inference_steps, guidance_scale, generator, negative_prompt, output_type,
@@ -232,7 +237,7 @@ class AnyStoryPipeline:
             raise InputError(f"height and width must be multiples of {scale}, got {height}x{width}")
         rows = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         inputs = self._injection_inputs(characters, regions, rows, (height // scale, width // scale),
-                                        subject_scale, reference_scale, return_routing, route)
+                                        subject_scale, reference_scale, return_routing, route, reference_guidance)
         context = AnyStoryContext(inputs)
         if guidance_interval is not None:
             # The base pipeline's own defaults for the two arguments the interval needs (SD 1.5

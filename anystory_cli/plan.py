@@ -62,6 +62,7 @@ class PanelPlan:
     guidance_interval: tuple[float, float]  # noise levels t/T that are guided (guidance.py)
     subject_strength: float
     reference_strength: float
+    reference_guidance: bool
     caption: str | None
     dialogue: tuple[SpokenLine, ...]
     content_key: str  # sha256 of everything that changes the panel's pixels
@@ -117,6 +118,7 @@ def build_plan(
             guidance_interval=tuple(story.style.guidance_interval),
             subject_strength=story.style.subject_strength,
             reference_strength=story.style.reference_strength,
+            reference_guidance=story.style.reference_guidance,
         )
         key = content_key(
             model=f"{story.model}|{model_id}",

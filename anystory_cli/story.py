@@ -227,6 +227,11 @@ class Style(_Strict):
     reference_strength: float = Field(
         0.0, ge=-10.0, le=10.0, description="Bias towards reference features (gamma in the paper)."
     )
+    reference_guidance: bool = Field(
+        True, description="Guidance amplifies the characters' reference images too (the unconditional "
+        "half draws without them); false keeps them in both halves, which draws the characters less like "
+        "their references.",
+    )
 
     @field_validator("guidance_interval")
     @classmethod

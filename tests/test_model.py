@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
@@ -473,3 +474,54 @@ def test_without_guidance_and_with_several_images_per_prompt(sd_pipe, sd_charact
     two = story(sd_pipe, sd_characters[:2], num_images_per_prompt=2, return_routing=True)
     assert two.images.shape == (2, 32, 32, 3) and np.isfinite(two.images).all()
     assert two.routing_maps.shape == (2, 3, 32, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. reference guidance: the unconditional half of classifier-free guidance draws without references
+
+
+def _guided_unet_call(pipe, characters, reference_guidance: bool, one_hot: bool) -> torch.Tensor:
+    """One UNet call on a classifier-free-guidance batch [unconditional; conditional] of the
+    same latents, with fixed routes (one-hot thirds: the gathered path; every character
+    everywhere: the dense one), so that the references can reach the unconditional half only
+    through the self-attention. Returns the two rows' predictions (2, C, h, w)."""
+    size = (16, 16)
+    inputs = pipe._injection_inputs(characters, None, 1, size, 1.0, 0.5, False, route=not one_hot,
+                                    reference_guidance=reference_guidance)
+    if one_hot:
+        inputs = dataclasses.replace(inputs, fixed_routes=_three_way_routes(size)[0])
+    torch.manual_seed(0)
+    latents = torch.randn(1, 4, *size).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        return pipe.base.unet(latents, 500, encoder_hidden_states=text,
+                              cross_attention_kwargs={"anystory": AnyStoryContext(inputs)}).sample
+
+
+@pytest.mark.parametrize("one_hot", [True, False], ids=["gathered", "dense"])
+@pytest.mark.parametrize("reference_guidance", [True, False])
+def test_reference_guidance_keeps_references_out_of_the_unconditional_half(sd_pipe, sd_characters,
+                                                                            reference_guidance, one_hot):
+    first, second = sd_characters[:2]
+    torch.manual_seed(3)
+    other = dataclasses.replace(second, reference_features={k: torch.randn_like(v)
+                                                            for k, v in second.reference_features.items()})
+    before = _guided_unet_call(sd_pipe, [first, second], reference_guidance, one_hot)
+    after = _guided_unet_call(sd_pipe, [first, other], reference_guidance, one_hot)
+    assert not torch.allclose(before[1], after[1]), "the conditional half must see the references"
+    unconditional_change = (before[0] - after[0]).abs().max().item()
+    if not reference_guidance:
+        assert unconditional_change > 1e-3
+    elif one_hot:
+        assert unconditional_change == 0.0
+    else:  # masked keys in one softmax: the fused kernel's rounding, not the references
+        assert unconditional_change < 1e-5
+
+
+def test_reference_guidance_changes_nothing_without_guidance(sd_pipe, sd_characters):
+    """Guidance 1 has no unconditional half: the setting has nothing to act on."""
+    with_it = story(sd_pipe, sd_characters[:2], guidance_scale=1.0, reference_guidance=True).images
+    without = story(sd_pipe, sd_characters[:2], guidance_scale=1.0, reference_guidance=False).images
+    assert np.array_equal(with_it, without)
+    guided = [story(sd_pipe, sd_characters[:2], reference_guidance=flag).images for flag in (True, False)]
+    assert not np.array_equal(*guided)
