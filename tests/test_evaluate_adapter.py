@@ -636,6 +636,9 @@ def test_strengths_reach_the_pipeline_and_ablations_keep_their_own(pipe, encodin
     scales = [(c["subject_scale"], c["reference_scale"]) for c in calls]
     assert scales == [(1.5, 2.0), (1.5, 2.0), (1.5, None), (0.0, 2.0)]
     assert calls[1]["route"] is False
+    assert all(c["reference_guidance"] is True for c in calls)
+    ev.draw_panel(Spy(), panel, characters, "no_router", steps=1, guidance=4.0, reference_guidance=False)
+    assert calls[-1]["reference_guidance"] is False
 
 
 def test_reference_strength_changes_a_two_character_panel(pipe, encodings, heldout_panels):
@@ -673,6 +676,7 @@ def test_cli_evaluate_adapter_json_through_the_seam(pipe, monkeypatch):
     assert set(data["results"]) == set(ev.ADAPTER_VARIANTS) and len(data["panels"]) == 4
     assert data["routing_iou"]["scenes"] == 1 and "report" not in data
     assert data["subject_strength"] == 1.0 and data["reference_strength"] == 0.0
+    assert data["reference_guidance"] is True
 
 
 def test_cli_evaluate_adapter_records_the_strengths_and_refuses_out_of_range(pipe, monkeypatch):
@@ -682,6 +686,10 @@ def test_cli_evaluate_adapter_records_the_strengths_and_refuses_out_of_range(pip
     result = CliRunner().invoke(cli.app, [*args, "--subject-strength", "1.5", "--reference-strength", "2"])
     assert result.exit_code == 0, result.output
     assert "subject strength 1.5, reference strength 2.0" in result.stdout
+    assert "references in both halves" not in result.stdout
+    without = CliRunner().invoke(cli.app, [*args, "--no-reference-guidance"])
+    assert without.exit_code == 0, without.output
+    assert "references in both halves of guidance" in without.stdout
     bad = CliRunner().invoke(cli.app, [*args, "--subject-strength", "9"])
     assert bad.exit_code != 0 and "Traceback" not in bad.output
 

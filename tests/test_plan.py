@@ -78,8 +78,15 @@ def test_style_is_applied_to_every_panel():
     assert (plan.num_inference_steps, plan.guidance_scale) == (9, 3.0)
     assert plan.guidance_interval == (0.0, 0.7)  # guidance.DEFAULT_INTERVAL: the noisiest steps unguided
     assert (plan.subject_strength, plan.reference_strength) == (0.5, 1.0)
+    assert plan.reference_guidance is True  # the default: guidance amplifies the references too
     assert build_plan(story, steps=2)[1].num_inference_steps == 2
     assert build_plan(make_story(plain(1)))[0].prompt == "sky 0"  # no dangling commas
+
+
+def test_reference_guidance_reaches_the_plan_and_its_content_key():
+    on, off = (build_plan(make_story(plain(1), style={"reference_guidance": flag}))[0] for flag in (True, False))
+    assert (on.reference_guidance, off.reference_guidance) == (True, False)
+    assert on.content_key != off.content_key  # a cached panel is redrawn when the setting changes
 
 
 def test_plans_are_frozen_plain_values():
