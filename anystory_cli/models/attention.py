@@ -48,8 +48,9 @@ class InjectionInputs:
     reference_scale: float | None = 0.0  # γ; None switches reference features off
     # Whether classifier-free guidance amplifies the references too: the unconditional half then
     # draws without them (its pixels all routed to the background in self-attention), so that
-    # guidance extrapolates towards the reference as it does towards the caption. Our addition:
-    # on the default model it identifies 2-4 characters 0.28 -> 0.44 (model card).
+    # guidance extrapolates towards the reference as it does towards the caption. Our addition,
+    # on by default in AnyStoryPipeline; off here, DESIGN.md's first rule (references in both
+    # halves). On the default model: 2-4 characters identified 0.28 -> 0.44 (README, Evaluation).
     reference_guidance: bool = False
     training: bool = False
     record_maps: bool = False
