@@ -12,16 +12,14 @@ halves then no longer share one pixel sorting, so each self-attention layer sort
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 
 from anystory_cli.masks import load_image
 from anystory_cli.model_loading import load_pipeline
+from side_by_side import alternate, parse_args
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("three characters in a forest during the day , the left one is standing , the middle one is waving ,"
@@ -30,30 +28,21 @@ NAMES = ("mira", "pip", "bolt")
 REGIONS = [(0.0, 0.2, 1 / 3, 1.0), (1 / 3, 0.2, 2 / 3, 1.0), (2 / 3, 0.2, 1.0, 1.0)]
 
 
-def draw(pipe, characters, reference_guidance: bool) -> float:
-    started = time.perf_counter()
+def draw(pipe, characters, reference_guidance: bool) -> None:
     pipe(PROMPT, characters=characters, regions=REGIONS, reference_guidance=reference_guidance,
          num_inference_steps=25, guidance_scale=4.0, guidance_interval=(0.0, 0.7),
          generator=torch.Generator().manual_seed(0), output_type="np")
-    return time.perf_counter() - started
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_args()
     with torch.inference_mode():
         pipe = load_pipeline("default")
         characters = [pipe.encode_character(load_image(ROOT / "stories" / "characters" / f"{name}.png", "reference"),
                                             name=name) for name in NAMES]
-        draw(pipe, characters, True), draw(pipe, characters, False)  # warm-up
-        times = {"reference_guidance": [], "references_in_both_halves": []}
-        for _ in range(args.runs):
-            times["reference_guidance"].append(draw(pipe, characters, True))
-            times["references_in_both_halves"].append(draw(pipe, characters, False))
-    medians = {k: round(statistics.median(v), 3) for k, v in times.items()}
+        medians = alternate({"reference_guidance": lambda: draw(pipe, characters, True),
+                             "references_in_both_halves": lambda: draw(pipe, characters, False)}, args.runs)
+    medians = {k: round(v, 3) for k, v in medians.items()}
     ratio = medians["reference_guidance"] / medians["references_in_both_halves"]
     print(json.dumps({"seconds_per_panel": medians, "ratio": round(ratio, 3), "runs": args.runs,
                       "threads": args.threads}, indent=2))
