@@ -47,7 +47,7 @@ class InjectionInputs:
     subject_scale: float = 1.0  # η
     reference_scale: float | None = 0.0  # γ; None switches reference features off
     # Whether classifier-free guidance amplifies the references too: the unconditional half then
-    # draws without them (its pixels all routed to the background in self-attention), so that
+    # draws without them (its self-attention skips the reference tokens), so that
     # guidance extrapolates towards the reference as it does towards the caption. Our addition,
     # on by default in AnyStoryPipeline; off here, DESIGN.md's first rule (references in both
     # halves). On the default model: 2-4 characters identified 0.28 -> 0.44 (README, Evaluation).
@@ -219,12 +219,13 @@ def _base_attention(attn, hidden_states, context, attention_mask):
     return query, _merge_heads(out).to(query.dtype)
 
 
-def _background_in_unconditional(gates: torch.Tensor, unconditional_rows: int) -> torch.Tensor:
-    """Gates (B, E, L) whose first `unconditional_rows` rows route every pixel to the background
-    entry, which sees no reference tokens: reference guidance's unconditional half."""
-    background = torch.zeros_like(gates[:unconditional_rows])
-    background[:, -1] = 1
-    return torch.cat([background, gates[unconditional_rows:]])
+def _rows_seeing_references(inputs: InjectionInputs, batch: int, device) -> torch.Tensor:
+    """(B,) bool: the batch rows whose routed pixels attend to reference tokens. All of them,
+    except the unconditional half of classifier-free guidance under reference guidance."""
+    sees = torch.ones(batch, dtype=torch.bool, device=device)
+    if inputs.reference_guidance:
+        sees[:inputs.mirrored_rows] = False
+    return sees
 
 
 def _is_one_hot(gates: torch.Tensor) -> bool:
@@ -441,13 +442,12 @@ class SelfAttentionProcessor(_Processor):
         ref_key, ref_value = self._reference_kv(anystory, attn.heads)  # (B, N, heads, Lr, d)
         size = anystory.spatial_size(hidden_states.shape[1])
         gates = anystory.gates_at(anystory.previous_routes, size)  # (B, E, L)
-        if inputs.reference_guidance and inputs.mirrored_rows:
-            gates = _background_in_unconditional(gates, inputs.mirrored_rows)
+        sees = _rows_seeing_references(inputs, hidden_states.shape[0], hidden_states.device)
         if anystory.dense():
             query, key, value = _qkv(attn, hidden_states, hidden_states)
-            out = _merge_heads(self._dense(query, key, value, ref_key, ref_value, gates, inputs.reference_scale))
+            out = _merge_heads(self._dense(query, key, value, ref_key, ref_value, gates, sees, inputs.reference_scale))
         else:
-            out = self._gathered(attn, hidden_states, ref_key, ref_value, gates, inputs.reference_scale)
+            out = self._gathered(attn, hidden_states, ref_key, ref_value, gates, sees, inputs.reference_scale)
         return _finish(attn, out.to(hidden_states.dtype), residual)
 
     def _reference_kv(self, ctx: AnyStoryContext, heads: int):
@@ -458,12 +458,13 @@ class SelfAttentionProcessor(_Processor):
         return ctx.memo(("reference", self.layer), compute)  # (B, N, heads, Lr, d) each
 
     @staticmethod
-    def _dense(query, key, value, ref_key, ref_value, gates, gamma):
-        """All reference tokens as extra keys, masked per pixel by the gates (B, E, L)."""
+    def _dense(query, key, value, ref_key, ref_value, gates, sees, gamma):
+        """All reference tokens as extra keys, masked per pixel by the gates (B, E, L) and per
+        row by `sees` (B,)."""
         b, n, heads, lr, d = ref_key.shape
         keys = torch.cat([key, ref_key.permute(0, 2, 1, 3, 4).reshape(b, heads, n * lr, d)], dim=2)
         values = torch.cat([value, ref_value.permute(0, 2, 1, 3, 4).reshape(b, heads, n * lr, d)], dim=2)
-        routed = gates[:, :n] > 0  # (B, N, L); the background entry sees no references
+        routed = (gates[:, :n] > 0) & sees[:, None, None]  # (B, N, L); the background sees no references
         ref_bias = torch.where(routed, float(gamma), MASKED).to(query.dtype)  # (B, N, L)
         ref_bias = ref_bias.permute(0, 2, 1)[..., None].expand(b, -1, n, lr).reshape(b, -1, n * lr)
         own_bias = query.new_zeros(b, key.shape[2], key.shape[2])
@@ -471,21 +472,30 @@ class SelfAttentionProcessor(_Processor):
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias)
 
     @staticmethod
-    def _gathered(attn, hidden_states, ref_key, ref_value, gates, gamma):
-        """Every pixel's plain self-attention, then, for the pixels routed to a character, the
-        attention over its reference tokens merged in as if both had shared one softmax:
-        out = (1 - w) · own + w · ref with w = σ(lse_ref + γ - lse_own). Merged heads (B, L, inner)."""
+    def _gathered(attn, hidden_states, ref_key, ref_value, gates, sees, gamma):
+        """Every pixel's plain self-attention, then, for the pixels routed to a character in the
+        rows that `sees` (B,) references, the attention over its reference tokens merged in as if
+        both had shared one softmax: out = (1 - w) · own + w · ref with w = σ(lse_ref + γ - lse_own).
+        Merged heads (B, L, inner)."""
 
         def attend(group, sorted_states):
-            rows = group.rows
             query, key, value = _qkv(attn, sorted_states, sorted_states)
             attended, lse = attention_with_lse(query, key, value)
+            group_sees = sees[group.rows]
+            if not group_sees.any():
+                return attended
+            # Rows of the group that see references: all of them but reference guidance's
+            # unconditional half, which keeps its place in the group so that the plain
+            # self-attention above stays one batched call.
+            local = slice(None) if group_sees.all() else group_sees.nonzero().squeeze(1)
+            keys, values = ref_key[group.rows][local], ref_value[group.rows][local]
+            queries, own_lse = query[local], lse[local]
             for entry, part in group.segments():
-                if entry >= ref_key.shape[1]:  # background pixels see no references
+                if entry >= keys.shape[1]:  # background pixels see no references
                     continue
-                ref_out, ref_lse = attention_with_lse(query[:, :, part], ref_key[rows, entry], ref_value[rows, entry])
-                weight = torch.sigmoid(ref_lse + gamma - lse[:, :, part])[..., None].to(ref_out.dtype)
-                attended[:, :, part] = torch.lerp(attended[:, :, part], ref_out, weight)
+                ref_out, ref_lse = attention_with_lse(queries[:, :, part], keys[:, entry], values[:, entry])
+                weight = torch.sigmoid(ref_lse + gamma - own_lse[:, :, part])[..., None].to(ref_out.dtype)
+                attended[local, :, part] = torch.lerp(attended[local, :, part], ref_out, weight)
             return attended
 
         return _attend_by_group(hidden_states, gates, attend)
