@@ -11,9 +11,9 @@ from typing import Callable
 import torch
 
 
-def parse_args(description: str | None = None) -> argparse.Namespace:
+def parse_args() -> argparse.Namespace:
     """--runs and --threads; sets torch's thread count."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
