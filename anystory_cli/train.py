@@ -14,7 +14,10 @@ Recipe (YAML, unknown keys refused):
     init_adapter: null            # adapter file to start from (stage 2: the stage-1 result)
     init_trained_groups: null     # adapter file whose groups this stage trains replace init_adapter's:
                                   # continue a stage after the adapter it started from was retrained
-    adapter_options: {}           # AnyStoryConfig overrides for a fresh adapter
+    adapter_options: {}           # AnyStoryConfig overrides: for a fresh adapter, or for
+                                  # init_adapter's config (a new router design, say): its parts
+                                  # that still fit are kept, the others start fresh, and they
+                                  # must all be parts this stage trains
     output_dir: runs/stage1
     lr: 1.0e-4
     batch_size: 1                 # per process
@@ -71,6 +74,7 @@ import shutil
 import tempfile
 import time
 import warnings
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -86,7 +90,7 @@ from .atomic import _reason, atomic_path
 from .recipe_files import read_recipe_yaml
 from .errors import InputError, ModelError, OutputError
 from .masks import _mask_array, load_image, prepare_reference
-from .models.adapter import AnyStoryAdapter, install
+from .models.adapter import AnyStoryAdapter, AnyStoryConfig, install
 from .models.attention import AnyStoryContext, InjectionInputs
 from .models.router import ROUTING_LOSS_WEIGHT, routing_loss
 from .weights import load_adapter, save_adapter
@@ -477,6 +481,8 @@ def trainable_groups(stage: int) -> tuple[str, ...]:
 def make_adapter(recipe: TrainRecipe, components: Components) -> AnyStoryAdapter:
     if recipe.init_adapter is not None:
         adapter = load_adapter(recipe.init_adapter)
+        if recipe.adapter_options:
+            adapter = _rebuilt_with_options(adapter, recipe)
     else:
         torch.manual_seed(recipe.seed)  # a fresh adapter is part of the seeded run
         options = {"max_characters": 4, **recipe.adapter_options}
@@ -485,6 +491,27 @@ def make_adapter(recipe: TrainRecipe, components: Components) -> AnyStoryAdapter
     if recipe.init_trained_groups is not None:
         copy_groups(load_adapter(recipe.init_trained_groups), adapter, trainable_groups(recipe.stage))
     return adapter
+
+
+def _rebuilt_with_options(adapter: AnyStoryAdapter, recipe: TrainRecipe) -> AnyStoryAdapter:
+    """`adapter` with its config changed by the recipe's adapter_options: every group whose
+    weights still fit is kept; the others start fresh (seeded), and only a group this stage
+    trains may do so, since a frozen group left random would be useless."""
+    fields = {f.name for f in dataclasses.fields(AnyStoryConfig)}
+    unknown = sorted(set(recipe.adapter_options) - fields)
+    if unknown:
+        raise InputError(f"adapter_options: unknown option(s) {', '.join(unknown)}")
+    torch.manual_seed(recipe.seed)  # the fresh groups are part of the seeded run
+    config = dataclasses.replace(adapter.config, **recipe.adapter_options)
+    rebuilt = AnyStoryAdapter(config, reference_net=adapter.reference_net)
+    for group, module in rebuilt.named_children():
+        wanted, given = module.state_dict(), getattr(adapter, group).state_dict()
+        if wanted.keys() == given.keys() and all(wanted[k].shape == given[k].shape for k in wanted):
+            module.load_state_dict(given)
+        elif group not in trainable_groups(recipe.stage):
+            raise InputError(f"adapter_options change the adapter's {group}, which stage {recipe.stage} "
+                             "does not train (it would stay random)")
+    return rebuilt
 
 
 def copy_groups(source: AnyStoryAdapter, target: AnyStoryAdapter, groups: tuple[str, ...]) -> None:

@@ -303,6 +303,48 @@ def test_router_hard_routes_and_fully_masked_rows_stay_finite():
     assert all(torch.isfinite(x).all() for x in everything_masked)
 
 
+@pytest.mark.parametrize("context_layers", [0, 1, 2])
+def test_router_keys_see_exactly_context_layers_of_neighbourhood(context_layers):
+    """The coarse map at a pixel depends on the tokens within `context_layers` grid steps of it
+    (0: the paper's per-token projection), and on none further away."""
+    from anystory_cli.models.router import LayerRouter
+
+    torch.manual_seed(0)
+    router = LayerRouter(routing_dim=8, latent_dim=6, hidden_dim=4, context_layers=context_layers, context_dim=5)
+    routing, tokens = torch.randn(1, 3, 8), torch.randn(1, 7 * 9, 6)
+    changed = tokens.clone()
+    changed[0, 3 * 9 + 4] += 1.0  # the token at row 3, column 4 of a 7x9 grid
+    before, _ = router(routing, tokens, None, (7, 9))
+    after, _ = router(routing, changed, None, (7, 9))
+    moved = (after - before).abs().amax(dim=1).view(7, 9) > 1e-6
+    rows, cols = torch.meshgrid(torch.arange(7), torch.arange(9), indexing="ij")
+    within = torch.maximum((rows - 3).abs(), (cols - 4).abs()) <= context_layers
+    assert torch.equal(moved, within)
+
+
+def test_router_with_context_layers_needs_the_grid_size():
+    from anystory_cli.models.router import LayerRouter
+
+    router = LayerRouter(routing_dim=8, latent_dim=6, hidden_dim=4, context_layers=1)
+    with pytest.raises(ValueError, match="grid size"):
+        router(torch.randn(1, 3, 8), torch.randn(1, 12, 6), None)
+    with pytest.raises(ValueError, match="grid size"):
+        router(torch.randn(1, 3, 8), torch.randn(1, 12, 6), None, (3, 5))
+
+
+def test_adapters_saved_before_router_context_load_with_the_paper_s_router(tmp_path):
+    """A config written without the router_context fields (every adapter before session 13,
+    the shipped default's included) reads as context_layers 0 with the same weight shapes."""
+    import json
+
+    from anystory_cli.models.adapter import AnyStoryConfig
+
+    config = json.loads(AnyStoryConfig.for_unet(tiny.tiny_sd_pipeline().unet, 32).to_json())
+    for key in ("router_context_layers", "router_context_dim"):
+        config.pop(key)
+    assert AnyStoryConfig.from_json(json.dumps(config)).router_context_layers == 0
+
+
 def test_regions_steer_the_router(sd_pipe, sd_characters):
     boxes = [(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)]
     out = story(sd_pipe, sd_characters[:2], regions=boxes, return_routing=True)

@@ -473,6 +473,37 @@ def test_character_weight_needs_target_masks_in_every_row(tmp_path):
     assert validate_manifest(rec.data, 1) == []  # without the weight the rows are fine
 
 
+def test_adapter_options_rebuild_init_adapter_keeping_what_fits(tmp_path):
+    """A new router design on a trained adapter: stage 2's routers start fresh, everything that
+    still fits (the whole subject encoder, the routing QFormer) is the init adapter's."""
+    from anystory_cli.train import make_adapter
+    from anystory_cli.weights import save_adapter
+
+    parts = components()
+    first = tiny.tiny_adapter(parts.pipe.unet, parts.image_encoder, seed=1)
+    save_adapter(first, tmp_path / "first.safetensors")
+    rec = recipe(tmp_path / "data", 2, init_adapter=str(tmp_path / "first.safetensors"),
+                 adapter_options={"router_context_layers": 1, "router_context_dim": 8})
+    made = make_adapter(rec, parts)
+    assert made.config.router_context_layers == 1
+    state, old = made.state_dict(), first.state_dict()
+    assert any(".context." in key for key in state)
+    for key, value in state.items():
+        if key.startswith("routers."):  # fresh: the new layout, new random weights
+            if key.endswith("latent_proj.weight"):
+                assert value.shape != old[key].shape, key
+            if key.endswith("coarse_query.weight"):
+                assert not torch.equal(value, old[key]), key
+        else:
+            assert torch.equal(value, old[key]), key
+    with pytest.raises(InputError, match="routers, which stage 1 does not train"):
+        make_adapter(recipe(tmp_path / "data1", 1, init_adapter=str(tmp_path / "first.safetensors"),
+                            adapter_options={"router_context_layers": 1}), parts)
+    with pytest.raises(InputError, match="unknown option.*router_kontext"):
+        make_adapter(recipe(tmp_path / "data2", 2, init_adapter=str(tmp_path / "first.safetensors"),
+                            adapter_options={"router_kontext": 1}), parts)
+
+
 def test_init_trained_groups_replaces_only_the_stage_s_groups(tmp_path):
     from anystory_cli.train import make_adapter
     from anystory_cli.weights import save_adapter

@@ -45,6 +45,10 @@ class AnyStoryConfig:
     qformer_heads: int = 8
     routing_dim: int = 768  # width of the routing features R_i
     router_hidden_dim: int = 64
+    # 3x3 convolutions of each router's latent tokens before its keys (router.py); 0 = the paper's
+    # per-token projection. Adapters saved before this field existed load with 0.
+    router_context_layers: int = 0
+    router_context_dim: int = 128
     max_characters: int = 4
     reference_size: int = 512  # paper: 512x512 references
     image_mean: tuple[float, float, float] = CLIP_MEAN
@@ -129,7 +133,8 @@ class AnyStoryAdapter(nn.Module):
         self.routing_qformer = QFormer(config.routing_qformer())
         self.reference_net = reference_net if reference_net is not None else ReferenceNet(config.unet_config)
         self.routers = nn.ModuleDict({
-            module_key(s.name): LayerRouter(config.routing_dim, s.query_dim, config.router_hidden_dim)
+            module_key(s.name): LayerRouter(config.routing_dim, s.query_dim, config.router_hidden_dim,
+                                            config.router_context_layers, config.router_context_dim)
             for s in config.cross_layers
         })
         self.subject_kv = nn.ModuleDict({module_key(s.name): _kv_pair(s) for s in config.cross_layers})

@@ -374,7 +374,7 @@ class CrossAttentionProcessor(_Processor):
             return None, ones, ones
         skip = inputs.mirrored_rows
         routing = inputs.routing_features[skip:].to(hidden_states.dtype)
-        coarse, fine = self.router(routing, hidden_states[skip:], ctx.logit_bias(size)[skip:])
+        coarse, fine = self.router(routing, hidden_states[skip:], ctx.logit_bias(size)[skip:], size)
         coarse, soft, gates = coarse.softmax(dim=1), fine.softmax(dim=1), hard_routes(fine, training=inputs.training)
         if skip:
             coarse, soft, gates = (torch.cat([x, x]) for x in (coarse, soft, gates))

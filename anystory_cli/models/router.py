@@ -10,6 +10,11 @@ compared with the layer's latent tokens:
 
 The refined soft map ``M`` is what the routing loss supervises; the hard map ``σ(M)`` (argmax
 one-hot at inference, straight-through hard Gumbel-softmax in training) is what gates injection.
+
+The paper projects each latent token on its own. ``context_layers > 0`` (our choice, off by
+default) first passes the layer's token grid through that many 3x3 convolutions, so a token's keys
+see its neighbourhood: on a small base a latent pixel is a 4x4-pixel patch that says little about
+whose it is (model card, session 13), and the patches around it say more.
 """
 
 from __future__ import annotations
@@ -26,14 +31,16 @@ ROUTING_LOSS_WEIGHT = 0.1  # λ in paper Eq. 4
 class LayerRouter(nn.Module):
     """Router of one cross-attention layer: (B, E, routing_dim) x (B, L, latent_dim) -> (B, E, L)."""
 
-    def __init__(self, routing_dim: int, latent_dim: int, hidden_dim: int):
+    def __init__(self, routing_dim: int, latent_dim: int, hidden_dim: int,
+                 context_layers: int = 0, context_dim: int = 128):
         super().__init__()
         self.hidden_dim, self.routing_dim = hidden_dim, routing_dim
         self.scale = hidden_dim**-0.5
+        self.context = _token_context(latent_dim, context_dim, context_layers)
         # Everything computed from the L latent tokens in one matrix product (this runs at every
         # cross-attention layer of every step): keys of the coarse map, of the refinement and of
         # the refined map, and the refinement's values.
-        self.latent_proj = nn.Linear(latent_dim, 3 * hidden_dim + routing_dim)
+        self.latent_proj = nn.Linear(context_dim if context_layers else latent_dim, 3 * hidden_dim + routing_dim)
         # Projections of the E routing features: cheap, E is at most a handful.
         self.coarse_query = nn.Linear(routing_dim, hidden_dim)
         self.refine_norm = nn.LayerNorm(routing_dim)
@@ -52,12 +59,15 @@ class LayerRouter(nn.Module):
         routing_features: torch.Tensor,  # (B, E, routing_dim), E = N + 1, background last
         hidden_states: torch.Tensor,  # (B, L, latent_dim): the normed input of the cross-attention
         logit_bias: torch.Tensor | None = None,  # (B, E, L): 0 allowed, MASKED forbidden
+        size: tuple[int, int] | None = None,  # (h, w) of the token grid; needed with context layers
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (coarse, refined) routing logits, each (B, E, L); softmax over E gives a map.
         Only the refined map gates injection. The coarse map only picks, through its argmax, what
         each routing feature may attend to; that choice carries no gradient, so the routing loss
         supervises the coarse map as well (our choice; the paper is silent on it)."""
         h = self.hidden_dim
+        if self.context is not None:
+            hidden_states = _on_grid(self.context, hidden_states, size)
         coarse_keys, refine_keys, fine_keys, refine_values = self.latent_proj(hidden_states).split(
             [h, h, h, self.routing_dim], dim=-1
         )
@@ -69,6 +79,25 @@ class LayerRouter(nn.Module):
         attention = self._logits(self.refine_query(self.refine_norm(routing_features)), refine_keys, not_own)
         refined = routing_features + attention.softmax(dim=-1) @ refine_values
         return coarse, self._logits(self.fine_query(refined), fine_keys, logit_bias)
+
+
+def _token_context(latent_dim: int, width: int, layers: int) -> nn.Sequential | None:
+    """`layers` 3x3 convolutions (each followed by GELU) over the token grid, or None."""
+    if layers == 0:
+        return None
+    convs = []
+    for i in range(layers):
+        convs += [nn.Conv2d(latent_dim if i == 0 else width, width, 3, padding=1), nn.GELU()]
+    return nn.Sequential(*convs)
+
+
+def _on_grid(module: nn.Module, tokens: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Apply a convolutional `module` to (B, L, C) tokens laid out row-major on an (h, w) grid."""
+    if size is None or size[0] * size[1] != tokens.shape[1]:
+        raise ValueError(f"a router with context layers needs the grid size of its {tokens.shape[1]} tokens, got {size}")
+    batch, _, channels = tokens.shape
+    grid = tokens.transpose(1, 2).reshape(batch, channels, *size)
+    return module(grid).flatten(2).transpose(1, 2)
 
 
 def hard_routes(logits: torch.Tensor, training: bool, tau: float = 1.0) -> torch.Tensor:
