@@ -7,6 +7,7 @@ whose routers read each latent token alone), alternating, in one process, from t
 
 The two adapters differ only in their routers (router_context_layers 2 against 0) and in their
 routing QFormer's weights; both draw the same 25 steps with the same routing work otherwise.
+Session 13: 2.035 s against 1.641 s per panel, x1.24 (--runs 5).
 """
 
 from __future__ import annotations
