@@ -67,6 +67,7 @@ processes x batch_size x grad_accumulation); only the main process writes checkp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -74,7 +75,6 @@ import shutil
 import tempfile
 import time
 import warnings
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal
