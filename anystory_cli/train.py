@@ -505,8 +505,8 @@ def _rebuilt_with_options(adapter: AnyStoryAdapter, recipe: TrainRecipe) -> AnyS
     config = dataclasses.replace(adapter.config, **recipe.adapter_options)
     rebuilt = AnyStoryAdapter(config, reference_net=adapter.reference_net)
     for group, module in rebuilt.named_children():
-        wanted, given = module.state_dict(), getattr(adapter, group).state_dict()
-        if wanted.keys() == given.keys() and all(wanted[k].shape == given[k].shape for k in wanted):
+        given = getattr(adapter, group).state_dict()
+        if _same_layout(module.state_dict(), given):
             module.load_state_dict(given)
         elif group not in trainable_groups(recipe.stage):
             raise InputError(f"adapter_options change the adapter's {group}, which stage {recipe.stage} "
@@ -514,11 +514,16 @@ def _rebuilt_with_options(adapter: AnyStoryAdapter, recipe: TrainRecipe) -> AnyS
     return rebuilt
 
 
+def _same_layout(wanted: dict, given: dict) -> bool:
+    """Whether two state dicts have the same names and shapes (`given` loads into `wanted`'s module)."""
+    return wanted.keys() == given.keys() and all(wanted[k].shape == given[k].shape for k in wanted)
+
+
 def copy_groups(source: AnyStoryAdapter, target: AnyStoryAdapter, groups: tuple[str, ...]) -> None:
     """Overwrite `groups` of `target` with `source`'s; ModelError if their shapes differ."""
     for group in groups:
         wanted, given = getattr(target, group).state_dict(), getattr(source, group).state_dict()
-        if wanted.keys() != given.keys() or any(wanted[k].shape != given[k].shape for k in wanted):
+        if not _same_layout(wanted, given):
             raise ModelError(f"init_trained_groups: its {group} does not fit the adapter's")
         getattr(target, group).load_state_dict({k: v.to(wanted[k].dtype) for k, v in given.items()})
 

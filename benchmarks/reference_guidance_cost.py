@@ -34,12 +34,17 @@ def draw(pipe, characters, reference_guidance: bool) -> None:
          generator=torch.Generator().manual_seed(0), output_type="np")
 
 
+def demo_characters(pipe) -> list:
+    """The demo's three characters, encoded by `pipe`."""
+    return [pipe.encode_character(load_image(ROOT / "stories" / "characters" / f"{name}.png", "reference"), name=name)
+            for name in NAMES]
+
+
 def main() -> None:
     args = parse_args()
     with torch.inference_mode():
         pipe = load_pipeline("default")
-        characters = [pipe.encode_character(load_image(ROOT / "stories" / "characters" / f"{name}.png", "reference"),
-                                            name=name) for name in NAMES]
+        characters = demo_characters(pipe)
         medians = alternate({"reference_guidance": lambda: draw(pipe, characters, True),
                              "references_in_both_halves": lambda: draw(pipe, characters, False)}, args.runs)
     medians = {k: round(v, 3) for k, v in medians.items()}

@@ -7,7 +7,7 @@ whose routers read each latent token alone), alternating, in one process, from t
 
 The two adapters differ only in their routers (router_context_layers 2 against 0) and in their
 routing QFormer's weights; both draw the same 25 steps with the same routing work otherwise.
-Session 13: 2.035 s against 1.641 s per panel, x1.24 (--runs 5).
+Session 13: 2.035 s against 1.641 s per panel, x1.24 (--runs 5); with --runs 9, x1.14 and x1.24.
 """
 
 from __future__ import annotations
@@ -18,28 +18,18 @@ import sys
 import torch
 
 from anystory_cli.model_loading import load_pipeline
-from reference_guidance_cost import NAMES, PROMPT, REGIONS, ROOT
-from anystory_cli.masks import load_image
+from reference_guidance_cost import demo_characters, draw
 from side_by_side import alternate, parse_args
 
 
-def draw(pipe, characters) -> None:
-    pipe(PROMPT, characters=characters, regions=REGIONS, num_inference_steps=25, guidance_scale=4.0,
-         guidance_interval=(0.0, 0.7), generator=torch.Generator().manual_seed(0), output_type="np")
-
-
 def main() -> None:
-    other = sys.argv.pop(1) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else None
-    if other is None:
-        sys.exit(__doc__.strip().splitlines()[-5].strip())
-    args = parse_args()
+    args = parse_args("other_adapter")
     with torch.inference_mode():
         drawers = {}
-        for name, adapter in (("shipped", None), ("other", other)):
+        for name, adapter in (("shipped", None), ("other", args.other_adapter)):
             pipe = load_pipeline("default", adapter=adapter)
-            characters = [pipe.encode_character(load_image(ROOT / "stories" / "characters" / f"{n}.png", "reference"),
-                                                name=n) for n in NAMES]
-            drawers[name] = (lambda pipe=pipe, characters=characters: draw(pipe, characters))
+            characters = demo_characters(pipe)
+            drawers[name] = (lambda pipe=pipe, characters=characters: draw(pipe, characters, True))
             print(f"{name}: router_context_layers {pipe.adapter.config.router_context_layers}", file=sys.stderr)
         medians = alternate(drawers, args.runs)
     medians = {k: round(v, 3) for k, v in medians.items()}

@@ -11,9 +11,11 @@ from typing import Callable
 import torch
 
 
-def parse_args() -> argparse.Namespace:
-    """--runs and --threads; sets torch's thread count."""
+def parse_args(*positional: str) -> argparse.Namespace:
+    """The required `positional` arguments, --runs and --threads; sets torch's thread count."""
     parser = argparse.ArgumentParser()
+    for name in positional:
+        parser.add_argument(name)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
