@@ -1,6 +1,6 @@
 """How well can a router tell characters apart from the features it reads? (model card, session 13)
 
-    python benchmarks/router_keys_probe.py [--keys linear|mlp|conv1|conv2] [--loss mse|ce] [--layer 2]
+    python benchmarks/router_keys_probe.py [--keys linear|mlp|conv1|conv2|conv3] [--loss mse|ce] [--layer 2]
                                            [--adapter FILE]
 
 On noised rendered scenes (t = 20, 100, 300), the shipped default model is run once per scene
@@ -10,7 +10,7 @@ Then a fresh router is trained on those frozen inputs alone (600 scenes of train
 and scored on 150 scenes of held-out ones, beside the shipped router on the same inputs: the share
 of a character's pixels routed to it, and the instance IoU, as `anystory evaluate adapter` counts
 them. The keys are the paper's per-token projection (`linear`), a per-token MLP (`mlp`), or one
-or two 3x3 convolutions of the token grid first (`conv1`, `conv2`, `router_context_layers`).
+one to three 3x3 convolutions of the token grid first (`conv1` to `conv3`, `router_context_layers`).
 The captured inputs are kept in runs/router_keys/ (a few minutes to make, reused). The model card's
 figures are on the adapter shipped before session 13 (`git show 834a478:anystory_cli/assets/default/anystory_adapter.safetensors`).
 """
@@ -136,7 +136,7 @@ def score(records: list[dict], predictions) -> dict[int, tuple[float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--keys", choices=["linear", "mlp", "conv1", "conv2"], default="conv2")
+    parser.add_argument("--keys", choices=["linear", "mlp", "conv1", "conv2", "conv3"], default="conv2")
     parser.add_argument("--loss", choices=["mse", "ce"], default="mse")
     parser.add_argument("--layer", type=int, default=2, help="which 16x16 layer, in forward order (2: the last)")
     parser.add_argument("--iterations", type=int, default=2000)
