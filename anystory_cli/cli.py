@@ -839,7 +839,7 @@ def _adapter_pipeline(model: str, adapter: Optional[Path]):
 
 
 def _print_adapter_result(result: dict) -> None:
-    from .evaluate import sampling_label
+    from .evaluate import interval_words, sampling_label
 
     counts = [c for c in ("1", "2", "3", "4") if c in result["rendered"]]
     height, width = result["image_size"]
@@ -864,8 +864,8 @@ def _print_adapter_result(result: dict) -> None:
                f"characters found in their regions {_format_rate(placement['found_in_region'])}")
     for key, goal in result["goals"].items():
         sign = "<=" if key.endswith("_max") else ">="
-        typer.echo(f"goal {key} {sign} {goal:.2f}: {_format_rate(result['reached'][key]).strip()} "
-                   f"({'met' if result['goals_met'][key] else 'not met'})")
+        typer.echo(f"goal {key} {sign} {goal:.2f}: {_format_rate(result['reached'][key]).strip()}"
+                   f"{interval_words(result, key)} ({'met' if result['goals_met'][key] else 'not met'})")
     if "report" in result:
         typer.echo(f"report: {result['report']['html']}")
 

@@ -407,6 +407,28 @@ def _by_count(panels: list[EvalPanel], per_panel: list[list[dict]]) -> dict:
     return {key: summarise_characters(records) for key, records in groups.items() if records}
 
 
+def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95 % Wilson score interval of a rate seen `successes` times in `trials`: unlike
+    rate ± 2 standard errors it stays inside 0..1 and is not empty at 0 of 32, which is where the
+    blending goal (<= 0.05) is read. (nan, nan) without trials."""
+    if trials == 0:
+        return float("nan"), float("nan")
+    rate, spread = successes / trials, z * z / trials
+    centre = (rate + spread / 2) / (1 + spread)
+    half = z * np.sqrt(rate * (1 - rate) / trials + spread / (4 * trials)) / (1 + spread)
+    return round(float(max(0.0, centre - half)), 4), round(float(min(1.0, centre + half)), 4)
+
+
+def _goal_intervals(panels: list[EvalPanel], judged: list[list[dict]]) -> dict[str, tuple[float, float]]:
+    """95 % intervals of the rate goals: how far the panels drawn can tell a goal met from missed."""
+    def interval(count: int, verdict: str) -> tuple[float, float]:
+        records = [r for p, rs in zip(panels, judged) if len(p.scene.instances) == count for r in rs]
+        return wilson_interval(sum(bool(r[verdict]) for r in records), len(records))
+
+    return {"single_identity": interval(1, "right"), "two_identity": interval(2, "right"),
+            "two_blending_max": interval(2, "blended")}
+
+
 def draw_panel(pipe, panel: EvalPanel, encodings: list, variant: str, steps: int, guidance: float,
                record_routing: bool = False, guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
                subject_strength: float = 1.0, reference_strength: float = 0.0,
@@ -600,6 +622,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
                       "found_in_region": anystory["multi"]["found"] if "multi" in anystory else float("nan")},
         "routing_iou": iou,
         "goals": dict(ADAPTER_GOALS), "reached": reached, "goals_met": met,
+        "goal_intervals": {k: list(v) for k, v in _goal_intervals(panels, judged["anystory"]).items()},
         "image_size": list(panel_size), "routing_iou_image_size": [size, size],
         "judge_heldout": {k: v for k, v in _judge_heldout(judge, panel_size).items() if not isinstance(v, dict)},
         "seconds": {"draw": round(draw_seconds, 1), "total": round(time.perf_counter() - started, 1)},
@@ -740,6 +763,12 @@ def _routing_sheet(panels: list[EvalPanel], generated: list[np.ndarray], routing
     return sheet
 
 
+def interval_words(result: dict, goal: str) -> str:
+    """' (95 % interval 0.02-0.20)' for a rate goal, '' for the others (and older results)."""
+    low, high = result.get("goal_intervals", {}).get(goal, (None, None))
+    return "" if low is None else f" (95 % interval {_rate(low)}-{_rate(high)})"
+
+
 def _rate(value) -> str:
     return "–" if value is None or value != value else f"{value:.2f}"
 
@@ -777,7 +806,8 @@ def _adapter_html(result: dict) -> str:
                        for key, suffix in (("by_resolution", ""), ("foreground_by_resolution", ", any character"))
                        for side, by_t in iou[key].items())
     goals = "".join(f"<li>{escape(k)}: goal {'≤' if k.endswith('_max') else '≥'} {v:.2f}, reached "
-                    f"{_rate(result['reached'][k])} — {'met' if result['goals_met'][k] else 'not met'}</li>"
+                    f"{_rate(result['reached'][k])}{escape(interval_words(result, k))} — "
+                    f"{'met' if result['goals_met'][k] else 'not met'}</li>"
                     for k, v in result["goals"].items())
     placement = result["placement"]
     return f"""<!doctype html><meta charset="utf-8"><title>AnyStory evaluation</title>

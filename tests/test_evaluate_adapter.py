@@ -541,6 +541,11 @@ def test_evaluate_adapter_end_to_end(evaluation):
                                  "routing_iou_finest_late": result["routing_iou"]["finest_late"]}
     assert set(result["goals_met"]) == set(ev.ADAPTER_GOALS) and all(isinstance(v, bool) for v in result["goals_met"].values())
     assert result["goals_met"]["two_blending_max"] == (anystory["2"]["blended"] <= ev.ADAPTER_GOALS["two_blending_max"])
+    intervals = result["goal_intervals"]
+    assert set(intervals) == {"single_identity", "two_identity", "two_blending_max"}  # the rates, not the IoU
+    for goal, (low, high) in intervals.items():
+        assert 0.0 <= low <= result["reached"][goal] <= high <= 1.0, goal
+        assert high - low > 0.3, goal  # one or two characters tell little
     assert result["placement"]["found_in_region"] == anystory["multi"]["found"]
     assert 0.0 <= result["placement"]["routing_share_in_region"] <= 1.0
     assert result["routing_iou"]["scenes"] == 1 and result["routing_iou"]["finest_resolution"] == "16"
@@ -555,6 +560,17 @@ def test_evaluate_adapter_end_to_end(evaluation):
     json.dumps(result)  # a plain dict
 
 
+def test_wilson_interval_matches_a_hand_worked_value_and_its_limits():
+    # 2 of 32 (two-character blending on 16 panels): centre 0.1094, half-width 0.0921.
+    assert ev.wilson_interval(2, 32) == pytest.approx((0.0173, 0.2015), abs=2e-4)
+    low, high = ev.wilson_interval(0, 32)
+    assert low == 0.0 and high == pytest.approx(0.1072, abs=2e-4)  # 0 of 32 does not prove a rate of 0
+    low, high = ev.wilson_interval(32, 32)
+    assert high == 1.0 and low == pytest.approx(0.8928, abs=2e-4)  # symmetric to 0 of 32
+    assert ev.wilson_interval(20, 320)[1] - ev.wilson_interval(20, 320)[0] < high - low  # narrows with more panels
+    assert all(math.isnan(v) for v in ev.wilson_interval(0, 0))
+
+
 def test_evaluate_adapter_writes_its_report(evaluation):
     result, folder, _ = evaluation
     assert result["report"] == {
@@ -566,6 +582,8 @@ def test_evaluate_adapter_writes_its_report(evaluation):
             image.verify()
     html = (folder / "index.html").read_text()
     assert html.startswith("<!doctype html>") and "samples.png" in html and "routing.png" in html
+    low, high = result["goal_intervals"]["two_blending_max"]
+    assert f"(95 % interval {low:.2f}-{high:.2f})" in html
     assert "<table>" in html and all(v in html for v in ev.ADAPTER_VARIANTS)
     report = json.loads((folder / "report.json").read_text())
     assert "report" not in report
@@ -702,6 +720,11 @@ def test_cli_evaluate_adapter_prints_a_table_and_writes_the_report(pipe, monkeyp
     assert result.exit_code == 0, result.output
     assert "identity" in result.stdout and "text_only" in result.stdout and "no_router" not in result.stdout
     assert f"report: {tmp_path / 'report' / 'index.html'}" in result.stdout
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    low, high = report["goal_intervals"]["two_identity"]
+    assert f"goal two_identity >= 0.85: {report['reached']['two_identity']:.2f} (95 % interval {low:.2f}-{high:.2f})" \
+        in result.stdout
+    assert "goal routing_iou_finest_late >= 0.80: " in result.stdout
     assert (tmp_path / "report" / "report.json").is_file()
 
 
