@@ -400,11 +400,17 @@ def summarise_characters(records: list[dict]) -> dict:
     return out
 
 
-def _by_count(panels: list[EvalPanel], per_panel: list[list[dict]]) -> dict:
+def _records_by_count(panels: list[EvalPanel], per_panel: list[list[dict]]) -> dict[str, list[dict]]:
+    """Character records grouped by the panel's number of characters ("1".."4"), and "multi" (2-4)."""
     groups = {str(c): [r for p, rs in zip(panels, per_panel) if len(p.scene.instances) == c for r in rs]
               for c in range(1, MAX_CHARACTERS + 1)}
     groups["multi"] = [r for p, rs in zip(panels, per_panel) if len(p.scene.instances) > 1 for r in rs]
-    return {key: summarise_characters(records) for key, records in groups.items() if records}
+    return groups
+
+
+def _by_count(panels: list[EvalPanel], per_panel: list[list[dict]]) -> dict:
+    return {key: summarise_characters(records) for key, records in _records_by_count(panels, per_panel).items()
+            if records}
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
@@ -421,12 +427,13 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
 
 def _goal_intervals(panels: list[EvalPanel], judged: list[list[dict]]) -> dict[str, tuple[float, float]]:
     """95 % intervals of the rate goals: how far the panels drawn can tell a goal met from missed."""
-    def interval(count: int, verdict: str) -> tuple[float, float]:
-        records = [r for p, rs in zip(panels, judged) if len(p.scene.instances) == count for r in rs]
-        return wilson_interval(sum(bool(r[verdict]) for r in records), len(records))
+    groups = _records_by_count(panels, judged)
 
-    return {"single_identity": interval(1, "right"), "two_identity": interval(2, "right"),
-            "two_blending_max": interval(2, "blended")}
+    def interval(count: str, verdict: str) -> tuple[float, float]:
+        return wilson_interval(sum(bool(r[verdict]) for r in groups[count]), len(groups[count]))
+
+    return {"single_identity": interval("1", "right"), "two_identity": interval("2", "right"),
+            "two_blending_max": interval("2", "blended")}
 
 
 def draw_panel(pipe, panel: EvalPanel, encodings: list, variant: str, steps: int, guidance: float,

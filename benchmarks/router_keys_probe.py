@@ -9,7 +9,7 @@ routing features of the scene's characters and the background, and the layer's l
 Then a fresh router is trained on those frozen inputs alone (600 scenes of training identities)
 and scored on 150 scenes of held-out ones, beside the shipped router on the same inputs: the share
 of a character's pixels routed to it, and the instance IoU, as `anystory evaluate adapter` counts
-them. The keys are the paper's per-token projection (`linear`), a per-token MLP (`mlp`), or one
+them. The keys are the paper's per-token projection (`linear`), a per-token MLP (`mlp`), or
 one to three 3x3 convolutions of the token grid first (`conv1` to `conv3`, `router_context_layers`).
 The captured inputs are kept in runs/router_keys/ (a few minutes to make, reused). The model card's
 figures are on the adapter shipped before session 13 (`git show 834a478:anystory_cli/assets/default/anystory_adapter.safetensors`).
