@@ -187,19 +187,33 @@ def _join_prompt(prefix: str, prompt: str, suffix: str) -> str:
 
 
 def placement_boxes(refs: Sequence[CharacterRef]) -> list[BoxTuple]:
-    """Each character's region: its `at` (left/right/center or a box) if given, else the i-th
-    of n equal columns (a lone character: the centre), below the top fifth of the frame."""
+    """Each character's region, below the top fifth of the frame.
+
+    A lone character: its `at` word's half-width box (no word: the centre one). Several: the
+    panel is cut into one equal column per character, and a word pins its character to a column
+    (left the first, right the last, center the middle one, or a column's width at the middle
+    when there is no middle column); characters without `at` take the columns no word pinned,
+    left to right in the order listed. A box is used as given. Columns rather than the words'
+    half-width boxes because overlapping regions draw worse: three characters at left, center
+    and right got boxes that shared half their width, and the one in the middle was drawn as a
+    neighbour (README, "Regions")."""
+    if len(refs) == 1 and not isinstance(refs[0].at, BoxSpec):
+        return [PLACEMENT_BOXES[refs[0].at or "center"]]
+    n = len(refs)
+    column = [(i / n, CHARACTER_TOP, (i + 1) / n, 1.0) for i in range(n)]
+    pinned = {"left": 0, "right": n - 1, "center": n // 2 if n % 2 else None}
+    taken = {pinned[ref.at] for ref in refs if isinstance(ref.at, str)}
+    free = iter(i for i in range(n) if i not in taken)
     boxes = []
-    for position, ref in enumerate(refs):
+    for ref in refs:
         if isinstance(ref.at, BoxSpec):
             boxes.append(tuple(float(v) for v in ref.at.box))
-        elif isinstance(ref.at, str):
-            boxes.append(PLACEMENT_BOXES[ref.at])
-        elif len(refs) == 1:
-            boxes.append(PLACEMENT_BOXES["center"])
-        else:
-            n = len(refs)
-            boxes.append((position / n, CHARACTER_TOP, (position + 1) / n, 1.0))
+        elif ref.at is None:
+            boxes.append(column[next(free)])
+        elif pinned[ref.at] is not None:
+            boxes.append(column[pinned[ref.at]])
+        else:  # center with an even number of characters
+            boxes.append((0.5 - 0.5 / n, CHARACTER_TOP, 0.5 + 0.5 / n, 1.0))
     return boxes  # type: ignore[return-value]
 
 

@@ -317,7 +317,11 @@ class CharacterRef(_Strict):
     """A character in a panel, optionally placed (left/right/center or a box)."""
 
     name: CharacterName
-    at: Placement | None = None
+    at: Placement | None = Field(
+        None, description="Where it stands: with several characters the panel has one column each and left, "
+        "center or right pins this one to the first, middle or last; alone, the left, middle or right half; "
+        "or a box in 0..1 of the panel.",
+    )
 
 
 def _name_to_ref(value: Any) -> Any:

@@ -123,16 +123,43 @@ def test_placements_map_to_boxes():
         CHARACTERS,
     )
     first, second, third = build_plan(story)
+    top = CHARACTER_TOP
+    # Several characters: one column each; the words pin columns, a box is used as given.
     assert [(c.name, c.box) for c in first.characters] == [
-        ("mira", PLACEMENT_BOXES["left"]),
-        ("bolt", PLACEMENT_BOXES["right"]),
+        ("mira", (0.0, top, 1 / 3, 1.0)),
+        ("bolt", (2 / 3, top, 1.0, 1.0)),
         ("pip", (0.1, 0.2, 0.3, 0.4)),
     ]
     assert second.characters[0].box == PLACEMENT_BOXES["center"]
-    top = CHARACTER_TOP
+    # pip is pinned to the middle column; the others take the free ones in the order listed.
     assert [c.box for c in third.characters] == [
-        (0.0, top, 1 / 3, 1.0), (1 / 3, top, 2 / 3, 1.0), PLACEMENT_BOXES["center"],
+        (0.0, top, 1 / 3, 1.0), (2 / 3, top, 1.0, 1.0), (1 / 3, top, 2 / 3, 1.0),
     ]
+
+
+@pytest.mark.parametrize("refs, expected", [
+    # a lone character: the word's half-width box, the centre one without a word
+    ([{"name": "mira", "at": "left"}], [PLACEMENT_BOXES["left"]]),
+    (["mira"], [PLACEMENT_BOXES["center"]]),
+    # two characters, one pinned right: the other takes the free left column, not the same one
+    ([{"name": "mira", "at": "right"}, "bolt"], [(0.5, CHARACTER_TOP, 1.0, 1.0), (0.0, CHARACTER_TOP, 0.5, 1.0)]),
+    # left / center / right among three: disjoint thirds (the words' own boxes would overlap)
+    ([{"name": "mira", "at": "left"}, {"name": "bolt", "at": "center"}, {"name": "pip", "at": "right"}],
+     [(0.0, CHARACTER_TOP, 1 / 3, 1.0), (1 / 3, CHARACTER_TOP, 2 / 3, 1.0), (2 / 3, CHARACTER_TOP, 1.0, 1.0)]),
+    # no middle column among four: a column's width at the middle
+    ([{"name": "mira", "at": "center"}, "bolt", "pip", "moss"],
+     [(0.375, CHARACTER_TOP, 0.625, 1.0), (0.0, CHARACTER_TOP, 0.25, 1.0), (0.25, CHARACTER_TOP, 0.5, 1.0),
+      (0.5, CHARACTER_TOP, 0.75, 1.0)]),
+])
+def test_placement_words_pin_columns(refs, expected):
+    from anystory_cli.plan import placement_boxes
+    from anystory_cli.story import CharacterRef
+
+    parsed = [CharacterRef(name=r) if isinstance(r, str) else CharacterRef(**r) for r in refs]
+    boxes = placement_boxes(parsed)
+    assert len(boxes) == len(expected)
+    for box, want in zip(boxes, expected):
+        assert box == pytest.approx(want)
 
 
 # --------------------------------------------------------------------------------------------
