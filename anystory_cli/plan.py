@@ -192,11 +192,11 @@ def placement_boxes(refs: Sequence[CharacterRef]) -> list[BoxTuple]:
     A lone character: its `at` word's half-width box (no word: the centre one). Several: the
     panel is cut into one equal column per character, and a word pins its character to a column
     (left the first, right the last, center the middle one, or a column's width at the middle
-    when there is no middle column); characters without `at` take the columns no word pinned,
-    left to right in the order listed. A box is used as given. Columns rather than the words'
-    half-width boxes because overlapping regions draw worse: three characters at left, center
-    and right got boxes that shared half their width, and the one in the middle was drawn as a
-    neighbour (README, "Regions")."""
+    when there is no middle column); the other characters take the columns no word pinned, left
+    to right in the order listed, and one with a box stands in its box. Columns rather than the
+    words' half-width boxes because overlapping regions draw worse: three characters at left,
+    center and right got boxes that shared half their width, and the one in the middle was drawn
+    as a neighbour (README, "Regions")."""
     if len(refs) == 1 and not isinstance(refs[0].at, BoxSpec):
         return [PLACEMENT_BOXES[refs[0].at or "center"]]
     n = len(refs)
@@ -207,6 +207,7 @@ def placement_boxes(refs: Sequence[CharacterRef]) -> list[BoxTuple]:
     boxes = []
     for ref in refs:
         if isinstance(ref.at, BoxSpec):
+            next(free)  # takes its turn, so that the characters listed after it keep their columns
             boxes.append(tuple(float(v) for v in ref.at.box))
         elif ref.at is None:
             boxes.append(column[next(free)])

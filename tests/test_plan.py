@@ -146,6 +146,9 @@ def test_placements_map_to_boxes():
     # left / center / right among three: disjoint thirds (the words' own boxes would overlap)
     ([{"name": "mira", "at": "left"}, {"name": "bolt", "at": "center"}, {"name": "pip", "at": "right"}],
      [(0.0, CHARACTER_TOP, 1 / 3, 1.0), (1 / 3, CHARACTER_TOP, 2 / 3, 1.0), (2 / 3, CHARACTER_TOP, 1.0, 1.0)]),
+    # a box takes its turn: the character listed after it keeps the second column
+    ([{"name": "mira", "at": {"box": [0.1, 0.2, 0.3, 0.4]}}, "bolt"],
+     [(0.1, 0.2, 0.3, 0.4), (0.5, CHARACTER_TOP, 1.0, 1.0)]),
     # no middle column among four: a column's width at the middle
     ([{"name": "mira", "at": "center"}, "bolt", "pip", "moss"],
      [(0.375, CHARACTER_TOP, 0.625, 1.0), (0.0, CHARACTER_TOP, 0.25, 1.0), (0.25, CHARACTER_TOP, 0.5, 1.0),
