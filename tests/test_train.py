@@ -521,33 +521,36 @@ def test_init_trained_groups_replaces_only_the_stage_s_groups(tmp_path):
         assert torch.equal(value, source.state_dict()[key]), key
 
 
-@pytest.mark.parametrize("name", ["world_stage2.yaml", "world_stage2_context.yaml"])
-def test_stage2_recipes_build_routers_that_the_shipped_ones_load_into(name):
-    """A stage-2 recipe of the default model starts from a stage-1 adapter (the shipped one, or
-    a fresh world_stage1.yaml run's) and copies the shipped routers into it (init_trained_groups),
-    or continues them; its adapter_options must give them the shipped layout, or the run fails at
-    its start, as world_stage2.yaml did after session 13's context routers shipped."""
-    import dataclasses
+def _shipped_recipe(name: str, tmp_path, **fields):
+    """recipes/NAME through `load_recipe`, its `../` paths made absolute and `fields` replaced
+    (the datasets it names live in runs/, which a checkout has not drawn)."""
     from pathlib import Path
 
     import yaml
 
-    from anystory_cli.models.adapter import AnyStoryAdapter
-    from anystory_cli.train import copy_groups, trainable_groups
-    from anystory_cli.weights import load_adapter
-    from anystory_cli.world.base_models import load_default_base
+    root = Path(__file__).resolve().parent.parent
+    recipe = yaml.safe_load((root / "recipes" / name).read_text().replace("../", f"{root}/"))
+    recipe.update({key: str(value) for key, value in fields.items()})
+    copy = tmp_path / name
+    copy.write_text(yaml.safe_dump(recipe))
+    return load_recipe(copy)
 
-    recipes = Path(__file__).parent.parent / "recipes"
-    recipe = yaml.safe_load((recipes / name).read_text())
-    start = recipes / recipe["init_adapter"]
-    if start.is_file():
-        config = load_adapter(start).config
-    else:  # the output of a fresh stage 1, as world_stage1.yaml builds it
-        assert "world_stage1_out" in recipe["init_adapter"]
-        stage1 = yaml.safe_load((recipes / "world_stage1.yaml").read_text())
-        pipe, image_encoder = load_default_base()
-        options = {"max_characters": 4, **stage1.get("adapter_options", {})}  # train.make_adapter's
-        config = AnyStoryAdapter.from_unet(pipe.unet, image_encoder.config.hidden_size, **options).config
-    built = AnyStoryAdapter(dataclasses.replace(config, **recipe.get("adapter_options", {})))
-    shipped = load_adapter(recipes / (recipe.get("init_trained_groups") or recipe["init_adapter"]))
-    copy_groups(shipped, built, trainable_groups(recipe["stage"]))  # raises ModelError if they do not fit
+
+@pytest.mark.parametrize("name", ["world_stage2.yaml", "world_stage2_context.yaml"])
+def test_stage2_recipes_build_routers_that_the_shipped_ones_load_into(name, tmp_path):
+    """A stage-2 recipe of the default model starts from a stage-1 adapter (the shipped one, or
+    a fresh world_stage1.yaml run's) and copies the shipped routers into it (init_trained_groups),
+    or continues them; its adapter_options must give them the shipped layout, or the run fails at
+    its start, as world_stage2.yaml did after session 13's context routers shipped. The trainer's
+    own `make_adapter` builds both stages' adapters here."""
+    from anystory_cli.train import load_components, make_adapter
+    from anystory_cli.weights import save_adapter
+
+    (tmp_path / "train.jsonl").write_text("")
+    stage1 = _shipped_recipe("world_stage1.yaml", tmp_path, data=tmp_path / "train.jsonl")
+    components = load_components(stage1)
+    stage2 = _shipped_recipe(name, tmp_path, data=tmp_path / "train.jsonl")
+    if "world_stage1_out" in stage2.init_adapter.as_posix():  # starts from a stage-1 run not drawn here
+        fresh = save_adapter(make_adapter(stage1, components), tmp_path / "stage1.safetensors")
+        stage2 = _shipped_recipe(name, tmp_path, data=tmp_path / "train.jsonl", init_adapter=fresh)
+    make_adapter(stage2, components)  # ModelError if the shipped routers do not fit the recipe's
