@@ -173,14 +173,7 @@ def _parse(data: bytes, key: str, model_id: str):
         return None, "from an older version of the cache (no key in its metadata)"
     if metadata["cache_key"] != key:
         return None, f"stored under the wrong name (it holds key {metadata['cache_key']!r})"
-    prefix = "reference/"
-    return CharacterEncoding(
-        subject_tokens=tensors["subject_tokens"],
-        routing_feature=tensors["routing_feature"],
-        reference_features={k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-        model_id=metadata["model_id"],
-        name=metadata.get("name", ""),
-    ), None
+    return CharacterEncoding.from_tensors(tensors, metadata), None
 
 
 def _stamp_checksum(path: Path, key: str) -> None:

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import typer
 
 from . import __version__
+from .figures import DEFAULT_PASTE_AT
 from .guidance import DEFAULT_INTERVAL
 
 # The seams tests use to put a tiny real pipeline in place of the model loader:
@@ -775,13 +776,16 @@ def evaluate_adapter_command(
                                              help="Bias towards reference features (gamma), as a story's style."),
     reference_guidance: bool = typer.Option(True, "--reference-guidance/--no-reference-guidance",
                                             help="Guidance amplifies the references too, as a story's style."),
+    paste_at: float = typer.Option(DEFAULT_PASTE_AT, "--paste-references-at", min=0.0, max=1.0,
+                                   help="Noise level t/T at which the references are pasted into their places "
+                                   "(0: never), as a story's style."),
     distractors: int = typer.Option(9, "--distractors", min=1, max=200,
                                     help="Other held-out identities each character is told apart from."),
     routing_scenes: int = typer.Option(12, "--routing-scenes", min=1, max=1000,
                                        help="Noised rendered scenes for the routing IoU (squares, whatever "
                                        "--shape)."),
     shape: Optional[str] = PANEL_SHAPE_OPTION,
-    variants: str = typer.Option(",".join(["anystory", "no_router", "no_reference_net", "no_subject_tokens",
+    variants: str = typer.Option(",".join(["anystory", "no_paste", "no_router", "no_reference_net", "no_subject_tokens",
                                            "text_only"]), "--variants",
                                  help="Comma-separated: anystory and any ablations to draw beside it."),
     model: str = typer.Option("default", "--model", help="'default' or a model folder (see `anystory render`)."),
@@ -822,7 +826,8 @@ def evaluate_adapter_command(
                                       distractors=distractors, routing_scenes=routing_scenes, variants=chosen,
                                       report_dir=report, progress=progress, guidance_interval=interval,
                                       subject_strength=subject_strength, reference_strength=reference_strength,
-                                      shape=panel_shape, reference_guidance=reference_guidance)
+                                      shape=panel_shape, reference_guidance=reference_guidance,
+                                      paste_at=paste_at)
         if as_json:
             typer.echo(json.dumps(json_safe({"ok": True, **result}), indent=2, allow_nan=False))
             return

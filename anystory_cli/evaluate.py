@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import InputError
+from .figures import DEFAULT_PASTE_AT
 from .guidance import DEFAULT_INTERVAL, guided_call_kwargs
 from .judge import (Judge, SceneTruth, _mean, identity_log_likelihood, scene_truth, score_scene, summarise,
                     verdict_of)
@@ -90,6 +91,8 @@ def sampling_label(result: dict) -> str:
         label += f", subject strength {result['subject_strength']}, reference strength {result['reference_strength']}"
         if not result.get("reference_guidance", True):
             label += ", references in both halves of guidance"
+        if result.get("paste_references_at"):
+            label += f", references pasted at t/T {result['paste_references_at']}"
     return label
 
 
@@ -290,6 +293,7 @@ def _who(count: int, positions: list[str], poses: list[str]) -> str:
 
 ADAPTER_VARIANTS: dict[str, dict | None] = {
     "anystory": {},
+    "no_paste": {"paste_at": None},                   # no figure paste (figures.py)
     "no_router": {"route": False},                    # every character at every pixel
     "no_reference_net": {"reference_scale": None},    # subject tokens only
     "no_subject_tokens": {"subject_scale": 0.0},      # reference features only
@@ -359,7 +363,8 @@ def match_to_places(expected: list[tuple[float, float, float, float]], located: 
 
 def judge_panel(judge: Judge, image: np.ndarray, panel: EvalPanel,
                 expected: list[tuple[float, float, float, float]]) -> list[dict]:
-    """One record per character of the panel: found, identified as, right, blended, attributes."""
+    """One record per character of the panel: found, identified as, right, blended, attributes, and
+    whether it is drawn in the pose the caption asks for (`pose`)."""
     verdict = judge.read_scenes(image[None])[0]
     boxes = [c.box for c in verdict.characters]
     log_probs = judge.character_log_probs(image[None], [boxes], as_drawn=True)[0]
@@ -370,14 +375,15 @@ def judge_panel(judge: Judge, image: np.ndarray, panel: EvalPanel,
     for i, j in enumerate(matched):
         truth = identity_from_seed(own[i]).attributes()
         record = {"identity_seed": own[i], "found": j is not None, "identified_as": None,
-                  "right": False, "blended": False, "all_attributes": False,
+                  "right": False, "blended": False, "all_attributes": False, "pose": False,
                   "attributes": {name: False for name, v in truth.items() if v != NOT_APPLICABLE}}
         if j is not None:
             scores = [identity_log_likelihood(log_probs[j], attrs) for _, attrs in candidates]
             chosen = candidates[int(np.argmax(scores))][0]
-            read = verdict_of(log_probs[j]).attributes
+            verdict_j = verdict_of(log_probs[j])
+            read = verdict_j.attributes
             record.update(identified_as=chosen, right=chosen == own[i], blended=chosen in own and chosen != own[i],
-                          all_attributes=read == truth,
+                          all_attributes=read == truth, pose=verdict_j.pose == panel.scene.instances[i].pose,
                           attributes={name: read[name] == v for name, v in truth.items() if v != NOT_APPLICABLE},
                           box=[round(v, 1) for v in boxes[j]])
         records.append(record)
@@ -390,8 +396,8 @@ def _true_places(scene: Scene) -> list[tuple[float, float, float, float]]:
 
 
 def summarise_characters(records: list[dict]) -> dict:
-    """Rates over characters: identity, blending, found, all attributes, each attribute."""
-    out = {key: _mean([r[key] for r in records]) for key in ("right", "blended", "found", "all_attributes")}
+    """Rates over characters: identity, blending, found, all attributes, pose, each attribute."""
+    out = {key: _mean([r[key] for r in records]) for key in ("right", "blended", "found", "all_attributes", "pose")}
     out["identity"] = out.pop("right")
     names = sorted({name for r in records for name in r["attributes"]})
     out["per_attribute"] = {name: _mean([r["attributes"][name] for r in records if name in r["attributes"]])
@@ -439,14 +445,18 @@ def _goal_intervals(panels: list[EvalPanel], judged: list[list[dict]]) -> dict[s
 def draw_panel(pipe, panel: EvalPanel, encodings: list, variant: str, steps: int, guidance: float,
                record_routing: bool = False, guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
                subject_strength: float = 1.0, reference_strength: float = 0.0,
-               size: tuple[int, int] | None = None, reference_guidance: bool = True):
+               size: tuple[int, int] | None = None, reference_guidance: bool = True,
+               paste_at: float = DEFAULT_PASTE_AT):
     """(uint8 image at the pipeline's native size or `size` (height, width), last-step routing
-    layers or None). The strengths are η and γ, as a story's style sets them; an ablation
-    overrides its own."""
+    layers or None). The strengths are η and γ and `paste_at` the figure paste's noise level
+    (0: none), as a story's style sets them; an ablation overrides its own."""
+    from .plan import figure_boxes
+
     options = ADAPTER_VARIANTS[variant]
     if options is not None:
         options = {"subject_scale": subject_strength, "reference_scale": reference_strength,
-                   "reference_guidance": reference_guidance, **options}
+                   "reference_guidance": reference_guidance, "paste_at": paste_at or None,
+                   "figure_boxes": figure_boxes(panel.regions), **options}
     generator = torch.Generator().manual_seed(panel.noise_seed)
     common = dict(num_inference_steps=steps, guidance_scale=guidance, guidance_interval=guidance_interval,
                   generator=generator, output_type="np")
@@ -553,12 +563,13 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
                      progress: Callable[[str, int, int], None] | None = None,
                      guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
                      subject_strength: float = 1.0, reference_strength: float = 0.0,
-                     shape: tuple[int, int] | None = None, reference_guidance: bool = True) -> dict:
+                     shape: tuple[int, int] | None = None, reference_guidance: bool = True,
+                     paste_at: float = DEFAULT_PASTE_AT) -> dict:
     """Identity, blending, placement and routing IoU of an `AnyStoryPipeline` on held-out
     identities, with the ablations in `variants` drawn from the same noise. Returns a plain dict
     (see `anystory evaluate adapter --json`); `report_dir` also gets the pictures.
-    `subject_strength` (η), `reference_strength` (γ) and `reference_guidance` are a story's style
-    settings of the same names.
+    `subject_strength` (η), `reference_strength` (γ), `reference_guidance` and `paste_at` are a
+    story's style settings (`paste_at`: `paste_references_at`).
     `shape` (height, width) draws the panels at that shape instead of the judge's square: the
     judge locates characters in the panel squashed to its square and reads each one from the
     panel as drawn. The routing IoU is measured on square scenes whatever the shape."""
@@ -591,7 +602,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
             image, layers = draw_panel(pipe, panel, characters, variant, steps, guidance,
                                        record_routing=variant == "anystory", guidance_interval=guidance_interval,
                                        subject_strength=subject_strength, reference_strength=reference_strength,
-                                       size=shape, reference_guidance=reference_guidance)
+                                       size=shape, reference_guidance=reference_guidance, paste_at=paste_at)
             images[variant].append(image)
             judged[variant].append(judge_panel(judge, image, panel, list(panel.regions)))
             if layers is not None:
@@ -621,7 +632,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
         "panels_per_count": panels_per_count, "seed": seed, "steps": steps, "guidance_scale": guidance,
         "guidance_interval": _interval_record(guidance_interval),
         "subject_strength": subject_strength, "reference_strength": reference_strength,
-        "reference_guidance": reference_guidance,
+        "reference_guidance": reference_guidance, "paste_references_at": paste_at,
         "distractors": distractors, "candidates": distractors + 1, "variants": list(variants),
         "results": results,
         "rendered": ceiling,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .errors import InputError, ModelError
+from .figures import figure_of, paste_step
 from .guidance import guided_call_kwargs
 from .masks import prepare_reference
 from .models.adapter import AnyStoryAdapter, install
@@ -141,6 +142,7 @@ class AnyStoryPipeline:
             reference_features={k: v[0] for k, v in features.items()},
             model_id=self.model_id,
             name=name,
+            figure=torch.from_numpy(figure_of(reference.rgb, reference.mask)),
         )
 
     # -----------------------------------------------------------------------------------------
@@ -212,6 +214,8 @@ class AnyStoryPipeline:
         width: int | None = None,
         num_images_per_prompt: int = 1,
         guidance_interval: tuple[float, float] | None = None,
+        figure_boxes: Sequence[tuple[float, float, float, float] | None] | None = None,
+        paste_at: float | None = None,
         **base_kwargs,
     ) -> AnyStoryOutput:
         """Generate images with `characters` (from `encode_character`).
@@ -224,7 +228,10 @@ class AnyStoryPipeline:
         router by every character at every pixel (the no-router ablation; how stage 1 trains a
         lone character).
         `guidance_interval` (low, high) applies classifier-free guidance only at timesteps
-        t / T in that interval (`guidance.py`; None: at every step). Other keyword arguments
+        t / T in that interval (`guidance.py`; None: at every step). With `paste_at` (a noise
+        level t/T), each character with a box in `figure_boxes` has its reference figure pasted
+        there, noised, at the first step at or below that level (`figures.py`; None: never).
+        Other keyword arguments
         (num_inference_steps, guidance_scale, generator, negative_prompt, output_type,
         callback_on_step_end, ...) go to the base pipeline unchanged.
         """
@@ -239,6 +246,9 @@ class AnyStoryPipeline:
         inputs = self._injection_inputs(characters, regions, rows, (height // scale, width // scale),
                                         subject_scale, reference_scale, return_routing, route, reference_guidance)
         context = AnyStoryContext(inputs)
+        if paste_at is not None:
+            base_kwargs["callback_on_step_end"] = self._paste_callback(
+                characters, figure_boxes, paste_at, (height, width), base_kwargs)
         if guidance_interval is not None:
             # The base pipeline's own defaults for the two arguments the interval needs (SD 1.5
             # guides at 7.5 and SDXL at 5.0 when the caller names no scale).
@@ -263,6 +273,25 @@ class AnyStoryPipeline:
             ]).mean(dim=0)
         return output
 
+
+    def _paste_callback(self, characters, figure_boxes, paste_at, size, base_kwargs):
+        """The step callback that pastes the figures (chained before the caller's own)."""
+        callback = base_kwargs.get("callback_on_step_end")
+        if not characters:
+            return callback
+        if figure_boxes is None or len(figure_boxes) != len(characters):
+            raise InputError(f"paste_at needs one figure box per character (None where none is pasted), "
+                             f"got {'none' if figure_boxes is None else len(figure_boxes)} for {len(characters)}")
+        pasted = [(c, box) for c, box in zip(characters, figure_boxes) if box is not None]
+        for character, _ in pasted:
+            if character.figure is None:
+                raise InputError(f"{character.name or 'a character'}: its encoding has no figure to paste; "
+                                 f"encode it again with encode_character()")
+        if not pasted:
+            return callback
+        figures = [c.figure.cpu().numpy() for c, _ in pasted]
+        return paste_step(self.base, figures, [box for _, box in pasted], size, float(paste_at),
+                          base_kwargs.get("generator"), callback)
 
     @torch.no_grad()
     def route_latents(self, latents: torch.Tensor, timestep: int, prompt: str,

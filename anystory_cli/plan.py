@@ -38,6 +38,7 @@ CONTENT_KEY_VERSION = 1
 class PlacedCharacter:
     name: str
     box: BoxTuple  # where in the panel image, 0..1, (x0, y0, x1, y1)
+    figure: BoxTuple  # where its reference is pasted, inside `box` (figures.py)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class PanelPlan:
     subject_strength: float
     reference_strength: float
     reference_guidance: bool
+    paste_references_at: float  # noise level t/T of the figure paste; 0: none (figures.py)
     caption: str | None
     dialogue: tuple[SpokenLine, ...]
     content_key: str  # sha256 of everything that changes the panel's pixels
@@ -105,9 +107,10 @@ def build_plan(
     plans = []
     for index, panel in enumerate(story.panels):
         page, row, slot = positions[index]
+        regions = placement_boxes(panel.characters)
         characters = tuple(
-            PlacedCharacter(ref.name, box)
-            for ref, box in zip(panel.characters, placement_boxes(panel.characters))
+            PlacedCharacter(ref.name, box, figure)
+            for ref, box, figure in zip(panel.characters, regions, figure_boxes(regions))
         )
         values = dict(
             prompt=_join_prompt(story.style.prompt_prefix, panel.prompt, story.style.prompt_suffix),
@@ -119,6 +122,7 @@ def build_plan(
             subject_strength=story.style.subject_strength,
             reference_strength=story.style.reference_strength,
             reference_guidance=story.style.reference_guidance,
+            paste_references_at=story.style.paste_references_at,
         )
         key = content_key(
             model=f"{story.model}|{model_id}",
@@ -216,6 +220,25 @@ def placement_boxes(refs: Sequence[CharacterRef]) -> list[BoxTuple]:
         else:  # center with an even number of characters
             boxes.append((0.5 - 0.5 / n, CHARACTER_TOP, 0.5 + 0.5 / n, 1.0))
     return boxes  # type: ignore[return-value]
+
+
+# Where a character's reference figure is pasted (`figures.py`): its feet on this line (a share
+# of the panel's height) or its region's bottom if higher, and this tall for 1 / 2 / 3 / 4
+# characters in the panel, the middle of the default world's character sizes
+# (`world.scenes.SCALE_RANGE`), whose ground lines run from the horizon to the bottom edge.
+FIGURE_GROUND = 0.85
+FIGURE_HEIGHT = {1: 0.47, 2: 0.42, 3: 0.38, 4: 0.355}
+
+
+def figure_boxes(regions: Sequence[BoxTuple]) -> list[BoxTuple]:
+    """The box each character's figure stands in, inside its region: the region's width, the
+    panel's figure height, feet on the ground line (never above the region's top)."""
+    height = FIGURE_HEIGHT[min(max(len(regions), 1), max(FIGURE_HEIGHT))]
+    boxes = []
+    for x0, y0, x1, y1 in regions:
+        bottom = min(FIGURE_GROUND, y1) if y1 - y0 > height else y1
+        boxes.append((x0, max(y0, bottom - height), x1, bottom))
+    return boxes
 
 
 # --------------------------------------------------------------------------------------------

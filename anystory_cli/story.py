@@ -50,6 +50,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from anystory_cli.errors import StoryError
+from anystory_cli.figures import DEFAULT_PASTE_AT
 from anystory_cli.guidance import DEFAULT_INTERVAL as DEFAULT_GUIDANCE_INTERVAL
 from anystory_cli.guidance import inside_schedule
 from anystory_cli.layout import LAYOUT_TEMPLATES, mm_to_px, page_size_px
@@ -231,6 +232,11 @@ class Style(_Strict):
         True, description="Guidance amplifies the characters' reference images too (the unconditional "
         "half draws without them); false keeps them in both halves, which draws the characters less like "
         "their references.",
+    )
+    paste_references_at: float = Field(
+        DEFAULT_PASTE_AT, ge=0.0, le=1.0, description="Noise level t/T (0 clean, 1 pure noise) at which "
+        "each character's reference is pasted, noised, into its place and then redrawn into the scene, so "
+        "that the base draws the character there and in its shape and colours; 0 turns it off.",
     )
 
     @field_validator("guidance_interval")

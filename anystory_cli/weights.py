@@ -19,7 +19,7 @@ from .errors import InputError, ModelError
 from .models.adapter import AnyStoryAdapter, AnyStoryConfig
 
 ADAPTER_FORMAT = "anystory-adapter/1"
-ENCODING_FORMAT = "anystory-character/1"
+ENCODING_FORMAT = "anystory-character/2"  # 2: with the figure
 
 
 def _metadata(path: Path) -> dict:
@@ -71,7 +71,9 @@ class CharacterEncoding:
 
     subject_tokens: (m, d_c) subject QFormer tokens (make the character appear);
     routing_feature: (d_r,) routing QFormer feature (decides where it is);
-    reference_features: attn1 layer name -> (L_ref, C) ReferenceNet features (fine detail).
+    reference_features: attn1 layer name -> (L_ref, C) ReferenceNet features (fine detail);
+    figure: (h, w, 4) uint8, the segmented reference cropped to the character (alpha: its mask),
+        pasted into its place at one early step when a generation asks for it (`figures.py`).
     """
 
     subject_tokens: torch.Tensor
@@ -79,16 +81,36 @@ class CharacterEncoding:
     reference_features: dict[str, torch.Tensor]
     model_id: str
     name: str = ""
+    figure: torch.Tensor | None = None
 
-    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
+    def tensors(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """What `save` writes: the features (cast to `dtype` if given) and the figure as it is."""
         def cast(t):
             return (t.to(dtype) if dtype is not None else t).detach().contiguous().cpu()
 
         tensors = {"subject_tokens": cast(self.subject_tokens), "routing_feature": cast(self.routing_feature)}
         tensors.update({f"reference/{k}": cast(v) for k, v in self.reference_features.items()})
+        if self.figure is not None:
+            tensors["figure"] = self.figure.to(torch.uint8).contiguous().cpu()
+        return tensors
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> "CharacterEncoding":
+        """The inverse of `tensors`, with the file's metadata."""
+        prefix = "reference/"
+        return cls(
+            subject_tokens=tensors["subject_tokens"],
+            routing_feature=tensors["routing_feature"],
+            reference_features={k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
+            model_id=meta.get("model_id", ""),
+            name=meta.get("name", ""),
+            figure=tensors.get("figure"),
+        )
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> Path:
         meta = {"format": ENCODING_FORMAT, "model_id": self.model_id, "name": self.name}
         with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=meta)
+            save_file(self.tensors(dtype), str(tmp), metadata=meta)
         return Path(path)
 
     @classmethod
@@ -103,11 +125,4 @@ class CharacterEncoding:
             raise InputError(f"{path}: corrupt character encoding ({exc})") from None
         if meta.get("format") != ENCODING_FORMAT or "subject_tokens" not in tensors:
             raise InputError(f"{path}: not an AnyStory character encoding")
-        prefix = "reference/"
-        return cls(
-            subject_tokens=tensors["subject_tokens"],
-            routing_feature=tensors["routing_feature"],
-            reference_features={k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
-            model_id=meta.get("model_id", ""),
-            name=meta.get("name", ""),
-        )
+        return cls.from_tensors(tensors, meta)

@@ -17,6 +17,7 @@ from anystory_cli import evaluate as ev
 from anystory_cli.errors import InputError
 from anystory_cli.judge import POSES, identity_log_likelihood, load_judge, verdict_of
 from anystory_cli.layout import CHARACTER_TOP, PLACEMENT_BOXES
+from anystory_cli.plan import figure_boxes
 from anystory_cli.world.identity import ATTRIBUTE_CLASSES, NOT_APPLICABLE, identity_from_seed, split_of
 from anystory_cli.world.scenes import reference_image, sample_scene
 
@@ -217,14 +218,18 @@ def test_judge_panel_on_a_blank_image_finds_nobody(judge, heldout_panels):
 
 def test_summarise_characters_rates():
     records = [
-        {"right": True, "blended": False, "found": True, "all_attributes": True, "attributes": {"a": True, "b": True}},
-        {"right": False, "blended": True, "found": True, "all_attributes": False, "attributes": {"a": False}},
-        {"right": False, "blended": False, "found": False, "all_attributes": False, "attributes": {"a": False, "b": False}},
-        {"right": True, "blended": False, "found": True, "all_attributes": False, "attributes": {"a": True, "b": False}},
+        {"right": True, "blended": False, "found": True, "all_attributes": True, "pose": True,
+         "attributes": {"a": True, "b": True}},
+        {"right": False, "blended": True, "found": True, "all_attributes": False, "pose": True,
+         "attributes": {"a": False}},
+        {"right": False, "blended": False, "found": False, "all_attributes": False, "pose": False,
+         "attributes": {"a": False, "b": False}},
+        {"right": True, "blended": False, "found": True, "all_attributes": False, "pose": False,
+         "attributes": {"a": True, "b": False}},
     ]
     out = ev.summarise_characters(records)
     assert out["identity"] == 0.5 and out["blended"] == 0.25 and out["found"] == 0.75
-    assert out["all_attributes"] == 0.25 and out["characters"] == 4
+    assert out["all_attributes"] == 0.25 and out["pose"] == 0.5 and out["characters"] == 4
     assert out["per_attribute"] == {"a": 0.5, "b": pytest.approx(1 / 3, abs=1e-4)}  # b only where it applies
     assert "right" not in out
     empty = ev.summarise_characters([])
@@ -556,7 +561,8 @@ def test_evaluate_adapter_end_to_end(evaluation):
         assert all(len(v) == count for v in [*record["judged"].values(), record["rendered"]])
     # Progress: each panel x variant drawn, then the routing scenes.
     draws = [c for c in calls if c[0] == "draw"]
-    assert draws == [("draw", k, 20) for k in range(1, 21)] and calls[-1] == ("routing", 1, 1)
+    total = 4 * len(ev.ADAPTER_VARIANTS)
+    assert draws == [("draw", k, total) for k in range(1, total + 1)] and calls[-1] == ("routing", 1, 1)
     json.dumps(result)  # a plain dict
 
 
@@ -648,13 +654,16 @@ def test_strengths_reach_the_pipeline_and_ablations_keep_their_own(pipe, encodin
             calls.append(kwargs)
             return pipe(*args, **kwargs)
 
-    for variant in ("anystory", "no_router", "no_reference_net", "no_subject_tokens"):
+    for variant in ("anystory", "no_router", "no_reference_net", "no_subject_tokens", "no_paste"):
         ev.draw_panel(Spy(), panel, characters, variant, steps=1, guidance=4.0,
-                      subject_strength=1.5, reference_strength=2.0)
+                      subject_strength=1.5, reference_strength=2.0, paste_at=0.4)
     scales = [(c["subject_scale"], c["reference_scale"]) for c in calls]
-    assert scales == [(1.5, 2.0), (1.5, 2.0), (1.5, None), (0.0, 2.0)]
+    assert scales == [(1.5, 2.0), (1.5, 2.0), (1.5, None), (0.0, 2.0), (1.5, 2.0)]
     assert calls[1]["route"] is False
     assert all(c["reference_guidance"] is True for c in calls)
+    # The figures are pasted where the story would paste them, except in the ablation without.
+    assert [c["paste_at"] for c in calls] == [0.4, 0.4, 0.4, 0.4, None]
+    assert all(c["figure_boxes"] == figure_boxes(panel.regions) for c in calls)
     ev.draw_panel(Spy(), panel, characters, "no_router", steps=1, guidance=4.0, reference_guidance=False)
     assert calls[-1]["reference_guidance"] is False
 

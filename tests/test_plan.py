@@ -12,8 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from anystory_cli.figures import DEFAULT_PASTE_AT
 from anystory_cli.layout import CHARACTER_TOP, PLACEMENT_BOXES
 from anystory_cli.plan import (
+    figure_boxes,
     PanelPlan,
     build_plan,
     character_fingerprints,
@@ -87,6 +89,16 @@ def test_reference_guidance_reaches_the_plan_and_its_content_key():
     on, off = (build_plan(make_story(plain(1), style={"reference_guidance": flag}))[0] for flag in (True, False))
     assert (on.reference_guidance, off.reference_guidance) == (True, False)
     assert on.content_key != off.content_key  # a cached panel is redrawn when the setting changes
+
+
+def test_figure_paste_reaches_the_plan_and_its_content_key():
+    panels = [{"prompt": "p", "characters": ["mira", {"name": "bolt", "at": "left"}]}]
+    default = build_plan(make_story(panels, CHARACTERS))[0]
+    assert default.paste_references_at == DEFAULT_PASTE_AT > 0  # on by default
+    # each figure stands in its character's region (bolt pinned left, mira in the other column)
+    assert [c.figure for c in default.characters] == figure_boxes([c.box for c in default.characters])
+    off = build_plan(make_story(panels, CHARACTERS, style={"paste_references_at": 0}))[0]
+    assert off.paste_references_at == 0 and off.content_key != default.content_key
 
 
 def test_plans_are_frozen_plain_values():

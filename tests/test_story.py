@@ -260,6 +260,10 @@ BAD_CASES = {
         "style: {guidance_interval: [0.8, 0.2]}\npanels:\n" + PANEL,
         "story.yaml: style.guidance_interval: guidance_interval must satisfy 0 <= low < high <= 1, got [0.8, 0.2]",
     ),
+    "paste above pure noise": (
+        "style: {paste_references_at: 1.5}\npanels:\n" + PANEL,
+        "story.yaml: style.paste_references_at: input should be less than or equal to 1",
+    ),
     "guidance interval of one number": (
         "style: {guidance_interval: [0.5]}\npanels:\n" + PANEL,
         "story.yaml: style.guidance_interval:",
