@@ -11,12 +11,11 @@ step of a wide panel instead: x1.45.
 
 from __future__ import annotations
 
-import json
 
 import torch
 
 from anystory_cli.world.base_models import load_default_base
-from side_by_side import alternate, parse_args
+from side_by_side import alternate, parse_args, print_ratio
 
 CAPTIONS = ["three characters in a forest during the day , the left one is standing , the middle one is waving ,"
             " the right one is standing"] * 2
@@ -33,9 +32,7 @@ def main() -> None:
         with_lora, _ = load_default_base()
         without, _ = load_default_base(panel_weights=False)
         medians = alternate({"panel_lora": lambda: draw(with_lora), "plain_unet": lambda: draw(without)}, args.runs)
-    medians = {k: round(v, 2) for k, v in medians.items()}
-    print(json.dumps({"seconds_per_2_wide_panels": medians, "ratio": round(medians["panel_lora"] / medians["plain_unet"], 2),
-                      "runs": args.runs, "threads": args.threads}, indent=2))
+    print_ratio(medians, args, unit="seconds_per_2_wide_panels", digits=2)
 
 
 if __name__ == "__main__":

@@ -12,14 +12,13 @@ unconditional half to the background, so that each layer sorted the two halves a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from anystory_cli.masks import load_image
 from anystory_cli.model_loading import load_pipeline
-from side_by_side import alternate, parse_args
+from side_by_side import alternate, parse_args, print_ratio
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPT = ("three characters in a forest during the day , the left one is standing , the middle one is waving ,"
@@ -28,10 +27,10 @@ NAMES = ("mira", "pip", "bolt")
 REGIONS = [(0.0, 0.2, 1 / 3, 1.0), (1 / 3, 0.2, 2 / 3, 1.0), (2 / 3, 0.2, 1.0, 1.0)]
 
 
-def draw(pipe, characters, reference_guidance: bool) -> None:
-    pipe(PROMPT, characters=characters, regions=REGIONS, reference_guidance=reference_guidance,
-         num_inference_steps=25, guidance_scale=4.0, guidance_interval=(0.0, 0.7),
-         generator=torch.Generator().manual_seed(0), output_type="np")
+def draw(pipe, characters, **options) -> None:
+    """The demo's three-character panel, from fixed noise; `options` go to the pipeline."""
+    pipe(PROMPT, characters=characters, regions=REGIONS, num_inference_steps=25, guidance_scale=4.0,
+         guidance_interval=(0.0, 0.7), generator=torch.Generator().manual_seed(0), output_type="np", **options)
 
 
 def demo_characters(pipe) -> list:
@@ -40,17 +39,21 @@ def demo_characters(pipe) -> list:
             for name in NAMES]
 
 
-def main() -> None:
+def compare_options(variants: dict[str, dict], **extra) -> None:
+    """Times the demo's panel drawn by the default model with each variant's pipeline options,
+    alternating, and prints the medians and the first's ratio to the second."""
     args = parse_args()
     with torch.inference_mode():
         pipe = load_pipeline("default")
         characters = demo_characters(pipe)
-        medians = alternate({"reference_guidance": lambda: draw(pipe, characters, True),
-                             "references_in_both_halves": lambda: draw(pipe, characters, False)}, args.runs)
-    medians = {k: round(v, 3) for k, v in medians.items()}
-    ratio = medians["reference_guidance"] / medians["references_in_both_halves"]
-    print(json.dumps({"seconds_per_panel": medians, "ratio": round(ratio, 3), "runs": args.runs,
-                      "threads": args.threads}, indent=2))
+        medians = alternate({name: (lambda options=options: draw(pipe, characters, **options))
+                             for name, options in variants.items()}, args.runs)
+    print_ratio(medians, args, **extra)
+
+
+def main() -> None:
+    compare_options({"reference_guidance": {"reference_guidance": True},
+                     "references_in_both_halves": {"reference_guidance": False}})
 
 
 if __name__ == "__main__":

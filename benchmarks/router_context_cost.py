@@ -12,14 +12,13 @@ Session 13: 2.035 s against 1.641 s per panel, x1.24 (--runs 5); with --runs 9, 
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
 
 from anystory_cli.model_loading import load_pipeline
 from reference_guidance_cost import demo_characters, draw
-from side_by_side import alternate, parse_args
+from side_by_side import alternate, parse_args, print_ratio
 
 
 def main() -> None:
@@ -29,12 +28,10 @@ def main() -> None:
         for name, adapter in (("shipped", None), ("other", args.other_adapter)):
             pipe = load_pipeline("default", adapter=adapter)
             characters = demo_characters(pipe)
-            drawers[name] = (lambda pipe=pipe, characters=characters: draw(pipe, characters, True))
+            drawers[name] = (lambda pipe=pipe, characters=characters: draw(pipe, characters))
             print(f"{name}: router_context_layers {pipe.adapter.config.router_context_layers}", file=sys.stderr)
         medians = alternate(drawers, args.runs)
-    medians = {k: round(v, 3) for k, v in medians.items()}
-    print(json.dumps({"seconds_per_panel": medians, "ratio": round(medians["shipped"] / medians["other"], 3),
-                      "runs": args.runs, "threads": args.threads}, indent=2))
+    print_ratio(medians, args)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ timed alternately in one process, after one warm-up call each, and compared by t
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from typing import Callable
@@ -34,3 +35,13 @@ def alternate(draws: dict[str, Callable[[], object]], runs: int) -> dict[str, fl
             draw()
             times[name].append(time.perf_counter() - started)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def print_ratio(medians: dict[str, float], args: argparse.Namespace, unit: str = "seconds_per_panel",
+                digits: int = 3, **extra) -> None:
+    """Prints, as JSON, the medians from `alternate`, the ratio of the first to the second, the
+    run settings and `extra`."""
+    first, second = list(medians)[:2]
+    rounded = {name: round(value, digits) for name, value in medians.items()}
+    print(json.dumps({unit: rounded, "ratio": round(medians[first] / medians[second], digits), **extra,
+                      "runs": args.runs, "threads": args.threads}, indent=2))
