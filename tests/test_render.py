@@ -180,6 +180,20 @@ def test_same_story_same_pixels(tmp_path, factory):
         assert a[name] == b[name], name
 
 
+def test_the_figure_paste_changes_character_panels_only(tmp_path, factory):
+    """style.paste_references_at reaches the pipeline: 0 draws without a paste, the default pastes
+    each character's figure; a panel without characters has nothing to paste."""
+    story_panels = [storykit.panels()[1], {"prompt": "an empty hill"}]
+    drawn = {}
+    for at in (0.0, 0.4):
+        style = {**storykit.STYLE, "steps": 4, "paste_references_at": at}
+        story = storykit.write_story(tmp_path / f"story{at}", story_panels, style=style)
+        render(story, tmp_path / f"out{at}", factory, tmp_path / f"cache{at}")
+        drawn[at] = [np.asarray(Image.open(tmp_path / f"out{at}" / "panels" / f"panel-00{i}.png")) for i in (1, 2)]
+    assert np.abs(drawn[0.0][0].astype(int) - drawn[0.4][0].astype(int)).max() > 0
+    np.testing.assert_array_equal(drawn[0.0][1], drawn[0.4][1])
+
+
 def test_pages_selection_draws_those_panels_and_holds_back_pdf(tmp_path, factory):
     story = storykit.write_story(tmp_path / "s")
     out = tmp_path / "out"
