@@ -231,9 +231,8 @@ class AnyStoryPipeline:
         t / T in that interval (`guidance.py`; None: at every step). With `paste_at` (a noise
         level t/T), each character with a box in `figure_boxes` has its reference figure pasted
         there, noised, at the first step at or below that level (`figures.py`; None: never).
-        Other keyword arguments
-        (num_inference_steps, guidance_scale, generator, negative_prompt, output_type,
-        callback_on_step_end, ...) go to the base pipeline unchanged.
+        Other keyword arguments (num_inference_steps, guidance_scale, generator, negative_prompt,
+        output_type, callback_on_step_end, ...) go to the base pipeline unchanged.
         """
         characters = list(characters)
         self._check_inputs(characters, regions, subject_scale, reference_scale)
@@ -272,7 +271,6 @@ class AnyStoryPipeline:
                 for m in layers.values()
             ]).mean(dim=0)
         return output
-
 
     def _paste_callback(self, characters, figure_boxes, paste_at, size, base_kwargs):
         """The step callback that pastes the figures (chained before the caller's own)."""
