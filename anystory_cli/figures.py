@@ -85,8 +85,17 @@ def encode_canvas(vae, canvas: np.ndarray, device, dtype):
     """(1, C, h, w) latents of a canvas, scaled as the UNet sees them (the posterior's mean)."""
     import torch
 
-    pixels = torch.from_numpy(canvas).permute(2, 0, 1)[None].to(device=device, dtype=vae.dtype)
-    latents = vae.encode(pixels / 127.5 - 1.0).latent_dist.mean
+    # SDXL's VAE overflows in fp16 and says so in its config; diffusers' pipelines then run it in
+    # fp32 for the call and cast it back, as here.
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+    if upcast:
+        vae.to(dtype=torch.float32)
+    try:
+        pixels = torch.from_numpy(canvas).permute(2, 0, 1)[None].to(device=device, dtype=vae.dtype)
+        latents = vae.encode(pixels / 127.5 - 1.0).latent_dist.mean
+    finally:
+        if upcast:
+            vae.to(dtype=torch.float16)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return ((latents - shift) * vae.config.scaling_factor).to(dtype)
 

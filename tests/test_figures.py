@@ -150,3 +150,22 @@ def test_an_encoding_file_keeps_its_figure_exactly(tmp_path, characters):
     loaded = CharacterEncoding.load(path)
     assert loaded.figure.dtype == torch.uint8 and torch.equal(loaded.figure, characters[0].figure)
     assert loaded.subject_tokens.dtype == torch.float16
+
+
+def test_a_vae_that_must_run_in_fp32_encodes_the_canvas_in_fp32_and_stays_fp16():
+    """SDXL's VAE overflows in fp16 (config.force_upcast): the canvas is encoded as diffusers
+    decodes, in fp32, and the VAE is handed back in fp16."""
+    from anystory_cli.figures import encode_canvas
+
+    canvas = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    vae = tiny.tiny_vae().eval().to(torch.float16)
+    vae.register_to_config(force_upcast=False)  # AutoencoderKL's own default is True
+    seen = []
+    encode = vae.encode
+    vae.encode = lambda pixels: seen.append((vae.dtype, pixels.dtype)) or encode(pixels)
+    plain = encode_canvas(vae, canvas, "cpu", torch.float16)
+    vae.register_to_config(force_upcast=True)
+    upcast = encode_canvas(vae, canvas, "cpu", torch.float16)
+    assert seen == [(torch.float16, torch.float16), (torch.float32, torch.float32)]
+    assert vae.dtype == torch.float16 and plain.dtype == upcast.dtype == torch.float16
+    assert torch.isfinite(upcast).all()
