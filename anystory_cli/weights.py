@@ -20,6 +20,8 @@ from .models.adapter import AnyStoryAdapter, AnyStoryConfig
 
 ADAPTER_FORMAT = "anystory-adapter/1"
 ENCODING_FORMAT = "anystory-character/2"  # 2: with the figure
+# Files an earlier version wrote still load, without a figure (a paste then asks to encode again).
+READABLE_ENCODING_FORMATS = ("anystory-character/1", ENCODING_FORMAT)
 
 
 def _metadata(path: Path) -> dict:
@@ -123,6 +125,6 @@ class CharacterEncoding:
             tensors = load_file(str(path))
         except (ModelError, SafetensorError, OSError) as exc:
             raise InputError(f"{path}: corrupt character encoding ({exc})") from None
-        if meta.get("format") != ENCODING_FORMAT or "subject_tokens" not in tensors:
+        if meta.get("format") not in READABLE_ENCODING_FORMATS or "subject_tokens" not in tensors:
             raise InputError(f"{path}: not an AnyStory character encoding")
         return cls.from_tensors(tensors, meta)

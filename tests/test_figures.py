@@ -152,6 +152,21 @@ def test_an_encoding_file_keeps_its_figure_exactly(tmp_path, characters):
     assert loaded.subject_tokens.dtype == torch.float16
 
 
+def test_an_encoding_saved_before_figures_loads_and_a_paste_asks_to_encode_again(tmp_path, sd_pipe, characters):
+    from safetensors.torch import save_file
+
+    old = characters[0].tensors()
+    del old["figure"]
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path), metadata={"format": "anystory-character/1", "model_id": characters[0].model_id,
+                                        "name": "mira"})
+    loaded = CharacterEncoding.load(path)
+    assert loaded.figure is None and torch.equal(loaded.subject_tokens, characters[0].subject_tokens)
+    draw(sd_pipe, [loaded], regions=[LEFT])  # drawn as before, without a paste
+    with pytest.raises(InputError, match="mira: its encoding has no figure to paste; encode it again"):
+        draw(sd_pipe, [loaded], regions=[LEFT], figure_boxes=[LEFT], paste_at=0.5)
+
+
 def test_a_vae_that_must_run_in_fp32_encodes_the_canvas_in_fp32_and_stays_fp16():
     """SDXL's VAE overflows in fp16 (config.force_upcast): the canvas is encoded as diffusers
     decodes, in fp32, and the VAE is handed back in fp16."""
