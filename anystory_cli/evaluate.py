@@ -30,6 +30,7 @@ from .figures import DEFAULT_PASTE_AT
 from .guidance import DEFAULT_INTERVAL, guided_call_kwargs
 from .judge import (Judge, SceneTruth, _mean, identity_log_likelihood, scene_truth, score_scene, summarise,
                     verdict_of)
+from .plan import figure_boxes
 from .world.identity import NOT_APPLICABLE, draw_identity_seed, identity_from_seed
 from .world.rng import WorldRng, stable_hash
 from .world.scenes import MAX_CHARACTERS, Scene, placeable_scene, sample_scene
@@ -450,8 +451,6 @@ def draw_panel(pipe, panel: EvalPanel, encodings: list, variant: str, steps: int
     """(uint8 image at the pipeline's native size or `size` (height, width), last-step routing
     layers or None). The strengths are η and γ and `paste_at` the figure paste's noise level
     (0: none), as a story's style sets them; an ablation overrides its own."""
-    from .plan import figure_boxes
-
     options = ADAPTER_VARIANTS[variant]
     if options is not None:
         options = {"subject_scale": subject_strength, "reference_scale": reference_strength,
