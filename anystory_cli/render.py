@@ -530,10 +530,13 @@ class _Characters:
             )
             sheet = output.images[0].convert("RGB")
             mask, fallback = segment_sheet(sheet)
+            encoding = pipeline.encode_character(sheet, mask=mask, name=name)
             if fallback:
                 self._warn(f"{self.source}: characters.{name}: the generated sheet has no clear "
-                           "background; the centre of the sheet is used as the character")
-            encoding = pipeline.encode_character(sheet, mask=mask, name=name)
+                           "background; the centre of the sheet is used as the character, and it is "
+                           "not pasted into the panels")
+                # A box of background pasted into every panel would draw a block, not the character.
+                encoding.figure = None
         except AnyStoryError as exc:
             raise self._field_error(name, "description", exc) from None
         rgba = sheet.copy()
@@ -962,7 +965,8 @@ def _draw_panel(pipeline, job: _PanelJob, encodings: dict[str, Any], out: Path, 
             subject_scale=plan.subject_strength,
             reference_scale=plan.reference_strength,
             reference_guidance=plan.reference_guidance,
-            figure_boxes=[c.figure for c in plan.characters],
+            # No figure: a sheet whose character could not be cut out (`_from_description`).
+            figure_boxes=[c.figure if encodings[c.name].figure is not None else None for c in plan.characters],
             paste_at=plan.paste_references_at or None,
             return_routing=True,
             num_inference_steps=plan.num_inference_steps,

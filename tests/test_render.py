@@ -229,6 +229,31 @@ def test_text_only_character_gets_a_cached_sheet(tmp_path, factory):
         (tmp_path / "a" / "characters" / "pip.png").read_bytes()
 
 
+def test_a_sheet_without_a_clear_background_is_not_pasted(tmp_path, factory, monkeypatch):
+    """When a sheet's character cannot be cut out, its central box stands for it: that box is
+    encoded but not pasted into the panels (it would paste a block of background), then or later
+    from the cache."""
+    import anystory_cli.render as render_module
+
+    box = np.zeros((32, 32), bool)
+    box[4:30, 6:26] = True
+    monkeypatch.setattr(render_module, "segment_sheet", lambda sheet: (box, True))
+    characters = {"pip": {"description": "a small green creature"}}
+    panels = [{"prompt": "pip on a hill", "characters": ["pip"]}]
+    drawn = {}
+    for at in (0.0, 0.4):
+        style = {**storykit.STYLE, "steps": 4, "paste_references_at": at}
+        story = storykit.write_story(tmp_path / f"s{at}", panels, characters, style=style)
+        summaries = {}
+        for run in ("first", "cached"):
+            summaries[run] = render(story, tmp_path / f"{run}{at}", factory, tmp_path / f"cache{at}")
+            drawn[at, run] = np.asarray(Image.open(tmp_path / f"{run}{at}" / "panels" / "panel-001.png"))
+        assert any("not pasted into the panels" in w for w in summaries["first"].warnings)
+        assert summaries["cached"].cache_hits == 1
+    for run in ("first", "cached"):
+        np.testing.assert_array_equal(drawn[0.0, run], drawn[0.4, run])
+
+
 def test_a_corrupt_cache_entry_is_reported_and_rebuilt_during_a_render(tmp_path, factory):
     story = storykit.write_story(tmp_path / "s", [{"prompt": "mira", "characters": ["mira"]}])
     render(story, tmp_path / "a", factory, tmp_path / "cache")
