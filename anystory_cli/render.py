@@ -83,7 +83,7 @@ STATE_DIR = ".anystory"
 # Bump when drawing or composing changes, so that earlier outputs are not reused.
 RENDER_KEY_VERSION = 1
 PAGE_KEY_VERSION = 1
-SHEET_VERSION = 1
+SHEET_VERSION = 2  # 2: a sheet cut out by its central box carries no figure to paste
 # Image shapes: the model's native square, widened or heightened to the frame's shape in
 # quarter steps (a 2.1:1 wide panel is drawn at 2:1, not cropped out of a square).
 ASPECT_STEP = 0.25
