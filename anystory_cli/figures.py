@@ -1,9 +1,9 @@
-"""Figure paste: each character's reference, pasted into its place at one early step.
+"""Figure paste: each character's reference, pasted into its place once, part-way through sampling.
 
 The router decides which pixels a character may influence, but it cannot make the base draw a
 character there: the default base leaves a quarter of lone characters out and draws the others
 as one generic blob whose outline and colours the adapter only partly corrects. So, optionally,
-at the first denoising step whose timestep t has t/T <= `paste_at`, the latents inside each
+after the first denoising step whose next timestep t has t/T <= `paste_at`, the latents inside each
 character's pasted figure are replaced by the figure's own latents noised to t, as SDEdit (Meng
 et al., "SDEdit", arXiv 2108.01073) starts from a noised picture, but only inside the figures and
 mid-way: the steps before lay out the scene from the caption, the steps after redraw the figure
@@ -11,7 +11,7 @@ into it, with the adapter still routing each character's tokens and features to 
 
     figure_of(reference_rgb, reference_mask)                -> (h, w, 4) uint8 tight crop
     compose_figures(figures, boxes, height, width)          -> (rgb canvas, coverage mask)
-    paste_step(pipe, figures, boxes, paste_at, generator)   -> callback_on_step_end
+    paste_step(base, figures, boxes, size, paste_at, ...)   -> callback_on_step_end
 
 A figure stands in its box (0..1 image coordinates): as large as fits at its own aspect ratio,
 centred, its feet on the box's bottom edge. `plan.figure_boxes` says where a story's figures

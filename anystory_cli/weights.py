@@ -75,7 +75,7 @@ class CharacterEncoding:
     routing_feature: (d_r,) routing QFormer feature (decides where it is);
     reference_features: attn1 layer name -> (L_ref, C) ReferenceNet features (fine detail);
     figure: (h, w, 4) uint8, the segmented reference cropped to the character (alpha: its mask),
-        pasted into its place at one early step when a generation asks for it (`figures.py`).
+        pasted into its place part-way through sampling when a generation asks for it (`figures.py`).
     """
 
     subject_tokens: torch.Tensor
