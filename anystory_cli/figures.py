@@ -122,20 +122,24 @@ def paste_step(base, figures: Sequence[np.ndarray], boxes: Sequence[Box], size: 
     inside = F.interpolate(torch.from_numpy(covered)[None, None], size=clean.shape[-2:], mode="area")
     inside = (inside >= COVERAGE).to(device=unet.device, dtype=unet.dtype)
     total = base.scheduler.config.num_train_timesteps
-    state = {"pasted": False}
+
+    def crosses_paste_level(timesteps, step: int) -> bool:
+        """Whether `step` is the one after which the schedule first reaches `paste_at`."""
+        if step + 1 >= len(timesteps) or float(timesteps[step + 1]) / total > paste_at:
+            return False
+        return step == 0 or float(timesteps[step]) / total > paste_at
 
     def step_end(step_pipe, step: int, timestep, tensors: dict) -> dict:
         if callback is not None:
             tensors = callback(step_pipe, step, timestep, tensors)
         timesteps = step_pipe.scheduler.timesteps
-        if state["pasted"] or step + 1 >= len(timesteps) or float(timesteps[step + 1]) / total > paste_at:
+        if not crosses_paste_level(timesteps, step):
             return tensors
         latents = tensors["latents"]
         noise = randn_tensor(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         at = timesteps[step + 1].reshape(1).expand(latents.shape[0])
         noised = step_pipe.scheduler.add_noise(clean.expand_as(latents), noise, at)
         tensors["latents"] = latents * (1 - inside) + noised * inside
-        state["pasted"] = True
         return tensors
 
     return step_end

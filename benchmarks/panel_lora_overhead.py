@@ -11,7 +11,6 @@ step of a wide panel instead: x1.45.
 
 from __future__ import annotations
 
-
 import torch
 
 from anystory_cli.world.base_models import load_default_base
