@@ -128,7 +128,7 @@ def build_plan(
             model=f"{story.model}|{model_id}",
             wide=panel.span == "wide",
             characters=[(c.name, c.box, keys.get(c.name, "")) for c in characters],
-            **values,
+            **_pixel_settings(values, has_characters=bool(characters)),
         )
         plans.append(
             PanelPlan(
@@ -139,6 +139,20 @@ def build_plan(
             )
         )
     return plans
+
+
+# Settings that act only where a character is routed (its reference features, their guidance,
+# its pasted figure): a panel without characters is drawn the same whatever they are, so they stay
+# out of its content key and changing them does not redraw it. (subject_strength is not one: the
+# background's null subject is weighted by it too.)
+CHARACTER_ONLY_SETTINGS = ("reference_strength", "reference_guidance", "paste_references_at")
+
+
+def _pixel_settings(values: Mapping[str, Any], has_characters: bool) -> dict[str, Any]:
+    """The plan values that change a panel's pixels."""
+    if has_characters:
+        return dict(values)
+    return {k: v for k, v in values.items() if k not in CHARACTER_ONLY_SETTINGS}
 
 
 def group_pages(plans: Sequence[PanelPlan]) -> list[PagePlan]:

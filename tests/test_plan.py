@@ -86,9 +86,32 @@ def test_style_is_applied_to_every_panel():
 
 
 def test_reference_guidance_reaches_the_plan_and_its_content_key():
-    on, off = (build_plan(make_story(plain(1), style={"reference_guidance": flag}))[0] for flag in (True, False))
+    panels = [{"prompt": "p", "characters": ["mira"]}]
+    on, off = (build_plan(make_story(panels, CHARACTERS, style={"reference_guidance": flag}))[0]
+               for flag in (True, False))
     assert (on.reference_guidance, off.reference_guidance) == (True, False)
     assert on.content_key != off.content_key  # a cached panel is redrawn when the setting changes
+
+
+@pytest.mark.parametrize("setting", [{"reference_strength": 2.0}, {"reference_guidance": False},
+                                     {"paste_references_at": 0.0}])
+def test_settings_of_the_characters_alone_leave_character_less_panels_keys(setting):
+    """A panel without characters is drawn the same whatever its characters' settings are, so
+    changing them redraws only the panels with characters."""
+    panels = [{"prompt": "p", "characters": ["mira"]}, {"prompt": "an empty hill"}]
+    default = build_plan(make_story(panels, CHARACTERS))
+    changed = build_plan(make_story(panels, CHARACTERS, style=setting))
+    assert changed[0].content_key != default[0].content_key
+    assert changed[1].content_key == default[1].content_key
+    name, value = next(iter(setting.items()))
+    assert getattr(changed[1], name) == value  # the plan still says what the style says
+
+
+def test_subject_strength_is_in_every_panels_key():
+    """The background's null subject is weighted by the subject strength too."""
+    default, stronger = (build_plan(make_story(plain(1), style=style))[0]
+                         for style in ({}, {"subject_strength": 1.5}))
+    assert default.content_key != stronger.content_key
 
 
 def test_figure_paste_reaches_the_plan_and_its_content_key():

@@ -194,6 +194,21 @@ def test_the_figure_paste_changes_character_panels_only(tmp_path, factory):
     np.testing.assert_array_equal(drawn[0.0][1], drawn[0.4][1])
 
 
+def test_settings_of_the_characters_alone_redraw_only_their_panels(tmp_path, factory):
+    """Changing the reference strength, reference guidance and paste redraws the panels with
+    characters; a panel without characters keeps its file, the very pixels a fresh render draws."""
+    story_panels = [storykit.panels()[1], {"prompt": "an empty hill"}]
+    style = {**storykit.STYLE, "steps": 4}
+    out = tmp_path / "out"
+    render(storykit.write_story(tmp_path / "s", story_panels, style=style), out, factory, tmp_path / "cache")
+    changed = {**style, "reference_strength": 2.0, "reference_guidance": False, "paste_references_at": 0.0}
+    story = storykit.write_story(tmp_path / "s", story_panels, style=changed)
+    assert render(story, out, factory, tmp_path / "cache").panels_rendered == [1]
+    render(story, tmp_path / "fresh", factory, tmp_path / "cache")
+    kept, fresh = (np.asarray(Image.open(folder / "panels" / "panel-002.png")) for folder in (out, tmp_path / "fresh"))
+    np.testing.assert_array_equal(kept, fresh)
+
+
 def test_pages_selection_draws_those_panels_and_holds_back_pdf(tmp_path, factory):
     story = storykit.write_story(tmp_path / "s")
     out = tmp_path / "out"
