@@ -6,6 +6,7 @@ PIL and numpy here; the model is reached only through the pipeline object a fact
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,35 +27,96 @@ CHECKER = ((204, 204, 204), (240, 240, 240))  # "transparent" behind the segment
 
 # Sheet segmentation (text-only characters): see segment_sheet.
 SHEET_MIN_DISTANCE = 40.0  # RGB distance from the background colour that counts as character
-SHEET_FRACTION = (0.02, 0.9)  # a plausible share of the image for one standing character
+SHEET_FRACTION = (0.02, 0.6)  # a plausible share of the image for one standing character
 SHEET_FALLBACK_BOX = (0.2, 0.1, 0.8, 0.95)  # x0, y0, x1, y1 in 0..1
+SHEET_WORK_SIZE = 256  # larger sheets are segmented at this size (the search is per pixel)
+SHEET_ROW_WINDOW = 5  # rows whose side colours are pooled: a side band holds a few pixels a row
 
 
 def segment_sheet(image: Image.Image) -> tuple[np.ndarray, bool]:
-    """(mask, fallback): the character on a generated sheet.
+    """(mask, fallback): the character on a generated sheet, (H, W) bool at the image's size.
 
-    The background colour is the median of the image border (4 % wide); pixels farther from it
-    than max(40, twice the border's own spread) are the character, and a 3-px opening removes
-    specks. When that leaves under 2 % or over 90 % of the image, the sheet has no clear
+    A sheet is a plain backdrop (SD 1.5, SDXL) or, on the default model, a scene of horizontal
+    bands (sky, horizon, ground) with props (sun, clouds, trees). So the background of each row is
+    the colour of its left and right border bands (4 % wide) and of the top band; a pixel farther
+    than max(40, twice the borders' own spread) from all three is foreground. Of the foreground,
+    after a 3-px opening, the largest 4-connected part is the character (props are smaller), its
+    enclosed holes filled. When that is under 2 % or over 60 % of the image, the sheet has no clear
     background: the central box is used and `fallback` is True.
     """
-    rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
-    height, width = rgb.shape[:2]
-    band = max(1, round(min(height, width) * 0.04))
-    border = np.concatenate([rgb[:band].reshape(-1, 3), rgb[-band:].reshape(-1, 3),
-                             rgb[:, :band].reshape(-1, 3), rgb[:, -band:].reshape(-1, 3)])
-    background = np.median(border, axis=0)
-    noise = np.percentile(np.linalg.norm(border - background, axis=1), 90)
-    far = np.linalg.norm(rgb - background, axis=-1) > max(SHEET_MIN_DISTANCE, 2.0 * noise)
-    opened = (Image.fromarray(far.astype(np.uint8) * 255)
-              .filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3)))
-    mask = np.asarray(opened) >= 128
-    if SHEET_FRACTION[0] <= mask.mean() <= SHEET_FRACTION[1]:
+    rgb = image.convert("RGB")
+    scale = SHEET_WORK_SIZE / max(rgb.size)
+    if scale < 1:
+        rgb = rgb.resize((max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale))), Image.BOX)
+    mask = _largest_part(_foreground(np.asarray(rgb, dtype=np.float32)))
+    height, width = image.height, image.width
+    if mask is not None and SHEET_FRACTION[0] <= mask.mean() <= SHEET_FRACTION[1]:
+        if mask.shape != (height, width):
+            mask = np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
         return mask, False
     x0, y0, x1, y1 = SHEET_FALLBACK_BOX
     box = np.zeros((height, width), bool)
     box[round(y0 * height):round(y1 * height), round(x0 * width):round(x1 * width)] = True
     return box, True
+
+
+def _foreground(rgb: np.ndarray) -> np.ndarray:
+    """(H, W) bool: pixels far from their row's side colours and from the top band's colour."""
+    height, width = rgb.shape[:2]
+    band = max(1, round(min(height, width) * 0.04))
+    distances, spread = [], []
+    for side in (rgb[:, :band], rgb[:, -band:]):
+        colour = _pooled_rows(np.median(side, axis=1))  # (H, 3)
+        distances.append(np.linalg.norm(rgb - colour[:, None], axis=-1))
+        spread.append(np.linalg.norm(side - colour[:, None], axis=-1).ravel())
+    top = rgb[:band].reshape(-1, 3)
+    top_colour = np.median(top, axis=0)
+    distances.append(np.linalg.norm(rgb - top_colour, axis=-1))
+    spread.append(np.linalg.norm(top - top_colour, axis=-1))
+    threshold = max(SHEET_MIN_DISTANCE, 2.0 * float(np.percentile(np.concatenate(spread), 90)))
+    far = np.min(distances, axis=0) > threshold
+    opened = (Image.fromarray(far.astype(np.uint8) * 255)
+              .filter(ImageFilter.MinFilter(3)).filter(ImageFilter.MaxFilter(3)))
+    return np.asarray(opened) >= 128
+
+
+def _pooled_rows(colours: np.ndarray) -> np.ndarray:
+    """(H, 3) per-row colours -> the median over SHEET_ROW_WINDOW neighbouring rows."""
+    reach = SHEET_ROW_WINDOW // 2
+    padded = np.pad(colours, ((reach, reach), (0, 0)), mode="edge")
+    return np.median(np.stack([padded[k:k + len(colours)] for k in range(SHEET_ROW_WINDOW)]), axis=0)
+
+
+def _largest_part(foreground: np.ndarray) -> np.ndarray | None:
+    """The largest 4-connected part of `foreground` with its enclosed holes filled; None if empty."""
+    parts, sizes = _connected_parts(foreground)
+    if not sizes:
+        return None
+    part = parts == 1 + int(np.argmax(sizes))
+    gaps, _ = _connected_parts(~part)
+    open_gaps = np.unique(np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]]))
+    return part | ((gaps > 0) & ~np.isin(gaps, open_gaps))
+
+
+def _connected_parts(mask: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """4-connected parts of a bool mask: labels (0 outside, 1..n) and each part's size."""
+    height, width = mask.shape
+    labels = np.zeros((height, width), np.int32)
+    sizes: list[int] = []
+    for start in zip(*np.nonzero(mask)):
+        if labels[start]:
+            continue
+        sizes.append(0)
+        labels[start] = len(sizes)
+        queue = deque([start])
+        while queue:
+            y, x = queue.popleft()
+            sizes[-1] += 1
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = len(sizes)
+                    queue.append((ny, nx))
+    return labels, sizes
 
 
 def _checker(size: int, cell: int = 16) -> np.ndarray:

@@ -40,9 +40,10 @@ Scale and faults:
 
 A text-only character (a description, no image) gets a character sheet: the pipeline draws the
 description alone (no characters) on a plain background, the sheet is segmented by its
-background colour (`characters.segment_sheet`: pixels far from the border's median colour are
-the character; without a clear background, the central box, with a warning), and the sheet is
-encoded like a reference image. Sheet and encoding are cached.
+background colours (`characters.segment_sheet`: the largest part far from each row's border
+colours is the character, so the default model's sheets, scenes of sky and ground, segment too;
+without a clear background, the central box, with a warning, and no figure to paste), and the
+sheet is encoded like a reference image. Sheet and encoding are cached.
 
 torch is reached only through the pipeline object (and a torch.Generator for the seed).
 Progress goes to a callback as plain `ProgressEvent`s; nothing here prints.
@@ -83,7 +84,7 @@ STATE_DIR = ".anystory"
 # Bump when drawing or composing changes, so that earlier outputs are not reused.
 RENDER_KEY_VERSION = 1
 PAGE_KEY_VERSION = 1
-SHEET_VERSION = 2  # 2: a sheet cut out by its central box carries no figure to paste
+SHEET_VERSION = 3  # 2: a sheet cut out by its central box carries no figure; 3: row-wise backgrounds
 # Image shapes: the model's native square, widened or heightened to the frame's shape in
 # quarter steps (a 2.1:1 wide panel is drawn at 2:1, not cropped out of a square).
 ASPECT_STEP = 0.25
@@ -451,6 +452,30 @@ def routing_overlay(image: Image.Image, maps: np.ndarray) -> Image.Image:
 # --------------------------------------------------------------------------------------------
 
 
+def sheet_settings(story: Story, name: str, sheet_seed: int, steps: int | None) -> dict[str, Any]:
+    """How a text-only character's sheet is drawn and cut out: its cache key's values."""
+    style = story.style
+    description = story.characters[name].description or ""
+    prompt = ", ".join(p.strip() for p in (style.prompt_prefix, SHEET_PROMPT.format(
+        description=description.strip())) if p.strip())
+    seed = int.from_bytes(hashlib.sha256(f"anystory/sheet/{sheet_seed}/{name}".encode()).digest()[:4], "big")
+    return {"version": SHEET_VERSION, "prompt": prompt, "negative_prompt": style.negative_prompt,
+            "seed": seed, "steps": steps or style.steps, "guidance": style.guidance,
+            "guidance_interval": list(style.guidance_interval)}
+
+
+def character_keys(story: Story, sheet_seed: int, steps: int | None) -> dict[str, str]:
+    """What each character's encoding depends on, for the panels' content keys: its files and
+    description, and for a text-only character also how its sheet is drawn and cut out (a new
+    segmentation or story seed gives it another encoding, so its panels are redrawn)."""
+    keys = character_fingerprints(story)
+    for name, character in story.characters.items():
+        if character.image is None:
+            settings = json.dumps(sheet_settings(story, name, sheet_seed, steps), sort_keys=True)
+            keys[name] = hashlib.sha256(f"{keys[name]}|{settings}".encode()).hexdigest()
+    return keys
+
+
 class _Characters:
     """Each character encoded at most once per render, through the disk cache."""
 
@@ -478,7 +503,7 @@ class _Characters:
                                 character.mask.read_bytes() if character.mask else None, pipeline.model_id)
             result = self.cache.get_or_encode(key, pipeline.model_id, lambda: self._from_image(name))
         else:
-            settings = self._sheet_settings(name)
+            settings = sheet_settings(self.story, name, self.sheet_seed, self.steps)
             key = description_key(character.description or "", settings, pipeline.model_id)
             result = self.cache.get_or_encode(key, pipeline.model_id,
                                               lambda: self._from_description(name, key, settings))
@@ -502,16 +527,6 @@ class _Characters:
             return self.model.pipeline.encode_character(image, mask=mask, name=name)
         except AnyStoryError as exc:
             raise self._field_error(name, "image", exc) from None
-
-    def _sheet_settings(self, name: str) -> dict[str, Any]:
-        style = self.story.style
-        description = self.story.characters[name].description or ""
-        prompt = ", ".join(p.strip() for p in (style.prompt_prefix, SHEET_PROMPT.format(
-            description=description.strip())) if p.strip())
-        seed = int.from_bytes(hashlib.sha256(f"anystory/sheet/{self.sheet_seed}/{name}".encode()).digest()[:4], "big")
-        return {"version": SHEET_VERSION, "prompt": prompt, "negative_prompt": style.negative_prompt,
-                "seed": seed, "steps": self.steps or style.steps, "guidance": style.guidance,
-                "guidance_interval": list(style.guidance_interval)}
 
     def _from_description(self, name: str, key: str, settings: dict[str, Any]):
         pipeline = self.model.pipeline
@@ -800,8 +815,9 @@ def render_story(
         summary.title = story.title
         model = _Model(story.model, Path(story_path).resolve().parent, pipeline_factory,
                        model_fingerprint, source, emit)
+        sheet_seed = story.seed if seed is None else seed
         plans = build_plan(story, seed=seed, steps=steps, model_id=model.key,
-                           character_keys=character_fingerprints(story))
+                           character_keys=character_keys(story, sheet_seed, steps))
         # After the model's key: a model that is missing leaves no empty output folder behind.
         out = check_output_dir(Path(out_dir))
         page_plans = group_pages(plans)
@@ -837,8 +853,7 @@ def render_story(
         if mine:
             _check_model_fits(model.pipeline, plans, source)  # loads the model (stops at once)
             _warn_unknown_words(story, model.pipeline, [job.plan for job in mine], source, emit)
-            characters = _Characters(story, source, model, cache_dir,
-                                     story.seed if seed is None else seed, steps, summary, out, emit)
+            characters = _Characters(story, source, model, cache_dir, sheet_seed, steps, summary, out, emit)
             needed = list(dict.fromkeys(c.name for job in mine for c in job.plan.characters))
             with clock("encode"), _at_safe_points():
                 characters.encode_all(needed, stop)

@@ -87,6 +87,33 @@ def test_segment_sheet_finds_a_figure_on_a_plain_background():
     assert mask[20:50, 24:40].all() and mask.sum() == 30 * 16
 
 
+def test_segment_sheet_finds_the_character_in_a_scene_of_bands_and_props():
+    """The default model draws a sheet as a scene: sky over ground, a sun, the character standing
+    across the horizon near the left edge, one eye the sky's colour. The character alone is found,
+    eye included; the sun, a smaller part, is left out."""
+    sky, ground = (120, 170, 230), (90, 160, 60)
+    image = np.zeros((64, 64, 3), np.uint8)
+    image[:32], image[32:] = sky, ground
+    image[4:10, 50:56] = (250, 220, 60)  # the sun
+    image[24:52, 3:17] = (200, 30, 150)  # the character
+    image[28:31, 6:9] = sky  # an eye
+    mask, fallback = segment_sheet(Image.fromarray(image))
+    expected = np.zeros((64, 64), bool)
+    expected[24:52, 3:17] = True
+    assert not fallback
+    np.testing.assert_array_equal(mask, expected)
+
+
+def test_segment_sheet_of_a_large_sheet_has_its_size():
+    image = np.full((512, 384, 3), 235, np.uint8)
+    image[160:400, 128:256] = (40, 60, 200)
+    mask, fallback = segment_sheet(Image.fromarray(image))
+    assert not fallback and mask.shape == (512, 384)
+    expected = np.zeros((512, 384), bool)
+    expected[160:400, 128:256] = True
+    assert (mask != expected).mean() < 0.002  # segmented at 256 px and scaled back
+
+
 def test_segment_sheet_falls_back_to_the_centre_without_a_background():
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     mask, fallback = segment_sheet(Image.fromarray(noise))
@@ -242,6 +269,24 @@ def test_text_only_character_gets_a_cached_sheet(tmp_path, factory):
     assert again.cache_hits == 1 and again.characters_encoded == []
     assert (tmp_path / "b" / "characters" / "pip.png").read_bytes() == \
         (tmp_path / "a" / "characters" / "pip.png").read_bytes()
+
+
+def test_a_new_way_of_drawing_sheets_redraws_their_characters_panels(tmp_path, factory, monkeypatch):
+    """A text-only character's encoding follows how its sheet is drawn and cut out, so its panels'
+    content keys do too: a new sheet version redraws them, and only them."""
+    import anystory_cli.render as render_module
+
+    (tmp_path / "s" / "characters").mkdir(parents=True)
+    tiny.sprite(storykit.COLOURS["mira"]).save(tmp_path / "s" / "characters" / "mira.png")
+    characters = {"pip": {"description": "a small green creature"}, "mira": {"image": "characters/mira.png"}}
+    panels = [{"prompt": "pip on a hill", "characters": ["pip"]}, {"prompt": "mira", "characters": ["mira"]}]
+    story = storykit.write_story(tmp_path / "s", panels, characters)
+    out = tmp_path / "out"
+    render(story, out, factory, tmp_path / "cache")
+    assert render(story, out, factory, tmp_path / "cache").panels_rendered == []
+    monkeypatch.setattr(render_module, "SHEET_VERSION", render_module.SHEET_VERSION + 1)
+    again = render(story, out, factory, tmp_path / "cache")
+    assert again.characters_encoded == ["pip"] and again.panels_rendered == [1]
 
 
 def test_a_sheet_without_a_clear_background_is_not_pasted(tmp_path, factory, monkeypatch):
