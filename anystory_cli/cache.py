@@ -44,20 +44,22 @@ def _update(digest, label: str, payload: bytes) -> None:
         digest.update(part)
 
 
-def reference_key(image_bytes: bytes, mask_bytes: bytes | None, model_id: str) -> str:
-    """Key of a character encoded from a reference image (and optional mask) by one model."""
+def reference_key(image_bytes: bytes, mask_bytes: bytes | None, model_id: str, mirrored: bool = False) -> str:
+    """Key of a character encoded from a reference image (and optional mask) by one model,
+    flipped left to right when `mirrored`."""
     digest = hashlib.sha256()
     _update(digest, "kind", f"reference/{KEY_VERSION}".encode())
     _update(digest, "image", image_bytes)
     _update(digest, "mask", mask_bytes if mask_bytes is not None else b"")
     _update(digest, "has_mask", b"1" if mask_bytes is not None else b"0")
     _update(digest, "model", model_id.encode())
+    _mark_mirrored(digest, mirrored)
     return digest.hexdigest()
 
 
-def description_key(description: str, settings: dict[str, Any], model_id: str) -> str:
+def description_key(description: str, settings: dict[str, Any], model_id: str, mirrored: bool = False) -> str:
     """Key of a character whose sheet is generated from a description with `settings`
-    (prompt, seed, steps, ...)."""
+    (prompt, seed, steps, ...), flipped left to right when `mirrored`."""
     import json
 
     digest = hashlib.sha256()
@@ -65,7 +67,14 @@ def description_key(description: str, settings: dict[str, Any], model_id: str) -
     _update(digest, "description", description.encode())
     _update(digest, "settings", json.dumps(settings, sort_keys=True).encode())
     _update(digest, "model", model_id.encode())
+    _mark_mirrored(digest, mirrored)
     return digest.hexdigest()
+
+
+def _mark_mirrored(digest, mirrored: bool) -> None:
+    # Only when mirrored: the keys of entries cached before the option existed stay valid.
+    if mirrored:
+        _update(digest, "mirrored", b"1")
 
 
 def tensor_checksum(tensors: dict) -> str:

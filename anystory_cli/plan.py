@@ -39,6 +39,7 @@ class PlacedCharacter:
     name: str
     box: BoxTuple  # where in the panel image, 0..1, (x0, y0, x1, y1)
     figure: BoxTuple  # where its reference is pasted, inside `box` (figures.py)
+    mirrored: bool = False  # drawn from its reference flipped left to right
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def build_plan(
         page, row, slot = positions[index]
         regions = placement_boxes(panel.characters)
         characters = tuple(
-            PlacedCharacter(ref.name, box, figure)
+            PlacedCharacter(ref.name, box, figure, ref.mirrored)
             for ref, box, figure in zip(panel.characters, regions, figure_boxes(regions))
         )
         values = dict(
@@ -127,7 +128,7 @@ def build_plan(
         key = content_key(
             model=f"{story.model}|{model_id}",
             wide=panel.span == "wide",
-            characters=[(c.name, c.box, keys.get(c.name, "")) for c in characters],
+            characters=[_character_key(c, keys.get(c.name, "")) for c in characters],
             **_pixel_settings(values, has_characters=bool(characters)),
         )
         plans.append(
@@ -146,6 +147,11 @@ def build_plan(
 # out of its content key and changing them does not redraw it. (subject_strength is not one: the
 # background's null subject is weighted by it too.)
 CHARACTER_ONLY_SETTINGS = ("reference_strength", "reference_guidance", "paste_references_at")
+
+
+def _character_key(character: PlacedCharacter, encoding_key: str) -> tuple:
+    # "mirrored" only when it is: panels drawn before the option existed keep their keys.
+    return (character.name, character.box, encoding_key) + (("mirrored",) if character.mirrored else ())
 
 
 def _pixel_settings(values: Mapping[str, Any], has_characters: bool) -> dict[str, Any]:

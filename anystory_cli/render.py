@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, ImageOps, PngImagePlugin
 
 from .atomic import TEMP_SUFFIX, check_within
 from .cache import EncodingCache, description_key, reference_key
@@ -484,51 +484,56 @@ class _Characters:
         self.story, self.source, self.model = story, source, model
         self.sheet_seed, self.steps, self.summary, self.out, self.emit = sheet_seed, steps, summary, out, emit
         self.cache = EncodingCache(cache_dir, on_warning=self._warn)
-        self.encodings: dict[str, Any] = {}
+        self.encodings: dict[tuple[str, bool], Any] = {}  # by (name, mirrored)
         self.stop: Callable[[], None] = lambda: None
 
-    def encode_all(self, names: Sequence[str], stop: Callable[[], None] = lambda: None) -> None:
+    def encode_all(self, needed: Sequence[tuple[str, bool]], stop: Callable[[], None] = lambda: None) -> None:
+        """Encode each (name, mirrored) once, from the cache when it can."""
         self.stop = stop
-        for number, name in enumerate(names, start=1):
+        for number, (name, mirrored) in enumerate(needed, start=1):
             stop()
-            if name not in self.encodings:
-                self.encodings[name], how = self._encode(name)
-                self.emit(ProgressEvent("character", f"{name}: {how}", number, len(names)))
+            if (name, mirrored) not in self.encodings:
+                self.encodings[name, mirrored], how = self._encode(name, mirrored)
+                label = f"{name} (mirrored)" if mirrored else name
+                self.emit(ProgressEvent("character", f"{label}: {how}", number, len(needed)))
 
-    def _encode(self, name: str):
+    def _encode(self, name: str, mirrored: bool):
         character = self.story.characters[name]
         pipeline = self.model.pipeline
         if character.image is not None:
-            key = reference_key(character.image.read_bytes(),
-                                character.mask.read_bytes() if character.mask else None, pipeline.model_id)
-            result = self.cache.get_or_encode(key, pipeline.model_id, lambda: self._from_image(name))
+            key = reference_key(character.image.read_bytes(), character.mask.read_bytes() if character.mask else None,
+                                pipeline.model_id, mirrored)
+            result = self.cache.get_or_encode(key, pipeline.model_id, lambda: self._from_image(name, mirrored))
         else:
             settings = sheet_settings(self.story, name, self.sheet_seed, self.steps)
-            key = description_key(character.description or "", settings, pipeline.model_id)
-            result = self.cache.get_or_encode(key, pipeline.model_id,
-                                              lambda: self._from_description(name, key, settings))
-            self._publish_sheet(name, key)
+            description = character.description or ""
+            # The sheet is the same either way (it is published unmirrored, under its own key).
+            sheet_key = description_key(description, settings, pipeline.model_id)
+            key = description_key(description, settings, pipeline.model_id, mirrored)
+            result = self.cache.get_or_encode(
+                key, pipeline.model_id, lambda: self._from_description(name, sheet_key, settings, mirrored))
+            self._publish_sheet(name, sheet_key)
         self.summary.cache_hits += result.hit
         self.summary.cache_misses += not result.hit
         self.summary.cache_rebuilt += result.rebuilt
         if not result.hit:
-            self.summary.characters_encoded.append(name)
+            self.summary.characters_encoded.append(f"{name} (mirrored)" if mirrored else name)
         return result.encoding, "cached" if result.hit else "encoded"
 
     def _field_error(self, name: str, field_name: str, exc: AnyStoryError) -> AnyStoryError:
         message = re.sub(rf"^character {re.escape(name)}: ", "", str(exc))
         return type(exc)(f"{self.source}: characters.{name}.{field_name}: {message}")
 
-    def _from_image(self, name: str):
+    def _from_image(self, name: str, mirrored: bool):
         character = self.story.characters[name]
         try:
-            image = load_image(character.image, "reference image")
-            mask = load_image(character.mask, "mask") if character.mask else None
+            image = _mirror(load_image(character.image, "reference image"), mirrored)
+            mask = _mirror(load_image(character.mask, "mask"), mirrored) if character.mask else None
             return self.model.pipeline.encode_character(image, mask=mask, name=name)
         except AnyStoryError as exc:
             raise self._field_error(name, "image", exc) from None
 
-    def _from_description(self, name: str, key: str, settings: dict[str, Any]):
+    def _from_description(self, name: str, sheet_key: str, settings: dict[str, Any], mirrored: bool):
         pipeline = self.model.pipeline
         self.emit(ProgressEvent("character", f"{name}: drawing a character sheet from its description"))
 
@@ -545,7 +550,9 @@ class _Characters:
             )
             sheet = output.images[0].convert("RGB")
             mask, fallback = segment_sheet(sheet)
-            encoding = pipeline.encode_character(sheet, mask=mask, name=name)
+            mask_image = Image.fromarray(mask.astype(np.uint8) * 255)
+            encoding = pipeline.encode_character(_mirror(sheet, mirrored), mask=_mirror(mask_image, mirrored),
+                                                 name=name)
             if fallback:
                 self._warn(f"{self.source}: characters.{name}: the generated sheet has no clear "
                            "background; the centre of the sheet is used as the character, and it is "
@@ -555,8 +562,8 @@ class _Characters:
         except AnyStoryError as exc:
             raise self._field_error(name, "description", exc) from None
         rgba = sheet.copy()
-        rgba.putalpha(Image.fromarray(mask.astype(np.uint8) * 255))
-        _write_png(rgba, self.cache.sidecar_path(key, ".sheet.png"), key)
+        rgba.putalpha(mask_image)
+        _write_png(rgba, self.cache.sidecar_path(sheet_key, ".sheet.png"), sheet_key)
         return encoding
 
     def _publish_sheet(self, name: str, key: str) -> None:
@@ -854,7 +861,7 @@ def render_story(
             _check_model_fits(model.pipeline, plans, source)  # loads the model (stops at once)
             _warn_unknown_words(story, model.pipeline, [job.plan for job in mine], source, emit)
             characters = _Characters(story, source, model, cache_dir, sheet_seed, steps, summary, out, emit)
-            needed = list(dict.fromkeys(c.name for job in mine for c in job.plan.characters))
+            needed = list(dict.fromkeys((c.name, c.mirrored) for job in mine for c in job.plan.characters))
             with clock("encode"), _at_safe_points():
                 characters.encode_all(needed, stop)
             with clock("render"), _at_safe_points():
@@ -962,7 +969,11 @@ def _warn_unknown_words(story: Story, pipeline, plans: Sequence[PanelPlan], sour
                                "(`python -c 'import anystory_cli.world as w; print(w.vocabulary())'` lists its words)"))
 
 
-def _draw_panel(pipeline, job: _PanelJob, encodings: dict[str, Any], out: Path, source: str, emit,
+def _mirror(image: Image.Image, mirrored: bool) -> Image.Image:
+    return ImageOps.mirror(image) if mirrored else image
+
+
+def _draw_panel(pipeline, job: _PanelJob, encodings: dict[tuple[str, bool], Any], out: Path, source: str, emit,
                 stop: Callable[[], None] = lambda: None) -> None:
     plan = job.plan
     width, height = _image_size(pipeline, job.multipliers)
@@ -975,13 +986,14 @@ def _draw_panel(pipeline, job: _PanelJob, encodings: dict[str, Any], out: Path, 
     try:
         output = pipeline(
             plan.prompt,
-            characters=[encodings[c.name] for c in plan.characters],
+            characters=[encodings[c.name, c.mirrored] for c in plan.characters],
             regions=[c.box for c in plan.characters],
             subject_scale=plan.subject_strength,
             reference_scale=plan.reference_strength,
             reference_guidance=plan.reference_guidance,
             # No figure: a sheet whose character could not be cut out (`_from_description`).
-            figure_boxes=[c.figure if encodings[c.name].figure is not None else None for c in plan.characters],
+            figure_boxes=[c.figure if encodings[c.name, c.mirrored].figure is not None else None
+                          for c in plan.characters],
             paste_at=plan.paste_references_at or None,
             return_routing=True,
             num_inference_steps=plan.num_inference_steps,

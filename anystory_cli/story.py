@@ -328,6 +328,10 @@ class CharacterRef(_Strict):
         "center or right pins this one to the first, middle or last; alone, the left, middle or right half; "
         "or a box in 0..1 of the panel.",
     )
+    mirrored: bool = Field(
+        False, description="Draw it mirrored (its reference image flipped left to right), e.g. so that two "
+        "characters face each other.",
+    )
 
 
 def _name_to_ref(value: Any) -> Any:

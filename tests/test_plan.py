@@ -107,6 +107,12 @@ def test_settings_of_the_characters_alone_leave_character_less_panels_keys(setti
     assert getattr(changed[1], name) == value  # the plan still says what the style says
 
 
+def test_a_mirrored_character_reaches_the_plan():
+    panels = [{"prompt": "p", "characters": [{"name": "mira", "mirrored": True}, "bolt"]}]
+    mira, bolt = build_plan(make_story(panels, CHARACTERS))[0].characters
+    assert (mira.mirrored, bolt.mirrored) == (True, False)
+
+
 def test_subject_strength_is_in_every_panels_key():
     """The background's null subject is weighted by the subject strength too."""
     default, stronger = (build_plan(make_story(plain(1), style=style))[0]
@@ -226,8 +232,9 @@ def test_content_key_is_stable_and_ignores_lettering():
         lambda p: p[0].update(seed=99),
         lambda p: p[0].update(characters=[{"name": "mira", "at": "left"}]),
         lambda p: p[0].update(span="wide"),
+        lambda p: p[0].update(characters=[{"name": "mira", "mirrored": True}]),
     ],
-    ids=["prompt", "seed", "placement", "span"],
+    ids=["prompt", "seed", "placement", "span", "mirrored"],
 )
 def test_content_key_changes_only_for_the_changed_panel(change):
     panels = [{"prompt": "sky", "characters": ["mira"]}, {"prompt": "hill"}]

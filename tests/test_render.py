@@ -271,6 +271,36 @@ def test_text_only_character_gets_a_cached_sheet(tmp_path, factory):
         (tmp_path / "a" / "characters" / "pip.png").read_bytes()
 
 
+def test_a_mirrored_character_is_drawn_as_its_mirrored_reference(tmp_path, factory):
+    """`mirrored: true` draws exactly the panel that a reference flipped left to right draws."""
+    sprite = tiny.sprite(storykit.COLOURS["mira"])
+    sprite.paste((250, 220, 40, 255), (8, 10, 22, 30))  # a yellow patch on its left: not symmetric
+    drawn = {}
+    for name, image, ref in (("mirrored", sprite, {"name": "mira", "mirrored": True}),
+                             ("flipped", sprite.transpose(Image.Transpose.FLIP_LEFT_RIGHT), "mira")):
+        (tmp_path / name / "characters").mkdir(parents=True)
+        image.save(tmp_path / name / "characters" / "mira.png")
+        story = storykit.write_story(tmp_path / name, [{"prompt": "mira", "characters": [ref]}],
+                                     {"mira": {"image": "characters/mira.png"}})
+        summary = render(story, tmp_path / f"out-{name}", factory, tmp_path / f"cache-{name}")
+        assert summary.characters_encoded == (["mira (mirrored)"] if name == "mirrored" else ["mira"])
+        drawn[name] = np.asarray(Image.open(tmp_path / f"out-{name}" / "panels" / "panel-001.png"))
+    np.testing.assert_array_equal(drawn["mirrored"], drawn["flipped"])
+
+
+def test_a_text_only_character_mirrored_shares_its_sheet(tmp_path, factory):
+    characters = {"pip": {"description": "a small green creature"}}
+    panels = [{"prompt": "pip", "characters": [{"name": "pip", "mirrored": True}]},
+              {"prompt": "pip", "characters": ["pip"]}]
+    story = storykit.write_story(tmp_path / "s", panels, characters)
+    summary = render(story, tmp_path / "out", factory, tmp_path / "cache")
+    assert summary.characters_encoded == ["pip (mirrored)", "pip"] and summary.panels_rendered == [1, 2]
+    plain = storykit.write_story(tmp_path / "p", panels[1:], characters)
+    render(plain, tmp_path / "plain", factory, tmp_path / "cache-plain")
+    assert (tmp_path / "out" / "characters" / "pip.png").read_bytes() == \
+        (tmp_path / "plain" / "characters" / "pip.png").read_bytes()
+
+
 def test_a_new_way_of_drawing_sheets_redraws_their_characters_panels(tmp_path, factory, monkeypatch):
     """A text-only character's encoding follows how its sheet is drawn and cut out, so its panels'
     content keys do too: a new sheet version redraws them, and only them."""
