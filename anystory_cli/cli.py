@@ -834,6 +834,58 @@ def evaluate_adapter_command(
         _print_adapter_result(result)
 
 
+@evaluate_app.command("compare")
+def evaluate_compare_command(
+    before: list[Path] = typer.Option(..., "--before", help="An `evaluate adapter --json` output (repeat the "
+                                      "option for more seeds; paired with --after in order)."),
+    after: list[Path] = typer.Option(..., "--after", help="The run to compare with it: the same seed and panels "
+                                     "per count, another setting."),
+    before_variant: str = typer.Option("anystory", "--before-variant", help="Variant read from --before."),
+    after_variant: str = typer.Option("anystory", "--after-variant", help="Variant read from --after."),
+    as_json: bool = typer.Option(False, "--json", help="Print the comparison as one JSON object on stdout."),
+) -> None:
+    """Compare two settings on the same panels and noise, character by character.
+
+    Per character count: identity before and after, the characters only one of them picks out
+    right, and a sign test on those; pooled over every --before/--after pair. Draws nothing.
+    """
+    with _guarded(as_json):
+        from .errors import InputError
+        from .evaluate import compare_adapter_runs
+
+        if len(before) != len(after):
+            raise InputError(f"{len(before)} --before file(s) but {len(after)} --after: give them in pairs")
+        pairs = [(_evaluation_json(a), _evaluation_json(b)) for a, b in zip(before, after)]
+        result = compare_adapter_runs(pairs, before_variant, after_variant)
+        if as_json:
+            typer.echo(json.dumps({"ok": True, **result}, indent=2))
+            return
+        typer.echo(f"{result['before']} (before) against {result['after']} (after), {result['pairs']} pair(s)")
+        typer.echo(f"{'characters':<11}{'n':>6}{'before':>8}{'after':>8}  {'95 % after':<12}"
+                   f"{'only before':>12}{'only after':>11}{'sign p':>8}{'blended':>10}")
+        for key, row in result["by_count"].items():
+            low, high = row["identity_after_interval"]
+            typer.echo(f"{'2-4' if key == 'multi' else key:<11}{row['characters']:>6}{row['identity_before']:>8.3f}"
+                       f"{row['identity_after']:>8.3f}  {f'{low:.2f}-{high:.2f}':<12}{row['only_before']:>12}"
+                       f"{row['only_after']:>11}{row['sign_test_p']:>8.3f}"
+                       f"{row['blended_before']:>6} → {row['blended_after']}")
+
+
+def _evaluation_json(path: Path) -> dict:
+    """An `evaluate adapter --json` output (or a report's report.json), or one clear error."""
+    from .errors import InputError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: not JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("panels"), list) or "variants" not in data:
+        raise InputError(f"{path}: not the output of `anystory evaluate adapter --json` (no panels)")
+    return data
+
+
 def _adapter_pipeline(model: str, adapter: Optional[Path]):
     """The AnyStoryPipeline to grade: `model` as `render` loads it, with `adapter` instead of its own."""
     if PIPELINE_FACTORY is not None and adapter is None:

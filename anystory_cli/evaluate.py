@@ -432,6 +432,61 @@ def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float
     return round(float(max(0.0, centre - half)), 4), round(float(min(1.0, centre + half)), 4)
 
 
+def sign_test(only_first: int, only_second: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven between the two
+    kinds of discordant pairs if either setting were as likely to win each (1.0 without any)."""
+    from math import comb
+
+    trials, fewer = only_first + only_second, min(only_first, only_second)
+    if trials == 0:
+        return 1.0
+    tail = sum(comb(trials, k) for k in range(fewer + 1)) / 2 ** trials
+    return round(min(1.0, 2 * tail), 4)
+
+
+def compare_adapter_runs(pairs: list[tuple[dict, dict]], before: str = "anystory", after: str = "anystory") -> dict:
+    """Two settings on the same panels and noise, paired character by character.
+
+    `pairs`: (before, after) results of `evaluate_adapter` (its --json output) drawn with the same
+    seed and panels per count, pooled over all pairs; `before` and `after` name the variant read
+    from each. Per character count and for 2-4 characters: identity before and after (with the
+    after's 95 % interval), the characters only one of them picks out right, the sign test's p on
+    those, and blending before and after. Rates a few points apart on a few hundred characters
+    are within the noise; the discordant counts say whether the same characters moved."""
+    counts: dict[str, dict[str, int]] = {}
+    for index, (first, second) in enumerate(pairs):
+        for result, variant in ((first, before), (second, after)):
+            if variant not in result.get("variants", ()):
+                raise InputError(f"pair {index + 1}: variant {variant!r} was not drawn "
+                                 f"(drawn: {', '.join(result.get('variants', ())) or 'none'})")
+        if [p["scene_seed"] for p in first["panels"]] != [p["scene_seed"] for p in second["panels"]]:
+            raise InputError(f"pair {index + 1}: the two runs drew different panels "
+                             f"(seeds {first.get('seed')} and {second.get('seed')}, panels per count "
+                             f"{first.get('panels_per_count')} and {second.get('panels_per_count')})")
+        for panel_a, panel_b in zip(first["panels"], second["panels"]):
+            number = str(len(panel_a["identity_seeds"]))
+            for a, b in zip(panel_a["judged"][before], panel_b["judged"][after]):
+                for key in (number, "multi") if number != "1" else (number,):
+                    tally = counts.setdefault(key, dict.fromkeys(
+                        ("characters", "right_before", "right_after", "only_before", "only_after",
+                         "blended_before", "blended_after"), 0))
+                    tally["characters"] += 1
+                    tally["right_before"] += bool(a["right"])
+                    tally["right_after"] += bool(b["right"])
+                    tally["only_before"] += bool(a["right"]) and not b["right"]
+                    tally["only_after"] += bool(b["right"]) and not a["right"]
+                    tally["blended_before"] += bool(a["blended"])
+                    tally["blended_after"] += bool(b["blended"])
+    out = {}
+    for key in sorted(counts, key=lambda k: (k == "multi", k)):
+        tally, n = counts[key], counts[key]["characters"]
+        out[key] = {**tally, "identity_before": round(tally["right_before"] / n, 4),
+                    "identity_after": round(tally["right_after"] / n, 4),
+                    "identity_after_interval": list(wilson_interval(tally["right_after"], n)),
+                    "sign_test_p": sign_test(tally["only_before"], tally["only_after"])}
+    return {"before": before, "after": after, "pairs": len(pairs), "by_count": out}
+
+
 def _goal_intervals(panels: list[EvalPanel], judged: list[list[dict]]) -> dict[str, tuple[float, float]]:
     """95 % intervals of the rate goals: how far the panels drawn can tell a goal met from missed."""
     groups = _records_by_count(panels, judged)
