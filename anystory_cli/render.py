@@ -476,6 +476,11 @@ def character_keys(story: Story, sheet_seed: int, steps: int | None) -> dict[str
     return keys
 
 
+def _character_label(name: str, mirrored: bool) -> str:
+    """How progress and the summary name an encoding: 'mira', or 'mira (mirrored)'."""
+    return f"{name} (mirrored)" if mirrored else name
+
+
 class _Characters:
     """Each character encoded at most once per render, through the disk cache."""
 
@@ -494,8 +499,8 @@ class _Characters:
             stop()
             if (name, mirrored) not in self.encodings:
                 self.encodings[name, mirrored], how = self._encode(name, mirrored)
-                label = f"{name} (mirrored)" if mirrored else name
-                self.emit(ProgressEvent("character", f"{label}: {how}", number, len(needed)))
+                self.emit(ProgressEvent("character", f"{_character_label(name, mirrored)}: {how}", number,
+                                        len(needed)))
 
     def _encode(self, name: str, mirrored: bool):
         character = self.story.characters[name]
@@ -517,7 +522,7 @@ class _Characters:
         self.summary.cache_misses += not result.hit
         self.summary.cache_rebuilt += result.rebuilt
         if not result.hit:
-            self.summary.characters_encoded.append(f"{name} (mirrored)" if mirrored else name)
+            self.summary.characters_encoded.append(_character_label(name, mirrored))
         return result.encoding, "cached" if result.hit else "encoded"
 
     def _field_error(self, name: str, field_name: str, exc: AnyStoryError) -> AnyStoryError:
