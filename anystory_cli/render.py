@@ -540,20 +540,8 @@ class _Characters:
 
     def _from_description(self, name: str, sheet_key: str, settings: dict[str, Any], mirrored: bool):
         pipeline = self.model.pipeline
-        self.emit(ProgressEvent("character", f"{name}: drawing a character sheet from its description"))
-
-        def on_step(_pipe, _step, _timestep, tensors):
-            self.stop()
-            return tensors
-
         try:
-            output = pipeline(
-                settings["prompt"], characters=[], num_inference_steps=settings["steps"],
-                guidance_scale=settings["guidance"], guidance_interval=tuple(settings["guidance_interval"]),
-                negative_prompt=settings["negative_prompt"] or None,
-                generator=_generator(settings["seed"]), callback_on_step_end=on_step,
-            )
-            sheet = output.images[0].convert("RGB")
+            sheet = self._cached_sheet(sheet_key) or self._draw_sheet(name, settings)
             mask, fallback = segment_sheet(sheet)
             mask_image = Image.fromarray(mask.astype(np.uint8) * 255)
             encoding = pipeline.encode_character(_mirror(sheet, mirrored), mask=_mirror(mask_image, mirrored),
@@ -571,6 +559,34 @@ class _Characters:
         _write_png(rgba, self.cache.sidecar_path(sheet_key, ".sheet.png"), sheet_key)
         return encoding
 
+    def _cached_sheet(self, sheet_key: str) -> Image.Image | None:
+        """The sheet an earlier encoding of this character drew (plain or mirrored: the sheet is
+        the same), so that a character used both ways is drawn once. Its colours are stored as
+        drawn (the alpha beside them), so cutting it out again gives the same mask."""
+        cached = self.cache.sidecar_path(sheet_key, ".sheet.png")
+        if _stored_key(cached) != sheet_key:
+            return None
+        try:
+            with Image.open(cached) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            return None  # unreadable: draw it again
+
+    def _draw_sheet(self, name: str, settings: dict[str, Any]) -> Image.Image:
+        self.emit(ProgressEvent("character", f"{name}: drawing a character sheet from its description"))
+
+        def on_step(_pipe, _step, _timestep, tensors):
+            self.stop()
+            return tensors
+
+        output = self.model.pipeline(
+            settings["prompt"], characters=[], num_inference_steps=settings["steps"],
+            guidance_scale=settings["guidance"], guidance_interval=tuple(settings["guidance_interval"]),
+            negative_prompt=settings["negative_prompt"] or None,
+            generator=_generator(settings["seed"]), callback_on_step_end=on_step,
+        )
+        return output.images[0].convert("RGB")
+
     def _publish_sheet(self, name: str, key: str) -> None:
         """Copy the cached sheet to characters/<name>.png when it is not there yet."""
         cached = self.cache.sidecar_path(key, ".sheet.png")
@@ -582,6 +598,8 @@ class _Characters:
         self.summary.files_written.append(str(target))
 
     def _warn(self, message: str) -> None:
+        if message in self.summary.warnings:
+            return  # e.g. a fallback sheet, said once for a character used both plain and mirrored
         self.summary.warnings.append(message)
         self.emit(ProgressEvent("warning", message))
 

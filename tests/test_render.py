@@ -293,8 +293,11 @@ def test_a_text_only_character_mirrored_shares_its_sheet(tmp_path, factory):
     panels = [{"prompt": "pip", "characters": [{"name": "pip", "mirrored": True}]},
               {"prompt": "pip", "characters": ["pip"]}]
     story = storykit.write_story(tmp_path / "s", panels, characters)
-    summary = render(story, tmp_path / "out", factory, tmp_path / "cache")
+    events = []
+    summary = render(story, tmp_path / "out", factory, tmp_path / "cache", progress=events.append)
     assert summary.characters_encoded == ["pip (mirrored)", "pip"] and summary.panels_rendered == [1, 2]
+    assert [e.message for e in events if "drawing a character sheet" in e.message] == \
+        ["pip: drawing a character sheet from its description"]  # once, not once per encoding
     plain = storykit.write_story(tmp_path / "p", panels[1:], characters)
     render(plain, tmp_path / "plain", factory, tmp_path / "cache-plain")
     assert (tmp_path / "out" / "characters" / "pip.png").read_bytes() == \
