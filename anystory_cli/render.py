@@ -541,7 +541,8 @@ class _Characters:
     def _from_description(self, name: str, sheet_key: str, settings: dict[str, Any], mirrored: bool):
         pipeline = self.model.pipeline
         try:
-            sheet = self._cached_sheet(sheet_key) or self._draw_sheet(name, settings)
+            cached = self._cached_sheet(sheet_key)
+            sheet = cached or self._draw_sheet(name, settings)
             mask, fallback = segment_sheet(sheet)
             mask_image = Image.fromarray(mask.astype(np.uint8) * 255)
             encoding = pipeline.encode_character(_mirror(sheet, mirrored), mask=_mirror(mask_image, mirrored),
@@ -554,9 +555,10 @@ class _Characters:
                 encoding.figure = None
         except AnyStoryError as exc:
             raise self._field_error(name, "description", exc) from None
-        rgba = sheet.copy()
-        rgba.putalpha(mask_image)
-        _write_png(rgba, self.cache.sidecar_path(sheet_key, ".sheet.png"), sheet_key)
+        if cached is None:  # a sheet read back is already stored, byte for byte
+            rgba = sheet.copy()
+            rgba.putalpha(mask_image)
+            _write_png(rgba, self.cache.sidecar_path(sheet_key, ".sheet.png"), sheet_key)
         return encoding
 
     def _cached_sheet(self, sheet_key: str) -> Image.Image | None:
