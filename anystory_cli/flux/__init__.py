@@ -1,0 +1,21 @@
+"""AnyStory on FLUX.1 with the released weights (`anystory_flux.bin`, FLUX.1-dev, FLUX.1-Redux-dev).
+
+    from anystory_cli.flux import AnyStoryFluxPipeline
+    pipe = AnyStoryFluxPipeline.from_pretrained("FLUX.1-dev", redux="FLUX.1-Redux-dev",
+                                                adapter="anystory_flux.bin")
+    mira = pipe.encode_character(image, mask=mask, generator=torch.Generator().manual_seed(0))
+    out = pipe("mira waves", characters=[mira], generator=torch.Generator().manual_seed(0))
+"""
+from __future__ import annotations
+
+__all__ = ["AnyStoryFluxPipeline", "FluxCharacter", "FluxOutput", "prepare_reference"]
+
+
+def __getattr__(name):  # diffusers takes seconds to import: only when asked for
+    if name in ("AnyStoryFluxPipeline", "FluxCharacter", "FluxOutput"):
+        from . import pipeline
+        return getattr(pipeline, name)
+    if name == "prepare_reference":
+        from .reference import prepare_reference
+        return prepare_reference
+    raise AttributeError(name)
