@@ -77,30 +77,39 @@ class StepState:
     temb: torch.Tensor | None        # the step's conditioning embedding (the router needs it)
     routing: list = field(default_factory=list)  # per block (B, N, image tokens), one-hot
     capture: ReferenceKV | None = None  # set while the reference pass records its keys/values
+    _fixed: torch.Tensor | None = field(default=None, repr=False)
 
     def bias(self, batch: int, queries: int, image_len: int, routing: torch.Tensor | None,
              dtype: torch.dtype, device) -> torch.Tensor | None:
         """The additive attention bias (B, 1, queries, keys) over [text, subjects, image, reference]
         keys, or None when it would be all zeros."""
         reference_len = 0 if self.reference is None else self.reference.mask_bias.shape[-1]
-        keys = queries + reference_len
-        fixed = self.reference is not None and self.reference.mask_bias is not None and bool(
-            self.reference.mask_bias.any())
-        if not fixed and routing is None:
-            return None
-        bias = torch.zeros(batch, 1, queries, keys, dtype=dtype, device=device)
-        if fixed:
-            bias[..., queries:] = self.reference.mask_bias.to(dtype)
-        if routing is not None:
-            # routing (B, N, image_len): 1 where the image token belongs to that character.
-            away = ((routing - 1.0) * MASKED).to(dtype).transpose(1, 2)  # (B, image_len, N)
-            rows = slice(queries - image_len, queries)
-            if self.subject_len:
-                cols = slice(self.text_len - self.subject_len, self.text_len)
-                bias[:, 0, rows, cols] += away.repeat_interleave(self.subject_len // self.characters, dim=2)
-            if reference_len:
-                bias[:, 0, rows, queries:] += away.repeat_interleave(reference_len // self.characters, dim=2)
+        fixed = self._fixed_bias(queries, dtype, device)
+        if routing is None:
+            return fixed
+        bias = torch.zeros(batch, 1, queries, queries + reference_len, dtype=dtype, device=device)
+        if fixed is not None:
+            bias += fixed
+        # routing (B, N, image_len): 1 where the image token belongs to that character.
+        away = ((routing - 1.0) * MASKED).to(dtype).transpose(1, 2)  # (B, image_len, N)
+        rows = slice(queries - image_len, queries)
+        if self.subject_len:
+            cols = slice(self.text_len - self.subject_len, self.text_len)
+            bias[:, 0, rows, cols] += away.repeat_interleave(self.subject_len // self.characters, dim=2)
+        if reference_len:
+            bias[:, 0, rows, queries:] += away.repeat_interleave(reference_len // self.characters, dim=2)
         return bias
+
+
+    def _fixed_bias(self, queries: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """The reference keys' bias (mask and shift), the same in every block of the step."""
+        if self.reference is None or not bool(self.reference.mask_bias.any()):
+            return None
+        if self._fixed is None or self._fixed.shape[2] != queries or self._fixed.dtype != dtype:
+            reference_len = self.reference.mask_bias.shape[-1]
+            self._fixed = torch.zeros(1, 1, queries, queries + reference_len, dtype=dtype, device=device)
+            self._fixed[..., queries:] = self.reference.mask_bias.to(dtype)
+        return self._fixed
 
 
 class StateSlot:
