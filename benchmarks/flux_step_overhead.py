@@ -34,7 +34,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
 PROMPT = "a red ball and a blue ball and a green ball play in a park."
 SUBJECTS = [((200, 40, 40), (18, 10, 78, 90)), ((40, 60, 200), (8, 20, 88, 80)), ((40, 180, 60), (20, 20, 76, 76))]
@@ -97,10 +97,12 @@ def main():
               "output_type": "latent", "max_sequence_length": args.max_sequence_length}
 
     runs = {"plain": lambda: plain(PROMPT, generator=torch.Generator().manual_seed(0), **common)}
+    def ours_run(count):
+        return lambda: ours(PROMPT, characters=characters[:count], generator=torch.Generator().manual_seed(0),
+                            **common, **app_options(count))
+
     for count in (1, 2, 3):
-        runs[f"ours_{count}"] = (lambda n: lambda: ours(
-            PROMPT, characters=characters[:n], generator=torch.Generator().manual_seed(0), **common,
-            **app_options(n)))(count)
+        runs[f"ours_{count}"] = ours_run(count)
 
     if released is not None:
         from anystory.generate import generate as released_generate
