@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_path
-from .errors import OutputError
+from .errors import InputError, OutputError
 
 CACHE_ENV = "ANYSTORY_CACHE"
 KEY_VERSION = 1  # bump when what goes into a key changes
@@ -172,7 +172,9 @@ def _parse(data: bytes, key: str, model_id: str):
         tensors = load_tensors(data)
     except (SafetensorError, ValueError, RuntimeError, AttributeError) as exc:
         return None, f"corrupt or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    if metadata.get("format") != ENCODING_FORMAT or "subject_tokens" not in tensors:
+    from .flux import CHARACTER_FORMAT as FLUX_FORMAT
+
+    if metadata.get("format") not in (ENCODING_FORMAT, FLUX_FORMAT) or "subject_tokens" not in tensors:
         return None, f"not a character encoding of this version (format {metadata.get('format')!r})"
     if metadata.get("model_id") != model_id:
         return None, f"from another model ({metadata.get('model_id')!r}, expected {model_id!r})"
@@ -182,6 +184,12 @@ def _parse(data: bytes, key: str, model_id: str):
         return None, "from an older version of the cache (no key in its metadata)"
     if metadata["cache_key"] != key:
         return None, f"stored under the wrong name (it holds key {metadata['cache_key']!r})"
+    if metadata["format"] == FLUX_FORMAT:
+        from .flux.pipeline import FluxCharacter
+        try:
+            return FluxCharacter.from_tensors(tensors, metadata), None
+        except InputError as exc:
+            return None, str(exc)
     return CharacterEncoding.from_tensors(tensors, metadata), None
 
 

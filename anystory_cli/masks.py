@@ -219,16 +219,20 @@ def _resize(image: Image.Image, size: int) -> Image.Image:
     return image.resize((size, size), method)
 
 
+def character_mask(image: Image.Image, mask=None) -> np.ndarray:
+    """Where the character is, (H, W) bool: `mask` (PIL image or 2-D array of the image's size),
+    else the image's alpha channel, else rembg (only with its model already on disk)."""
+    if mask is not None:
+        return _mask_array(mask, image.size)
+    _, alpha = split_alpha(image)
+    return alpha >= 128 if alpha is not None else rembg_mask(image)
+
+
 def prepare_reference(image: Image.Image, mask=None, size: int = 512) -> Reference:
     """Segment `image` by `mask` (PIL image or 2-D array of the image's size; default: its alpha
     channel), crop a square around the character, resize to `size`."""
-    rgb, alpha = split_alpha(image)
-    if mask is not None:
-        keep = _mask_array(mask, image.size)
-    elif alpha is not None:
-        keep = alpha >= 128
-    else:
-        keep = rembg_mask(image)
+    rgb, _ = split_alpha(image)
+    keep = character_mask(image, mask)
     if not keep.any():
         raise InputError("the reference mask is empty: nothing of the character is visible")
     square_rgb = Image.fromarray(np.where(keep[..., None], rgb, 0).astype(np.uint8)).crop(_square_box(keep))

@@ -84,8 +84,10 @@ def check_model_dir(folder: Path, with_adapter: bool = True) -> None:
                          "there (`anystory train` writes them)")
 
 
-def model_fingerprint(model: str, base_dir: str | os.PathLike[str] | None = None) -> str:
+def model_fingerprint(model, base_dir: str | os.PathLike[str] | None = None) -> str:
     """A short id of a model folder's contents, without loading it (milliseconds)."""
+    if not isinstance(model, str):  # {base, redux, adapter}: FLUX.1 with the released weights
+        return _flux_fingerprint(model)
     folder = resolve_model_dir(model, base_dir)
     check_model_dir(folder)
     return _pieces_digest(_model_files(folder))
@@ -136,11 +138,38 @@ def _device_and_dtype():
     return device, (torch.float16 if device.type == "cuda" else torch.float32)
 
 
-def load_pipeline(model: str, base_dir: str | os.PathLike[str] | None = None,
+def _flux_fingerprint(model) -> str:
+    from .flux.folders import check_flux_model
+
+    base, redux, adapter = check_flux_model(model.base, model.redux, model.adapter)
+    files = [(f"base/{n}", p) for n, p in _model_files(base)] + [(f"redux/{n}", p) for n, p in _model_files(redux)]
+    return "flux-" + _pieces_digest(files + [("anystory_flux.bin", adapter)])
+
+
+def _load_flux(model):
+    """A story's FLUX mapping -> the FLUX pipeline behind the renderer's calls (flux/comic.py).
+    bf16 on CUDA, fp32 on a CPU; the device as for the other models (ANYSTORY_DEVICE)."""
+    import torch
+
+    from .flux import AnyStoryFluxPipeline
+    from .flux.comic import FluxComicPipeline
+
+    device, _ = _device_and_dtype()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model_id = _flux_fingerprint(model)
+    pipe = AnyStoryFluxPipeline.from_pretrained(model.base, redux=model.redux, adapter=model.adapter,
+                                                torch_dtype=dtype, device=device)
+    return FluxComicPipeline(pipe, model_id)
+
+
+def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
                   adapter: str | os.PathLike[str] | None = None):
     """Load the AnyStoryPipeline that `model` names (see the module docstring). `adapter`: an
     adapter file used instead of the folder's own (e.g. a training checkpoint to evaluate); the
-    device and precision are chosen as for the model's own."""
+    device and precision are chosen as for the model's own. A FLUX mapping {base, redux, adapter}
+    gives the FLUX pipeline (docs/flux.md)."""
+    if not isinstance(model, str):
+        return _load_flux(model)
     folder = resolve_model_dir(model, base_dir, with_adapter=adapter is None)
     check_model_dir(folder, with_adapter=adapter is None)
     if adapter is None:

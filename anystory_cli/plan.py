@@ -69,6 +69,7 @@ class PanelPlan:
     caption: str | None
     dialogue: tuple[SpokenLine, ...]
     content_key: str  # sha256 of everything that changes the panel's pixels
+    resolution: int | None = None  # long side in pixels; None: the model's own size
 
 
 @dataclass(frozen=True)
@@ -125,18 +126,21 @@ def build_plan(
             reference_guidance=story.style.reference_guidance,
             paste_references_at=story.style.paste_references_at,
         )
+        # The resolution only when set: panels drawn at the model's own size keep their keys.
+        sized = {} if story.style.resolution is None else {"resolution": story.style.resolution}
         key = content_key(
             model=f"{story.model}|{model_id}",
             wide=panel.span == "wide",
             characters=[_character_key(c, keys.get(c.name, "")) for c in characters],
             **_pixel_settings(values, has_characters=bool(characters)),
+            **sized,
         )
         plans.append(
             PanelPlan(
                 index=index, page=page, slot=slot, row=row, wide=panel.span == "wide",
                 characters=characters, caption=panel.caption,
                 dialogue=tuple(SpokenLine(d.who, d.text) for d in panel.dialogue),
-                content_key=key, **values,
+                content_key=key, resolution=story.style.resolution, **values,
             )
         )
     return plans

@@ -209,7 +209,12 @@ def story_problems(path: str | os.PathLike[str]) -> list[str]:
         from .model_loading import check_model_dir
 
         try:
-            check_model_dir(Path(story.model))
+            if isinstance(story.model, str):
+                check_model_dir(Path(story.model))
+            else:
+                from .flux.folders import check_flux_model
+
+                check_flux_model(story.model.base, story.model.redux, story.model.adapter)
         except AnyStoryError as exc:
             problems.append(f"{source}: model: {exc}")
     return problems
@@ -354,11 +359,16 @@ def aspect_multipliers(frame: tuple[int, int]) -> tuple[float, float]:
     return (stretch, 1.0) if ratio >= 1 else (1.0, stretch)
 
 
-def _image_size(pipeline, multipliers: tuple[float, float]) -> tuple[int, int]:
-    """(width, height) in pixels: native size times the multipliers, on the UNet's grid."""
+def _image_size(pipeline, multipliers: tuple[float, float], resolution: int | None = None) -> tuple[int, int]:
+    """(width, height) in pixels: native size times the multipliers, on the UNet's grid; with
+    `resolution`, the long side is that many pixels. A pipeline may size its images itself."""
+    if hasattr(pipeline, "image_size"):
+        return pipeline.image_size(multipliers, resolution)
     base = pipeline.base
     scale = base.vae_scale_factor
     native = base.unet.config.sample_size * scale
+    if resolution is not None:
+        native = resolution / max(multipliers)
     # A UNet halves the latent once per down block but the last: sizes must divide by that.
     step = scale * 2 ** (len(base.unet.config.block_out_channels) - 1)
     return tuple(max(step, int(round(native * m / step)) * step) for m in multipliers)  # type: ignore[return-value]
@@ -1001,7 +1011,7 @@ def _mirror(image: Image.Image, mirrored: bool) -> Image.Image:
 def _draw_panel(pipeline, job: _PanelJob, encodings: dict[tuple[str, bool], Any], out: Path, source: str, emit,
                 stop: Callable[[], None] = lambda: None) -> None:
     plan = job.plan
-    width, height = _image_size(pipeline, job.multipliers)
+    width, height = _image_size(pipeline, job.multipliers, plan.resolution)
 
     def on_step(_pipe, step, _timestep, tensors):
         emit(ProgressEvent("step", f"panel {plan.index + 1}", step + 1, plan.num_inference_steps))

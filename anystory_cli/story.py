@@ -216,7 +216,12 @@ class Style(_Strict):
     prompt_suffix: str = Field("", description="Put after every panel prompt.")
     negative_prompt: str = Field("", description="Negative prompt of every panel.")
     steps: int = Field(25, ge=1, le=500, description="Denoising steps per panel.")
-    guidance: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale.")
+    guidance: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale (on FLUX: "
+                            "FLUX.1-dev's distilled guidance, default 3.5).")
+    resolution: int | None = Field(
+        None, ge=64, le=4096, description="Long side of a drawn panel in pixels (default: the model's own "
+        "size, 512 on FLUX; the short side follows the frame's shape).",
+    )
     guidance_interval: Annotated[list[float], Field(min_length=2, max_length=2)] = Field(
         default_factory=lambda: list(DEFAULT_GUIDANCE_INTERVAL),
         description="[low, high]: guide only the steps whose noise level t/T lies in it (0 clean, "
@@ -365,10 +370,46 @@ class Panel(_Strict):
     )
 
 
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+FLUX_GUIDANCE = 3.5  # FLUX.1-dev's embedded (distilled) guidance, the released app's default
+
+
+def _model_location(value: str, info: ValidationInfo) -> str:
+    """A folder or file relative to the story, or a hub id kept as it is when no such path exists."""
+    path = _resolve(Path(value), info)
+    if _HUB_ID.fullmatch(value) and not path.exists():
+        return value
+    return str(path)
+
+
+class FluxModel(_Strict):
+    """The released AnyStory weights on FLUX.1 (docs/flux.md)."""
+
+    base: Annotated[NonBlank, Field(description="FLUX.1-dev: a diffusers folder or a hub id in the cache.")]
+    redux: Annotated[NonBlank, Field(description="FLUX.1-Redux-dev: a folder or a hub id in the cache.")]
+    adapter: Annotated[NonBlank, Field(description="anystory_flux.bin (hub repository Junjie96/AnyStory).")]
+
+    @field_validator("base", "redux")
+    @classmethod
+    def _locate(cls, value: str, info: ValidationInfo) -> str:
+        return _model_location(value, info)
+
+    @field_validator("adapter")
+    @classmethod
+    def _resolve_adapter(cls, value: str, info: ValidationInfo) -> str:
+        return str(_resolve(Path(value), info))
+
+    def __str__(self) -> str:
+        return f"FLUX {self.base} + {Path(self.adapter).name}"
+
+
 class Story(_Strict):
     title: Annotated[NonBlank, Field(max_length=200)] = "Untitled"
     model: Annotated[
-        NonBlank, Field(description="'default' or a path to a local model folder.")
+        Annotated[NonBlank, Tag("folder")] | Annotated[FluxModel, Tag("flux")],
+        Discriminator(lambda v: "flux" if isinstance(v, (dict, FluxModel)) else "folder"),
+        Field(description="'default', a path to a local model folder, or {base, redux, adapter} for FLUX.1 "
+              "with the released AnyStory weights."),
     ] = "default"
     seed: int = Field(0, ge=0, le=2**32 - 1)
     style: Style = Field(default_factory=Style)
@@ -378,10 +419,20 @@ class Story(_Strict):
 
     @field_validator("model")
     @classmethod
-    def _resolve_model(cls, value: str, info: ValidationInfo) -> str:
-        if value == "default":
+    def _resolve_model(cls, value: str | FluxModel, info: ValidationInfo) -> str | FluxModel:
+        if isinstance(value, FluxModel) or value == "default":
             return value
         return str(_resolve(Path(value), info))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _flux_guidance(cls, data: Any) -> Any:
+        """A FLUX story's guidance is FLUX.1-dev's distilled guidance: 3.5 unless the story says."""
+        if isinstance(data, dict) and isinstance(data.get("model"), dict):
+            style = data.get("style")
+            if style is None or (isinstance(style, dict) and "guidance" not in style):
+                data = {**data, "style": {**(style or {}), "guidance": FLUX_GUIDANCE}}
+        return data
 
 
 def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:

@@ -8,7 +8,9 @@
 """
 from __future__ import annotations
 
-__all__ = ["AnyStoryFluxPipeline", "FluxCharacter", "FluxOutput", "prepare_reference"]
+__all__ = ["CHARACTER_FORMAT", "AnyStoryFluxPipeline", "FluxCharacter", "FluxOutput", "prepare_reference"]
+
+CHARACTER_FORMAT = "anystory-flux-character/1"  # a saved FluxCharacter's metadata "format"
 
 
 def __getattr__(name):  # diffusers takes seconds to import: only when asked for

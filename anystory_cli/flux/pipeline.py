@@ -9,7 +9,6 @@ with the reference LoRA records the reference keys and values of every block.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError, ModelError
+from . import CHARACTER_FORMAT
+from .folders import check_flux_folder, check_redux_folder, resolve_folder
 from .processors import (
     REFERENCE_ADAPTER,
     ROUTER_ADAPTER,
@@ -32,7 +33,6 @@ from .processors import (
 )
 from .weights import load_lora_part, load_module_part, read_checkpoint, split_router
 
-CHARACTER_FORMAT = "anystory-flux-character/1"
 SUBJECT_GRID, ROUTER_GRID = 9, 3  # tokens per character: 81 subject, 9 router
 
 
@@ -51,6 +51,7 @@ class FluxCharacter:
     reference_size: int
     name: str = ""
     model_id: str = ""
+    figure: None = None  # the story renderer's pasted figure: none on FLUX
 
     def tensors(self) -> dict[str, torch.Tensor]:
         names = ("subject_tokens", "router_tokens", "reference_latents", "reference_mask")
@@ -81,8 +82,17 @@ class FluxCharacter:
             raise InputError(f"{path}: corrupt character encoding ({exc})") from None
         if meta.get("format") != CHARACTER_FORMAT:
             raise InputError(f"{path}: not an AnyStory FLUX character encoding")
-        return cls(**tensors, reference_size=int(meta["reference_size"]), name=meta.get("name", ""),
-                   model_id=meta.get("model_id", ""))
+        return cls.from_tensors(tensors, meta)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> FluxCharacter:
+        """The inverse of `tensors`, with the file's metadata."""
+        names = ("subject_tokens", "router_tokens", "reference_latents", "reference_mask")
+        missing = [n for n in names if n not in tensors]
+        if missing or "reference_size" not in meta:
+            raise InputError(f"not a complete FLUX character encoding (missing {(missing or ['reference_size'])[0]})")
+        return cls(**{n: tensors[n] for n in names}, reference_size=int(meta["reference_size"]),
+                   name=meta.get("name", ""), model_id=meta.get("model_id", ""))
 
 
 @dataclass
@@ -242,6 +252,14 @@ class AnyStoryFluxPipeline:
         if not torch.cuda.is_available():
             raise ModelError("enable_model_cpu_offload needs a CUDA device")
         self.flux.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        for module in (self.image_encoder, self.subject_embedder, self.router_embedder):
+            module.to(self.flux._execution_device)
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str = "cuda") -> None:
+        """Move FLUX's weights to the GPU layer by layer as they run: fits small cards, slowly."""
+        if not torch.cuda.is_available():
+            raise ModelError("enable_sequential_cpu_offload needs a CUDA device")
+        self.flux.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
         for module in (self.image_encoder, self.subject_embedder, self.router_embedder):
             module.to(self.flux._execution_device)
 
@@ -433,25 +451,28 @@ class AnyStoryFluxPipeline:
             subject_len = run.subject_tokens.shape[1]
             text = torch.cat([text, run.subject_tokens.expand(batch, -1, -1).to(text.dtype)], 1)
             text_ids = torch.cat([text_ids, text_ids.new_zeros(subject_len, 3)], 0)
-        router = temb = None
+        begin_router = None
         if run.router_tokens is not None:
-            dtype = transformer.dtype
-            timestep = kwargs["timestep"].to(dtype) * 1000
-            guidance = kwargs.get("guidance")
-            pooled = kwargs["pooled_projections"]
-            temb = (transformer.time_text_embed(timestep, pooled) if guidance is None
-                    else transformer.time_text_embed(timestep, guidance.to(dtype) * 1000, pooled))
-            router = with_lora(transformer.context_embedder, ROUTER_ADAPTER,
-                               run.router_tokens.expand(batch, -1, -1))
+            timestep, guidance, pooled = kwargs["timestep"], kwargs.get("guidance"), kwargs["pooled_projections"]
+
+            def begin_router():
+                """The router stream's input and the step's embedding, as the transformer makes them."""
+                dtype = transformer.dtype
+                scaled = timestep.to(dtype) * 1000
+                temb = (transformer.time_text_embed(scaled, pooled) if guidance is None
+                        else transformer.time_text_embed(scaled, guidance.to(dtype) * 1000, pooled))
+                tokens = run.router_tokens.expand(batch, -1, -1).to(temb.device)
+                return with_lora(transformer.context_embedder, ROUTER_ADAPTER, tokens), temb
+
         state = StepState(text_len=text.shape[1], subject_len=subject_len, characters=run.characters,
-                          reference=run.reference if reference_on else None, router=router, temb=temb)
-        if router is not None:
+                          reference=run.reference if reference_on else None, router=None, temb=None,
+                          begin_router=begin_router)
+        if begin_router is not None:
             run.routing = state.routing
         self.slot.step = state
         return args, {**kwargs, "encoder_hidden_states": text, "txt_ids": text_ids}
 
 
-# ---------------------------------------------------------------------- folders
 @contextlib.contextmanager
 def _progress_bars_off():
     """diffusers and transformers draw loading bars of their own; callers report progress."""
@@ -468,42 +489,3 @@ def _progress_bars_off():
             diffusers_logging.enable_progress_bar()
         if was[1]:
             transformers_logging.enable_progress_bar()
-
-
-def resolve_folder(value: str | os.PathLike, what: str) -> Path:
-    """A local folder, or a hub id already in the Hugging Face cache (never downloads here)."""
-    path = Path(value).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelError(f"{path}: expected a {what} folder, found a file")
-        return path
-    text = str(value)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-            return Path(snapshot_download(text, local_files_only=True))
-        except Exception:  # noqa: BLE001 (not in the cache: the hub raises many types)
-            raise ModelError(f"{text}: {what} not found locally nor in the Hugging Face cache "
-                             f"(download it once with `hf download {text}`)") from None
-    raise ModelError(f"{path}: {what} not found")
-
-
-def check_flux_folder(folder: Path) -> None:
-    index = folder / "model_index.json"
-    if not index.is_file():
-        raise ModelError(f"{folder}: not a diffusers pipeline folder (no model_index.json; expected FLUX.1-dev)")
-    try:
-        name = json.loads(index.read_text()).get("_class_name", "")
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"{index}: unreadable ({exc})") from None
-    if "Flux" not in name or not (folder / "transformer").is_dir():
-        kind = f"a {name} folder" if name else "not a FLUX pipeline"
-        raise ModelError(f"{folder}: {kind}, not FLUX.1 (expected model_index.json naming FluxPipeline and a "
-                         f"transformer/ folder)")
-
-
-def check_redux_folder(folder: Path) -> None:
-    for part in ("image_encoder", "image_embedder"):
-        if not (folder / part / "config.json").is_file():
-            raise ModelError(f"{folder}: missing {part}/ (expected the FLUX.1-Redux-dev folder with "
-                             f"image_encoder/ and image_embedder/)")

@@ -23,6 +23,7 @@ plain FluxPipeline call with these processors installed is exactly the plain cal
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -73,8 +74,9 @@ class StepState:
     subject_len: int                 # subject tokens at the end of the text stream (0: none)
     characters: int
     reference: ReferenceKV | None    # None: reference tokens are off this step
-    router: torch.Tensor | None      # router stream entering the next block (None: off)
+    router: torch.Tensor | None      # router stream entering the next block (None: off, or not begun)
     temb: torch.Tensor | None        # the step's conditioning embedding (the router needs it)
+    begin_router: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # -> (router, temb)
     routing: list = field(default_factory=list)  # per block (B, N, image tokens), one-hot
     capture: ReferenceKV | None = None  # set while the reference pass records its keys/values
     _fixed: torch.Tensor | None = field(default=None, repr=False)
@@ -168,6 +170,10 @@ class AnyStoryFluxAttnProcessor(nn.Module):
             return self._project(attn, _tokens(out).to(query.dtype), encoder_hidden_states)
 
         routing = None
+        if state.begin_router is not None:
+            # Begun inside the transformer's forward, where offloading has put its weights on the device.
+            state.router, state.temb = state.begin_router()
+            state.begin_router = None
         if state.router is not None:
             image_in = hidden_states if double else hidden_states[:, -image_len:]
             image_key_raw = key_raw if double else key_raw[:, -image_len:]
