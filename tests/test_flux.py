@@ -76,6 +76,11 @@ def test_final_latents_equal_the_released_code(pipe, case):
     assert (latents - golden[case]).abs().max().item() < TOLERANCE
 
 
+def test_each_lora_part_lands_on_the_layers_its_stream_uses(pipe):
+    # x_embedder / context_embedder, six layers per double block and six per single block
+    assert pipe.lora_layers == {"ref": 13, "router": 13}
+
+
 def test_the_cases_differ_by_more_than_the_tolerance():
     """Parity within 1e-4 means something only if the characters move the latents further."""
     from safetensors.torch import load_file

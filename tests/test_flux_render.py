@@ -108,3 +108,13 @@ def test_style_resolution_sets_the_long_side_on_every_model():
     sd = SimpleNamespace(base=SimpleNamespace(vae_scale_factor=8, unet=unet))
     assert _image_size(sd, (1.5, 1.0)) == (768, 512)  # the model's own size times the shape
     assert _image_size(sd, (1.5, 1.0), 384) == (384, 256)
+
+
+def test_validate_names_a_missing_flux_adapter(tmp_path):
+    story = write_story(tmp_path / "story")
+    data = yaml.safe_load(story.read_text())
+    data["model"]["adapter"] = "missing.bin"
+    story.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(cli.app, ["validate", str(story)])
+    assert result.exit_code == 1
+    assert "missing.bin: AnyStory adapter not found" in result.stderr
