@@ -242,3 +242,10 @@ def test_a_lora_part_that_lands_nowhere_is_refused(tmp_path):
     torch.save(checkpoint, tmp_path / "bare.bin")
     message = _error(adapter=tmp_path / "bare.bin")
     assert "bare.bin" in message and "part 'ref' lands on no layer" in message
+
+
+def test_characters_with_several_different_prompts_are_refused(pipe):
+    from anystory_cli.errors import InputError
+    red = pipe.encode_character(*subject("red"), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(InputError, match="one prompt per call"):
+        pipe(["a ball", "two balls"], characters=[red], num_inference_steps=1, height=64, width=64)

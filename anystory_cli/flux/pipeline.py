@@ -360,6 +360,9 @@ class AnyStoryFluxPipeline:
         characters = list(characters)
         self._check_characters(characters)
         count = len(characters)
+        if count and not isinstance(prompt, str) and len(set(prompt)) > 1:
+            # The reference stream is conditioned on the prompt's pooled embedding: one per call.
+            raise InputError("with characters, draw one prompt per call (num_images_per_prompt for more images)")
         router = count >= 2 if router is None else bool(router)
         if reference_window is None:
             reference_window = (0.0, 1.0) if count <= 1 else (0.09, 1.0)
