@@ -176,6 +176,26 @@ def test_the_reference_crop_puts_the_subject_on_white_in_a_square():
     assert cut.getextrema() == (0, 255)
 
 
+def test_a_lora_part_with_alphas_is_read_as_diffusers_reads_it(tmp_path):
+    """The same reference LoRA written with doubled up-projections and alpha = rank / 2 (scale
+    1/2): diffusers' normalisation applies the alphas, so it draws exactly as the original."""
+    from safetensors.torch import load_file
+
+    from anystory_cli.flux import AnyStoryFluxPipeline
+    checkpoint = _checkpoint()
+    part = {}
+    for key, value in checkpoint["ref"].items():
+        part[key] = value * 2 if ".lora_B." in key else value
+        if ".lora_B." in key:
+            part[key.replace(".lora_B.weight", ".alpha")] = torch.tensor(value.shape[1] / 2.0)
+    checkpoint["ref"] = part
+    torch.save(checkpoint, tmp_path / "alphas.bin")
+    pipe = AnyStoryFluxPipeline.from_pretrained(MODEL / "flux", redux=MODEL / "redux", adapter=tmp_path / "alphas.bin",
+                                                reference_size=CASES["reference_size"], device="cpu")
+    golden = load_file(str(FIXTURE / "golden.safetensors"))
+    assert (draw(pipe, ["red"], {}) - golden["one"]).abs().max().item() < TOLERANCE
+
+
 # ---------------------------------------------------------------------- bad input
 def _error(**kwargs):
     from anystory_cli.errors import ModelError
