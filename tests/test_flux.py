@@ -91,13 +91,13 @@ def test_the_cases_differ_by_more_than_the_tolerance():
 
 LIVE_CASES = {
     # every option away from its default, with one and with two characters
-    "one_all_options": dict(subjects=["blue"], options=dict(
-        enable_router=True, redux_scale=1.0, redux_start_at=0.0, redux_end_at=0.5, ref_shift=0.5,
-        enable_ref_mask=False, ref_start_at=0.2, ref_end_at=0.8)),
-    "two_no_router_shifted": dict(subjects=["blue", "red"], options=dict(
-        enable_router=False, ref_shift=-0.3, redux_start_at=0.3, redux_end_at=1.0, ref_start_at=0.0)),
-    "two_router_masked": dict(subjects=["red", "blue"], options=dict(
-        enable_router=True, redux_scale=0.8, ref_start_at=0.09, ref_end_at=0.7, redux_end_at=0.6)),
+    "one_all_options": {"subjects": ["blue"], "options": {
+        "enable_router": True, "redux_scale": 1.0, "redux_start_at": 0.0, "redux_end_at": 0.5, "ref_shift": 0.5,
+        "enable_ref_mask": False, "ref_start_at": 0.2, "ref_end_at": 0.8}},
+    "two_no_router_shifted": {"subjects": ["blue", "red"], "options": {
+        "enable_router": False, "ref_shift": -0.3, "redux_start_at": 0.3, "redux_end_at": 1.0, "ref_start_at": 0.0}},
+    "two_router_masked": {"subjects": ["red", "blue"], "options": {
+        "enable_router": True, "redux_scale": 0.8, "ref_start_at": 0.09, "ref_end_at": 0.7, "redux_end_at": 0.6}},
 }
 
 
@@ -123,7 +123,7 @@ def test_a_plain_flux_call_with_the_processors_installed_is_exactly_plain(pipe):
     from diffusers import FluxPipeline
     plain = FluxPipeline.from_pretrained(str(MODEL / "flux"))
     plain.set_progress_bar_config(disable=True)
-    kwargs = dict(prompt="a ball", num_inference_steps=3, height=64, width=64, output_type="latent")
+    kwargs = {"prompt": "a ball", "num_inference_steps": 3, "height": 64, "width": 64, "output_type": "latent"}
     expected = plain(generator=torch.Generator().manual_seed(3), **kwargs).images
     got = pipe.flux(generator=torch.Generator().manual_seed(3), **kwargs).images
     assert type(pipe.transformer.attn_processors["transformer_blocks.0.attn.processor"]).__name__ \
@@ -139,7 +139,7 @@ def test_an_encoding_saved_and_loaded_draws_as_a_fresh_one(pipe, tmp_path):
     loaded = FluxCharacter.load(tmp_path / "red.safetensors")
     assert loaded.name == "red" and loaded.reference_size == CASES["reference_size"]
     fresh = pipe.encode_character(*subject("red"), generator=torch.Generator().manual_seed(5))
-    kwargs = dict(num_inference_steps=3, height=64, width=64, output_type="latent", router=True)
+    kwargs = {"num_inference_steps": 3, "height": 64, "width": 64, "output_type": "latent", "router": True}
     a = pipe("a ball", characters=[loaded], generator=torch.Generator().manual_seed(1), **kwargs).images
     b = pipe("a ball", characters=[fresh], generator=torch.Generator().manual_seed(1), **kwargs).images
     c = pipe("a ball", characters=[loaded], generator=torch.Generator().manual_seed(1), **kwargs).images
@@ -200,8 +200,8 @@ def test_a_lora_part_with_alphas_is_read_as_diffusers_reads_it(tmp_path):
 def _error(**kwargs):
     from anystory_cli.errors import ModelError
     from anystory_cli.flux import AnyStoryFluxPipeline
-    args = dict(base=MODEL / "flux", redux=MODEL / "redux", adapter=MODEL / "anystory_flux.bin",
-                reference_size=CASES["reference_size"], device="cpu")
+    args = {"base": MODEL / "flux", "redux": MODEL / "redux", "adapter": MODEL / "anystory_flux.bin",
+                "reference_size": CASES["reference_size"], "device": "cpu"}
     args.update(kwargs)
     with pytest.raises(ModelError) as info:
         AnyStoryFluxPipeline.from_pretrained(**args)
