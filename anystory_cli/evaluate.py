@@ -35,7 +35,7 @@ from .world.identity import NOT_APPLICABLE, draw_identity_seed, identity_from_se
 from .world.rng import WorldRng, stable_hash
 from .world.scenes import MAX_CHARACTERS, Scene, placeable_scene, sample_scene
 
-# Issue 6: scene (place and time) and count right on at least 90 % of generated images.
+# Goal: scene (place and time) and count right on at least 90 % of generated images.
 BASE_GOALS = {"scene": 0.9, "count": 0.9}
 HEADLINE = ("place", "time", "scene", "prop", "count", "position", "pose")
 
@@ -274,7 +274,7 @@ def _who(count: int, positions: list[str], poses: list[str]) -> str:
 
 
 # =============================================================================================
-# AnyStory (issue 7): identities never seen in training, drawn where a story asks for them
+# AnyStory: identities never seen in training, drawn where a story asks for them
 #
 #     evaluate_adapter(pipe, judge, panels_per_count=8, seed=0, ...) -> dict
 #
@@ -300,7 +300,7 @@ ADAPTER_VARIANTS: dict[str, dict | None] = {
     "no_subject_tokens": {"subject_scale": 0.0},      # reference features only
     "text_only": None,                                # the base model with the caption alone
 }
-# Goals of issue 7 on held-out identities ("max" goals are upper bounds).
+# Goals on held-out identities ("max" goals are upper bounds).
 ADAPTER_GOALS = {"single_identity": 0.90, "two_identity": 0.85, "two_blending_max": 0.05,
                  "routing_iou_finest_late": 0.80}
 ROUTING_TIMESTEP_SHARES = (0.9, 0.7, 0.5, 0.3, 0.1, 0.02)  # of the scheduler's training timesteps
@@ -887,7 +887,7 @@ def _adapter_html(result: dict) -> str:
 <h1>AnyStory on held-out identities</h1>
 <p>{result['panels_per_count']} panels per character count, {_size_words(result)}, {result['steps']} steps, {sampling_label(result)},
 seed {result['seed']}; each character identified among {result['candidates']} candidates. Model {escape(str(result['model_id']))}.</p>
-<h2>Goals (issue 7)</h2><ul>{goals}</ul>
+<h2>Goals</h2><ul>{goals}</ul>
 <h2>Characters</h2>{''.join(tables)}
 <h2>Placement</h2><p>routing mass inside the region asked for: {_rate(placement['routing_share_in_region'])};
 characters found in their regions (2-4 per panel): {_rate(placement['found_in_region'])}</p>

@@ -29,7 +29,7 @@ from .errors import InputError
 
 Box = tuple[float, float, float, float]
 # A story's default (`style.paste_references_at`): after 15 of 25 steps. On the default model
-# 0.4 identified more characters than 0.55 or 0.7 (README, "Figure paste").
+# 0.4 identified more characters than 0.55 or 0.7 (docs/method.md, "Figure paste").
 DEFAULT_PASTE_AT = 0.4
 # A latent pixel is pasted when the figures cover at least this share of it: a figure's ragged
 # rim would otherwise paste the grey canvas around it.

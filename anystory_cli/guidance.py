@@ -4,7 +4,7 @@ Kynkäänniemi et al., "Applying Guidance in a Limited Interval Improves Sample 
 Quality in Diffusion Models" (arXiv 2404.07724): guidance at the highest noise levels, where a
 picture's layout is decided, hurts; it helps in the middle. On the default model it is what
 leaves lone characters out: at guidance 4 throughout, `anystory evaluate base` finds half of the
-one-character captions drawn empty; guided only at t <= 0.7 T, 84 % drawn (model card, README).
+one-character captions drawn empty; guided only at t <= 0.7 T, 84 % drawn (docs/evaluation.md).
 
 An interval is (low, high) in fractions of the scheduler's training timesteps (0 clean, 1 pure
 noise); a step is guided when low <= t / T <= high. Implemented with diffusers' documented

@@ -224,7 +224,7 @@ def placement_boxes(refs: Sequence[CharacterRef]) -> list[BoxTuple]:
     to right in the order listed, and one with a box stands in its box. Columns rather than the
     words' half-width boxes because overlapping regions draw worse: three characters at left,
     center and right got boxes that shared half their width, and the one in the middle was drawn
-    as a neighbour (README, "Regions")."""
+    as a neighbour (docs/method.md, "Hard regions")."""
     if len(refs) == 1 and not isinstance(refs[0].at, BoxSpec):
         return [PLACEMENT_BOXES[refs[0].at or "center"]]
     n = len(refs)
@@ -251,7 +251,7 @@ def placement_boxes(refs: Sequence[CharacterRef]) -> list[BoxTuple]:
 # characters in the panel: the mean height of the default world's characters in its scenes
 # (0.52 / 0.47 / 0.43 / 0.40 over 1000 held-out ones), about what its base draws unaided. Figures
 # a tenth smaller (0.47 / 0.42 / 0.38 / 0.355) sat inside a larger blob the base had already
-# drawn, and identified fewer characters (README, "Figure paste").
+# drawn, and identified fewer characters (docs/method.md, "Figure paste").
 FIGURE_GROUND = 0.85
 FIGURE_HEIGHT = {1: 0.52, 2: 0.47, 3: 0.42, 4: 0.40}
 

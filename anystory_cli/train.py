@@ -1,4 +1,4 @@
-"""Training of AnyStory adapters: the paper's two stages (DESIGN.md §2, issue 5).
+"""Training of AnyStory adapters: the paper's two stages (docs/design.md, "Training").
 
     recipe = load_recipe("stage1.yaml")
     problems = validate_manifest(recipe.data, recipe.stage)   # before any model is loaded
@@ -119,7 +119,7 @@ class TrainRecipe(BaseModel):
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)
     # Stop this run after this many minutes, with a checkpoint (`resume: true` goes on from it):
-    # a lent GPU's session is sized in minutes, not steps.
+    # a lent GPU is lent for minutes, not steps.
     max_minutes: float | None = Field(None, gt=0)
     # Processes that decode and augment batches ahead of the training step (0: the training
     # process does it between steps). The same samples either way; a GPU step is shorter than
@@ -142,7 +142,7 @@ class TrainRecipe(BaseModel):
     character_loss_weight: float = Field(0.0, ge=0)
     # λ of paper Eq. 4. Stage 2 trains only the router, so λ sets how much its gradient follows the
     # masks rather than the diffusion loss reaching it through straight-through Gumbel gates (Adam
-    # ignores the overall scale); small characters make the mask term small, see the model card.
+    # ignores the overall scale); small characters make the mask term small, see docs/default-model.md.
     routing_loss_weight: float = Field(ROUTING_LOSS_WEIGHT, ge=0)
 
     @field_validator("lr")

@@ -49,8 +49,8 @@ class InjectionInputs:
     # Whether classifier-free guidance amplifies the references too: the unconditional half then
     # draws without them (its self-attention skips the reference tokens), so that
     # guidance extrapolates towards the reference as it does towards the caption. Our addition,
-    # on by default in AnyStoryPipeline; off here, DESIGN.md's first rule (references in both
-    # halves). On the default model: 2-4 characters identified 0.28 -> 0.44 (README, Evaluation).
+    # on by default in AnyStoryPipeline; off here, the paper's rule (references in both
+    # halves). On the default model: 2-4 characters identified 0.28 -> 0.44 (docs/method.md).
     reference_guidance: bool = False
     training: bool = False
     record_maps: bool = False

@@ -14,7 +14,8 @@ one-hot at inference, straight-through hard Gumbel-softmax in training) is what 
 The paper projects each latent token on its own. ``context_layers > 0`` (our choice, off by
 default) first passes the layer's token grid through that many 3x3 convolutions, so a token's keys
 see its neighbourhood: on a small base a latent pixel is a 4x4-pixel patch that says little about
-whose it is (model card, session 13), and the patches around it say more.
+whose it is, and the patches around it say more (docs/default-model.md, "Routers that read a
+neighbourhood").
 """
 
 from __future__ import annotations

@@ -83,7 +83,7 @@ class RecipeBase(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     checkpoint_minutes: float = Field(default=5.0, gt=0)
-    max_hours: float = Field(default=3.0, gt=0)  # wall-clock cap over all sessions together
+    max_hours: float = Field(default=3.0, gt=0)  # wall-clock cap over all resumed runs together
     threads: int = Field(default=1, gt=0)
     log_every: int = Field(default=25, gt=0)
     # Processes that render scene pools (the same pools whatever the number): a GPU host's cores.
