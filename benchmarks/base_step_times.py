@@ -1,7 +1,7 @@
 """Seconds per training step (forward + backward + AdamW) of candidate base-model sizes, 1 thread.
 
     nice -n 10 python benchmarks/base_step_times.py vae|unet|clip
-Used to size the recipes under recipes/ (see the model card for the numbers).
+Used to size the recipes under recipes/ (docs/default-model.md has the numbers).
 """
 
 from __future__ import annotations

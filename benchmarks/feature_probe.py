@@ -1,4 +1,4 @@
-"""Do the base UNet's features at a character's latent pixel say who it is? (model card, session 9)
+"""Do the base UNet's features at a character's latent pixel say who it is? (docs/default-model.md)
 
     python benchmarks/feature_probe.py
 

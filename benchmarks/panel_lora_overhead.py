@@ -5,8 +5,8 @@ with its panel LoRA (as stories do) and with it switched off, alternating, in on
 
 The LoRA is merged into a copy of the layers it adapts when the model loads, and a UNet call on
 non-square latents swaps those weights in (base_models.load_panel_lora): no LoRA layer runs at
-sampling time, so the ratio should be 1. Session 10's first version ran PEFT's LoRA layers at every
-step of a wide panel instead: x1.45.
+sampling time, so the ratio should be 1 (measured: 2.66 s for two panels either way). Running PEFT's
+LoRA layers at every step of a wide panel instead costs x1.45, hence the merged copy.
 """
 
 from __future__ import annotations

@@ -5,9 +5,9 @@ process, from the same noise.
     python benchmarks/reference_guidance_cost.py [--runs 3] [--threads 2]     # prints JSON
 
 With it on, the unconditional half of each guided step skips the reference attention in
-self-attention, and keeps its place in the batched plain self-attention. Session 12: 1.169 s
-against 1.186 s per panel, x0.99 (x1.02 in a second run of 9); a first version that routed the
-unconditional half to the background, so that each layer sorted the two halves apart, x1.08-1.14.
+self-attention, and keeps its place in the batched plain self-attention. Measured (--runs 9):
+1.169 s against 1.186 s per panel, x0.99 (x1.02 in a second run); routing the unconditional half
+to the background instead, so that each layer sorts the two halves apart, costs x1.08-1.14.
 """
 
 from __future__ import annotations

@@ -7,8 +7,8 @@ cold: a fresh `anystory render stories/demo.yaml` process with an empty cache an
       (Python start, imports, model load, character encoding, 8 panels, pages, PDF, CBZ);
       wall time and the process's peak resident memory.
 warm: in one process whose model is loaded, the same story into a fresh output folder with the
-      character cache filled: what a user pays when re-rendering an edited story in a session.
-Each is run `--runs` times, alternating; medians are reported. Goal (issue 7): cold < 30 s.
+      character cache filled: what a user pays when re-rendering an edited story in one process.
+Each is run `--runs` times, alternating; medians are reported. Goal: cold < 30 s.
 """
 
 from __future__ import annotations

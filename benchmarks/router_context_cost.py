@@ -1,13 +1,13 @@
 """What context routers cost a panel: the demo's three-character panel drawn by the shipped
-default model and by the same model with another adapter (the one shipped before session 13,
-whose routers read each latent token alone), alternating, in one process, from the same noise.
+default model and by the same model with another adapter (one whose
+routers read each latent token alone, router_context_layers 0), alternating, in one process, from the same noise.
 
     git show 834a478:anystory_cli/assets/default/anystory_adapter.safetensors > /tmp/per_token.safetensors
     python benchmarks/router_context_cost.py /tmp/per_token.safetensors [--runs 3] [--threads 2]   # prints JSON
 
 The two adapters differ only in their routers (router_context_layers 2 against 0) and in their
 routing QFormer's weights; both draw the same 25 steps with the same routing work otherwise.
-Session 13: 2.035 s against 1.641 s per panel, x1.24 (--runs 5); with --runs 9, x1.14 and x1.24.
+Measured: 2.035 s against 1.641 s per panel, x1.24 (--runs 5); with --runs 9, x1.14 and x1.24.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""How well can a router tell characters apart from the features it reads? (model card, session 13)
+"""How well can a router tell characters apart from the features it reads? (docs/default-model.md)
 
     python benchmarks/router_keys_probe.py [--keys linear|mlp|conv1|conv2|conv3] [--loss mse|ce] [--layer 2]
                                            [--adapter FILE]
@@ -12,7 +12,7 @@ of a character's pixels routed to it, and the instance IoU, as `anystory evaluat
 them. The keys are the paper's per-token projection (`linear`), a per-token MLP (`mlp`), or
 one to three 3x3 convolutions of the token grid first (`conv1` to `conv3`, `router_context_layers`).
 The captured inputs are kept in runs/router_keys/ (a few minutes to make, reused). The model card's
-figures are on the adapter shipped before session 13 (`git show 834a478:anystory_cli/assets/default/anystory_adapter.safetensors`).
+figures are on an adapter with per-token routers (`git show 834a478:anystory_cli/assets/default/anystory_adapter.safetensors`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Where the router puts a character's pixels (the model card's session-9 figures).
+"""Where the router puts a character's pixels (docs/default-model.md, docs/evaluation.md).
 
     python benchmarks/router_split.py [--cutout] [--adapter FILE] [--threads N]
 
