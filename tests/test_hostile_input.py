@@ -1,9 +1,9 @@
-"""Hostile and unusual input (issue 8): YAML bombs, image bombs and odd images, path escapes.
+"""Hostile and unusual input: YAML bombs, image bombs and odd images, path escapes.
 
 Each case is refused with one clear line that says what and where (or, for unusual but valid
 images, handled), quickly, through the same functions the CLI uses: `load_story`,
 `load_image`, and for a few cases the CLI itself. No model, no torch: every test is instant.
-The README's troubleshooting section lists these messages.
+docs/troubleshooting.md lists these messages.
 """
 
 from __future__ import annotations

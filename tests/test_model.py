@@ -333,8 +333,8 @@ def test_router_with_context_layers_needs_the_grid_size():
 
 
 def test_adapters_saved_before_router_context_load_with_the_paper_s_router(tmp_path):
-    """A config written without the router_context fields (every adapter before session 13,
-    the shipped default's included) reads as context_layers 0 with the same weight shapes."""
+    """A config written without the router_context fields (an adapter with the paper's
+    per-token routers) reads as context_layers 0 with the same weight shapes."""
     import json
 
     from anystory_cli.models.adapter import AnyStoryConfig

@@ -1,4 +1,4 @@
-"""Training (issue 5) on tiny SD-1.5- and SDXL-shaped components, data from the sprite world."""
+"""Training on tiny SD-1.5- and SDXL-shaped components, data from the sprite world."""
 
 from __future__ import annotations
 
@@ -99,8 +99,7 @@ def test_overfitting_one_batch_drives_the_routing_loss_down(tmp_path):
     """One fixed batch with fixed noise, timestep and Gumbel draws: the router must be able to fit
     the instance masks. Only the routing term is optimised here: on random tiny components the
     diffusion gradient that reaches the routers through the straight-through Gumbel gates is
-    noise that outweighs it (with diffusion + routing the routing loss does not fall; see the
-    report of issue 5)."""
+    noise that outweighs it (with diffusion + routing the routing loss does not fall)."""
     from diffusers import DDPMScheduler
 
     from anystory_cli.models.adapter import install
@@ -540,8 +539,8 @@ def _shipped_recipe(name: str, tmp_path, **fields):
 def test_stage2_recipes_build_routers_that_the_shipped_ones_load_into(name, tmp_path):
     """A stage-2 recipe of the default model starts from a stage-1 adapter (the shipped one, or
     a fresh world_stage1.yaml run's) and copies the shipped routers into it (init_trained_groups),
-    or continues them; its adapter_options must give them the shipped layout, or the run fails at
-    its start, as world_stage2.yaml did after session 13's context routers shipped. The trainer's
+    or continues them; its adapter_options must give them the shipped layout (context routers), or
+    the run fails at its start. The trainer's
     own `make_adapter` builds both stages' adapters here."""
     from anystory_cli.train import load_components, make_adapter
     from anystory_cli.weights import save_adapter
