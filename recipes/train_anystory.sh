@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 mkdir -p runs
-# (a stage-1 set from before session 4 lacks the target masks that character_loss_weight needs)
+# (a stage-1 set without target masks cannot serve character_loss_weight: draw it again)
 grep -qs target_mask runs/world_stage1/train.jsonl ||
     anystory world dataset --stage 1 --count 40000 --out runs/world_stage1
 [ -f runs/world_stage2/train.jsonl ] || anystory world dataset --stage 2 --count 30000 --out runs/world_stage2

@@ -16,13 +16,12 @@ Into DIR (what comes back from a lent machine: 8 files of at most 16 MiB): the p
 (`cat adapter-stage2.part-* > adapter.safetensors`), and logs.tar with the logs, loss plots and
 sample grids. Scene pools and datasets are rendered on the machine's cores; nothing is downloaded.
 
-Before spending a lent machine on it, read the model card: every run of base_unet_shapes.yaml so
-far (session 6 here, sessions 7-10 on the CPU) drew worse on squares and was not shipped, and wide
-and tall panels are now drawn by a panel LoRA trained on the shipped UNet, which a new UNet would
-leave stale. `--smoke` passes the whole call on this CPU (session 15, after world_stage2.yaml was
-given the shipped routers' layout).
+Before spending a lent machine on it, read docs/default-model.md: every run of
+base_unet_shapes.yaml (on a GPU and on the CPU) drew worse on squares and was not shipped, and wide
+and tall panels are drawn by a panel LoRA trained on the shipped UNet, which a new UNet would
+leave stale. `--smoke` passes the whole call on a CPU.
 
-Measured in session 6 (one H200, 16 cores): rendering 30 000 + 8 x 2000 pool scenes took 226 s
+Measured on one H200 with 16 cores: rendering 30 000 + 8 x 2000 pool scenes took 226 s
 (plan for it: it is most of a short call); a base step of 256 took 92 ms; AnyStory stage 1 at
 batch 64 with 12 loader workers ran ~250 samples/s (this CPU: ~15).
 """
