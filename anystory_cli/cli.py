@@ -716,7 +716,7 @@ def evaluate_base_command(
     """Draw held-out captions with the base model; judge place, time, count and positions.
 
     Beside each figure: the judge's own accuracy on the rendered scenes of the same captions.
-    Goal (issue 6): scene and count accuracy >= 0.90 on the generated images.
+    Goal: scene and count accuracy >= 0.90 on the generated images.
     """
     with _guarded(as_json):
         from .evaluate import evaluate_base, sampling_label, json_safe
