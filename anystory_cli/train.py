@@ -88,7 +88,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import _reason, atomic_path
 from .recipe_files import read_recipe_yaml
-from .errors import InputError, ModelError, OutputError
+from .errors import AnyStoryError, InputError, ModelError, OutputError
 from .masks import _mask_array, load_image, prepare_reference
 from .models.adapter import AnyStoryAdapter, AnyStoryConfig, install
 from .models.attention import AnyStoryContext, InjectionInputs
@@ -920,12 +920,18 @@ class _Preview:
     def __init__(self, recipe: TrainRecipe, components: Components, adapter, params):
         self.recipe, self.components, self.adapter, self.params = recipe, components, adapter, params
         self.rows = None
+        self.plot_warned = False
 
     def write(self, output: Path, step: int) -> dict:
         from . import train_report
 
         shown = {"plot": None, "grid": None}
-        shown["plot"] = _str_or_none(train_report.plot_losses(output / "log.jsonl", output / "losses.png"))
+        try:
+            shown["plot"] = _str_or_none(train_report.plot_losses(output / "log.jsonl", output / "losses.png"))
+        except AnyStoryError as exc:
+            if not self.plot_warned:
+                warnings.warn(f"losses.png is not drawn: {exc}")
+            self.plot_warned = True
         if self.recipe.preview_count == 0:
             return shown
         if self.rows is None:

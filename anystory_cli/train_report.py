@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .atomic import atomic_path
+from .errors import AnyStoryError
 from .masks import load_image, prepare_reference
 
 TILE = 128  # every tile is shown at this size (the sprite world's 64x64 images, upscaled crisp)
@@ -31,8 +32,13 @@ def read_log(path: Path) -> list[dict]:
 
 
 def plot_losses(log_path: Path, out_path: Path, smooth: int = 25) -> Path | None:
-    """Every loss of log.jsonl against the step, raw (faint) and as a running mean."""
-    import matplotlib
+    """Every loss of log.jsonl against the step, raw (faint) and as a running mean. Needs
+    matplotlib, which the `train` extra installs."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError as exc:
+        raise AnyStoryError("the loss plot needs matplotlib, which is not installed: "
+                            "pip install 'anystory-cli[train]'") from exc
 
     matplotlib.use("Agg")  # no display; the only backend that never needs one
     import matplotlib.pyplot as plt
