@@ -7,8 +7,6 @@ states a router reads (the input of a 16x16 cross-attention; alone, and with the
 3x3 or 5x5 neighbourhood beside them) and from the VAE latents, on noised
 rendered scenes: trained on 300 scenes of training identities, tested on 100 of held-out ones.
 """
-import sys
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
