@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,10 +25,8 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-import tiny  # noqa: E402
-
-from anystory_cli.pipeline import AnyStoryPipeline  # noqa: E402
+from anystory_cli import testing as tiny
+from anystory_cli.pipeline import AnyStoryPipeline
 
 LATENT = 64  # 512x512 images through a factor-8 VAE
 REFERENCE = 256  # references at half the target size, as in the paper (512 vs 1024)
@@ -57,8 +54,8 @@ def small_sdxl():
         norm_num_groups=8,
     )
     pipe = StableDiffusionXLPipeline(
-        vae=vae, text_encoder=CLIPTextModel(tiny._text_config(tokenizer)),
-        text_encoder_2=CLIPTextModelWithProjection(tiny._text_config(tokenizer, projection=32)),
+        vae=vae, text_encoder=CLIPTextModel(tiny.tiny_text_config(tokenizer)),
+        text_encoder_2=CLIPTextModelWithProjection(tiny.tiny_text_config(tokenizer, projection=32)),
         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=tiny.tiny_scheduler(),
         add_watermarker=False,
     )

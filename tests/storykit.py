@@ -1,6 +1,6 @@
 """Stories on disk for render and CLI tests, drawn by a tiny real AnyStoryPipeline.
 
-The pipeline is the real one (tests/tiny.py: random, 32x32); only its weights are small.
+The pipeline is the real one (anystory_cli.testing: random, 32x32); only its weights are small.
 """
 
 from __future__ import annotations

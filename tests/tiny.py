@@ -1,158 +1,26 @@
-"""Tiny, random, offline diffusers components in SD-1.5 and SDXL shapes, for tests and benchmarks."""
+"""The tiny builders tests import as `tiny`: they live in anystory_cli.testing (benchmarks use them
+too); this module re-exports them and keeps tests offline."""
 
 from __future__ import annotations
 
 import os
 
-import torch
+from anystory_cli.testing import (  # noqa: F401
+    TINY_ADAPTER_OPTIONS,
+    sprite,
+    tiny_adapter,
+    tiny_image_encoder,
+    tiny_scheduler,
+    tiny_sd_pipeline,
+    tiny_sd_unet,
+    tiny_sdxl_pipeline,
+    tiny_sdxl_unet,
+    tiny_story_pipeline,
+    tiny_text_config,
+    tiny_tokenizer,
+    tiny_vae,
+)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def tiny_tokenizer():
-    """A real CLIPTokenizer built offline: one token per printable ASCII character, no merges.
-    The end-of-text token gets the largest id (CLIPTextModel pools at argmax(input_ids))."""
-    import string
-
-    from transformers import CLIPTokenizer
-
-    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": i + len(chars) for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
-    assert len(tokenizer) == len(vocab), "tokenizer did not take its vocabulary"
-    return tokenizer
-
-
-def _text_config(tokenizer, hidden=32, projection=None):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, projection_dim=projection or hidden,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-
-
-def tiny_vae():
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        block_out_channels=(16, 32), in_channels=3, out_channels=3, latent_channels=4,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=32,
-    )
-
-
-def tiny_scheduler():
-    from diffusers import DDIMScheduler
-
-    return DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-
-
-def tiny_sd_unet(cross_attention_dim=32):
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=cross_attention_dim,
-    )
-
-
-def tiny_sdxl_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=(2, 4),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        transformer_layers_per_block=(1, 2), use_linear_projection=True,
-        addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64,
-    )
-
-
-def tiny_sd_pipeline(seed: int = 0):
-    from diffusers import StableDiffusionPipeline
-    from transformers import CLIPTextModel
-
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=CLIPTextModel(_text_config(tokenizer)), tokenizer=tokenizer,
-        unet=tiny_sd_unet(), scheduler=tiny_scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_sdxl_pipeline(seed: int = 0):
-    from diffusers import StableDiffusionXLPipeline
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    torch.manual_seed(seed)
-    tokenizer = tiny_tokenizer()
-    pipe = StableDiffusionXLPipeline(
-        vae=tiny_vae(), text_encoder=CLIPTextModel(_text_config(tokenizer)),
-        text_encoder_2=CLIPTextModelWithProjection(_text_config(tokenizer, projection=32)),
-        tokenizer=tokenizer, tokenizer_2=tokenizer, unet=tiny_sdxl_unet(), scheduler=tiny_scheduler(),
-        add_watermarker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def tiny_image_encoder(seed: int = 0):
-    from transformers import CLIPVisionConfig, CLIPVisionModel
-
-    torch.manual_seed(seed)
-    return CLIPVisionModel(CLIPVisionConfig(
-        hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-        image_size=32, patch_size=8,
-    )).eval()
-
-
-TINY_ADAPTER_OPTIONS = dict(
-    image_size=32, num_subject_tokens=4, qformer_hidden_dim=32, qformer_heads=4,
-    routing_dim=32, router_hidden_dim=16, reference_size=32,
-)
-
-
-def tiny_adapter(unet, image_encoder, seed: int = 0, **options):
-    from anystory_cli.models.adapter import AnyStoryAdapter
-
-    torch.manual_seed(seed)
-    return AnyStoryAdapter.from_unet(unet, image_encoder.config.hidden_size, **{**TINY_ADAPTER_OPTIONS, **options})
-
-
-def sprite(color=(220, 40, 40), size=48, seed=0):
-    """An RGBA reference: a coloured blob with a pattern on a transparent background."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:size, :size]
-    inside = ((yy - size / 2) ** 2 / (size / 2.5) ** 2 + (xx - size / 2) ** 2 / (size / 3) ** 2) < 1
-    rgba = np.zeros((size, size, 4), np.uint8)
-    rgba[..., :3] = np.array(color, np.uint8)
-    rgba[..., :3][(yy // 4) % 2 == 0] = rng.integers(0, 255, 3, dtype=np.uint8)
-    rgba[..., 3] = inside * 255
-    return Image.fromarray(rgba, "RGBA")
-
-
-def tiny_story_pipeline(base=None):
-    """A tiny real AnyStoryPipeline over `base` (default: the SD-1.5-shaped tiny pipeline)."""
-    from anystory_cli.pipeline import AnyStoryPipeline
-
-    base = base if base is not None else tiny_sd_pipeline()
-    encoder = tiny_image_encoder()
-    return AnyStoryPipeline.from_pipe(base, encoder, tiny_adapter(base.unet, encoder))
+_text_config = tiny_text_config  # the name older tests use
