@@ -168,6 +168,57 @@ class AnyStoryPipeline:
         if reference_scale is not None and not math.isfinite(reference_scale):
             raise InputError(f"reference_scale must be a finite number or None, got {reference_scale}")
 
+    def _check_prompt_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                             pooled_prompt_embeds, negative_pooled_prompt_embeds) -> dict:
+        """The text inputs checked as diffusers' `check_inputs` does, but as one typed error;
+        returns the embedding arguments to pass on to the base pipeline (those given)."""
+        if (prompt is None) == (prompt_embeds is None):
+            raise InputError("give either prompt or prompt_embeds, not "
+                             + ("both" if prompt is not None else "neither"))
+        if prompt is not None:
+            if not (isinstance(prompt, str) or (isinstance(prompt, list) and prompt
+                                                and all(isinstance(p, str) for p in prompt))):
+                raise InputError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise InputError("give either negative_prompt or negative_prompt_embeds, not both")
+        # An SDXL UNet takes the pooled text embedding among its added conditions.
+        xl = self.base.unet.config.addition_embed_type == "text_time"
+        width = self.base.unet.config.cross_attention_dim
+        given = {"prompt_embeds": prompt_embeds, "negative_prompt_embeds": negative_prompt_embeds,
+                 "pooled_prompt_embeds": pooled_prompt_embeds,
+                 "negative_pooled_prompt_embeds": negative_pooled_prompt_embeds}
+        for name, value in given.items():
+            if value is not None and not isinstance(value, torch.Tensor):
+                raise InputError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        for name in ("prompt_embeds", "negative_prompt_embeds"):
+            value = given[name]
+            if value is not None and (value.dim() != 3 or value.shape[-1] != width):
+                raise InputError(f"{name} must have shape (batch, tokens, {width}) for this model, "
+                                 f"got {tuple(value.shape)}")
+        if prompt_embeds is None and negative_prompt_embeds is not None:
+            raise InputError("negative_prompt_embeds needs prompt_embeds (give the prompt encoded too)")
+        if negative_prompt_embeds is not None and negative_prompt_embeds.shape != prompt_embeds.shape:
+            raise InputError(f"prompt_embeds and negative_prompt_embeds must have the same shape, got "
+                             f"{tuple(prompt_embeds.shape)} and {tuple(negative_prompt_embeds.shape)}")
+        if not xl:
+            for name in ("pooled_prompt_embeds", "negative_pooled_prompt_embeds"):
+                if given[name] is not None:
+                    raise InputError(f"{name} is for SDXL bases; this base ({type(self.base).__name__}) "
+                                     f"has one text encoder and takes prompt_embeds alone")
+        else:
+            for embeds, pooled in (("prompt_embeds", "pooled_prompt_embeds"),
+                                   ("negative_prompt_embeds", "negative_pooled_prompt_embeds")):
+                if given[embeds] is not None and given[pooled] is None:
+                    raise InputError(f"an SDXL base needs {pooled} with {embeds} (both come from "
+                                     f"encode_prompt)")
+                if given[pooled] is not None and given[embeds] is None:
+                    raise InputError(f"{pooled} was given without {embeds}")
+                if given[pooled] is not None and (given[pooled].dim() != 2
+                                                  or given[pooled].shape[0] != given[embeds].shape[0]):
+                    raise InputError(f"{pooled} must have shape ({given[embeds].shape[0]}, width), "
+                                     f"got {tuple(given[pooled].shape)}")
+        return {name: value for name, value in given.items() if value is not None}
+
     def _region_masks(self, regions, latent_size) -> torch.Tensor | None:
         if regions is None or all(r is None for r in regions):
             return None
@@ -202,7 +253,7 @@ class AnyStoryPipeline:
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         characters: Sequence[CharacterEncoding] = (),
         regions: Sequence[Region] | None = None,
         subject_scale: float = 1.0,
@@ -216,6 +267,10 @@ class AnyStoryPipeline:
         guidance_interval: tuple[float, float] | None = None,
         figure_boxes: Sequence[tuple[float, float, float, float] | None] | None = None,
         paste_at: float | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         **base_kwargs,
     ) -> AnyStoryOutput:
         """Generate images with `characters` (from `encode_character`).
@@ -231,17 +286,27 @@ class AnyStoryPipeline:
         t / T in that interval (`guidance.py`; None: at every step). With `paste_at` (a noise
         level t/T), each character with a box in `figure_boxes` has its reference figure pasted
         there, noised, at the first step at or below that level (`figures.py`; None: never).
+        Instead of `prompt`, the text may come encoded, as diffusers pipelines take it:
+        `prompt_embeds` (B, T, D) and optionally `negative_prompt_embeds` of the same shape; an
+        SDXL base also needs the pooled ones, (B, D') each.
         Other keyword arguments (num_inference_steps, guidance_scale, generator, negative_prompt,
         output_type, callback_on_step_end, ...) go to the base pipeline unchanged.
         """
         characters = list(characters)
         self._check_inputs(characters, regions, subject_scale, reference_scale)
+        embeds = self._check_prompt_inputs(
+            prompt, base_kwargs.get("negative_prompt"), prompt_embeds, negative_prompt_embeds,
+            pooled_prompt_embeds, negative_pooled_prompt_embeds)
+        base_kwargs.update(embeds)
         scale = self.base.vae_scale_factor
         height = height or self.base.unet.config.sample_size * scale
         width = width or self.base.unet.config.sample_size * scale
         if height % scale or width % scale:
             raise InputError(f"height and width must be multiples of {scale}, got {height}x{width}")
-        rows = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
+        if prompt_embeds is not None:
+            rows = prompt_embeds.shape[0] * num_images_per_prompt
+        else:
+            rows = (1 if isinstance(prompt, str) else len(prompt)) * num_images_per_prompt
         inputs = self._injection_inputs(characters, regions, rows, (height // scale, width // scale),
                                         subject_scale, reference_scale, return_routing, route, reference_guidance)
         context = AnyStoryContext(inputs)
@@ -292,17 +357,23 @@ class AnyStoryPipeline:
                           base_kwargs.get("generator"), callback)
 
     @torch.no_grad()
-    def route_latents(self, latents: torch.Tensor, timestep: int, prompt: str,
-                      characters: Sequence[CharacterEncoding]) -> dict[str, torch.Tensor]:
+    def route_latents(self, latents: torch.Tensor, timestep: int, prompt: str | None,
+                      characters: Sequence[CharacterEncoding], *,
+                      prompt_embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """The router as a segmenter: one conditional UNet forward on given noisy `latents`
-        (1, C, h, w) at `timestep`; returns each cross-attention layer's soft routing map
-        (1, E, h', w'), characters in order, then the background. SD-style bases only (an SDXL
-        UNet needs its added conditions, which this does not build)."""
+        (1, C, h, w) at `timestep`, with `prompt` or its `prompt_embeds` (1, T, D); returns each
+        cross-attention layer's soft routing map (1, E, h', w'), characters in order, then the
+        background. SD-style bases only (an SDXL UNet needs its added conditions, which this does
+        not build)."""
         if getattr(self.base, "text_encoder_2", None) is not None:
             raise ModelError("route_latents supports SD-style bases (one text encoder) only")
         characters = list(characters)
         self._check_inputs(characters, None, 1.0, 0.0)
-        text, _ = self.base.encode_prompt(prompt, self.device, 1, False)
+        self._check_prompt_inputs(prompt, None, prompt_embeds, None, None, None)
+        if prompt_embeds is not None:
+            text = prompt_embeds.to(self.device, self.dtype)
+        else:
+            text, _ = self.base.encode_prompt(prompt, self.device, 1, False)
         inputs = self._injection_inputs(characters, None, 1, tuple(latents.shape[-2:]), 1.0, 0.0, True)
         context = AnyStoryContext(inputs)
         self.base.unet(latents.to(self.device, self.dtype), timestep, encoder_hidden_states=text,
