@@ -84,17 +84,25 @@ def write_pdf(
     pages: Sequence[Image.Image], path: str | os.PathLike[str], title: str = "", dpi: int = 150,
     within: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """All pages in one PDF, each page sized by `dpi`. No creation date: the same pages give
-    the same bytes (a resumed render matches an uninterrupted one)."""
+    """All pages in one PDF, each page sized by `dpi` (a W x H pixel page is W*72/dpi x
+    H*72/dpi points). Pages are embedded without loss: each page's PNG data goes into the PDF
+    as it is (img2pdf; Flate, no JPEG), so decoding a page gives back its exact pixels. No
+    creation date and no random file id: the same pages give the same bytes (a resumed render
+    matches an uninterrupted one)."""
     if not pages:
         raise ValueError("a PDF needs at least one page")
+    import img2pdf  # imports pikepdf; only a PDF write needs it
+
     rgb = [page.convert("RGB") for page in pages]
 
     def write(handle: BinaryIO) -> None:
-        rgb[0].save(
-            handle, format="PDF", save_all=True, append_images=rgb[1:], resolution=float(dpi),
-            title=title, creator="anystory", creationDate=None, modDate=None,
-        )
+        # Encoding inside the write: its failures are reported like any other write failure.
+        encoded = [_png_bytes(page) for page in rgb]
+        handle.write(img2pdf.convert(
+            encoded, title=title or None, creator="anystory", producer="anystory", nodate=True,
+            layout_fun=img2pdf.get_fixed_dpi_layout_fun((dpi, dpi)),
+            engine=img2pdf.Engine.internal,
+        ))
 
     return atomic_write(path, write, within)
 

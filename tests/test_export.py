@@ -10,6 +10,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -56,6 +57,54 @@ def test_pdf_has_one_page_per_image_and_the_title(tmp_path):
     assert b"/Title" in data
     # 30 x 40 px at 100 dpi = 21.6 x 28.8 pt.
     assert b"/MediaBox [ 0 0 21.6 28.8 ]" in data
+
+
+def _pdf_pages(path):
+    """(media box in points, the embedded image decoded) for each page of the PDF."""
+    import pikepdf
+
+    with pikepdf.open(path) as pdf:
+        found = []
+        for page in pdf.pages:
+            (raw,) = page.get_images().values()
+            found.append(([float(v) for v in page.MediaBox],
+                          pikepdf.PdfImage(raw).as_pil_image().convert("RGB")))
+        return found
+
+
+def test_pdf_embeds_each_page_without_loss(tmp_path):
+    # Noise and a sharp black-on-white edge: any JPEG step would change pixels.
+    rng = np.random.default_rng(0)
+    noisy = Image.fromarray(rng.integers(0, 256, (40, 30, 3), dtype=np.uint8))
+    lettered = Image.new("RGB", (30, 40), "white")
+    lettered.paste((0, 0, 0), (5, 5, 9, 35))
+    palette = lettered.convert("P")  # not RGB: converted as the PNG page is
+    images = [noisy, lettered, palette]
+    path = write_pdf(images, tmp_path / "comic.pdf", title="小猫 Kite", dpi=100)
+    assert b"/DCTDecode" not in path.read_bytes()
+    decoded = _pdf_pages(path)
+    assert len(decoded) == 3
+    for image, (box, page) in zip(images, decoded):
+        assert box == pytest.approx([0, 0, 21.6, 28.8])  # 30 x 40 px at 100 dpi
+        assert np.array_equal(np.asarray(page), np.asarray(image.convert("RGB")))
+
+
+def test_pdf_page_decodes_to_the_page_png(tmp_path):
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 256, (24, 36, 3), dtype=np.uint8))]
+    result = export_comic(images, tmp_path / "out", "Kite", dpi=72)
+    (box, page), = _pdf_pages(result.pdf)
+    assert box == pytest.approx([0, 0, 36, 24])
+    with Image.open(result.pages[0]) as png:
+        assert np.array_equal(np.asarray(page), np.asarray(png.convert("RGB")))
+
+
+def test_pdf_bytes_are_the_same_for_the_same_pages(tmp_path):
+    first = write_pdf(pages(2), tmp_path / "a.pdf", title="Kite", dpi=100).read_bytes()
+    second = write_pdf(pages(2), tmp_path / "b.pdf", title="Kite", dpi=100).read_bytes()
+    assert first == second
+    other = write_pdf(pages(2, size=(31, 40)), tmp_path / "c.pdf", title="Kite", dpi=100)
+    assert other.read_bytes() != first
 
 
 def test_cbz_holds_the_pages_and_a_valid_comic_info(tmp_path):
