@@ -97,6 +97,11 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=True)
 
 
+def is_character_name(value: str) -> bool:
+    """Whether `value` may name a character (the rules `_check_name` enforces)."""
+    return bool(_NAME_RE.match(value)) and value.lower() not in _RESERVED_NAMES
+
+
 def _check_name(value: str) -> str:
     if not _NAME_RE.match(value):
         raise PydanticCustomError(
