@@ -84,6 +84,8 @@ STATE_DIR = ".anystory"
 # Bump when drawing or composing changes, so that earlier outputs are not reused.
 RENDER_KEY_VERSION = 1
 PAGE_KEY_VERSION = 1
+# Part of the PDF/CBZ key: raise it when the same pages give other file bytes (a new writer).
+EXPORT_FORMAT = 2
 SHEET_VERSION = 3  # 2: a sheet cut out by its central box carries no figure; 3: row-wise backgrounds
 # Image shapes: the model's native square, widened or heightened to the frame's shape in
 # quarter steps (a 2.1:1 wide panel is drawn at 2:1, not cropped out of a square).
@@ -1106,7 +1108,7 @@ def _export(story: Story, stem: str, composed: Sequence[tuple[str, Image.Image]]
     manifest_path = out / STATE_DIR / "exports.json"
     manifest = _read_json(manifest_path)
     pages = [image for _, image in composed]
-    key = _sha256("export", story.title, story.page.reading_order, story.page.dpi,
+    key = _sha256("export", EXPORT_FORMAT, story.title, story.page.reading_order, story.page.dpi,
                   sorted(story.characters), [page_key for page_key, _ in composed])
     writers = {
         f"{stem}.pdf": lambda path: write_pdf(pages, path, story.title, story.page.dpi, within=out),
