@@ -1,4 +1,4 @@
-"""Writing the comic: PNG pages, one multi-page PDF, a CBZ with ComicInfo.xml, panel PNGs.
+"""Writing the comic: PNG files, one multi-page PDF, a CBZ with ComicInfo.xml.
 
 Every file is written to a temporary file in the destination folder and then renamed over the
 target (`os.replace`, atomic on one file system): an interrupted or failed write leaves no
@@ -13,11 +13,10 @@ import os
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from anystory_cli.atomic import atomic_path, check_within
 from anystory_cli.errors import OutputError
@@ -50,34 +49,14 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     return target
 
 
-def write_png(image: Image.Image, path: str | os.PathLike[str], dpi: int | None = None) -> Path:
+def write_png(image: Image.Image, path: str | os.PathLike[str], dpi: int | None = None,
+              text: dict[str, str] | None = None, within: str | os.PathLike[str] | None = None) -> Path:
+    """A PNG, with its resolution (`dpi`) and text chunks (`text`) when given."""
+    info = PngImagePlugin.PngInfo()
+    for name, value in (text or {}).items():
+        info.add_text(name, value)
     extra = {"dpi": (dpi, dpi)} if dpi else {}
-    return atomic_write(path, lambda handle: image.save(handle, format="PNG", **extra))
-
-
-def write_pages_png(
-    pages: Sequence[Image.Image], folder: str | os.PathLike[str], dpi: int | None = None,
-    stem: str = "page",
-) -> list[Path]:
-    """page-001.png, page-002.png, ... in `folder`."""
-    return [
-        write_png(page, Path(folder) / f"{stem}-{number:03d}.png", dpi)
-        for number, page in enumerate(pages, start=1)
-    ]
-
-
-def write_panels_png(
-    panels: Sequence[Image.Image], folder: str | os.PathLike[str],
-    indices: Sequence[int] | None = None,
-) -> list[Path]:
-    """panel-001.png, ... named by story panel index + 1 (`indices`, default 0, 1, 2, ...)."""
-    numbers = range(len(panels)) if indices is None else indices
-    if len(numbers) != len(panels):
-        raise ValueError("one index per panel image")
-    return [
-        write_png(panel, Path(folder) / f"panel-{index + 1:03d}.png")
-        for index, panel in zip(numbers, panels)
-    ]
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info, **extra), within)
 
 
 def write_pdf(
@@ -184,38 +163,3 @@ def _png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-@dataclass
-class ExportResult:
-    pages: list[Path] = field(default_factory=list)
-    pdf: Path | None = None
-    cbz: Path | None = None
-    panels: list[Path] = field(default_factory=list)
-
-    @property
-    def files(self) -> list[Path]:
-        extra = [p for p in (self.pdf, self.cbz) if p is not None]
-        return [*self.pages, *extra, *self.panels]
-
-
-def export_comic(
-    pages: Sequence[Image.Image],
-    folder: str | os.PathLike[str],
-    title: str,
-    *,
-    reading_order: str = "ltr",
-    dpi: int = 150,
-    characters: Sequence[str] = (),
-    panels: Sequence[Image.Image] = (),
-    stem: str = "comic",
-) -> ExportResult:
-    """Everything at once: pages/page-NNN.png, <stem>.pdf, <stem>.cbz, panels/panel-NNN.png."""
-    out = ensure_dir(folder)
-    result = ExportResult()
-    result.pages = write_pages_png(pages, out / "pages", dpi)
-    result.pdf = write_pdf(pages, out / f"{stem}.pdf", title, dpi)
-    result.cbz = write_cbz(pages, out / f"{stem}.cbz", title, reading_order, characters)
-    if panels:
-        result.panels = write_panels_png(panels, out / "panels")
-    return result

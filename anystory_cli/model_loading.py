@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 from pathlib import Path
 
-from .errors import ModelError
+from .atomic import atomic_path
+from .errors import ModelError, OutputError
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
@@ -33,10 +35,13 @@ DEVICE_ENV = "ANYSTORY_DEVICE"  # e.g. cpu, cuda, cuda:1; default: cuda when ava
 
 LAYOUT_HELP = (f"a model folder holds {PIPELINE_INDEX} with the diffusers pipeline's subfolders, "
                f"{IMAGE_ENCODER_DIR}/ (a CLIPVisionModel) and {ADAPTER_FILE}")
-# Weight files are hashed by size plus their first and last MiB: a full hash of a multi-GB model
-# would cost seconds on every render, and a retrained model differs in both places anyway.
-_EDGE_BYTES = 1 << 20
-_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx", ".gguf"}
+# Every file is fingerprinted by the sha256 of all its bytes. A file larger than this is hashed
+# once: its hash is kept in the cache folder (`fingerprints/`) with the file's path, size,
+# modification and change times and inode, and read back while those are unchanged, so that a
+# multi-GB model is not read whole on every render. Any write to a file changes its change time.
+_HASH_ALWAYS_BYTES = 2 << 20
+_FINGERPRINTS_DIR = "fingerprints"
+_CHUNK_BYTES = 1 << 20
 
 
 # The embedded default keeps its small models as <name>.safetensors + <name>.json (fp16, built
@@ -84,13 +89,15 @@ def check_model_dir(folder: Path, with_adapter: bool = True) -> None:
                          "there (`anystory train` writes them)")
 
 
-def model_fingerprint(model, base_dir: str | os.PathLike[str] | None = None) -> str:
-    """A short id of a model folder's contents, without loading it (milliseconds)."""
+def model_fingerprint(model, base_dir: str | os.PathLike[str] | None = None,
+                      cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """A short id of a model folder's contents, without loading it: milliseconds while its large
+    files keep their recorded hashes (kept in `cache_dir`, default: the encoding cache's folder)."""
     if not isinstance(model, str):  # {base, redux, adapter}: FLUX.1 with the released weights
         return _flux_fingerprint(model)
     folder = resolve_model_dir(model, base_dir)
     check_model_dir(folder)
-    return _pieces_digest(_model_files(folder))
+    return _pieces_digest(_model_files(folder), cache_dir)
 
 
 def _model_files(folder: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
@@ -104,23 +111,50 @@ def _model_files(folder: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, Pa
     return files
 
 
-def _pieces_digest(files: list[tuple[str, Path]]) -> str:
+def _pieces_digest(files: list[tuple[str, Path]], cache_dir: str | os.PathLike[str] | None = None) -> str:
     digest = hashlib.sha256()
     for name, path in files:
         digest.update(name.encode() + b"\x00")
-        digest.update(_file_digest(path))
+        digest.update(_file_digest(path, cache_dir))
     return digest.hexdigest()[:16]
 
 
-def _file_digest(path: Path) -> bytes:
-    size = path.stat().st_size
+def _sha256_file(path: Path) -> bytes:
+    """sha256 of every byte of the file, read in chunks."""
+    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        if path.suffix not in _WEIGHT_SUFFIXES or size <= 2 * _EDGE_BYTES:
-            return hashlib.sha256(handle.read()).digest()
-        head = handle.read(_EDGE_BYTES)
-        handle.seek(size - _EDGE_BYTES)
-        tail = handle.read(_EDGE_BYTES)
-    return hashlib.sha256(str(size).encode() + head + tail).digest()
+        while chunk := handle.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.digest()
+
+
+def _file_digest(path: Path, cache_dir: str | os.PathLike[str] | None = None) -> bytes:
+    """sha256 of the file's contents; for a large file, the recorded one while the file's size,
+    times and inode are those it was recorded with (see `_HASH_ALWAYS_BYTES`)."""
+    stat = path.stat()
+    if stat.st_size <= _HASH_ALWAYS_BYTES:
+        return _sha256_file(path)
+    from .cache import default_cache_dir
+
+    resolved = str(path.resolve())
+    stamp = {"path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+             "ctime_ns": stat.st_ctime_ns, "inode": stat.st_ino}
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    record = folder / _FINGERPRINTS_DIR / f"{hashlib.sha256(resolved.encode()).hexdigest()}.json"
+    try:
+        stored = json.loads(record.read_text())
+        if isinstance(stored, dict) and stored.get("stamp") == stamp:
+            return bytes.fromhex(stored["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no record, or an unreadable one: hash the file
+    digest = _sha256_file(path)
+    text = json.dumps({"stamp": stamp, "sha256": digest.hex()})
+    try:
+        with atomic_path(record) as temp:
+            temp.write_text(text)
+    except OutputError:
+        pass  # a read-only cache: the next run hashes the file again
+    return digest
 
 
 def _device_and_dtype():

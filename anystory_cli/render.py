@@ -67,13 +67,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, PngImagePlugin
+from PIL import Image, ImageOps
 
 from .atomic import TEMP_SUFFIX, check_within
 from .cache import EncodingCache, description_key, reference_key
 from .characters import segment_sheet
 from .errors import AnyStoryError, InputError, OutputError, StoryError
-from .export import atomic_write, ensure_dir, write_cbz, write_pdf
+from .export import atomic_write, ensure_dir, write_cbz, write_pdf, write_png
 from .layout import PageSpec, PanelText, compose_page, panel_rects, undrawable_characters
 from .masks import load_image
 from .plan import PagePlan, PanelPlan, build_plan, character_fingerprints, group_pages
@@ -303,11 +303,14 @@ class _Model:
     loaded at once and keyed by its pipeline's `model_id`.
     """
 
-    def __init__(self, value: str, story_dir: Path, factory, fingerprint, source: str, emit):
+    def __init__(self, value: str, story_dir: Path, factory, fingerprint, source: str, emit, cache_dir=None):
         self.value, self.story_dir, self.source, self.emit = value, story_dir, source, emit
         self.factory = factory or _default_factory
         if fingerprint is None and factory is None:
-            from .model_loading import model_fingerprint as fingerprint
+            from .model_loading import model_fingerprint
+
+            def fingerprint(model, folder):  # large files' hashes are kept in the cache folder
+                return model_fingerprint(model, folder, cache_dir=cache_dir)
         self._pipeline = None
         self.load_seconds = 0.0
         if fingerprint is not None:
@@ -388,11 +391,7 @@ def _stored_key(path: Path) -> str | None:
 
 def _write_png(image: Image.Image, path: Path, key: str, dpi: int | None = None,
                within: Path | None = None) -> Path:
-    info = PngImagePlugin.PngInfo()
-    info.add_text(KEY_TEXT, key)
-    extra = {"dpi": (dpi, dpi)} if dpi else {}
-    return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info, **extra),
-                        within)
+    return write_png(image, path, dpi, {KEY_TEXT: key}, within)
 
 
 def _file_sha256(path: Path) -> str | None:
@@ -858,7 +857,7 @@ def render_story(
         story = check_story(story_path)
         summary.title = story.title
         model = _Model(story.model, Path(story_path).resolve().parent, pipeline_factory,
-                       model_fingerprint, source, emit)
+                       model_fingerprint, source, emit, cache_dir)
         sheet_seed = story.seed if seed is None else seed
         plans = build_plan(story, seed=seed, steps=steps, model_id=model.key,
                            character_keys=character_keys(story, sheet_seed, steps))

@@ -149,3 +149,39 @@ def test_unwritable_cache_is_an_output_error(tmp_path):
     cache = EncodingCache(blocker / "cache")
     with pytest.raises(OutputError, match="cache"):
         cache.put("k" * 64, encoding())
+
+
+def _rewrite_metadata(path: Path, **changes) -> None:
+    """Rewrite an entry's metadata (None removes a field), its tensors unchanged."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    for name, value in changes.items():
+        if value is None:
+            metadata.pop(name, None)
+        else:
+            metadata[name] = value
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+
+
+@pytest.mark.parametrize("changes, said", [
+    ({"format": "anystory-character/0"}, "not a character encoding of this version (format 'anystory-character/0')"),
+    ({"format": None}, "not a character encoding of this version (format None)"),
+    ({"cache_key": None}, "from an older version of the cache (no key in its metadata)"),
+    ({"cache_key": "e" * 64}, "stored under the wrong name"),
+])
+def test_entries_of_an_older_format_or_another_key_are_encoded_again(tmp_path, changes, said):
+    warnings: list[str] = []
+    cache = EncodingCache(tmp_path, on_warning=warnings.append)
+    key = "f" * 64
+    cache.put(key, encoding())
+    assert same(cache.get(key, MODEL), encoding())  # whole, before the change
+    _rewrite_metadata(cache.path_for(key), **changes)
+    assert cache.get(key, MODEL) is None
+    assert len(warnings) == 1 and said in warnings[0] and str(cache.path_for(key)) in warnings[0]
+    encode = Encoder(seed=2)
+    result = cache.get_or_encode(key, MODEL, encode)
+    assert (result.hit, result.rebuilt, encode.calls) == (False, True, 1)
+    assert same(cache.get(key, MODEL), encoding(2))

@@ -533,11 +533,23 @@ def test_evaluate_adapter_end_to_end(evaluation):
     for figures in [*result["results"].values(), result["rendered"]]:
         assert set(figures) == {"1", "2", "3", "4", "multi"}
         assert [figures[c]["characters"] for c in ("1", "2", "3", "4", "multi")] == [1, 2, 3, 4, 9]
-        for group in figures.values():
-            for key in RATES:
-                assert 0.0 <= group[key] <= 1.0, (key, group)
+    # Each rate is the share of that count's characters whose record says so.
+    sources = {**{v: lambda panel, v=v: panel["judged"][v] for v in result["variants"]},
+               "rendered": lambda panel: panel["rendered"]}
+    for name, records_of in sources.items():
+        figures = result["rendered"] if name == "rendered" else result["results"][name]
+        for count in ("1", "2", "3", "4", "multi"):
+            records = [r for panel in result["panels"] for r in records_of(panel)
+                       if (len(panel["identity_seeds"]) > 1 if count == "multi" else len(panel["identity_seeds"]) == int(count))]
+            group = figures[count]
+            assert group["characters"] == len(records)
+            for key, field in (("identity", "right"), ("blended", "blended"), ("found", "found"),
+                               ("all_attributes", "all_attributes")):
+                assert group[key] == pytest.approx(_mean([float(r[field]) for r in records])), (name, count, key)
+            for attribute, rate in group["per_attribute"].items():
+                assert rate == pytest.approx(_mean([float(r["attributes"][attribute]) for r in records
+                                                    if attribute in r["attributes"]]))
             assert group["identity"] + group["blended"] <= group["found"] + 1e-9
-            assert all(0.0 <= v <= 1.0 for v in group["per_attribute"].values())
     # The judge's ceiling: the rendered scenes at their true places.
     assert result["rendered"]["multi"]["identity"] >= 0.85 and result["rendered"]["1"]["identity"] == 1.0
     anystory = result["results"]["anystory"]

@@ -6,6 +6,7 @@ import io
 import os
 import re
 import stat
+import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
@@ -19,9 +20,7 @@ from anystory_cli.export import (
     atomic_write,
     comic_info_xml,
     ensure_dir,
-    export_comic,
     write_cbz,
-    write_panels_png,
     write_pdf,
     write_png,
 )
@@ -140,19 +139,11 @@ def test_comic_info_for_left_to_right_and_escaped_title():
     assert root.find("Characters") is None
 
 
-def test_panels_are_named_by_story_index(tmp_path):
-    paths = write_panels_png(pages(2), tmp_path, indices=[4, 7])
-    assert [p.name for p in paths] == ["panel-005.png", "panel-008.png"]
-
-
-def test_export_comic_writes_every_format(tmp_path):
-    result = export_comic(pages(2), tmp_path / "out", "Kite", panels=pages(3), dpi=120)
-    names = sorted(str(p.relative_to(tmp_path / "out")) for p in result.files)
-    assert names == [
-        "comic.cbz", "comic.pdf", "pages/page-001.png", "pages/page-002.png",
-        "panels/panel-001.png", "panels/panel-002.png", "panels/panel-003.png",
-    ]
-    assert all(p.stat().st_size > 0 for p in result.files)
+def test_png_carries_its_text_chunks(tmp_path):
+    path = write_png(pages(1)[0], tmp_path / "page.png", text={"anystory:key": "abc", "Title": "Kite"})
+    with Image.open(path) as image:
+        assert image.text == {"anystory:key": "abc", "Title": "Kite"}
+        assert "dpi" not in image.info
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,24 +207,31 @@ def test_interrupted_write_leaves_nothing_behind(tmp_path):
 def test_output_folder_under_a_file_is_an_output_error(tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
-    with pytest.raises(OutputError, match="not-a-folder"):
-        export_comic(pages(1), blocker / "out", "T")
+    for writer in WRITERS.values():
+        with pytest.raises(OutputError, match="not-a-folder"):
+            writer(blocker / "out" / "comic")
+    assert blocker.read_text() == "x"
     with pytest.raises(OutputError, match="exists and is not a folder"):
         ensure_dir(blocker)
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into read-only folders")
-def test_read_only_output_folder_is_an_output_error(tmp_path):
+@pytest.mark.parametrize("name, writer", WRITERS.items(), ids=WRITERS.keys())
+def test_read_only_output_folder_is_an_output_error(tmp_path, monkeypatch, name, writer):
+    """A folder that refuses new files (read-only; also for root, by refusing the temporary file
+    as the OS does for other users) is an OutputError naming it, and the earlier file stays."""
     folder = tmp_path / "ro"
     folder.mkdir()
-    (folder / "page.png").write_bytes(b"old page")
-    folder.chmod(0o555)
-    try:
-        with pytest.raises(OutputError, match="ro"):
-            write_png(pages(1)[0], folder / "page.png")
-        assert (folder / "page.png").read_bytes() == b"old page"
-    finally:
-        folder.chmod(0o755)
+    target = folder / f"comic.{name}"
+    target.write_bytes(b"old file")
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(OutputError, match=r"ro: cannot write here \(Permission denied\)"):
+        writer(target)
+    assert target.read_bytes() == b"old file"
+    assert sorted(p.name for p in folder.iterdir()) == [f"comic.{name}"]
 
 
 def test_replacing_a_file_keeps_its_permissions(tmp_path):

@@ -45,10 +45,13 @@ def test_the_figure_is_the_reference_cropped_to_its_mask(sd_pipe, characters):
     figure = figure_of(rgb, mask)
     assert figure.shape == (5, 2, 4) and figure.dtype == np.uint8
     assert (figure[..., 3] == 255).all() and (figure[..., 0] == 200).all()
-    # encode_character keeps one, as uint8 RGBA, opaque where the reference's mask is
+    # encode_character keeps the figure of its prepared reference, as uint8 RGBA
+    from anystory_cli.masks import prepare_reference
+
+    reference = prepare_reference(tiny.sprite((220, 40, 40), seed=0), None, sd_pipe.adapter.config.reference_size)
     figure = characters[0].figure
-    assert figure.dtype == torch.uint8 and figure.shape[-1] == 4
-    assert figure[..., 3].float().mean() > 0.3 and set(figure[..., 3].unique().tolist()) <= {0, 255}
+    assert figure.dtype == torch.uint8
+    np.testing.assert_array_equal(figure.numpy(), figure_of(reference.rgb, reference.mask))
 
 
 def test_a_figure_fits_its_box_at_its_aspect_standing_on_the_bottom_edge():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 
 import numpy as np
@@ -273,13 +274,19 @@ def test_reference_net_size_on_sdxl_matches_the_paper():
 # 5. router maps
 
 
-def test_routing_maps_are_distributions_and_one_hot(sd_pipe, sd_characters):
+def test_routing_maps_are_per_layer_distributions_averaged_at_image_size(sd_pipe, sd_characters):
+    import torch.nn.functional as F
+
     out = story(sd_pipe, sd_characters[:3], return_routing=True)
     assert out.routing_maps.shape == (1, 4, 32, 32)
     torch.testing.assert_close(out.routing_maps.sum(dim=1), torch.ones(1, 32, 32))
+    upsampled = []
     for name, maps in out.routing_layers.items():
         assert maps.shape[1] == 4, name
+        assert maps.min() >= 0.0
         torch.testing.assert_close(maps.sum(dim=1), torch.ones(1, *maps.shape[-2:]))
+        upsampled.append(F.interpolate(maps, size=(32, 32), mode="bilinear", align_corners=False))
+    torch.testing.assert_close(out.routing_maps, torch.stack(upsampled).mean(dim=0))
 
 
 def test_router_hard_routes_and_fully_masked_rows_stay_finite():
@@ -355,10 +362,56 @@ def test_regions_steer_the_router(sd_pipe, sd_characters):
         assert maps[0, 1][:, left].max() < 1e-3, f"{name}: character 2 outside its box"
 
 
-def test_four_characters_render(sd_pipe, sd_characters):
-    out = story(sd_pipe, sd_characters, return_routing=True)
-    assert out.images.shape == (1, 32, 32, 3) and np.isfinite(out.images).all()
-    assert out.routing_maps.shape[1] == 5
+def test_mask_regions_confine_the_router_like_boxes(sd_pipe, sd_characters):
+    """A region given as a mask (array or PIL image, any size) confines its character as the
+    equivalent box does."""
+    left = np.zeros((64, 64), np.float32)
+    left[:, :32] = 1.0
+    right = Image.fromarray(((1.0 - left) * 255).astype(np.uint8))
+    boxes = story(sd_pipe, sd_characters[:2], regions=[(0.0, 0.0, 0.5, 1.0), (0.5, 0.0, 1.0, 1.0)],
+                  return_routing=True)
+    masks = story(sd_pipe, sd_characters[:2], regions=[left, right], return_routing=True)
+    np.testing.assert_array_equal(masks.images, boxes.images)
+    for name, maps in masks.routing_layers.items():
+        w = maps.shape[-1]
+        assert maps[0, 0][:, w // 2:].max() < 1e-3 and maps[0, 1][:, : w // 2].max() < 1e-3, name
+
+
+def test_a_box_thinner_than_a_latent_pixel_still_covers_one(sd_pipe, sd_characters):
+    """A thin box is rounded out to at least one latent pixel: the character is routed there and
+    nowhere else (a box covering no pixel would drop the character silently)."""
+    thin = (0.5, 0.25, 0.51, 0.27)  # 0.16 x 0.32 latent pixels on the 16 x 16 grid
+    out = story(sd_pipe, sd_characters[:1], regions=[thin], return_routing=True)
+    finest = max(out.routing_layers.values(), key=lambda m: m.shape[-1])
+    h, w = finest.shape[-2:]
+    allowed = torch.zeros(h, w, dtype=torch.bool)
+    allowed[int(0.25 * h): max(int(0.25 * h) + 1, math.ceil(0.27 * h)),
+            int(0.5 * w): max(int(0.5 * w) + 1, math.ceil(0.51 * w))] = True
+    assert allowed.sum() == 1
+    character = finest[0, 0]
+    assert character[~allowed].max() < 1e-3
+    assert character[allowed].max() > 1e-6  # the one pixel is open to it
+
+
+def test_height_and_width_must_be_multiples_of_the_vae_scale(sd_pipe):
+    scale = sd_pipe.base.vae_scale_factor  # 2 for the tiny VAE
+    with pytest.raises(InputError, match=f"height and width must be multiples of {scale}, got 31x32"):
+        sd_pipe("a hill", height=31, width=32, num_inference_steps=1)
+    with pytest.raises(InputError, match=f"multiples of {scale}, got 32x33"):
+        sd_pipe("a hill", height=32, width=33, num_inference_steps=1)
+
+
+def test_four_characters_each_stay_in_their_own_column(sd_pipe, sd_characters):
+    columns = [(i / 4, 0.0, (i + 1) / 4, 1.0) for i in range(4)]
+    out = story(sd_pipe, sd_characters, regions=columns, return_routing=True)
+    assert out.images.shape == (1, 32, 32, 3) and out.routing_maps.shape[1] == 5
+    for name, maps in out.routing_layers.items():
+        w = maps.shape[-1]
+        for i in range(4):
+            inside = (torch.arange(w) >= i * w // 4) & (torch.arange(w) < (i + 1) * w // 4)
+            assert maps[0, i][:, ~inside].max() < 1e-3, f"{name}: character {i + 1} outside its column"
+    three = story(sd_pipe, sd_characters[:3], regions=columns[:3]).images
+    assert np.abs(out.images - three).max() > 1e-3  # the fourth character is drawn
 
 
 # ---------------------------------------------------------------------------------------------
@@ -451,7 +504,14 @@ def test_reference_image_modes_are_accepted(sd_pipe, mode):
     else:
         image, kwargs = rgba.convert(mode), {"mask": mask}
     character = sd_pipe.encode_character(image, **kwargs)
-    assert torch.isfinite(character.subject_tokens).all()
+    # The same character as the 8-bit RGB image it shows, with the same mask.
+    grey = mode in ("LA", "L", "I;16", "I")
+    shown = (rgba.convert("L") if grey else rgba.convert("P") if mode == "P" else rgba.convert(mode)).convert("RGB")
+    expected = sd_pipe.encode_character(shown, mask=mask)
+    assert torch.equal(character.subject_tokens, expected.subject_tokens)
+    assert torch.equal(character.figure, expected.figure)
+    for layer, features in expected.reference_features.items():
+        assert torch.equal(character.reference_features[layer], features), layer
 
 
 def test_bad_masks_are_typed_errors(sd_pipe):
@@ -513,9 +573,15 @@ def test_without_guidance_and_with_several_images_per_prompt(sd_pipe, sd_charact
     """No unconditional half (guidance 1) and two images: every row is routed on its own."""
     one = story(sd_pipe, sd_characters[:2], guidance_scale=1.0, return_routing=True)
     assert one.routing_maps.shape == (1, 3, 32, 32)
+    torch.testing.assert_close(one.routing_maps.sum(dim=1), torch.ones(1, 32, 32))
     two = story(sd_pipe, sd_characters[:2], num_images_per_prompt=2, return_routing=True)
-    assert two.images.shape == (2, 32, 32, 3) and np.isfinite(two.images).all()
-    assert two.routing_maps.shape == (2, 3, 32, 32)
+    assert two.images.shape == (2, 32, 32, 3) and two.routing_maps.shape == (2, 3, 32, 32)
+    # Each image from its own noise, routed on its own: the two differ in pixels and in maps.
+    assert np.abs(two.images[0] - two.images[1]).max() > 1e-3
+    assert (two.routing_maps[0] - two.routing_maps[1]).abs().max() > 1e-3
+    single = story(sd_pipe, sd_characters[:2], return_routing=True)
+    np.testing.assert_allclose(two.images[0], single.images[0], atol=1e-4)  # the first noise is the same
+    torch.testing.assert_close(two.routing_maps[0], single.routing_maps[0], atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------
