@@ -1065,8 +1065,9 @@ def _write_routing_outputs(jobs: Sequence[_PanelJob], out: Path, summary: Render
         summary.files_written += [str(npy_path), str(overlay_path)]
 
 
-def _page_key(spec: PageSpec, jobs: Sequence[_PanelJob], texts: Sequence[PanelText]) -> str:
-    return _sha256("page", PAGE_KEY_VERSION, asdict(spec), [j.key for j in jobs], [asdict(t) for t in texts])
+def _page_key(spec: PageSpec, dpi: int, jobs: Sequence[_PanelJob], texts: Sequence[PanelText]) -> str:
+    # The dpi too: it is written into the page's PNG, even where the page's pixels stay the same.
+    return _sha256("page", PAGE_KEY_VERSION, asdict(spec), dpi, [j.key for j in jobs], [asdict(t) for t in texts])
 
 
 def _compose_pages(story: Story, page_plans: Sequence[PagePlan], jobs: dict[int, _PanelJob],
@@ -1083,7 +1084,7 @@ def _compose_pages(story: Story, page_plans: Sequence[PagePlan], jobs: dict[int,
             continue
         spec = PageSpec.from_settings(story.page, page.rows)
         texts = [PanelText.from_plan(job.plan) for job in members]
-        key = _page_key(spec, members, texts)
+        key = _page_key(spec, story.page.dpi, members, texts)
         path = out / "pages" / f"page-{number:03d}.png"
         if _stored_key(path) == key:
             summary.pages_skipped.append(number)
