@@ -25,6 +25,34 @@ TARGETS = {
     "anystory_cli/render.py": ["tests/test_render*.py"],
 }
 
+# Named mutants: what a broken comic maker looks like (text to find -> its replacement, in
+# whichever module under anystory_cli/ holds it), and the tests that should notice.
+NAMED = {
+    "balloons undrawn": ("        _draw_balloon(draw, origin, balloon, spec.font_path)", "        pass",
+                         ["tests/test_layout.py", "tests/test_lettering*.py", "tests/test_render*.py"]),
+    "balloon tails dropped": ("        tail = balloon_tail(rect, target, panel_size) if target is not None else None",
+                              "        tail = None", ["tests/test_layout.py", "tests/test_lettering*.py"]),
+    "never prunes": ("                _prune(out, len(plans), len(page_plans), jobs.values())", "                pass",
+                     ["tests/test_render*.py"]),
+    "regions dropped": ("regions=[c.box for c in plan.characters],", "regions=None,", ["tests/test_render*.py"]),
+    "at: ignored for a lone character": ('return [PLACEMENT_BOXES[refs[0].at or "center"]]',
+                                          'return [PLACEMENT_BOXES["center"]]', ["tests/test_render*.py"]),
+    "subject strength dropped": ("subject_scale=plan.subject_strength,", "subject_scale=1.0,", ["tests/test_render*.py"]),
+    "reference strength dropped": ("reference_scale=plan.reference_strength,", "reference_scale=0.0,",
+                                   ["tests/test_render*.py"]),
+    "guidance interval dropped": ("guidance_interval=plan.guidance_interval,", "guidance_interval=None,",
+                                  ["tests/test_render*.py"]),
+    "reference guidance dropped": ("reference_guidance=plan.reference_guidance,", "reference_guidance=True,",
+                                   ["tests/test_render*.py"]),
+    "figure paste dropped": ("paste_at=plan.paste_references_at or None,", "paste_at=None,", ["tests/test_render*.py"]),
+    "export key ignores title, order, dpi": ('key = _sha256("export", story.title, story.page.reading_order, story.page.dpi,',
+                                            'key = _sha256("export",', ["tests/test_render*.py"]),
+    "PDF pages reversed": ('    rgb = [page.convert("RGB") for page in pages]',
+                           '    rgb = [page.convert("RGB") for page in pages][::-1]', ["tests/test_export.py", "tests/test_render*.py"]),
+    "frame shape not in the panel key": ('key = _sha256("panel", RENDER_KEY_VERSION, plan.content_key, multipliers)',
+                                         'key = _sha256("panel", RENDER_KEY_VERSION, plan.content_key)', ["tests/test_render*.py"]),
+}
+
 COMPARE_SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
                  ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
 BINOP_SWAPS = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult,
@@ -117,7 +145,10 @@ def main() -> int:
     parser.add_argument("--tests-from", type=Path, default=None, help="take tests/ from this tree")
     parser.add_argument("--timeout", type=int, default=300)
     parser.add_argument("--json", type=Path, default=None, help="write the per-mutant results here")
+    parser.add_argument("--named", action="store_true", help="run the NAMED mutants instead of a sample")
     args = parser.parse_args()
+    if args.named:
+        return run_named(args)
 
     points = []
     for module in TARGETS:
@@ -164,6 +195,42 @@ def main() -> int:
             print(f"{number:3d}/{len(sample)} {outcome:17s} {module}:{line} {owner} {kind} ({seconds:.0f} s)",
                   flush=True)
     killed = sum(r["outcome"].startswith("killed") for r in results)
+    print(f"killed {killed} of {len(results)}")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def run_named(args) -> int:
+    results = []
+    with tempfile.TemporaryDirectory(prefix="anystory-mutants-") as scratch:
+        work = Path(scratch) / "tree"
+        shutil.copytree(args.tree, work, ignore=shutil.ignore_patterns(".git", "__pycache__", ".venv*", "out*"))
+        if args.tests_from is not None:
+            shutil.rmtree(work / "tests")
+            shutil.copytree(args.tests_from / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        for name, (old, new, patterns) in NAMED.items():
+            holders = [p for p in sorted((work / "anystory_cli").rglob("*.py")) if old in p.read_text()]
+            if len(holders) != 1:
+                print(f"{name}: found in {len(holders)} modules, skipped", flush=True)
+                continue
+            (module,) = holders
+            original = module.read_text()
+            module.write_text(original.replace(old, new, 1))
+            tests = sorted({str(p.relative_to(work)) for pattern in patterns for p in work.glob(pattern)})
+            start = time.time()
+            try:
+                run = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+                                     cwd=work, env={**os.environ, "PYTHONPATH": str(work)}, capture_output=True,
+                                     timeout=args.timeout)
+                outcome = "survived" if run.returncode == 0 else "killed"
+            except subprocess.TimeoutExpired:
+                outcome = "timeout"
+            finally:
+                module.write_text(original)
+            results.append({"mutant": name, "outcome": outcome, "seconds": round(time.time() - start, 1)})
+            print(f"{outcome:9s} {name} ({time.time() - start:.0f} s)", flush=True)
+    killed = sum(r["outcome"] == "killed" for r in results)
     print(f"killed {killed} of {len(results)}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
