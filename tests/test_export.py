@@ -91,10 +91,10 @@ def test_pdf_embeds_each_page_without_loss(tmp_path):
 def test_pdf_page_decodes_to_the_page_png(tmp_path):
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (24, 36, 3), dtype=np.uint8))]
-    result = export_comic(images, tmp_path / "out", "Kite", dpi=72)
-    (box, page), = _pdf_pages(result.pdf)
+    png_path = write_png(images[0], tmp_path / "out" / "pages" / "page-001.png", dpi=72)
+    (box, page), = _pdf_pages(write_pdf(images, tmp_path / "out" / "comic.pdf", "Kite", dpi=72))
     assert box == pytest.approx([0, 0, 36, 24])
-    with Image.open(result.pages[0]) as png:
+    with Image.open(png_path) as png:
         assert np.array_equal(np.asarray(page), np.asarray(png.convert("RGB")))
 
 
