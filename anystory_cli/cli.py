@@ -189,13 +189,14 @@ def import_storyboard_command(
     caption)."""
     with _guarded():
         from .atomic import atomic_path
-        from .storyboard import import_storyboard, read_script
+        from .storyboard import import_storyboard, lettering_warning, read_script
 
         base_dir = out.parent if out is not None else Path.cwd()
         result = import_storyboard(read_script(script), str(script), model=model,
                                    base_dir=base_dir)
-        for warning in result.warnings:
-            _print_warning(warning)
+        for warning in [*result.warnings, lettering_warning(result.story, str(script))]:
+            if warning:
+                _print_warning(warning)
         if out is None:
             typer.echo(result.yaml_text, nl=False)
             return

@@ -16,6 +16,10 @@ class StoryError(InputError):
     """A story file is malformed or inconsistent; the message names the file and the field."""
 
 
+class FontError(InputError):
+    """A lettering font is missing or unreadable, or no font draws some characters of a text."""
+
+
 class ModelError(AnyStoryError):
     """A model is missing, or its parts do not fit together (adapter vs. base model shapes)."""
 

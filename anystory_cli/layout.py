@@ -4,11 +4,12 @@ frame, and where captions and speech balloons go. PIL and numpy only (no torch).
 Geometry functions are pure and return exact integer rectangles ``(x0, y0, x1, y1)`` with the
 end exclusive, as PIL's boxes are.
 
-Lettering uses the Luckiest Guy font from the `fontpkg-luckiest-guy` package (or `page.font`).
-Text with a character the font cannot draw raises `InputError` naming the characters: a
-fallback to Pillow's default font would not help (it covers basic Latin only, less than Luckiest
-Guy), and a silent box in a balloon is worse than a clear error. `undrawable_characters()` lets
-a caller check a whole story before rendering.
+Lettering uses the fonts of `page.font` (default: the Luckiest Guy font from the
+`fontpkg-luckiest-guy` package) followed by installed fallback fonts, each character from the
+first font that has it (`fonts.FontChain`); wrapping and fitting measure with the same fonts.
+Text with a character no font has raises `FontError` naming the characters: a silent box in a
+balloon is worse than a clear error. `undrawable_characters()` lets a caller check a whole
+story before rendering.
 """
 
 from __future__ import annotations
@@ -18,12 +19,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from anystory_cli.errors import AnyStoryError, InputError
+from anystory_cli.errors import FontError, InputError
+from anystory_cli.fonts import (
+    ChainFont,
+    FontChain,
+    default_font_path,
+    font_chain,
+    is_cjk,
+    normalise_spec,
+)
 
 Rect = tuple[int, int, int, int]
 Box = tuple[float, float, float, float]
@@ -96,7 +105,7 @@ class PageSpec:
     border: int = 0
     reading_order: str = "ltr"
     background: tuple[int, int, int] = WHITE
-    font_path: str | None = None
+    font: tuple[str, ...] | None = None  # page.font: files and family names (None: comic font)
 
     @property
     def panel_count(self) -> int:
@@ -118,7 +127,7 @@ class PageSpec:
             gutter=mm_to_px(settings.gutter, dpi),
             border=border,
             reading_order=settings.reading_order,
-            font_path=str(settings.font) if settings.font else None,
+            font=normalise_spec(settings.font) or None,
         )
 
 
@@ -208,87 +217,82 @@ def _normalized_window(src_size: tuple[int, int] | None, dst_size: tuple[int, in
 # --------------------------------------------------------------------------------------------
 
 
-def default_font_path() -> Path:
-    """The Luckiest Guy .ttf shipped by the `fontpkg-luckiest-guy` package."""
-    try:
-        import fontpkg_luckiest_guy
-    except ImportError:
-        raise AnyStoryError(
-            "the lettering font is missing: pip install fontpkg-luckiest-guy"
-        ) from None
-    fonts = sorted((fontpkg_luckiest_guy.ROOT / "files").glob("*.ttf"))
-    if not fonts:
-        raise AnyStoryError(
-            f"no .ttf in {fontpkg_luckiest_guy.ROOT}; reinstall fontpkg-luckiest-guy"
-        )
-    return fonts[0]
+FontSpec = Union[str, Path, Sequence[str], FontChain, None]  # a page.font value, or a chain
+
+
+def _chain(font: FontSpec) -> FontChain:
+    return font if isinstance(font, FontChain) else font_chain(font)
 
 
 @lru_cache(maxsize=64)
 def load_font(font_path: str | None, size: int) -> ImageFont.FreeTypeFont:
+    """One font file at one size (None: the packaged comic font)."""
     path = font_path or str(default_font_path())
     try:
         return ImageFont.truetype(path, size)
     except OSError as exc:
-        raise InputError(f"cannot load font {path}: {exc}") from None
+        raise FontError(f"cannot load font {path}: {exc}") from None
 
 
-# A code point no real font maps (last private-use point of plane 16): renders as .notdef.
-_UNMAPPED = "\U0010fffd"
+def undrawable_characters(text: str, font: FontSpec = None, fallbacks: bool = True) -> list[str]:
+    """Characters of `text` no lettering font has a glyph for, in order, once each. `font` is a
+    page.font value (None: the comic font); `fallbacks` adds the installed fallback fonts."""
+    chain = font if isinstance(font, FontChain) else font_chain(font, fallbacks)
+    return chain.undrawable(text)
 
 
-def _glyph_signature(font: ImageFont.FreeTypeFont, char: str) -> tuple:
-    mask = font.getmask(char)
-    return (font.getbbox(char), mask.size, bytes(mask), font.getlength(char))
-
-
-@lru_cache(maxsize=4096)
-def _can_draw(font_path: str | None, char: str) -> bool:
-    if char.isspace():
-        return True  # whitespace is only ever a gap between words
-    font = load_font(font_path, 32)
-    # A character the font lacks is drawn with glyph 0 (.notdef), whatever it looks like.
-    return _glyph_signature(font, char) != _glyph_signature(font, _UNMAPPED)
-
-
-def undrawable_characters(text: str, font_path: str | None = None) -> list[str]:
-    """Characters of `text` the lettering font has no glyph for, in order, once each."""
-    missing: list[str] = []
-    for char in text:
-        if char not in missing and not _can_draw(font_path, char):
-            missing.append(char)
-    return missing
-
-
-def require_drawable(text: str, font_path: str | None = None) -> None:
-    missing = undrawable_characters(text, font_path)
+def require_drawable(text: str, font: FontSpec = None) -> None:
+    chain = _chain(font)
+    missing = chain.undrawable(text)
     if missing:
-        shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in missing)
-        font = Path(font_path).name if font_path else "Luckiest Guy"
-        raise InputError(
-            f"the lettering font {font} cannot draw {shown} in {text!r}; change the text or set "
-            "page.font to a .ttf that has these characters"
-        )
+        raise FontError(f"{chain.describe_missing(missing)} (in {text!r})")
 
 
-def wrap_text(text: str, font: ImageFont.FreeTypeFont, max_width: float) -> list[str]:
-    """Greedy word wrap; explicit newlines are kept; a word wider than the line is cut."""
+def wrap_text(text: str, font: ImageFont.FreeTypeFont | ChainFont, max_width: float) -> list[str]:
+    """Greedy word wrap; explicit newlines are kept; a word wider than the line is cut. Chinese
+    and Japanese text may break between any two characters, except before closing punctuation
+    (，。！」...) and after opening punctuation (「（“...)."""
     lines: list[str] = []
     for paragraph in text.split("\n"):
         line = ""
         for word in paragraph.split():
-            for piece in _cut_long_word(word, font, max_width):
-                candidate = f"{line} {piece}" if line else piece
-                if line and font.getlength(candidate) > max_width:
-                    lines.append(line)
-                    line = piece
-                else:
-                    line = candidate
+            for number, part in enumerate(_break_pieces(word)):
+                for cut, piece in enumerate(_cut_long_word(part, font, max_width)):
+                    joiner = " " if number == 0 and cut == 0 else ""
+                    candidate = f"{line}{joiner}{piece}" if line else piece
+                    if line and font.getlength(candidate) > max_width:
+                        lines.append(line)
+                        line = piece
+                    else:
+                        line = candidate
         lines.append(line)
     return lines
 
 
-def _cut_long_word(word: str, font: ImageFont.FreeTypeFont, max_width: float) -> list[str]:
+_CJK_CLOSING = set("、。，．：；！？）」』】〕〗〙〛〉》ー…‥・〜”’％!),.:;?]}"
+                   "\uff01\uff09\uff0c\uff0e\uff1a\uff1b\uff1f\uff3d\uff5d")
+_CJK_OPENING = set("「『【〔〖〘〚〈《“‘（([{\uff08\uff3b\uff5b")
+
+
+def _breaks_anywhere(char: str) -> bool:
+    """Chinese and Japanese (Korean, written with spaces, breaks at them)."""
+    return is_cjk(char) and not 0xAC00 <= ord(char) <= 0xD7AF
+
+
+def _break_pieces(word: str) -> list[str]:
+    """`word` cut where a line may break inside it: around Chinese and Japanese characters."""
+    pieces = [word[:1]]
+    for before, char in zip(word, word[1:]):
+        if (_breaks_anywhere(before) or _breaks_anywhere(char)) and char not in _CJK_CLOSING \
+                and before not in _CJK_OPENING:
+            pieces.append(char)
+        else:
+            pieces[-1] += char
+    return pieces
+
+
+def _cut_long_word(word: str, font: ImageFont.FreeTypeFont | ChainFont,
+                   max_width: float) -> list[str]:
     if font.getlength(word) <= max_width:
         return [word]
     pieces, piece = [], ""
@@ -308,18 +312,21 @@ class TextBlock:
     width: int
     height: int
     line_height: int
+    ascent: int | None = None  # from the top of a line to its baseline (None: the first font's)
 
 
 def fit_text(
-    text: str, font_path: str | None, max_width: int, max_height: int, max_size: int,
+    text: str, font: FontSpec, max_width: int, max_height: int, max_size: int,
     min_size: int = 8,
 ) -> TextBlock:
     """The largest font size (max_size down to min_size) at which the wrapped text fits; at the
-    smallest size, lines that still do not fit are dropped and the last one ends in '...'."""
-    require_drawable(text, font_path)
+    smallest size, lines that still do not fit are dropped and the last one ends in '...'.
+    Measured with the whole font chain (fallback fonts included)."""
+    chain = _chain(font)
+    require_drawable(text, chain)
 
     def fits(size: int) -> TextBlock | None:
-        block = _measure(text, font_path, size, max_width)
+        block = _measure(text, chain, size, max_width)
         return block if block.width <= max_width and block.height <= max_height else None
 
     # Bisect for the largest size that fits (a smaller font never needs more room).
@@ -333,32 +340,33 @@ def fit_text(
             high = middle - 1
     if best is not None:
         return best
-    smallest = _measure(text, font_path, min_size, max_width)
-    return _truncate(smallest, font_path, max_width, max_height)
+    smallest = _measure(text, chain, min_size, max_width)
+    return _truncate(smallest, chain, max_width, max_height)
 
 
-def _measure(text: str, font_path: str | None, size: int, max_width: int) -> TextBlock:
-    font = load_font(font_path, size)
+def _measure(text: str, chain: FontChain, size: int, max_width: int) -> TextBlock:
+    font = chain.at(size)
     lines = wrap_text(text, font, max_width)
-    ascent, descent = font.getmetrics()
+    ascent, descent = font.getmetrics(text)
     line_height = ascent + descent
     width = max((math.ceil(font.getlength(line)) for line in lines), default=0)
-    return TextBlock(tuple(lines), size, width, line_height * len(lines), line_height)
+    return TextBlock(tuple(lines), size, width, line_height * len(lines), line_height, ascent)
 
 
 def _truncate(
-    block: TextBlock, font_path: str | None, max_width: int, max_height: int
+    block: TextBlock, chain: FontChain, max_width: int, max_height: int
 ) -> TextBlock:
     keep = max(1, max_height // block.line_height)
     if keep >= len(block.lines):
         return block
-    font = load_font(font_path, block.font_size)
+    font = chain.at(block.font_size)
     last = block.lines[keep - 1]
     while last and font.getlength(last + "...") > max_width:
         last = last[:-1]
     lines = (*block.lines[: keep - 1], last.rstrip() + "...")
     width = max(math.ceil(font.getlength(line)) for line in lines)
-    return TextBlock(lines, block.font_size, width, block.line_height * keep, block.line_height)
+    return TextBlock(lines, block.font_size, width, block.line_height * keep, block.line_height,
+                     block.ascent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -596,7 +604,7 @@ def plan_lettering(
     text: PanelText,
     routing_maps: np.ndarray | None = None,
     image_size: tuple[int, int] | None = None,
-    font_path: str | None = None,
+    font: FontSpec = None,
     rtl: bool = False,
     inset: int = 4,
 ) -> Lettering:
@@ -604,12 +612,13 @@ def plan_lettering(
     it covers the least character mass (routing maps if given, else the placement boxes), with
     a tail towards its speaker's centre of mass."""
     pw, ph = panel_size
+    chain = _chain(font)
     window = _normalized_window(image_size, panel_size)
     max_size = max(10, min(48, round(min(pw, ph) * 0.07)))
     caption = None
     taken: list[Rect] = []
     if text.caption:
-        block = fit_text(text.caption, font_path, int(pw * 0.85), int(ph * 0.25), max_size)
+        block = fit_text(text.caption, chain, int(pw * 0.85), int(ph * 0.25), max_size)
         pad = max(3, block.font_size // 3)
         width, height = block.width + 2 * pad, block.height + 2 * pad
         x0 = pw - inset - width if rtl else inset
@@ -628,7 +637,7 @@ def plan_lettering(
         mass = mass_from_boxes(text.boxes, panel_size, window)
     balloons = []
     for who, line in text.dialogue:
-        block = fit_text(line, font_path, int(pw * 0.45), int(ph * 0.3), max_size)
+        block = fit_text(line, chain, int(pw * 0.45), int(ph * 0.3), max_size)
         pad = max(4, block.font_size // 2)
         size = (block.width + 2 * pad + block.line_height, block.height + 2 * pad)
         target = _speaker_target(text, who, routing_maps, panel_size, window)
@@ -661,6 +670,7 @@ def compose_page(
         raise ValueError(f"page has {len(rects)} panels, got {len(panel_images)} images")
     page = Image.new("RGB", (page_spec.width, page_spec.height), page_spec.background)
     draw = ImageDraw.Draw(page)
+    chain = font_chain(page_spec.font)
     for index, (rect, image) in enumerate(zip(rects, panel_images)):
         size = (rect[2] - rect[0], rect[3] - rect[1])
         if image is None:
@@ -674,9 +684,9 @@ def compose_page(
                 maps = routing_maps[index]
             lettering = plan_lettering(
                 size, text, maps, image.size if image is not None else None,
-                page_spec.font_path, page_spec.reading_order == "rtl", inset=page_spec.border + 4,
+                chain, page_spec.reading_order == "rtl", inset=page_spec.border + 4,
             )
-            _draw_lettering(draw, rect[:2], lettering, page_spec)
+            _draw_lettering(draw, rect[:2], lettering, chain)
         if page_spec.border > 0:
             draw.rectangle(_inclusive(rect), outline=BLACK, width=page_spec.border)
     return page
@@ -692,18 +702,18 @@ def _shift(rect: Rect, origin: tuple[int, int]) -> Rect:
 
 
 def _draw_lettering(draw: ImageDraw.ImageDraw, origin: tuple[int, int], lettering: Lettering,
-                    spec: PageSpec) -> None:
+                    chain: FontChain) -> None:
     if lettering.caption is not None:
         rect = _inclusive(_shift(lettering.caption.rect, origin))
         block = lettering.caption.text
         draw.rectangle(rect, fill=CAPTION_FILL, outline=BLACK, width=max(1, block.font_size // 12))
-        _draw_block(draw, block, rect, spec.font_path, centred=False)
+        _draw_block(draw, block, rect, chain, centred=False)
     for balloon in lettering.balloons:
-        _draw_balloon(draw, origin, balloon, spec.font_path)
+        _draw_balloon(draw, origin, balloon, chain)
 
 
 def _draw_balloon(draw: ImageDraw.ImageDraw, origin: tuple[int, int], balloon: BalloonPlan,
-                  font_path: str | None) -> None:
+                  chain: FontChain) -> None:
     rect = _inclusive(_shift(balloon.rect, origin))
     line_width = max(2, balloon.text.font_size // 10)
     radius = min(rect[2] - rect[0], rect[3] - rect[1]) // 2
@@ -716,7 +726,7 @@ def _draw_balloon(draw: ImageDraw.ImageDraw, origin: tuple[int, int], balloon: B
         # Paint the tail's inside again over the balloon outline, so the tail joins the balloon
         # without a line across its root.
         draw.polygon(_shrink(tail, line_width * 1.5), fill=WHITE)
-    _draw_block(draw, balloon.text, rect, font_path, centred=True)
+    _draw_block(draw, balloon.text, rect, chain, centred=True)
 
 
 def _shrink(triangle: list[Point], amount: float) -> list[Point]:
@@ -732,13 +742,26 @@ def _shrink(triangle: list[Point], amount: float) -> list[Point]:
 
 
 def _draw_block(draw: ImageDraw.ImageDraw, block: TextBlock, rect: tuple[int, int, int, int],
-                font_path: str | None, centred: bool) -> None:
-    font = load_font(font_path, block.font_size)
+                chain: FontChain, centred: bool) -> None:
+    font = chain.at(block.font_size)
+    ascent = block.ascent if block.ascent is not None else font.getmetrics()[0]
     top = (rect[1] + rect[3] + 1 - block.height) / 2
     for number, line in enumerate(block.lines):
         y = top + number * block.line_height
+        face = font.single_face(line)
+        if face is not None and font.font(face).getmetrics()[0] == ascent:
+            # One font, left to right, its ascender the block's: Pillow's own anchors.
+            single = font.font(face)
+            if centred:
+                draw.text(((rect[0] + rect[2] + 1) / 2, y), line, font=single, fill=BLACK,
+                          anchor="ma")
+            else:
+                x = rect[0] + (rect[2] + 1 - rect[0] - block.width) / 2
+                draw.text((x, y), line, font=single, fill=BLACK, anchor="la")
+            continue
+        # Several fonts or right-to-left runs: run by run on the block's baseline.
         if centred:
-            draw.text(((rect[0] + rect[2] + 1) / 2, y), line, font=font, fill=BLACK, anchor="ma")
+            x = (rect[0] + rect[2] + 1) / 2 - font.getlength(line) / 2
         else:
             x = rect[0] + (rect[2] + 1 - rect[0] - block.width) / 2
-            draw.text((x, y), line, font=font, fill=BLACK, anchor="la")
+        font.draw(draw, x, y + ascent, line, BLACK)

@@ -73,8 +73,9 @@ from .atomic import TEMP_SUFFIX, check_within
 from .cache import EncodingCache, description_key, reference_key
 from .characters import segment_sheet
 from .errors import AnyStoryError, InputError, OutputError, StoryError
+from . import fonts
 from .export import atomic_write, ensure_dir, write_cbz, write_pdf, write_png
-from .layout import PageSpec, PanelText, compose_page, panel_rects, undrawable_characters
+from .layout import PageSpec, PanelText, compose_page, panel_rects
 from .masks import load_image
 from .plan import PagePlan, PanelPlan, build_plan, character_fingerprints, group_pages
 from .story import Story, load_story, story_error
@@ -164,24 +165,8 @@ class _Clock:
 
 
 def lettering_problems(story: Story, source: str) -> list[str]:
-    """Captions and dialogue the lettering font cannot draw, one line each."""
-    font = str(story.page.font) if story.page.font else None
-    problems = []
-    for index, panel in enumerate(story.panels):
-        fields = [("caption", panel.caption)]
-        fields += [(f"dialogue[{n}].text", line.text) for n, line in enumerate(panel.dialogue)]
-        for name, text in fields:
-            if not text:
-                continue
-            try:
-                missing = undrawable_characters(text, font)
-            except AnyStoryError as exc:
-                return [f"{source}: page.font: {exc}"]
-            if missing:
-                shown = ", ".join(f"{c!r} (U+{ord(c):04X})" for c in missing)
-                problems.append(f"{source}: panels[{index}].{name}: the lettering font cannot draw "
-                                f"{shown}; change the text or set page.font to a font that can")
-    return problems
+    """Captions and dialogue no lettering font can draw, one line each (`fonts`)."""
+    return fonts.lettering_problems(story, source)
 
 
 def layout_problems(story: Story, source: str) -> list[str]:

@@ -51,6 +51,7 @@ from pydantic_core import PydanticCustomError
 
 from anystory_cli.errors import StoryError
 from anystory_cli.figures import DEFAULT_PASTE_AT
+from anystory_cli.fonts import is_font_file_entry
 from anystory_cli.guidance import DEFAULT_INTERVAL as DEFAULT_GUIDANCE_INTERVAL
 from anystory_cli.guidance import inside_schedule
 from anystory_cli.layout import LAYOUT_TEMPLATES, mm_to_px, page_size_px
@@ -273,14 +274,21 @@ class PageSettings(_Strict):
     margin: float = Field(10.0, ge=0.0, le=200.0, description="Page margin in mm.")
     gutter: float = Field(4.0, ge=0.0, le=100.0, description="Space between panels in mm.")
     border: float = Field(0.8, ge=0.0, le=20.0, description="Panel border width in mm.")
-    font: Path | None = Field(
-        None, description="A .ttf/.otf for the lettering (default: Luckiest Guy)."
-    )
+    font: Union[NonBlank, Annotated[list[NonBlank], Field(min_length=1, max_length=16)], None] = \
+        Field(None, description="The lettering font: a .ttf/.otf/.ttc file (relative to the story), the "
+        "family name of an installed font, or a list of these tried in order for each character "
+        "(default: Luckiest Guy). Installed fallback fonts follow, so text in any script is drawn "
+        "where a font for it is installed.")
 
     @field_validator("font")
     @classmethod
-    def _resolve_font(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        return _resolve(value, info)
+    def _resolve_font(cls, value: str | list[str] | None,
+                      info: ValidationInfo) -> str | list[str] | None:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return _resolve_font_entry(value, info)
+        return [_resolve_font_entry(entry, info) for entry in value]
 
     @model_validator(mode="after")
     def _room_for_panels(self) -> PageSettings:
@@ -449,6 +457,12 @@ def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
     if base is not None and not path.is_absolute():
         path = Path(base) / path
     return path
+
+
+def _resolve_font_entry(entry: str, info: ValidationInfo) -> str:
+    """A font file relative to the story becomes a full path; a family name stays as it is."""
+    entry = entry.strip()
+    return str(_resolve(Path(entry), info)) if is_font_file_entry(entry) else entry
 
 
 def story_json_schema() -> dict[str, Any]:
@@ -1029,10 +1043,14 @@ def _file_problems(data: Any, base_dir: Path) -> Iterator[tuple[tuple, str]]:
                     if problem:
                         yield ("characters", name, field), problem
     page = data.get("page")
-    if isinstance(page, dict) and isinstance(page.get("font"), str):
-        font = _resolve_raw(page["font"], base_dir)
-        if not font.is_file():
-            yield ("page", "font"), f"font file not found: {font}"
+    fonts = page.get("font") if isinstance(page, dict) else None
+    entries = [(("page", "font"), fonts)] if isinstance(fonts, str) else (
+        [(("page", "font", n), f) for n, f in enumerate(fonts)] if isinstance(fonts, list) else [])
+    for loc, entry in entries:
+        if isinstance(entry, str) and entry.strip() and is_font_file_entry(entry.strip()):
+            font = _resolve_raw(entry.strip(), base_dir)
+            if not font.is_file():
+                yield loc, f"font file not found: {font}"
 
 
 def _resolve_raw(value: str, base_dir: Path) -> Path:

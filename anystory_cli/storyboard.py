@@ -241,13 +241,32 @@ def import_storyboard(data: Any, source: str = "<script>", model: str = "default
         validate_story(story, source=source, base_dir=base_dir)
     except StoryError as exc:
         problems = getattr(exc, "problems", None) or [str(exc)]
-        raise InputError(f"{source}: the imported story is not valid: {'; '.join(problems)}") from None
+        raise InputError(f"{source}: the imported story is not valid: "
+                         f"{'; '.join(problems)}") from None
 
     header = [f"# A story imported from the AnyStory storyboard script {Path(source).name}."]
     if notes:
         header.append("# Characters: " + ", ".join(notes) + ".")
     body = yaml.safe_dump(story, allow_unicode=True, sort_keys=False, width=100)
     return ImportedStory(story, "\n".join(header) + "\n" + body, names, script.warnings)
+
+
+def lettering_warning(story: dict[str, Any], source: str) -> str | None:
+    """A warning when this machine has no font for some characters of the captions (the story
+    is still valid; `anystory validate` and `render` will name what to install), else None."""
+    from anystory_cli.errors import FontError
+    from anystory_cli.fonts import font_chain
+
+    text = "".join(panel.get("caption", "") for panel in story.get("panels", []))
+    try:
+        chain = font_chain(None)
+        missing = chain.undrawable(text)
+    except FontError as exc:
+        return f"{source}: {exc}"
+    if not missing:
+        return None
+    return (f"{source}: the narration cannot be lettered on this machine: "
+            f"{chain.describe_missing(missing)}")
 
 
 def _character_name(role_name: str | None, alias: str, number: int) -> str:

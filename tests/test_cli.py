@@ -346,8 +346,10 @@ BAD_INPUT = {
     "empty prompt": (edit_data(lambda d: d["panels"][1].update(prompt="")),
                      "panels[1].prompt: must not be empty"),
     "duplicate names": (duplicate_character, "characters: duplicate character name 'mira'"),
-    "undrawable text": (edit_data(lambda d: d["panels"][0].update(caption="Stars \u2605")),
-                        "panels[0].caption: the lettering font cannot draw"),
+    "undrawable text": (edit_data(lambda d: d["panels"][0].update(caption="Stars \U0010fffd")),
+                        "panels[0].caption: no lettering font draws"),
+    "missing font": (edit_data(lambda d: d["page"].update(font="No Such Family Sans")),
+                     "page.font: no installed font is named 'No Such Family Sans'"),
     "missing model folder": (edit_data(lambda d: d.update(model="models/nope")),
                              "model: model folder"),
 }

@@ -340,11 +340,15 @@ def test_fit_text_shrinks_then_truncates():
 
 def test_characters_the_font_lacks_are_detected():
     assert undrawable_characters("Hello, café! 42") == []
-    assert undrawable_characters("Hi 中文 中 Ж") == ["中", "文", "Ж"]
+    # The comic font alone (no installed fallbacks) has no Han or Cyrillic letters.
+    assert undrawable_characters("Hi 中文 中 Ж", fallbacks=False) == ["中", "文", "Ж"]
+    assert undrawable_characters("Hi \U0010fffd") == ["\U0010fffd"]  # no font has it
 
 
-def test_text_the_font_cannot_draw_is_a_clear_error_not_boxes():
+def test_text_no_font_can_draw_is_a_clear_error_not_boxes():
     spec = PageSpec(300, 300, (1,))
-    text = PanelText(dialogue=(("mira", "你好"),), characters=("mira",), boxes=((0, 0, 1, 1),))
-    with pytest.raises(InputError, match=r"cannot draw '你' \(U\+4F60\), '好' \(U\+597D\)"):
+    text = PanelText(dialogue=(("mira", "hi \U0010fffd\U0010fffe"),), characters=("mira",),
+                     boxes=((0, 0, 1, 1),))
+    with pytest.raises(InputError, match=r"no lettering font draws '\\U0010fffd' \(U\+10FFFD\), "
+                                         r"'\\U0010fffe' \(U\+10FFFE\)"):
         compose_page(spec, [Image.new("RGB", (8, 8))], [text])

@@ -182,8 +182,8 @@ NOT_SCRIPTS = {
                         "分镜头[0].prompt: expected a string, got number 7"),
     "unknown act role": (_broken(lambda d: d["分镜头"][1].update({"act_roles": ["ROLE-A", "ROLE-Z"]})),
                          "分镜头[1].act_roles[1]: unknown role 'ROLE-Z' (roles: ROLE-A, ROLE-B, ROLE-AB)"),
-    "five on stage": (_broken(_five_on_stage), "the imported story is not valid: s.json: panels[3].characters: 5 characters, but the "
-        "model supports at most 4 per panel"),
+    "five on stage": (_broken(_five_on_stage), "the imported story is not valid: s.json: "
+                      "panels[3].characters: 5 characters, but the model supports at most 4"),
 }
 
 
