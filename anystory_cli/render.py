@@ -1052,7 +1052,10 @@ def _write_routing_outputs(jobs: Sequence[_PanelJob], out: Path, summary: Render
 
 def _page_key(spec: PageSpec, dpi: int, jobs: Sequence[_PanelJob], texts: Sequence[PanelText]) -> str:
     # The dpi too: it is written into the page's PNG, even where the page's pixels stay the same.
-    return _sha256("page", PAGE_KEY_VERSION, asdict(spec), dpi, [j.key for j in jobs], [asdict(t) for t in texts])
+    # And the font files the lettering may use: a font installed or removed since letters anew.
+    faces = [(face.path, face.index) for face in fonts.font_chain(spec.font).faces]
+    return _sha256("page", PAGE_KEY_VERSION, asdict(spec), dpi, faces, [j.key for j in jobs],
+                   [asdict(t) for t in texts])
 
 
 def _compose_pages(story: Story, page_plans: Sequence[PagePlan], jobs: dict[int, _PanelJob],
