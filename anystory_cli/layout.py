@@ -28,6 +28,7 @@ from anystory_cli.errors import FontError, InputError
 from anystory_cli.fonts import (
     ChainFont,
     FontChain,
+    base_direction,
     default_font_path,
     font_chain,
     is_cjk,
@@ -759,9 +760,12 @@ def _draw_block(draw: ImageDraw.ImageDraw, block: TextBlock, rect: tuple[int, in
                 x = rect[0] + (rect[2] + 1 - rect[0] - block.width) / 2
                 draw.text((x, y), line, font=single, fill=BLACK, anchor="la")
             continue
-        # Several fonts or right-to-left runs: run by run on the block's baseline.
+        # Several fonts or right-to-left runs: run by run on the block's baseline; a
+        # right-to-left line of a caption is set flush right.
         if centred:
             x = (rect[0] + rect[2] + 1) / 2 - font.getlength(line) / 2
         else:
             x = rect[0] + (rect[2] + 1 - rect[0] - block.width) / 2
+            if base_direction(line) == "rtl":
+                x += block.width - font.getlength(line)
         font.draw(draw, x, y + ascent, line, BLACK)

@@ -179,6 +179,20 @@ def test_hebrew_keeps_its_right_to_left_order(hebrew_font, raqm):
     assert columns[0][2] not in (10, 20, 30)  # "Hi" stays on the left
 
 
+def test_a_right_to_left_caption_line_is_set_flush_right(hebrew_font):
+    spec = PageSpec(300, 300, (1,), font=(COMIC, str(hebrew_font)))
+    text = PanelText(caption="Hi there, friend\n\u05d0\u05d1")
+    page = compose_page(spec, [Image.new("RGB", (8, 8), (255, 255, 255))], [text])
+    block = plan_lettering((300, 300), text, font=spec.font, inset=4).caption
+    x0, y0, x1, y1 = block.rect
+    caption = np.asarray(page.convert("L").crop((x0 + 2, y0 + 2, x1 - 2, y1 - 2))) < 128
+    rows = np.flatnonzero(caption.any(axis=1))
+    split = y0 + 2 + block.text.ascent + block.text.line_height // 2  # between the two lines
+    first, second = caption[: split - y0 - 2], caption[split - y0 - 2:]
+    right_of = [np.flatnonzero(part.any(axis=0)).max() for part in (first, second)]
+    assert rows.size and abs(right_of[0] - right_of[1]) <= 2  # both end at the block's right
+
+
 def test_a_right_to_left_line_puts_latin_words_in_their_place(hebrew_font):
     chain = fonts.font_chain([COMIC, str(hebrew_font)], fallbacks=False)
     runs = fonts.visual_runs(chain, "\u05d0\u05d1 Mira \u05d2!")
