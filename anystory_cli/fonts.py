@@ -16,10 +16,10 @@ skipped (a list may name fonts for several systems); it is named when a characte
 no installed font draws.
 
 Right-to-left text (Arabic, Hebrew) is laid out by `visual_runs`: the line's runs of one font
-and one direction are put in display order (the Unicode bidirectional algorithm without
-explicit embeddings: neutrals take the direction of the strong characters around them, else the
-line's), and each right-to-left run is drawn by Pillow's raqm layout, which shapes it (Arabic
-letters join) and orders its glyphs. Without raqm (`PIL.features.check('raqm')` false) the
+and one embedding level are put in display order by the Unicode bidirectional algorithm
+(`bidi_levels`: its rules for numbers, brackets and neutrals, W1-W7, N0-N2, I1-I2, and L2's
+reordering; explicit embedding controls are not interpreted), and each right-to-left run is
+drawn by Pillow's raqm layout, which shapes it (Arabic letters join) and orders its glyphs. Without raqm (`PIL.features.check('raqm')` false) the
 characters of a right-to-left run are reversed here: the order is right, but Arabic letters are
 drawn in their isolated forms. No torch.
 """
