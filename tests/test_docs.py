@@ -34,7 +34,7 @@ def test_the_readmes_test_command_is_what_ci_runs():
     quick = re.search(r"^pip install (.*?) && pytest\b", readme, re.MULTILINE)
     assert quick, "the README's quick start has no 'pip install ... && pytest' line"
     assert f"pip install {quick.group(1)}" in ci
-    assert re.search(r"^python -m pytest\b", ci, re.MULTILINE)
+    assert re.search(r"^(exec )?python -m pytest\b", ci, re.MULTILINE)
     assert re.search(r"^pip install torch==\S+ -e \. && anystory render stories/demo\.yaml", readme, re.MULTILINE)
 
 
