@@ -15,6 +15,7 @@ import sys
 import zlib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -400,3 +401,20 @@ def test_default_model_not_shipped_says_how_to_point_at_a_folder(rendered, tmp_p
     fresh = tmp_path / "never-made"
     one_error_line(invoke("render", str(story / "story.yaml"), "--out", str(fresh)))
     assert not fresh.exists()  # a failed render leaves no empty output folder
+
+
+def test_render_draws_each_guidance_setting_of_the_story(seam, tmp_path):
+    """Through `anystory render`: the story's guidance, its interval and reference guidance each
+    change the drawn panel (guidance above 1, so that all three act)."""
+    style = {"steps": 4, "guidance": 3.0, "guidance_interval": [0.0, 0.7], "reference_strength": 1.0,
+             "reference_guidance": True}
+    variants = {"base": {}, "guidance": {"guidance": 5.0}, "interval": {"guidance_interval": [0.0, 1.0]},
+                "reference_guidance": {"reference_guidance": False}}
+    drawn = {}
+    for name, change in variants.items():
+        story = storykit.write_story(tmp_path / name, [storykit.panels()[1]], style={**style, **change})
+        result = invoke("render", str(story), "--out", str(tmp_path / f"out-{name}"))
+        assert result.exit_code == 0, result.stderr
+        drawn[name] = np.asarray(Image.open(tmp_path / f"out-{name}" / "panels" / "panel-001.png"), dtype=int)
+    for name in ("guidance", "interval", "reference_guidance"):
+        assert np.abs(drawn[name] - drawn["base"]).max() > 0, name

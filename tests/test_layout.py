@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+import pagescan
 
 from anystory_cli.errors import InputError
 from anystory_cli.layout import (
@@ -214,9 +217,29 @@ def test_lettered_page_from_a_story_plan():
     spec = PageSpec.from_settings(story.page, (1,))
     text = PanelText.from_plan(plan)
     assert text.characters == ("mira", "bolt") and text.dialogue == (("bolt", "Beep!"),)
-    page = compose_page(spec, [Image.new("RGB", (32, 32), (40, 90, 160))], [text])
-    colours = set(page.getdata())
-    assert WHITE in colours and BLACK in colours and (255, 244, 189) in colours  # balloon, ink, caption
+    panel = Image.new("RGB", (32, 32), (40, 90, 160))
+    page = np.asarray(compose_page(spec, [panel], [text]))
+    (x0, y0, x1, y1), border = panel_rects(spec)[0], spec.border
+    inside = page[y0 + border:y1 - border, x0 + border:x1 - border]
+    planned = plan_lettering((x1 - x0, y1 - y0), text, None, panel.size, inset=border + 4)
+    # The balloon: white, outlined, holding its text's ink, where the plan put it, its tail
+    # reaching towards bolt (the right-hand box), not mira.
+    (balloon,) = pagescan.find_balloons(inside)
+    assert balloon.ink >= 40 and balloon.outline_dark > 0.4
+    bx0, by0, bx1, by1 = (v - border for v in planned.balloons[0].rect)
+    # (within a few pixels: the tail's root widens the box where it leaves it)
+    assert all(abs(found - wanted) <= 8 for found, wanted in zip(balloon.bbox, (bx0, by0, bx1, by1)))
+    tip = planned.balloons[0].tail[1]
+    assert math.dist(balloon.tip, (tip[0] - border, tip[1] - border)) <= 4
+    assert balloon.tip[0] > inside.shape[1] / 2
+    # The caption: in the top-left corner, with its text.
+    (caption,) = pagescan.find_captions(inside)
+    _, (cx0, cy0, _, _), ink = caption
+    assert 4 <= cx0 <= 7 and 4 <= cy0 <= 7 and ink >= 20
+    # Elsewhere the panel's own colour.
+    lettered = balloon.shape | caption[0]
+    grown = np.lib.stride_tricks.sliding_window_view(np.pad(lettered, 3), (7, 7)).any(axis=(-1, -2))
+    assert (inside[~grown] == (40, 90, 160)).all()
 
 
 # --------------------------------------------------------------------------------------------
@@ -352,3 +375,36 @@ def test_text_no_font_can_draw_is_a_clear_error_not_boxes():
     with pytest.raises(InputError, match=r"no lettering font draws '\\U0010fffd' \(U\+10FFFD\), "
                                          r"'\\U0010fffe' \(U\+10FFFE\)"):
         compose_page(spec, [Image.new("RGB", (8, 8))], [text])
+
+
+def _dejavu():
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+
+
+def test_page_font_letters_the_page_and_decides_what_can_be_drawn(tmp_path):
+    """`page.font` is the lettering font: the story check accepts text it can draw that the
+    default font cannot, and the page's balloons are lettered with it."""
+    import yaml
+
+    from anystory_cli.render import story_problems
+
+    story = {"page": {"size": {"width": 300, "height": 200}},
+             "characters": {"mira": {"description": "a girl"}},
+             "panels": [{"prompt": "a hill", "characters": ["mira"], "dialogue": [{"who": "mira", "text": "Жук!"}]}]}
+    path = tmp_path / "story.yaml"
+    path.write_text(yaml.safe_dump(story, allow_unicode=True))
+    (problem,) = story_problems(path)
+    assert "panels[0].dialogue[0].text" in problem and "U+0416" in problem
+    story["page"]["font"] = str(_dejavu())
+    path.write_text(yaml.safe_dump(story, allow_unicode=True))
+    assert story_problems(path) == []
+    text = PanelText(dialogue=(("mira", "Hello!"),), characters=("mira",), boxes=((0.0, 0.2, 0.5, 1.0),))
+    pages = {font: np.asarray(compose_page(PageSpec(300, 200, (1,), font_path=font),
+                                           [Image.new("RGB", (32, 32), (40, 90, 160))], [text]))
+             for font in (None, str(_dejavu()))}
+    assert (pages[None] != pages[str(_dejavu())]).any(axis=-1).sum() > 50
+    settings = validate_story({**story, "characters": {"mira": {"description": "a girl"}}},
+                              base_dir=tmp_path, check_images=False).page
+    assert PageSpec.from_settings(settings, (1,)).font_path == str(_dejavu())

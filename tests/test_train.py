@@ -553,3 +553,41 @@ def test_stage2_recipes_build_routers_that_the_shipped_ones_load_into(name, tmp_
         fresh = save_adapter(make_adapter(stage1, components), tmp_path / "stage1.safetensors")
         stage2 = _shipped_recipe(name, tmp_path, data=tmp_path / "train.jsonl", init_adapter=fresh)
     make_adapter(stage2, components)  # ModelError if the shipped routers do not fit the recipe's
+
+
+def test_a_padded_character_slot_changes_nothing_for_its_sample():
+    """A batch mixing two characters and one: the lone character's sample gets an empty slot,
+    marked invalid, and is predicted exactly as in a batch of its own."""
+    import dataclasses
+
+    from anystory_cli.masks import prepare_reference
+    from anystory_cli.models.attention import AnyStoryContext
+    from anystory_cli.train import Encoders, Sample, injection_inputs
+
+    torch.manual_seed(0)
+    parts = components()
+    adapter = tiny.tiny_adapter(parts.pipe.unet, parts.image_encoder)
+    encoders = Encoders(parts, adapter, torch.device("cpu"))
+    reference = [prepare_reference(tiny.sprite(c, seed=i), None, 32) for i, c in enumerate([(220, 40, 40), (40, 40, 220)])]
+    target = np.zeros((32, 32, 3), np.uint8)
+    masks = np.zeros((2, 32, 32), np.float32)
+    masks[0, :, :16], masks[1, :, 16:] = 1.0, 1.0
+    two = Sample(target, reference, masks, "two on a hill")
+    one = Sample(target, reference[1:], masks[1:], "one on a hill")
+    with torch.no_grad():
+        batch, valid = injection_inputs([two, one], adapter, encoders, 2, (16, 16), [False, False])
+        alone, alone_valid = injection_inputs([one], adapter, encoders, 2, (16, 16), [False])
+    assert valid.tolist() == [[True, True], [True, False]] and alone_valid.tolist() == [[True]]
+    assert batch.entry_valid.tolist() == [[True, True, True], [True, False, True]]
+    torch.manual_seed(1)
+    noisy = torch.randn(2, 4, 16, 16)
+    text, _ = encoders.text([two.caption, one.caption])
+
+    def predict(inputs, rows):
+        context = AnyStoryContext(dataclasses.replace(inputs, training=False))
+        with torch.no_grad():
+            return parts.pipe.unet(noisy[rows], 500, encoder_hidden_states=text[rows],
+                                   cross_attention_kwargs={"anystory": context}).sample
+
+    together = predict(batch, slice(0, 2))
+    torch.testing.assert_close(together[1:], predict(alone, slice(1, 2)), atol=1e-5, rtol=1e-5)
