@@ -23,6 +23,7 @@ from PIL import Image
 from .errors import InputError, ModelError
 from .figures import figure_of, paste_step
 from .guidance import guided_call_kwargs
+from .loras import StyleLoras
 from .masks import prepare_reference
 from .models.adapter import AnyStoryAdapter, install
 from .models.attention import AnyStoryContext, InjectionInputs
@@ -64,6 +65,7 @@ class AnyStoryPipeline:
             image_std=list(config.image_std),
         )
         self._null_subject = None
+        self._style_loras: StyleLoras | None = None
 
     @classmethod
     def from_pipe(cls, pipe, image_encoder, adapter: AnyStoryAdapter | str | Path, model_id: str | None = None):
@@ -75,6 +77,44 @@ class AnyStoryPipeline:
     def unload(self) -> None:
         """Restore the base pipeline's original attention processors."""
         self._installed.remove()
+
+    # -----------------------------------------------------------------------------------------
+    # style LoRAs (diffusers' adapter API on the base pipeline, beside the model's own adapters)
+
+    @property
+    def style_loras(self) -> StyleLoras:
+        if self._style_loras is None:
+            self._style_loras = StyleLoras(self.base)
+        return self._style_loras
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          **kwargs) -> str:
+        """Load a style LoRA (a .safetensors file, a folder holding one, a hub id, or a state dict)
+        into the base pipeline under `adapter_name`, switched on at weight 1 beside the model's own
+        adapters; returns its name. A LoRA for another base model is a ModelError naming it."""
+        return self.style_loras.load(pretrained_model_name_or_path_or_dict, adapter_name, **kwargs)
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
+        """Weights of loaded style LoRAs (as diffusers' `set_adapters`; a float or one per name);
+        the model's own adapters stay on."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else \
+            [1.0 if adapter_weights is None else adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise InputError(f"{len(weights)} adapter weights for {len(names)} adapters")
+        self.style_loras.set_weights(dict(zip(names, weights)))
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        """Remove style LoRAs; the model's own adapters stay."""
+        self.style_loras.delete([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+
+    def unload_lora_weights(self) -> None:
+        """Remove every style LoRA; the model's own adapters stay."""
+        if self._style_loras is not None:
+            self._style_loras.delete()
+
+    def get_active_adapters(self) -> list[str]:
+        return self.style_loras._active()
 
     @property
     def device(self) -> torch.device:

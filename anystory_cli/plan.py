@@ -93,6 +93,8 @@ def build_plan(
     steps: int | None = None,
     model_id: str = "",
     character_keys: Mapping[str, str] | None = None,
+    lora_keys: Sequence[str] | None = None,
+    runtime: Mapping[str, str] | None = None,
 ) -> list[PanelPlan]:
     """One plan per panel, in story order.
 
@@ -100,7 +102,10 @@ def build_plan(
     panel seeds still win. `model_id` (e.g. a hash of the weights) and `character_keys`
     (from `character_fingerprints`) go into the content keys, so that a new model or an edited
     reference image invalidates earlier renders. Without them, a character's key covers its
-    paths and description only.
+    paths and description only. `lora_keys`, one per `style.loras` entry (e.g. a hash of the
+    file), key the style LoRAs with their scales (a LoRA at scale 0 is not drawn with, and not
+    keyed); `runtime` ({"device": ..., "dtype": ...}) keys where and at what precision the panels
+    are drawn, which changes their pixels (a CPU in float32, the default, is left out of the key).
     """
     story_seed = story.seed if seed is None else seed
     num_steps = story.style.steps if steps is None else steps
@@ -128,6 +133,7 @@ def build_plan(
         )
         # The resolution only when set: panels drawn at the model's own size keep their keys.
         sized = {} if story.style.resolution is None else {"resolution": story.style.resolution}
+        sized.update(_runtime_and_loras(story, lora_keys, runtime))
         key = content_key(
             model=f"{story.model}|{model_id}",
             wide=panel.span == "wide",
@@ -151,6 +157,24 @@ def build_plan(
 # out of its content key and changing them does not redraw it. (subject_strength is not one: the
 # background's null subject is weighted by it too.)
 CHARACTER_ONLY_SETTINGS = ("reference_strength", "reference_guidance", "paste_references_at")
+
+
+def _runtime_and_loras(story: Story, lora_keys: Sequence[str] | None,
+                       runtime: Mapping[str, str] | None) -> dict[str, Any]:
+    """The content-key entries for style LoRAs and the device, each only where it is not the
+    default (no LoRA; a CPU in float32), so that panels drawn without them keep their keys."""
+    extra: dict[str, Any] = {}
+    loras = story.style.loras
+    if lora_keys is None:
+        lora_keys = [lora.path for lora in loras]
+    if len(lora_keys) != len(loras):
+        raise ValueError(f"{len(lora_keys)} LoRA keys for {len(loras)} style LoRAs")
+    used = [[key, lora.scale] for key, lora in zip(lora_keys, loras) if lora.scale != 0]
+    if used:
+        extra["loras"] = used
+    if runtime is not None and dict(runtime) != {"device": "cpu", "dtype": "float32"}:
+        extra["runtime"] = dict(runtime)
+    return extra
 
 
 def _character_key(character: PlacedCharacter, encoding_key: str) -> tuple:

@@ -55,6 +55,7 @@ from anystory_cli.fonts import is_font_file_entry
 from anystory_cli.guidance import DEFAULT_INTERVAL as DEFAULT_GUIDANCE_INTERVAL
 from anystory_cli.guidance import inside_schedule
 from anystory_cli.layout import LAYOUT_TEMPLATES, mm_to_px, page_size_px
+from anystory_cli.loras import looks_like_hub_id
 from anystory_cli.masks import ImageFileError, load_image
 
 # Limits on what a story file may be. Each refuses hostile input with one clear line and sits
@@ -215,6 +216,24 @@ Layout = Annotated[
 ]
 
 
+class StyleLora(_Strict):
+    """A LoRA that gives every panel its look (loaded beside the model's own weights, removed after
+    the render)."""
+
+    path: Annotated[NonBlank, Field(
+        description="A .safetensors LoRA file, a folder holding one, or a hub id (owner/name) from the "
+        "Hugging Face cache; a relative path is relative to the story file.")]
+    scale: float = Field(1.0, ge=-4.0, le=4.0, description="Weight of the LoRA (0: off).")
+
+    @field_validator("path")
+    @classmethod
+    def _resolve_path(cls, value: str, info: ValidationInfo) -> str:
+        local = _resolve(Path(value), info)
+        if looks_like_hub_id(value) and not local.exists():
+            return value  # a hub id, resolved through the Hugging Face cache when rendering
+        return str(local)
+
+
 class Style(_Strict):
     """Story-wide generation defaults."""
 
@@ -248,6 +267,12 @@ class Style(_Strict):
         DEFAULT_PASTE_AT, ge=0.0, le=1.0, description="Noise level t/T (0 clean, 1 pure noise) at which "
         "each character's reference is pasted, noised, into its place and then redrawn into the scene, so "
         "that the base draws the character there and in its shape and colours; 0 turns it off.",
+    )
+
+    loras: list[StyleLora] = Field(
+        default_factory=list, max_length=8,
+        description="Style LoRAs for the model's base (SD 1.5, SDXL, ...), each {path, scale}; applied "
+        "to every panel, not to the character sheets.",
     )
 
     @field_validator("guidance_interval")
@@ -1051,6 +1076,14 @@ def _file_problems(data: Any, base_dir: Path) -> Iterator[tuple[tuple, str]]:
             font = _resolve_raw(entry.strip(), base_dir)
             if not font.is_file():
                 yield loc, f"font file not found: {font}"
+    style = data.get("style")
+    loras = style.get("loras") if isinstance(style, dict) else None
+    for index, lora in enumerate(loras if isinstance(loras, list) else []):
+        value = lora.get("path") if isinstance(lora, dict) else None
+        if isinstance(value, str) and value.strip():
+            path = _resolve_raw(value, base_dir)
+            if not path.exists() and not looks_like_hub_id(value):
+                yield ("style", "loras", index, "path"), f"LoRA file or folder not found: {path}"
 
 
 def _resolve_raw(value: str, base_dir: Path) -> Path:

@@ -1,0 +1,108 @@
+"""Where a model runs and at what precision: `--device`, `--dtype`, `--offload`.
+
+Each setting comes from, in order: the command-line option, its environment variable, the
+automatic choice.
+
+    ANYSTORY_DEVICE   auto | cpu | cuda | cuda:1 | mps     auto: cuda, then mps, then cpu
+    ANYSTORY_DTYPE    auto | float32 | bfloat16 | float16   auto: bfloat16 on cuda, float32 elsewhere
+    ANYSTORY_OFFLOAD  0 | 1                                 model CPU offload (CUDA only)
+
+With offload, each model (text encoders, UNet, VAE, ...) sits in CPU memory and moves to the GPU
+only while it runs (diffusers' `enable_model_cpu_offload`): slower, for GPUs with little memory.
+A device and a precision draw different pixels; offload does not.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from .errors import InputError
+
+DEVICE_ENV = "ANYSTORY_DEVICE"
+DTYPE_ENV = "ANYSTORY_DTYPE"
+OFFLOAD_ENV = "ANYSTORY_OFFLOAD"
+AUTO = "auto"
+
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str          # a torch device: cpu, cuda, cuda:1, mps
+    dtype: str           # float32, bfloat16 or float16
+    offload: bool = False
+
+    @property
+    def torch_device(self):
+        import torch
+
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def key(self) -> dict[str, str]:
+        """What changes pixels: the kind of device and the precision (not the GPU's number, not
+        offload)."""
+        return {"device": self.device.split(":")[0], "dtype": self.dtype}
+
+    def to_dict(self) -> dict:
+        return {"device": self.device, "dtype": self.dtype, "offload": self.offload}
+
+
+def resolve_runtime(device: str | None = None, dtype: str | None = None, offload: bool | None = None) -> Runtime:
+    """The runtime the options (None: not given) and the environment ask for; InputError for a
+    device this machine does not have, an unknown precision, or offload without CUDA."""
+    import torch
+
+    wanted = (device if device is not None else os.environ.get(DEVICE_ENV, "")).strip() or AUTO
+    where = "--device" if device is not None else DEVICE_ENV
+    if wanted.lower() == AUTO:
+        chosen = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    else:
+        try:
+            chosen = str(torch.device(wanted))
+        except (RuntimeError, ValueError):
+            raise InputError(f"{where}={wanted!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        kind = chosen.split(":")[0]
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise InputError(f"{where}={wanted!r}: torch sees no CUDA GPU here (a CPU-only torch, or no "
+                             f"driver); use --device cpu or auto")
+        if kind == "cuda" and ":" in chosen and int(chosen.split(":")[1]) >= torch.cuda.device_count():
+            raise InputError(f"{where}={wanted!r}: there are {torch.cuda.device_count()} CUDA GPUs here")
+        if kind == "mps" and not _mps_available():
+            raise InputError(f"{where}={wanted!r}: Apple's MPS is not available here; use --device cpu or auto")
+        if kind not in ("cpu", "cuda", "mps"):
+            raise InputError(f"{where}={wanted!r}: AnyStory runs on cpu, cuda or mps")
+
+    precision = (dtype if dtype is not None else os.environ.get(DTYPE_ENV, "")).strip().lower() or AUTO
+    where = "--dtype" if dtype is not None else DTYPE_ENV
+    if precision == AUTO:
+        precision = "bfloat16" if chosen.startswith("cuda") else "float32"
+    elif precision in DTYPES:
+        precision = DTYPES[precision]
+    else:
+        raise InputError(f"{where}={precision!r} is not a precision; use auto, float32, bfloat16 or float16")
+
+    if offload is None:
+        flag = os.environ.get(OFFLOAD_ENV, "").strip().lower()
+        if flag not in _TRUE | _FALSE:
+            raise InputError(f"{OFFLOAD_ENV}={flag!r}: use 1 or 0")
+        offload = flag in _TRUE
+    if offload and not chosen.startswith("cuda"):
+        raise InputError(f"--offload (model CPU offload) needs a CUDA GPU, and this run's device is {chosen}; "
+                         f"drop --offload (or unset {OFFLOAD_ENV})")
+    return Runtime(chosen, precision, bool(offload))
+
+
+def _mps_available() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend is not None and backend.is_available())

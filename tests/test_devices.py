@@ -1,0 +1,79 @@
+"""--device / --dtype / --offload and their environment variables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from anystory_cli.devices import DEVICE_ENV, DTYPE_ENV, OFFLOAD_ENV, Runtime, resolve_runtime
+from anystory_cli.errors import InputError
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in (DEVICE_ENV, DTYPE_ENV, OFFLOAD_ENV):
+        monkeypatch.delenv(name, raising=False)
+
+
+def gpu(monkeypatch, cuda=True, mps=False):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+
+
+def test_auto_picks_cuda_then_mps_then_cpu_and_the_precision_follows(monkeypatch):
+    gpu(monkeypatch, cuda=True, mps=True)
+    assert resolve_runtime() == Runtime("cuda", "bfloat16", False)
+    gpu(monkeypatch, cuda=False, mps=True)
+    assert resolve_runtime() == Runtime("mps", "float32", False)
+    gpu(monkeypatch, cuda=False, mps=False)
+    assert resolve_runtime("auto", "auto") == Runtime("cpu", "float32", False)
+
+
+def test_options_win_over_the_environment_which_wins_over_auto(monkeypatch):
+    gpu(monkeypatch, cuda=True)
+    monkeypatch.setenv(DEVICE_ENV, "cpu")
+    monkeypatch.setenv(DTYPE_ENV, "bf16")
+    assert resolve_runtime() == Runtime("cpu", "bfloat16", False)
+    assert resolve_runtime(device="cuda:1", dtype="fp16") == Runtime("cuda:1", "float16", False)
+    monkeypatch.setenv(OFFLOAD_ENV, "1")
+    assert resolve_runtime(device="cuda").offload is True
+    assert resolve_runtime(device="cuda", offload=False).offload is False
+
+
+def test_the_key_holds_what_changes_pixels():
+    assert Runtime("cuda:1", "bfloat16", True).key() == {"device": "cuda", "dtype": "bfloat16"}
+    assert Runtime("cpu", "float32").to_dict() == {"device": "cpu", "dtype": "float32", "offload": False}
+
+
+def test_offload_without_cuda_is_one_clear_line(monkeypatch):
+    gpu(monkeypatch, cuda=False)
+    with pytest.raises(InputError, match="needs a CUDA GPU") as caught:
+        resolve_runtime(offload=True)
+    assert "\n" not in str(caught.value)
+    monkeypatch.setenv(OFFLOAD_ENV, "yes")
+    with pytest.raises(InputError, match="needs a CUDA GPU"):
+        resolve_runtime()
+
+
+@pytest.mark.parametrize("device, dtype, offload, message", [
+    ("cuda", None, None, "sees no CUDA GPU"),
+    ("mps", None, None, "MPS is not available"),
+    ("tpu", None, None, "is not a device"),
+    ("cpu", "int8", None, "is not a precision"),
+])
+def test_bad_values_are_named(monkeypatch, device, dtype, offload, message):
+    gpu(monkeypatch, cuda=False)
+    with pytest.raises(InputError, match=message):
+        resolve_runtime(device, dtype, offload)
+
+
+def test_a_bad_environment_value_names_the_variable(monkeypatch):
+    gpu(monkeypatch, cuda=False)
+    monkeypatch.setenv(DEVICE_ENV, "gpu0")
+    with pytest.raises(InputError, match=DEVICE_ENV):
+        resolve_runtime()
+    monkeypatch.delenv(DEVICE_ENV)
+    monkeypatch.setenv(OFFLOAD_ENV, "maybe")
+    with pytest.raises(InputError, match=OFFLOAD_ENV):
+        resolve_runtime()
