@@ -31,7 +31,6 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
 ADAPTER_FILE = "anystory_adapter.safetensors"
 IMAGE_ENCODER_DIR = "image_encoder"
 PIPELINE_INDEX = "model_index.json"
-DEVICE_ENV = "ANYSTORY_DEVICE"  # e.g. cpu, cuda, cuda:1; default: cuda when available
 
 LAYOUT_HELP = (f"a model folder holds {PIPELINE_INDEX} with the diffusers pipeline's subfolders, "
                f"{IMAGE_ENCODER_DIR}/ (a CLIPVisionModel) and {ADAPTER_FILE}")
@@ -157,19 +156,11 @@ def _file_digest(path: Path, cache_dir: str | os.PathLike[str] | None = None) ->
     return digest
 
 
-def _device_and_dtype():
-    import torch
+def _runtime(runtime):
+    """The runtime asked for (devices.Runtime), or the one the environment and the machine give."""
+    from .devices import resolve_runtime
 
-    wanted = os.environ.get(DEVICE_ENV, "").strip()
-    if wanted:
-        try:
-            device = torch.device(wanted)
-        except RuntimeError:
-            raise ModelError(f"{DEVICE_ENV}={wanted!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    else:
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    # Half precision on GPUs (the usual for SD/SDXL); CPUs are faster and exact in float32.
-    return device, (torch.float16 if device.type == "cuda" else torch.float32)
+    return runtime if runtime is not None else resolve_runtime()
 
 
 def _flux_fingerprint(model) -> str:
@@ -180,30 +171,31 @@ def _flux_fingerprint(model) -> str:
     return "flux-" + _pieces_digest(files + [("anystory_flux.bin", adapter)])
 
 
-def _load_flux(model):
-    """A story's FLUX mapping -> the FLUX pipeline behind the renderer's calls (flux/comic.py).
-    bf16 on CUDA, fp32 on a CPU; the device as for the other models (ANYSTORY_DEVICE)."""
-    import torch
-
+def _load_flux(model, runtime=None):
+    """A story's FLUX mapping -> the FLUX pipeline behind the renderer's calls (flux/comic.py),
+    on the runtime's device and precision (devices.py: bf16 on CUDA, fp32 on a CPU)."""
     from .flux import AnyStoryFluxPipeline
     from .flux.comic import FluxComicPipeline
 
-    device, _ = _device_and_dtype()
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    runtime = _runtime(runtime)
     model_id = _flux_fingerprint(model)
-    pipe = AnyStoryFluxPipeline.from_pretrained(model.base, redux=model.redux, adapter=model.adapter,
-                                                torch_dtype=dtype, device=device)
+    pipe = AnyStoryFluxPipeline.from_pretrained(
+        model.base, redux=model.redux, adapter=model.adapter, torch_dtype=runtime.torch_dtype,
+        device="cpu" if runtime.offload else runtime.torch_device)
+    if runtime.offload:
+        pipe.enable_model_cpu_offload(device=runtime.device)
     return FluxComicPipeline(pipe, model_id)
 
 
 def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
-                  adapter: str | os.PathLike[str] | None = None):
+                  adapter: str | os.PathLike[str] | None = None, runtime=None):
     """Load the AnyStoryPipeline that `model` names (see the module docstring). `adapter`: an
-    adapter file used instead of the folder's own (e.g. a training checkpoint to evaluate); the
-    device and precision are chosen as for the model's own. A FLUX mapping {base, redux, adapter}
-    gives the FLUX pipeline (docs/flux.md)."""
+    adapter file used instead of the folder's own (e.g. a training checkpoint to evaluate). A FLUX
+    mapping {base, redux, adapter} gives the FLUX pipeline (docs/flux.md). `runtime`
+    (devices.Runtime): device, precision and offload; default: from the environment
+    (ANYSTORY_DEVICE, ANYSTORY_DTYPE, ANYSTORY_OFFLOAD) and the machine."""
     if not isinstance(model, str):
-        return _load_flux(model)
+        return _load_flux(model, runtime)
     folder = resolve_model_dir(model, base_dir, with_adapter=adapter is None)
     check_model_dir(folder, with_adapter=adapter is None)
     if adapter is None:
@@ -213,7 +205,8 @@ def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
         if not adapter_file.is_file():
             raise ModelError(f"{adapter_file}: no adapter file here")
         model_id = _pieces_digest(_model_files(folder, skip=(ADAPTER_FILE,)) + [(ADAPTER_FILE, adapter_file)])
-    device, dtype = _device_and_dtype()
+    runtime = _runtime(runtime)
+    dtype = runtime.torch_dtype
     with _library_progress_bars_off():
         if folder == DEFAULT_MODEL_DIR:
             from .world.base_models import load_default_base
@@ -225,8 +218,11 @@ def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
     from .pipeline import AnyStoryPipeline
 
     try:
-        base.to(device)
+        if not runtime.offload:
+            base.to(runtime.torch_device)
         pipeline = AnyStoryPipeline.from_pipe(base, encoder, adapter_file, model_id=model_id)
+        if runtime.offload:
+            pipeline.enable_model_cpu_offload(device=runtime.device)
     except ModelError as exc:
         raise ModelError(f"model {folder}: {exc}") from None
     except (RuntimeError, ValueError, KeyError) as exc:

@@ -9,6 +9,7 @@ base pipeline draws.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 from dataclasses import dataclass
@@ -66,6 +67,7 @@ class AnyStoryPipeline:
         )
         self._null_subject = None
         self._style_loras: StyleLoras | None = None
+        self._offloaded = False
 
     @classmethod
     def from_pipe(cls, pipe, image_encoder, adapter: AnyStoryAdapter | str | Path, model_id: str | None = None):
@@ -116,9 +118,37 @@ class AnyStoryPipeline:
     def get_active_adapters(self) -> list[str]:
         return self.style_loras._active()
 
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
+        """Each of the base's models in CPU memory, on the GPU only while it runs (diffusers'
+        `enable_model_cpu_offload`, which raises without CUDA). The adapter's injection layers stay
+        on the GPU (the UNet calls them); its ReferenceNet and the image encoder go there only to
+        encode a character."""
+        self.base.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        target = self.device
+        for name, child in self.adapter.named_children():
+            child.to("cpu" if name == "reference_net" else target)
+        self.image_encoder.to("cpu")
+        self._offloaded = True
+
+    @contextlib.contextmanager
+    def _encoders_on_device(self):
+        """With offload: the image encoder, ReferenceNet and VAE on the GPU for an encoding, back after."""
+        if not self._offloaded:
+            yield
+            return
+        modules = (self.image_encoder, self.adapter.reference_net, self.base.vae)
+        for module in modules:
+            module.to(self.device)
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.to("cpu")
+
     @property
     def device(self) -> torch.device:
-        return self.base.unet.device
+        # With model offload, where the models run (they sit on the CPU between calls).
+        return self.base._execution_device if self._offloaded else self.base.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -151,7 +181,9 @@ class AnyStoryPipeline:
         entry, and every entry's tokens in the unconditional branch."""
         if self._null_subject is None:
             size = self.adapter.config.reference_size
-            tokens, routing = self.adapter.encode_features(self._image_features(np.zeros((size, size, 3), np.uint8)))
+            with self._encoders_on_device():
+                tokens, routing = self.adapter.encode_features(
+                    self._image_features(np.zeros((size, size, 3), np.uint8)))
             self._null_subject = (tokens[0], routing[0])
         return self._null_subject
 
@@ -169,13 +201,14 @@ class AnyStoryPipeline:
             reference = prepare_reference(image, mask, size)
         except InputError as exc:
             raise InputError(f"character {name or '?'}: {exc}") from None
-        tokens, routing = self.adapter.encode_features(self._image_features(reference.rgb))
-        latents = self._reference_latents(reference.rgb)
-        mask_latent = F.interpolate(
-            torch.from_numpy(reference.mask)[None, None].to(self.device, self.dtype),
-            size=latents.shape[-2:], mode="area",
-        )
-        features = self.adapter.reference_net(latents, mask_latent, (size, size))
+        with self._encoders_on_device():
+            tokens, routing = self.adapter.encode_features(self._image_features(reference.rgb))
+            latents = self._reference_latents(reference.rgb)
+            mask_latent = F.interpolate(
+                torch.from_numpy(reference.mask)[None, None].to(self.device, self.dtype),
+                size=latents.shape[-2:], mode="area",
+            )
+            features = self.adapter.reference_net(latents, mask_latent, (size, size))
         return CharacterEncoding(
             subject_tokens=tokens[0],
             routing_feature=routing[0],
