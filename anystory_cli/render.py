@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -72,7 +73,7 @@ from PIL import Image, ImageOps
 from .atomic import TEMP_SUFFIX, check_within
 from .cache import EncodingCache, description_key, reference_key
 from .characters import segment_sheet
-from .errors import AnyStoryError, InputError, OutputError, StoryError
+from .errors import AnyStoryError, InputError, ModelError, OutputError, StoryError
 from . import fonts
 from .export import atomic_write, ensure_dir, write_cbz, write_pdf, write_png
 from .layout import PageSpec, PanelText, compose_page, panel_rects
@@ -129,6 +130,8 @@ class RenderSummary:
     cache_misses: int = 0
     cache_rebuilt: int = 0
     model_loaded: bool = False
+    runtime: dict[str, Any] = field(default_factory=dict)  # device, dtype, offload
+    loras: list[dict[str, Any]] = field(default_factory=list)  # path, scale, sha256 of each used
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -274,10 +277,54 @@ def memoize_factory(factory: Callable[[str, Path], Any]) -> Callable[[str, Path]
     return memoized
 
 
-def _default_factory(model: str, story_dir: Path):
+def _default_factory(model: str, story_dir: Path, runtime=None):
     from .model_loading import load_pipeline
 
-    return load_pipeline(model, story_dir)
+    return load_pipeline(model, story_dir, runtime=runtime)
+
+
+def _story_loras(story: Story, story_dir: Path, source: str) -> tuple[list[tuple[Path, float, str]], list[str]]:
+    """The style LoRAs a story draws with, (file, scale, sha256) each (a LoRA at scale 0 is left
+    out), and one key per `style.loras` entry for the panels' content keys."""
+    from .loras import lora_fingerprint, resolve_lora
+
+    used, keys = [], []
+    for index, lora in enumerate(story.style.loras):
+        if lora.scale == 0:
+            keys.append("")
+            continue
+        try:
+            file = resolve_lora(lora.path, story_dir)
+        except AnyStoryError as exc:
+            raise type(exc)(f"{source}: style.loras[{index}]: {exc}") from None
+        digest = lora_fingerprint(file)
+        used.append((file, lora.scale, digest))
+        keys.append(digest)
+    return used, keys
+
+
+@contextlib.contextmanager
+def _style_loras_on(pipeline, loras: Sequence[tuple[Path, float, str]], source: str, warn):
+    """The story's style LoRAs on the pipeline while the panels are drawn; removed after, also
+    on an error or an interrupt (the model's own adapters stay)."""
+    if not loras:
+        yield
+        return
+    styles = getattr(pipeline, "style_loras", None)
+    if styles is None:
+        raise ModelError(f"{source}: style.loras: this model ({type(pipeline).__name__}) does not take style "
+                         f"LoRAs; remove style.loras or use an SD 1.5 / SDXL model")
+    said = styles.warn
+    styles.warn = lambda message: warn(f"{source}: {message}")
+    try:
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(styles.applied([(file, scale) for file, scale, _ in loras]))
+            except AnyStoryError as exc:
+                raise type(exc)(f"{source}: style.loras: {exc}") from None
+            yield
+    finally:
+        styles.warn = said
 
 
 class _Model:
@@ -288,9 +335,10 @@ class _Model:
     loaded at once and keyed by its pipeline's `model_id`.
     """
 
-    def __init__(self, value: str, story_dir: Path, factory, fingerprint, source: str, emit, cache_dir=None):
+    def __init__(self, value: str, story_dir: Path, factory, fingerprint, source: str, emit, cache_dir=None,
+                 runtime=None):
         self.value, self.story_dir, self.source, self.emit = value, story_dir, source, emit
-        self.factory = factory or _default_factory
+        self.factory = factory or functools.partial(_default_factory, runtime=runtime)
         if fingerprint is None and factory is None:
             from .model_loading import model_fingerprint
 
@@ -824,12 +872,15 @@ def render_story(
     model_fingerprint: Callable[[str, Path], str] | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
+    runtime=None,
 ) -> RenderSummary:
     """Render one story into `out_dir`; see the module docstring.
 
     `pipeline_factory(model_value, story_dir)` returns an AnyStoryPipeline (default: the real
     loader, `model_loading.load_pipeline`); `model_fingerprint(model_value, story_dir)` keys the
     panels without loading the model (default with the real loader: a hash of the model files).
+    `runtime` (devices.Runtime: device, precision, offload; default: from the environment and the
+    machine) is what the default loader loads on; its device and precision key the panels.
     """
     emit = progress or (lambda event: None)
     source = str(story_path)
@@ -841,11 +892,20 @@ def render_story(
     with clock("check"):
         story = check_story(story_path)
         summary.title = story.title
-        model = _Model(story.model, Path(story_path).resolve().parent, pipeline_factory,
-                       model_fingerprint, source, emit, cache_dir)
+        if runtime is None:
+            from .devices import resolve_runtime
+
+            runtime = resolve_runtime()
+        summary.runtime = runtime.to_dict()
+        story_dir = Path(story_path).resolve().parent
+        model = _Model(story.model, story_dir, pipeline_factory, model_fingerprint, source, emit, cache_dir,
+                       runtime=runtime)
+        loras, lora_keys = _story_loras(story, story_dir, source)
+        summary.loras = [{"path": str(file), "scale": scale, "sha256": digest} for file, scale, digest in loras]
         sheet_seed = story.seed if seed is None else seed
         plans = build_plan(story, seed=seed, steps=steps, model_id=model.key,
-                           character_keys=character_keys(story, sheet_seed, steps))
+                           character_keys=character_keys(story, sheet_seed, steps),
+                           lora_keys=lora_keys, runtime=runtime.key())
         # After the model's key: a model that is missing leaves no empty output folder behind.
         out = check_output_dir(Path(out_dir))
         page_plans = group_pages(plans)
@@ -885,7 +945,8 @@ def render_story(
             needed = list(dict.fromkeys((c.name, c.mirrored) for job in mine for c in job.plan.characters))
             with clock("encode"), _at_safe_points():
                 characters.encode_all(needed, stop)
-            with clock("render"), _at_safe_points():
+            with clock("render"), _at_safe_points(), _style_loras_on(model.pipeline, loras, source,
+                                                                     characters._warn):
                 for number, job in enumerate(mine, start=1):
                     stop()
                     emit(ProgressEvent("panel", f"panel {job.plan.index + 1}: {job.plan.prompt}",

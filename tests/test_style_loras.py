@@ -236,3 +236,70 @@ def test_a_lora_s_scale_and_bytes_are_in_every_panel_s_key_and_scale_0_is_none(t
     assert keys([], runtime={"device": "cpu", "dtype": "float32"}) == none
     assert keys([], runtime={"device": "cuda", "dtype": "bfloat16"}) != none
     assert keys([], runtime={"device": "cpu", "dtype": "bfloat16"}) != none
+
+
+# ---------------------------------------------------------------------------------------------
+# a story drawn with a style LoRA
+
+
+@pytest.fixture
+def render_setup(tmp_path, tiny_story_pipeline):
+    import storykit
+
+    pipe = tiny_story_pipeline
+    lora = make_lora(pipe.base, tmp_path / "loras", name="ink.safetensors")
+    panels = [{"prompt": "a hill"}, {"prompt": "mira on a hill", "characters": ["mira"]}]
+
+    def render(out, loras, **options):
+        from anystory_cli.render import render_story
+
+        story = storykit.write_story(tmp_path / "story", panels, style={**storykit.STYLE, "loras": loras})
+        return render_story(story, out, pipeline_factory=storykit.TinyFactory(pipe),
+                            model_fingerprint=storykit.tiny_fingerprint, cache_dir=tmp_path / "cache", **options)
+
+    return pipe, lora, render
+
+
+def panel_pixels(out):
+    from PIL import Image
+
+    return [np.asarray(Image.open(out / "panels" / f"panel-{i:03d}.png")) for i in (1, 2)]
+
+
+def test_a_story_with_a_style_lora_draws_with_it_then_removes_it(tmp_path, render_setup):
+    import storykit
+
+    pipe, lora, render = render_setup
+    plain = tmp_path / "plain"
+    render(plain, [])
+    state = {k: v.clone() for k, v in pipe.base.unet.state_dict().items()}
+    styled = tmp_path / "styled"
+    summary = render(styled, [{"path": str(lora), "scale": 0.8}])
+    assert summary.loras == [{"path": str(lora), "scale": 0.8, "sha256": lora_fingerprint(lora)}]
+    for a, b in zip(panel_pixels(plain), panel_pixels(styled)):
+        assert not np.array_equal(a, b)
+    # gone after the render: the pipeline is exactly what it was
+    assert not any(pipe.base.get_list_adapters().values())
+    after = pipe.base.unet.state_dict()
+    assert after.keys() == state.keys() and all(torch.equal(after[k], v) for k, v in state.items())
+    # scale 0 is no LoRA: the same panels, not even redrawn
+    zero = render(plain, [{"path": str(lora), "scale": 0.0}])
+    assert zero.panels_rendered == [] and zero.loras == []
+    # the same story again draws nothing; a new scale or new bytes redraw every panel
+    assert render(styled, [{"path": str(lora), "scale": 0.8}]).panels_rendered == []
+    before = storykit.snapshot(styled)
+    assert render(styled, [{"path": str(lora), "scale": 0.5}]).panels_rendered == [1, 2]
+    assert storykit.snapshot(styled) != before
+    make_lora(pipe.base, lora.parent, name="ink.safetensors", seed=2)
+    assert render(styled, [{"path": str(lora), "scale": 0.5}]).panels_rendered == [1, 2]
+
+
+def test_a_lora_for_another_base_stops_the_render_in_one_line(tmp_path, render_setup):
+    pipe, _, render = render_setup
+    xl = make_lora(tiny.tiny_sdxl_pipeline(), tmp_path / "xl", name="xl_ink.safetensors")
+    with pytest.raises(ModelError, match=r"style.loras: LoRA .*xl_ink.safetensors does not fit") as caught:
+        render(tmp_path / "out", [{"path": str(xl)}])
+    assert "\n" not in str(caught.value)
+    assert not any(pipe.base.get_list_adapters().values())
+    with pytest.raises(InputError, match=r"style.loras\[0\]: LoRA .* not in the Hugging Face cache"):
+        render(tmp_path / "out", [{"path": "nobody/no-such-lora"}])
