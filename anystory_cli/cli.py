@@ -8,6 +8,7 @@ unexpected exception prints a short line and a hint to rerun with --debug for th
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -218,6 +219,28 @@ def _check_name(value: str) -> str:
     return value
 
 
+def _device_option():
+    return typer.Option(None, "--device", help="Where to run: auto (cuda, then mps, then cpu), cpu, cuda, "
+                        "cuda:N or mps (default: $ANYSTORY_DEVICE, else auto).")
+
+
+def _dtype_option():
+    return typer.Option(None, "--dtype", help="Precision: auto (bfloat16 on cuda, float32 elsewhere), "
+                        "float32, bfloat16 or float16 (default: $ANYSTORY_DTYPE, else auto).")
+
+
+def _offload_option():
+    return typer.Option(False, "--offload", help="Model CPU offload for small GPUs: each model on the GPU "
+                        "only while it runs (CUDA only; also ANYSTORY_OFFLOAD=1).")
+
+
+def _runtime(device: Optional[str], dtype: Optional[str], offload: bool):
+    """The devices.Runtime the options ask for (the environment fills in what they leave out)."""
+    from .devices import resolve_runtime
+
+    return resolve_runtime(device, dtype, True if offload else None)
+
+
 @app.command("encode-character")
 def encode_character(
     image: Path = typer.Argument(..., help="Reference image; its alpha channel is the mask.",
@@ -229,19 +252,36 @@ def encode_character(
                                          "$ANYSTORY_CACHE, else ~/.cache/anystory)."),
     card: Optional[Path] = typer.Option(None, "--card", help="Where to write the character card "
                                         "(default: NAME-card.png here)."),
+    device: Optional[str] = _device_option(),
+    dtype: Optional[str] = _dtype_option(),
+    offload: bool = _offload_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
     """Encode a character once (QFormer + ReferenceNet) into the cache; write its card."""
-    with _guarded():
+    with _guarded(as_json):
         from .characters import encode_character_file
 
+        runtime = _runtime(device, dtype, offload)
+        factory = PIPELINE_FACTORY
+        if factory is None:
+            from .model_loading import load_pipeline
+
+            factory = functools.partial(load_pipeline, runtime=runtime)
         _quiet_libraries()
         result = encode_character_file(
             image, name, mask_path=mask, model=model, cache_dir=cache,
-            card_path=card or Path(f"{name}-card.png"), pipeline_factory=PIPELINE_FACTORY,
+            card_path=card or Path(f"{name}-card.png"), pipeline_factory=factory,
         )
+        state = "already cached" if result.hit else ("re-encoded" if result.rebuilt else "encoded")
+        if as_json:
+            typer.echo(json.dumps({
+                "ok": True, "name": name, "state": state, "cache_path": str(result.cache_path),
+                "card_path": None if result.card_path is None else str(result.card_path),
+                "model_id": result.model_id, "runtime": runtime.to_dict(), "warnings": result.warnings,
+            }, indent=2))
+            return
         for warning in result.warnings:
             _print_warning(warning)
-        state = "already cached" if result.hit else ("re-encoded" if result.rebuilt else "encoded")
         typer.echo(f"{name}: {state} -> {result.cache_path}")
         typer.echo(f"card: {result.card_path}")
 
@@ -380,6 +420,9 @@ def render(
     save_routing: bool = typer.Option(False, "--save-routing", help="Write each panel's routing "
                                       "maps (.npy) and an overlay (.png) next to it."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Character cache folder."),
+    device: Optional[str] = _device_option(),
+    dtype: Optional[str] = _dtype_option(),
+    offload: bool = _offload_option(),
 ) -> None:
     """Draw the panels, compose the pages, write PNG pages, a PDF and a CBZ.
 
@@ -394,11 +437,13 @@ def render(
     with _guarded(as_json, extra=lambda: {"stories": [s.to_dict() for s in summaries]}):
         from .render import Interrupted, memoize_factory, render_story, stop_on_signals
 
+        runtime = _runtime(device, dtype, offload)
         fingerprint = MODEL_FINGERPRINT
         if PIPELINE_FACTORY is None:
             from .model_loading import load_pipeline, model_fingerprint
 
-            factory, fingerprint = memoize_factory(load_pipeline), model_fingerprint
+            factory = memoize_factory(functools.partial(load_pipeline, runtime=runtime))
+            fingerprint = model_fingerprint
         else:
             factory = memoize_factory(PIPELINE_FACTORY)
         _quiet_libraries()
@@ -413,6 +458,7 @@ def render(
                         story, folder, pages=page_numbers, panels=panel_numbers, seed=seed,
                         steps=steps, save_routing=save_routing, pipeline_factory=factory,
                         model_fingerprint=fingerprint, cache_dir=cache, progress=reporter,
+                        runtime=runtime,
                     ))
         except Interrupted as stopped:
             if stopped.summary is not None:

@@ -3,7 +3,8 @@
 Each setting comes from, in order: the command-line option, its environment variable, the
 automatic choice.
 
-    ANYSTORY_DEVICE   auto | cpu | cuda | cuda:1 | mps     auto: cuda, then mps, then cpu
+    ANYSTORY_DEVICE   auto | cpu | cuda | cuda:1 | mps     auto: cuda, then mps, then cpu (under
+                                                            torchrun, each process its LOCAL_RANK's GPU)
     ANYSTORY_DTYPE    auto | float32 | bfloat16 | float16   auto: bfloat16 on cuda, float32 elsewhere
     ANYSTORY_OFFLOAD  0 | 1                                 model CPU offload (CUDA only)
 
@@ -65,6 +66,9 @@ def resolve_runtime(device: str | None = None, dtype: str | None = None, offload
     where = "--device" if device is not None else DEVICE_ENV
     if wanted.lower() == AUTO:
         chosen = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+        local_rank = os.environ.get("LOCAL_RANK", "")
+        if chosen == "cuda" and local_rank.isdigit() and torch.cuda.device_count() > 1:
+            chosen = f"cuda:{int(local_rank) % torch.cuda.device_count()}"  # torchrun: one GPU each
     else:
         try:
             chosen = str(torch.device(wanted))

@@ -77,3 +77,87 @@ def test_a_bad_environment_value_names_the_variable(monkeypatch):
     monkeypatch.setenv(OFFLOAD_ENV, "maybe")
     with pytest.raises(InputError, match=OFFLOAD_ENV):
         resolve_runtime()
+
+
+def test_torchrun_processes_take_one_gpu_each(monkeypatch):
+    gpu(monkeypatch, cuda=True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_runtime().device == "cuda:1"  # two GPUs here
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands
+
+
+@pytest.fixture(scope="module")
+def seam(tiny_story_pipeline, tmp_path_factory):
+    import storykit
+    from anystory_cli import cli
+
+    factory = storykit.TinyFactory(tiny_story_pipeline)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli, "PIPELINE_FACTORY", factory)
+        patch.setattr(cli, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
+        patch.setenv("ANYSTORY_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield factory
+
+
+def invoke(*args):
+    from typer.testing import CliRunner
+
+    from anystory_cli import cli
+
+    return CliRunner().invoke(cli.app, [str(a) for a in args])
+
+
+def test_render_json_says_where_it_ran_and_the_precision_keys_the_panels(seam, tmp_path):
+    import json
+
+    import storykit
+
+    story = storykit.write_story(tmp_path / "story", [{"prompt": "a hill"}])
+    out = tmp_path / "out"
+    first = invoke("render", story, "--out", out, "--json", "--device", "cpu")
+    assert first.exit_code == 0, first.stderr
+    summary = json.loads(first.stdout)["stories"][0]
+    assert summary["runtime"] == {"device": "cpu", "dtype": "float32", "offload": False}
+    assert summary["panels_rendered"] == [1]
+    again = json.loads(invoke("render", story, "--out", out, "--json", "--device", "cpu").stdout)["stories"][0]
+    assert again["panels_rendered"] == []
+    bf16 = json.loads(invoke("render", story, "--out", out, "--json", "--device", "cpu", "--dtype", "bf16")
+                      .stdout)["stories"][0]
+    assert bf16["runtime"]["dtype"] == "bfloat16" and bf16["panels_rendered"] == [1]
+
+
+def test_offload_without_cuda_is_one_line_and_rc_1(seam, tmp_path, monkeypatch):
+    import storykit
+
+    gpu(monkeypatch, cuda=False)
+    story = storykit.write_story(tmp_path / "story", [{"prompt": "a hill"}])
+    for args in (("render", story, "--out", tmp_path / "out", "--offload"),
+                 ("encode-character", tiny_sprite(tmp_path), "--name", "mira", "--offload"),
+                 ("render", story, "--out", tmp_path / "out", "--device", "cuda")):
+        result = invoke(*args)
+        assert result.exit_code == 1, result.stdout
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_encode_character_json_reports_the_runtime(seam, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    result = invoke("encode-character", tiny_sprite(tmp_path), "--name", "mira", "--json", "--dtype", "float32")
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["runtime"] == {"device": "cpu", "dtype": "float32", "offload": False}
+    assert data["state"] in ("encoded", "already cached") and data["name"] == "mira"
+
+
+def tiny_sprite(folder):
+    import tiny
+
+    path = folder / "mira.png"
+    tiny.sprite().save(path)
+    return path
