@@ -128,11 +128,15 @@ class StyleLoras:
     The adapters that are active when it is made are the model's own: they stay active (at
     weight 1) whatever style LoRAs come and go."""
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, own: Sequence[str] | None = None, on_change=None):
+        """`own`: the model's adapters kept on beside the styles (default: those active now);
+        `on_change()`: called after every change of the style LoRAs (a pipeline that switches
+        adapters per stream sets its own state there)."""
         self.pipe = pipe
         if not hasattr(pipe, "load_lora_weights"):
             raise ModelError(f"{type(pipe).__name__} cannot take LoRAs (it has no load_lora_weights)")
-        self.own = list(self._active())
+        self.own = list(self._active()) if own is None else list(own)
+        self.on_change = on_change
         self.loaded: dict[str, float] = {}  # adapter name -> weight, in load order
         self.warn = lambda message: warnings.warn(message, stacklevel=3)  # the CLI shows them its way
 
@@ -183,11 +187,13 @@ class StyleLoras:
                     self.pipe.load_lora_weights(source, adapter_name=name, **kwargs)
         except (ValueError, RuntimeError, KeyError, OSError, TypeError, AttributeError) as exc:
             self._forget(name)
+            self._activate()
             raise ModelError(f"LoRA {where} does not fit this model ({_first_line(exc)}); "
                              f"is it for another base model?") from None
         landed = self.landed(name)
         if landed == 0 or landed < expected:
             self._forget(name)
+            self._activate()
             raise ModelError(f"LoRA {where} does not fit this model: {landed} of its {expected} layers "
                              f"found a place; is it for another base model?")
         if skip_text:
@@ -237,6 +243,8 @@ class StyleLoras:
         if names:
             with _quiet():
                 self.pipe.set_adapters(names, [1.0] * len(self.own) + list(self.loaded.values()))
+        if self.on_change is not None:
+            self.on_change()
 
     def delete(self, names: Sequence[str] | None = None) -> None:
         """Remove style LoRAs (all of them by default); the model's own adapters stay active.
@@ -285,6 +293,42 @@ def text_encoder_loras_supported() -> bool:
     except ImportError:
         return True
     return Version(version("peft")) >= Version(MIN_PEFT_VERSION)
+
+
+class StyleLoraMixin:
+    """diffusers' LoRA calls on an AnyStory pipeline, for style LoRAs (`self.style_loras`)."""
+
+    style_loras: StyleLoras
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
+                          **kwargs) -> str:
+        """Load a style LoRA (a .safetensors file, a folder holding one, a hub id, or a state dict)
+        under `adapter_name`, switched on at weight 1 beside the model's own adapters; returns its
+        name. A LoRA for another base model is a ModelError naming it."""
+        return self.style_loras.load(pretrained_model_name_or_path_or_dict, adapter_name, **kwargs)
+
+    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
+        """Weights of loaded style LoRAs (as diffusers' `set_adapters`: one float, or one per
+        name); the model's own adapters stay on."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        if isinstance(adapter_weights, (list, tuple)):
+            weights = list(adapter_weights)
+        else:
+            weights = [1.0 if adapter_weights is None else adapter_weights] * len(names)
+        if len(weights) != len(names):
+            raise InputError(f"{len(weights)} adapter weights for {len(names)} adapters")
+        self.style_loras.set_weights(dict(zip(names, weights)))
+
+    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
+        """Remove style LoRAs; the model's own adapters stay."""
+        self.style_loras.delete([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+
+    def unload_lora_weights(self) -> None:
+        """Remove every style LoRA; the model's own adapters stay."""
+        self.style_loras.delete()
+
+    def get_active_adapters(self) -> list[str]:
+        return self.style_loras._active()
 
 
 @contextlib.contextmanager

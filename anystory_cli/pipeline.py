@@ -24,7 +24,7 @@ from PIL import Image
 from .errors import InputError, ModelError
 from .figures import figure_of, paste_step
 from .guidance import guided_call_kwargs
-from .loras import StyleLoras
+from .loras import StyleLoraMixin, StyleLoras
 from .masks import prepare_reference
 from .models.adapter import AnyStoryAdapter, install
 from .models.attention import AnyStoryContext, InjectionInputs
@@ -43,7 +43,7 @@ class AnyStoryOutput:
     routing_layers: dict[str, torch.Tensor] | None = None  # layer -> (B, E, h, w), last step
 
 
-class AnyStoryPipeline:
+class AnyStoryPipeline(StyleLoraMixin):
     def __init__(self, base, image_encoder, adapter: AnyStoryAdapter, model_id: str | None = None):
         from transformers import CLIPImageProcessorPil
 
@@ -88,35 +88,6 @@ class AnyStoryPipeline:
         if self._style_loras is None:
             self._style_loras = StyleLoras(self.base)
         return self._style_loras
-
-    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None,
-                          **kwargs) -> str:
-        """Load a style LoRA (a .safetensors file, a folder holding one, a hub id, or a state dict)
-        into the base pipeline under `adapter_name`, switched on at weight 1 beside the model's own
-        adapters; returns its name. A LoRA for another base model is a ModelError naming it."""
-        return self.style_loras.load(pretrained_model_name_or_path_or_dict, adapter_name, **kwargs)
-
-    def set_adapters(self, adapter_names: str | Sequence[str], adapter_weights=None) -> None:
-        """Weights of loaded style LoRAs (as diffusers' `set_adapters`; a float or one per name);
-        the model's own adapters stay on."""
-        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        weights = adapter_weights if isinstance(adapter_weights, (list, tuple)) else \
-            [1.0 if adapter_weights is None else adapter_weights] * len(names)
-        if len(weights) != len(names):
-            raise InputError(f"{len(weights)} adapter weights for {len(names)} adapters")
-        self.style_loras.set_weights(dict(zip(names, weights)))
-
-    def delete_adapters(self, adapter_names: str | Sequence[str]) -> None:
-        """Remove style LoRAs; the model's own adapters stay."""
-        self.style_loras.delete([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
-
-    def unload_lora_weights(self) -> None:
-        """Remove every style LoRA; the model's own adapters stay."""
-        if self._style_loras is not None:
-            self._style_loras.delete()
-
-    def get_active_adapters(self) -> list[str]:
-        return self.style_loras._active()
 
     def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str | torch.device = "cuda") -> None:
         """Each of the base's models in CPU memory, on the GPU only while it runs (diffusers'

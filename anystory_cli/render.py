@@ -313,7 +313,7 @@ def _style_loras_on(pipeline, loras: Sequence[tuple[Path, float, str]], source: 
     styles = getattr(pipeline, "style_loras", None)
     if styles is None:
         raise ModelError(f"{source}: style.loras: this model ({type(pipeline).__name__}) does not take style "
-                         f"LoRAs; remove style.loras or use an SD 1.5 / SDXL model")
+                         f"LoRAs; remove style.loras")
     said = styles.warn
     styles.warn = lambda message: warn(f"{source}: {message}")
     try:

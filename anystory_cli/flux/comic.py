@@ -40,6 +40,10 @@ class FluxComicPipeline:
         self.model_id = model_id
         pipe.model_id = model_id
 
+    @property
+    def style_loras(self):
+        return self.pipe.style_loras
+
     def encode_character(self, image: Image.Image, mask=None, name: str = ""):
         """The character cut out as the released app does (square crop, subject on white) and
         encoded; its VAE sample is drawn from a generator seeded by the cut-out's pixels."""

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError, ModelError
+from ..loras import StyleLoraMixin, StyleLoras
 from . import CHARACTER_FORMAT
 from .folders import check_flux_folder, check_redux_folder, resolve_folder
 from .processors import (
@@ -127,7 +128,7 @@ def _step_window(window: Sequence[float], steps: int, what: str) -> range:
     return range(int(steps * start + 0.5), int(steps * end + 0.5))
 
 
-class AnyStoryFluxPipeline:
+class AnyStoryFluxPipeline(StyleLoraMixin):
     """The released AnyStory model on FLUX.1-dev + FLUX.1-Redux-dev."""
 
     def __init__(self, flux, image_encoder, redux_embedder, checkpoint: dict, adapter_path: Path,
@@ -400,6 +401,24 @@ class AnyStoryFluxPipeline:
             output.routing_maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
         return output
 
+    @property
+    def style_loras(self) -> StyleLoras:
+        """Style LoRAs on the transformer: on for the image and text streams, off for the
+        reference pass (which draws the character as it is); the model's own reference and router
+        LoRAs stay off outside their streams, as without a style."""
+        if getattr(self, "_style_loras", None) is None:
+            self._style_loras = StyleLoras(self.flux, own=[], on_change=self._main_stream_adapters)
+        return self._style_loras
+
+    def _main_stream_adapters(self) -> None:
+        """The adapters of the main (image + text) pass: the style LoRAs, or none."""
+        styles = self._style_loras.loaded if getattr(self, "_style_loras", None) is not None else {}
+        if styles:
+            self.transformer.enable_lora()
+            self.transformer.set_adapters(list(styles), list(styles.values()))
+        else:
+            self.transformer.disable_lora()
+
     def _reference_pass(self, characters, pooled, guidance_scale, reference_mask, reference_shift) -> ReferenceKV:
         """Each character's reference latent through the transformer alone (no text), at
         timestep 0, with the reference LoRA; records every block's keys and values."""
@@ -424,7 +443,7 @@ class AnyStoryFluxPipeline:
                 pooled_projections=pooled[:1].expand(count, -1), timestep=latents.new_zeros(count),
                 img_ids=ids, txt_ids=ids.new_zeros(0, 3), guidance=guidance, return_dict=False)
         finally:
-            transformer.disable_lora()
+            self._main_stream_adapters()
             self.slot.step = None
         # (N, H, L, D) per character -> (1, H, N*L, D), characters in order along the keys.
         capture.kv = {name: tuple(t.transpose(0, 1).flatten(1, 2).unsqueeze(0) for t in kv)
