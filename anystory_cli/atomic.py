@@ -37,7 +37,7 @@ def atomic_path(target: str | Path, within: str | Path | None = None):
         fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
         os.close(fd)
     except OSError as exc:
-        raise OutputError(f"{target.parent}: cannot write here ({_reason(exc)})") from None
+        raise OutputError(f"{target.parent}: cannot write here ({os_error_reason(exc)})") from None
     try:
         yield Path(tmp)
         with open(tmp, "rb+") as handle:
@@ -45,14 +45,14 @@ def atomic_path(target: str | Path, within: str | Path | None = None):
         os.chmod(tmp, _mode_for(target))  # mkstemp makes the file private (0600)
         os.replace(tmp, target)
     except OSError as exc:
-        raise OutputError(f"{target}: write failed ({_reason(exc)}); the previous file is intact") from None
+        raise OutputError(f"{target}: write failed ({os_error_reason(exc)}); the previous file is intact") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
 
 
-def _reason(exc: OSError) -> str:
-    """The OS's words, and what to do when they do not say it (a full disk); train.py uses it."""
+def os_error_reason(exc: OSError) -> str:
+    """The OS's words, and what to do when they do not say it (a full disk); training uses it."""
     words = exc.strerror or str(exc) or type(exc).__name__
     return f"{words}: the disk is full; free some space and run again" if exc.errno in _DISK_FULL else words
 

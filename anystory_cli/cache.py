@@ -161,7 +161,7 @@ def _parse(data: bytes, key: str, model_id: str):
     from safetensors import SafetensorError
     from safetensors.torch import load as load_tensors
 
-    from .weights import ENCODING_FORMAT, CharacterEncoding
+    from .sd.weights import ENCODING_FORMAT, CharacterEncoding
 
     try:
         # safetensors: 8-byte little-endian header length, a JSON header, then the tensor bytes.

@@ -1,5 +1,5 @@
 """Typed errors. Library code raises these with a message that says what was wrong, where, and
-what was expected; only cli.py turns them into one line on stderr and an exit code."""
+what was expected; only the `cli` package turns them into one line on stderr and an exit code."""
 
 
 class AnyStoryError(Exception):

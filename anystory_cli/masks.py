@@ -189,7 +189,7 @@ def rembg_mask(image: Image.Image) -> np.ndarray:
     return np.asarray(mask.convert("L")) >= 128
 
 
-def _mask_array(mask, image_size: tuple[int, int]) -> np.ndarray:
+def mask_array(mask, image_size: tuple[int, int]) -> np.ndarray:
     if isinstance(mask, Image.Image):
         if mask.size != image_size:
             raise InputError(f"mask is {mask.width}x{mask.height} but the image is "
@@ -223,7 +223,7 @@ def character_mask(image: Image.Image, mask=None) -> np.ndarray:
     """Where the character is, (H, W) bool: `mask` (PIL image or 2-D array of the image's size),
     else the image's alpha channel, else rembg (only with its model already on disk)."""
     if mask is not None:
-        return _mask_array(mask, image.size)
+        return mask_array(mask, image.size)
     _, alpha = split_alpha(image)
     return alpha >= 128 if alpha is not None else rembg_mask(image)
 

@@ -1,7 +1,7 @@
 """From a story's `model:` value to an AnyStoryPipeline, offline.
 
 `model: default` is the embedded default model, shipped in `anystory_cli/assets/default/` (its
-small base models in the project's own compact files, see `world/base_models.py`, plus the
+small base models in the project's own compact files, see `default_model.py`, plus the
 adapter). Any other value is a local model folder with this layout::
 
     my-model/
@@ -44,7 +44,7 @@ _CHUNK_BYTES = 1 << 20
 
 
 # The embedded default keeps its small models as <name>.safetensors + <name>.json (fp16, built
-# by `world/base_models.py`, the same classes a diffusers folder would give) beside its adapter.
+# by `default_model.py`, the same classes a diffusers folder would give) beside its adapter.
 DEFAULT_PIECES = ("vae.safetensors", "text_encoder.safetensors", "image_encoder.safetensors",
                   "unet.safetensors", "tokenizer_words.json", ADAPTER_FILE)
 
@@ -209,13 +209,13 @@ def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
     dtype = runtime.torch_dtype
     with _library_progress_bars_off():
         if folder == DEFAULT_MODEL_DIR:
-            from .world.base_models import load_default_base
+            from .default_model import load_default_base
 
             base, encoder = load_default_base(folder, dtype)
         else:
             base = _load_base(folder, dtype)
             encoder = _load_image_encoder(folder / IMAGE_ENCODER_DIR, dtype)
-    from .pipeline import AnyStoryPipeline
+    from .sd.pipeline import AnyStoryPipeline
 
     try:
         if not runtime.offload:

@@ -50,10 +50,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from anystory_cli.errors import StoryError
-from anystory_cli.figures import DEFAULT_PASTE_AT
+from anystory_cli.sd.figures import DEFAULT_PASTE_AT
 from anystory_cli.fonts import is_font_file_entry
-from anystory_cli.guidance import DEFAULT_INTERVAL as DEFAULT_GUIDANCE_INTERVAL
-from anystory_cli.guidance import inside_schedule
+from anystory_cli.sd.guidance import DEFAULT_INTERVAL as DEFAULT_GUIDANCE_INTERVAL
+from anystory_cli.sd.guidance import inside_schedule
 from anystory_cli.layout import LAYOUT_TEMPLATES, mm_to_px, page_size_px
 from anystory_cli.loras import looks_like_hub_id
 from anystory_cli.masks import ImageFileError, load_image

@@ -135,7 +135,7 @@ TINY_ADAPTER_OPTIONS = dict(
 
 
 def tiny_adapter(unet, image_encoder, seed: int = 0, **options):
-    from anystory_cli.models.adapter import AnyStoryAdapter
+    from anystory_cli.sd.adapter import AnyStoryAdapter
 
     torch.manual_seed(seed)
     return AnyStoryAdapter.from_unet(unet, image_encoder.config.hidden_size, **{**TINY_ADAPTER_OPTIONS, **options})
@@ -158,7 +158,7 @@ def sprite(color=(220, 40, 40), size=48, seed=0):
 
 def tiny_story_pipeline(base=None):
     """A tiny real AnyStoryPipeline over `base` (default: the SD-1.5-shaped tiny pipeline)."""
-    from anystory_cli.pipeline import AnyStoryPipeline
+    from anystory_cli.sd.pipeline import AnyStoryPipeline
 
     base = base if base is not None else tiny_sd_pipeline()
     encoder = tiny_image_encoder()

@@ -11,7 +11,8 @@ import time
 
 import torch
 
-from anystory_cli.world.base_models import (
+from anystory_cli.lab.world import vocabulary
+from anystory_cli.default_model import (
     TextConfig, UNetConfig, VaeConfig, VisionConfig, build_clip, build_tokenizer, build_unet, build_vae,
 )
 
@@ -61,7 +62,7 @@ def unet(batch: int = 32):
 
 
 def clip(batch: int = 64):
-    tokenizer = build_tokenizer()
+    tokenizer = build_tokenizer(vocabulary())
     ids = torch.randint(0, len(tokenizer) - 2, (batch, 40))
     images = torch.randn(batch, 3, 64, 64)
     for hidden, layers in [(128, 4), (192, 6)]:

@@ -49,7 +49,7 @@ def write_model(folder: Path) -> None:
     from transformers import CLIPTextModel
 
     from anystory_cli import testing as tiny
-    from anystory_cli.weights import save_adapter
+    from anystory_cli.sd.weights import save_adapter
 
     from diffusers.utils import logging as diffusers_logging
 
@@ -115,7 +115,8 @@ LOAD_SCRIPT = """
 import json, sys, time
 start = time.perf_counter()
 import torch, diffusers, transformers
-from anystory_cli import pipeline, model_loading
+from anystory_cli import model_loading
+from anystory_cli.sd import pipeline
 imported = time.perf_counter()
 model_loading.load_pipeline(sys.argv[1])
 first = time.perf_counter()

@@ -10,9 +10,9 @@ rendered scenes: trained on 300 scenes of training identities, tested on 100 of 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from anystory_cli.world.base_models import DEFAULT_ASSETS, load_default_base
-from anystory_cli.world.identity import identity_from_seed
-from anystory_cli.world.scenes import sample_scene
+from anystory_cli.default_model import DEFAULT_ASSETS, load_default_base
+from anystory_cli.lab.world.identity import identity_from_seed
+from anystory_cli.lab.world.scenes import sample_scene
 
 
 

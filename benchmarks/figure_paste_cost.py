@@ -9,7 +9,7 @@ The paste encodes one canvas with the VAE per panel and blends the latents once.
 
 from __future__ import annotations
 
-from anystory_cli.figures import DEFAULT_PASTE_AT
+from anystory_cli.sd.figures import DEFAULT_PASTE_AT
 from anystory_cli.plan import figure_boxes
 from reference_guidance_cost import REGIONS, compare_options
 

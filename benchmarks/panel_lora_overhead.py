@@ -4,7 +4,7 @@ with its panel LoRA (as stories do) and with it switched off, alternating, in on
     python benchmarks/panel_lora_overhead.py [--runs 3] [--threads 2]     # prints JSON
 
 The LoRA is merged into a copy of the layers it adapts when the model loads, and a UNet call on
-non-square latents swaps those weights in (base_models.load_panel_lora): no LoRA layer runs at
+non-square latents swaps those weights in (default_model.load_panel_lora): no LoRA layer runs at
 sampling time, so the ratio should be 1 (measured: 2.66 s for two panels either way). Running PEFT's
 LoRA layers at every step of a wide panel instead costs x1.45, hence the merged copy.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from anystory_cli.world.base_models import load_default_base
+from anystory_cli.default_model import load_default_base
 from side_by_side import alternate, parse_args, print_ratio
 
 CAPTIONS = ["three characters in a forest during the day , the left one is standing , the middle one is waving ,"

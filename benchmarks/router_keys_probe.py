@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from anystory_cli.evaluate import noised_routing_maps
+from anystory_cli.lab.evaluate import noised_routing_maps
 from anystory_cli.model_loading import load_pipeline
-from anystory_cli.models import router as router_module
-from anystory_cli.models.router import MASKED, LayerRouter
-from anystory_cli.world.scenes import reference_image, sample_scene
+from anystory_cli.sd import router as router_module
+from anystory_cli.sd.router import MASKED, LayerRouter
+from anystory_cli.lab.world.scenes import reference_image, sample_scene
 
 SIDE, TIMESTEPS, ENTRIES = 16, [20, 100, 300], 5  # 4 characters at most, then the background
 SPLITS = {"train": (600, 1000), "heldout": (150, 5000)}  # scenes, first scene seed

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from anystory_cli.evaluate import noised_routing_maps, routing_eval_scenes
+from anystory_cli.lab.evaluate import noised_routing_maps, routing_eval_scenes
 from anystory_cli.model_loading import load_pipeline
-from anystory_cli.world.scenes import reference_image
+from anystory_cli.lab.world.scenes import reference_image
 
 SCENES, TIMESTEPS, SIDE = 12, [100, 20], 16
 

@@ -26,7 +26,7 @@ import time
 import torch
 
 from anystory_cli import testing as tiny
-from anystory_cli.pipeline import AnyStoryPipeline
+from anystory_cli.sd.pipeline import AnyStoryPipeline
 
 LATENT = 64  # 512x512 images through a factor-8 VAE
 REFERENCE = 256  # references at half the target size, as in the paper (512 vs 1024)

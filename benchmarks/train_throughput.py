@@ -34,11 +34,11 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from anystory_cli.recipe_files import read_recipe_yaml  # noqa: E402
-from anystory_cli.train import (Components, Encoders, SampleStream, _optimizer_step, freeze,  # noqa: E402
+from anystory_cli.train.recipe_files import read_recipe_yaml  # noqa: E402
+from anystory_cli.train.loop import (Components, Encoders, SampleStream, _optimizer_step, freeze,  # noqa: E402
                                 make_adapter, recipe_from_dict)
-from anystory_cli.world import base_models as B  # noqa: E402
-from anystory_cli.world.dataset import write_dataset  # noqa: E402
+from anystory_cli import default_model as B  # noqa: E402
+from anystory_cli.lab.world.dataset import write_dataset  # noqa: E402
 
 
 def default_architecture() -> Components:
@@ -87,7 +87,7 @@ class StageStep:
         from accelerate import Accelerator
         from diffusers import DDPMScheduler
 
-        from anystory_cli.models.adapter import install
+        from anystory_cli.sd.adapter import install
 
         options = read_recipe_yaml(ROOT / "recipes" / "world_stage1.yaml")["adapter_options"]
         self.recipe = recipe_from_dict(dict(stage=stage, data=str(data), output_dir=str(out), steps=10**6,

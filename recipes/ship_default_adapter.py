@@ -20,9 +20,9 @@ sys.path.insert(0, str(ROOT))
 
 from anystory_cli.masks import load_image  # noqa: E402
 from anystory_cli.model_loading import ADAPTER_FILE, DEFAULT_MODEL_DIR  # noqa: E402
-from anystory_cli.pipeline import AnyStoryPipeline  # noqa: E402
-from anystory_cli.weights import load_adapter, save_adapter  # noqa: E402
-from anystory_cli.world.base_models import load_default_base  # noqa: E402
+from anystory_cli.sd.pipeline import AnyStoryPipeline  # noqa: E402
+from anystory_cli.sd.weights import load_adapter, save_adapter  # noqa: E402
+from anystory_cli.default_model import load_default_base  # noqa: E402
 
 PROMPT = "two characters on a hill during the day , the left one is waving , the right one is standing"
 MAX_MEAN_LEVELS = 2.0  # mean |fp32 - fp16| over the panel, in 0..255 levels

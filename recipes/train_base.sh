@@ -13,7 +13,7 @@ mkdir -p runs
 for model in "$@"; do
   wait_flag=""
   [ "$model" = unet ] && wait_flag="--wait"
-  nohup nice -n 10 python -m anystory_cli.world.train_base $wait_flag "recipes/base_${model}.yaml" \
+  nohup nice -n 10 python -m anystory_cli.lab.train_base $wait_flag "recipes/base_${model}.yaml" \
     >> "runs/base_${model}.out" 2>&1 &
   echo $! > "runs/base_${model}.pid"
   echo "base_${model}: pid $!, log runs/base_${model}.out"

@@ -71,7 +71,7 @@ def train_base_unet(clock: Clock, until: float, after_probe, smoke: bool) -> int
     """The shapes recipe: a probe of PROBE_STEPS (it renders the scene pools on every core first),
     then the steps that fit before `until` (seconds on the clock), as one cosine schedule that the
     second call resumes. Returns the recipe's step count."""
-    from anystory_cli.world import train_base as tb
+    from anystory_cli.lab import train_base as tb
 
     recipe, base = tb.load_recipe(ROOT / "recipes" / "base_unet_shapes.yaml")
     recipe = recipe.model_copy(update={"render_workers": CORES - 1, **(SMOKE["base"] if smoke else {})})
@@ -95,7 +95,7 @@ def start_datasets(smoke: bool) -> list[subprocess.Popen]:
     procs = []
     for stage, (count, folder) in DATASETS.items():
         count = SMOKE["counts"][stage] if smoke else count
-        code = ("from anystory_cli.world.dataset import write_dataset; "
+        code = ("from anystory_cli.lab.world.dataset import write_dataset; "
                 f"write_dataset({str(ROOT / folder)!r}, {stage}, {count}, workers={workers})")
         procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT))
     return procs

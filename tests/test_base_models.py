@@ -11,9 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from anystory_cli.errors import InputError
-from anystory_cli.world import base_models as bm
-from anystory_cli.world import vocabulary
-from anystory_cli.world.train_base import load_recipe, parse_recipe, train
+from anystory_cli import default_model as bm
+from anystory_cli.lab.world import vocabulary
+from anystory_cli.lab.train_base import load_recipe, parse_recipe, train
 
 TINY_VAE = {"block_out_channels": [8, 16], "latent_channels": 4, "norm_num_groups": 4, "sample_size": 64}
 TINY_TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
@@ -40,7 +40,7 @@ TINY_RECIPES = {
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return bm.build_tokenizer()
+    return bm.build_tokenizer(vocabulary())
 
 
 def test_every_world_word_is_one_token_and_round_trips(tokenizer):
@@ -101,7 +101,7 @@ def test_assets_round_trip_to_the_same_pipeline(tokenizer, tmp_path):
     for name, module, config in [("vae", parts["vae"], vae_config), ("text_encoder", parts["text_encoder"], text_config),
                                  ("unet", parts["unet"], unet_config), ("image_encoder", image_encoder, image_config)]:
         bm.save_asset(name, module, config, tmp_path, dtype=torch.float32)
-    bm.write_vocab(tmp_path)
+    bm.write_vocab(vocabulary(), tmp_path)
     pipe, loaded_encoder = bm.load_default_base(tmp_path)
     kwargs = dict(prompt="one character on grass", num_inference_steps=2, output_type="np")
     expected = bm.assemble_pipeline(**parts)(generator=torch.Generator().manual_seed(1), **kwargs).images
@@ -198,7 +198,7 @@ def test_finished_run_publishes_loadable_assets(trained_inputs):
 
 
 def test_a_continuation_recipe_starts_from_the_published_unet_and_trains_other_shapes(tmp_path, trained_inputs):
-    from anystory_cli.world.train_base import RunPaths, UNetTask
+    from anystory_cli.lab.train_base import RunPaths, UNetTask
 
     shutil.copytree(trained_inputs, tmp_path / "assets")
     first, base = _write_recipe(tmp_path, "unet")
@@ -307,9 +307,9 @@ def test_anystory_pipeline_wraps_the_base_model(tokenizer):
     a CLIPVisionModel of width 16, no attention at the UNet's finest level."""
     from PIL import Image
 
-    from anystory_cli.models.adapter import AnyStoryAdapter
-    from anystory_cli.pipeline import AnyStoryPipeline
-    from anystory_cli.world import reference_image, train_identity_seeds
+    from anystory_cli.sd.adapter import AnyStoryAdapter
+    from anystory_cli.sd.pipeline import AnyStoryPipeline
+    from anystory_cli.lab.world import reference_image, train_identity_seeds
 
     parts, _ = _tiny_components(tokenizer)
     parts["vae"] = bm.build_vae(bm.VaeConfig(block_out_channels=(8, 16, 16), latent_channels=8, norm_num_groups=4))
@@ -332,9 +332,9 @@ def test_anystory_draws_squares_without_the_panel_lora_and_other_shapes_with_it(
     square panel is the plain UNet's, a wide one is not."""
     from PIL import Image
 
-    from anystory_cli.models.adapter import AnyStoryAdapter
-    from anystory_cli.pipeline import AnyStoryPipeline
-    from anystory_cli.world import reference_image, train_identity_seeds
+    from anystory_cli.sd.adapter import AnyStoryAdapter
+    from anystory_cli.sd.pipeline import AnyStoryPipeline
+    from anystory_cli.lab.world import reference_image, train_identity_seeds
 
     parts, (vae_config, text_config, unet_config) = _tiny_components(tokenizer)
     adapter = AnyStoryAdapter.from_unet(parts["unet"], 16, image_size=64, reference_size=64, num_subject_tokens=4,
@@ -389,9 +389,9 @@ def test_shipped_base_assets_load_offline():
 
 
 def test_scene_pools_of_tall_shapes_fall_back_to_fewer_characters_and_squares_are_unchanged():
-    from anystory_cli.world import sample_scene
-    from anystory_cli.world.rng import WorldRng
-    from anystory_cli.world.train_base import scene_batch
+    from anystory_cli.lab.world import sample_scene
+    from anystory_cli.lab.world.rng import WorldRng
+    from anystory_cli.lab.train_base import scene_batch
 
     # four side by side almost never fit here, three only half the time: no error, other draws
     tall = scene_batch(WorldRng("test", 1), 24, (128, 64))
@@ -406,9 +406,9 @@ def test_scene_pools_of_tall_shapes_fall_back_to_fewer_characters_and_squares_ar
 
 @pytest.mark.parametrize("size", [32, (64, 32)])
 def test_scene_pools_rendered_by_several_processes_are_the_pools_one_process_renders(tmp_path, size):
-    from anystory_cli.world import sample_scene
-    from anystory_cli.world.rng import WorldRng
-    from anystory_cli.world.train_base import scene_pool
+    from anystory_cli.lab.world import sample_scene
+    from anystory_cli.lab.world.rng import WorldRng
+    from anystory_cli.lab.train_base import scene_pool
 
     one, captions = scene_pool(tmp_path / "one", 12, size, seed=3)
     many, many_captions = scene_pool(tmp_path / "many", 12, size, seed=3, workers=2)

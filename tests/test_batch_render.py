@@ -50,8 +50,8 @@ def test_many_stories_load_the_model_once_and_encode_a_shared_character_once(
         tiny_story_pipeline, tmp_path, monkeypatch):
     counting = CountingPipeline(tiny_story_pipeline)
     factory = storykit.TinyFactory(counting)
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", factory)
-    monkeypatch.setattr(cli, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", factory)
+    monkeypatch.setattr(cli.seams, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
     # Three story folders, each with its own copy of the same reference images.
     a = storykit.write_story(tmp_path / "a", [{"prompt": "mira", "characters": ["mira"]}], name="one.yaml")
     b = storykit.write_story(tmp_path / "b", [{"prompt": "mira and bolt", "characters": ["mira", "bolt"]}],
@@ -78,8 +78,8 @@ import storykit, tiny
 from anystory_cli import cli
 
 pipeline = tiny.tiny_story_pipeline()
-cli.PIPELINE_FACTORY = storykit.TinyFactory(pipeline)
-cli.MODEL_FINGERPRINT = storykit.tiny_fingerprint
+cli.seams.PIPELINE_FACTORY = storykit.TinyFactory(pipeline)
+cli.seams.MODEL_FINGERPRINT = storykit.tiny_fingerprint
 cli.app(sys.argv[1:], prog_name="anystory")
 """
 
@@ -146,7 +146,7 @@ class FakeRanks:
 def render_as(rank_object, story, out, tiny_story_pipeline, tmp_path, monkeypatch):
     from anystory_cli import render
 
-    monkeypatch.setattr(render._Ranks, "current", classmethod(lambda cls: rank_object))
+    monkeypatch.setattr(render.Ranks, "current", classmethod(lambda cls: rank_object))
     return render.render_story(story, out, pipeline_factory=storykit.TinyFactory(tiny_story_pipeline),
                                model_fingerprint=storykit.tiny_fingerprint, cache_dir=tmp_path / "cache")
 
@@ -179,11 +179,11 @@ def test_a_process_other_than_the_first_draws_its_share_and_composes_nothing(
 
 def test_world_size_without_a_launcher_is_one_clear_error(tmp_path, monkeypatch):
     from anystory_cli.errors import AnyStoryError
-    from anystory_cli.render import _Ranks
+    from anystory_cli.render import Ranks
 
     for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(AnyStoryError, match=r"WORLD_SIZE=2: cannot join the other processes \(.*\); start "
                                             r"them with torchrun --nproc-per-node N, or unset WORLD_SIZE"):
-        _Ranks.current()
+        Ranks.current()

@@ -15,7 +15,7 @@ from anystory_cli.cache import (
     reference_key,
 )
 from anystory_cli.errors import OutputError
-from anystory_cli.weights import CharacterEncoding
+from anystory_cli.sd.weights import CharacterEncoding
 
 MODEL = "model-a"
 

@@ -38,8 +38,8 @@ def seam(tiny_story_pipeline, tmp_path_factory):
     """The CLI's model seam holds the tiny pipeline; the cache lives in a temporary folder."""
     factory = storykit.TinyFactory(tiny_story_pipeline)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "PIPELINE_FACTORY", factory)
-        patch.setattr(cli, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
+        patch.setattr(cli.seams, "PIPELINE_FACTORY", factory)
+        patch.setattr(cli.seams, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
         patch.setenv("ANYSTORY_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield factory
 
@@ -145,7 +145,7 @@ def test_error_colour_only_on_a_terminal_without_no_color(monkeypatch):
             monkeypatch.setenv("NO_COLOR", no_color)
         else:
             monkeypatch.delenv("NO_COLOR", raising=False)
-        cli._print_error("panels[3]: bad\nthing")
+        cli.output.print_error("panels[3]: bad\nthing")
         text = stream.getvalue()
         assert ("\x1b[" in text) is coloured
         assert "error: panels[3]: bad thing" in text and text.count("\n") == 1
@@ -259,7 +259,7 @@ def test_an_unexpected_error_is_one_line_with_a_debug_hint(seam, tmp_path, monke
     def broken(model, story_dir):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", broken)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", broken)
     story = storykit.write_story(tmp_path / "s")
     result = invoke("render", str(story), "--out", str(tmp_path / "out"))
     assert result.exit_code == 1 and "Traceback" not in result.stderr
@@ -364,7 +364,7 @@ def test_bad_input_is_one_line_exit_1_and_earlier_output_is_kept(case, rendered,
     damage, expected = BAD_INPUT[case]
     damage(folder)
     if case == "missing model folder":
-        monkeypatch.setattr(cli, "PIPELINE_FACTORY", None)  # the real loader
+        monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", None)  # the real loader
     result = invoke("render", str(folder / "story.yaml"), "--out", str(out))
     assert result.exit_code == 1, (case, result.stdout, result.stderr)
     line = one_error_line(result)
@@ -392,7 +392,7 @@ def test_unwritable_output_folder(rendered, tmp_path):
 
 def test_default_model_not_shipped_says_how_to_point_at_a_folder(rendered, tmp_path, monkeypatch):
     story, out, before = rendered
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", None)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", None)
     monkeypatch.setattr(model_loading, "DEFAULT_MODEL_DIR", tmp_path / "empty")
     line = one_error_line(invoke("render", str(story / "story.yaml"), "--out", str(out)))
     assert "story.yaml: model: the embedded default model is not complete in this build" in line

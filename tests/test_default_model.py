@@ -37,7 +37,7 @@ MEAN_TOLERANCE, PIXEL_SHARE_TOLERANCE = 2.0, 0.02  # mean |diff| in levels; shar
 
 def _draw_base(prompts: list[str], height: int = 64, width: int = 64) -> np.ndarray:
     """uint8 images of `prompts` by the shipped base, as `load_default_base` assembles it."""
-    from anystory_cli.world.base_models import load_default_base
+    from anystory_cli.default_model import load_default_base
 
     torch.set_num_threads(1)
     pipe, _ = load_default_base()
@@ -51,7 +51,7 @@ def sample_base() -> np.ndarray:
 
 
 def sample_wide() -> np.ndarray:
-    """The base at 64x128, where its panel LoRA draws (base_models.load_panel_lora)."""
+    """The base at 64x128, where its panel LoRA draws (default_model.load_panel_lora)."""
     return _draw_base([PROMPTS[0]], height=64, width=128)[0]
 
 

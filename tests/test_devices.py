@@ -96,8 +96,8 @@ def seam(tiny_story_pipeline, tmp_path_factory):
 
     factory = storykit.TinyFactory(tiny_story_pipeline)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli, "PIPELINE_FACTORY", factory)
-        patch.setattr(cli, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
+        patch.setattr(cli.seams, "PIPELINE_FACTORY", factory)
+        patch.setattr(cli.seams, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
         patch.setenv("ANYSTORY_CACHE", str(tmp_path_factory.mktemp("cache")))
         yield factory
 

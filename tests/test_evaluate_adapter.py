@@ -1,5 +1,5 @@
 """The AnyStory evaluation on held-out identities (`evaluate_adapter` and its parts in
-anystory_cli/evaluate.py), the judge's identification (`Judge.character_log_probs`, `verdict_of`,
+anystory_cli/lab/evaluate.py), the judge's identification (`Judge.character_log_probs`, `verdict_of`,
 `identity_log_likelihood`), the pipeline's `route=` / `route_latents`, and
 `anystory evaluate adapter`."""
 
@@ -13,13 +13,13 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from anystory_cli import cli
-from anystory_cli import evaluate as ev
+from anystory_cli.lab import evaluate as ev
 from anystory_cli.errors import InputError
-from anystory_cli.judge import POSES, identity_log_likelihood, load_judge, verdict_of
+from anystory_cli.lab.judge import POSES, identity_log_likelihood, load_judge, verdict_of
 from anystory_cli.layout import CHARACTER_TOP, PLACEMENT_BOXES
 from anystory_cli.plan import figure_boxes
-from anystory_cli.world.identity import ATTRIBUTE_CLASSES, NOT_APPLICABLE, identity_from_seed, split_of
-from anystory_cli.world.scenes import reference_image, sample_scene
+from anystory_cli.lab.world.identity import ATTRIBUTE_CLASSES, NOT_APPLICABLE, identity_from_seed, split_of
+from anystory_cli.lab.world.scenes import reference_image, sample_scene
 
 RATES = ("identity", "blended", "found", "all_attributes")
 
@@ -290,7 +290,7 @@ def test_identity_log_likelihood_is_a_distribution_over_looks():
 
 
 def test_the_per_head_argmax_identity_is_the_most_likely_candidate():
-    from anystory_cli.world.identity import heldout_identity_seeds
+    from anystory_cli.lab.world.identity import heldout_identity_seeds
 
     seeds = heldout_identity_seeds(40)
     for target in seeds[:8]:
@@ -706,7 +706,7 @@ def _lines(output):
 
 
 def test_cli_evaluate_adapter_json_through_the_seam(pipe, monkeypatch):
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", lambda model, folder: pipe)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", lambda model, folder: pipe)
     result = CliRunner().invoke(cli.app, ["evaluate", "adapter", "--panels-per-count", "1", "--steps", "1",
                                           "--routing-scenes", "1", "--json"])
     assert result.exit_code == 0, result.output
@@ -719,7 +719,7 @@ def test_cli_evaluate_adapter_json_through_the_seam(pipe, monkeypatch):
 
 
 def test_cli_evaluate_adapter_records_the_strengths_and_refuses_out_of_range(pipe, monkeypatch):
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", lambda model, folder: pipe)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", lambda model, folder: pipe)
     args = ["evaluate", "adapter", "--panels-per-count", "1", "--steps", "1", "--routing-scenes", "1",
             "--variants", "anystory"]
     result = CliRunner().invoke(cli.app, [*args, "--subject-strength", "1.5", "--reference-strength", "2"])
@@ -734,7 +734,7 @@ def test_cli_evaluate_adapter_records_the_strengths_and_refuses_out_of_range(pip
 
 
 def test_cli_evaluate_adapter_prints_a_table_and_writes_the_report(pipe, monkeypatch, tmp_path):
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", lambda model, folder: pipe)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", lambda model, folder: pipe)
     result = CliRunner().invoke(cli.app, ["evaluate", "adapter", "--panels-per-count", "1", "--steps", "1",
                                           "--routing-scenes", "1", "--variants", "anystory,text_only",
                                           "--report", str(tmp_path / "report")])
@@ -750,7 +750,7 @@ def test_cli_evaluate_adapter_prints_a_table_and_writes_the_report(pipe, monkeyp
 
 
 def test_cli_evaluate_adapter_takes_a_panel_shape(pipe, monkeypatch):
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", lambda model, folder: pipe)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", lambda model, folder: pipe)
     args = ["evaluate", "adapter", "--panels-per-count", "1", "--steps", "1", "--routing-scenes", "1",
             "--variants", "anystory"]
     result = CliRunner().invoke(cli.app, [*args, "--shape", "64x128"])
@@ -770,7 +770,7 @@ def test_cli_evaluate_adapter_without_the_adapter_file_is_one_line(tmp_path):
 
 
 def test_cli_evaluate_adapter_with_an_unknown_variant_is_one_line(pipe, monkeypatch):
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", lambda model, folder: pipe)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", lambda model, folder: pipe)
     result = CliRunner().invoke(cli.app, ["evaluate", "adapter", "--variants", "bogus"])
     assert result.exit_code == 1
     assert "Traceback" not in result.output
@@ -789,7 +789,7 @@ def test_cli_evaluate_adapter_refuses_an_unwritable_report_folder_before_drawing
     from anystory_cli import cli
 
     drawn = []
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", lambda model, folder: drawn.append(model) or tiny_story_pipeline)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", lambda model, folder: drawn.append(model) or tiny_story_pipeline)
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     result = CliRunner().invoke(cli.app, ["evaluate", "adapter", "--panels-per-count", "1", "--steps", "1",

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from anystory_cli import cli
 from anystory_cli.errors import InputError
-from anystory_cli.evaluate import compare_adapter_runs, sign_test
+from anystory_cli.lab.evaluate import compare_adapter_runs, sign_test
 
 
 def run(rights: list[list[bool]], seed: int = 0, variant: str = "anystory", blended=None) -> dict:

@@ -25,7 +25,7 @@ import storykit
 from anystory_cli import cli
 from anystory_cli.cache import EncodingCache
 from anystory_cli.render import KEY_TEXT, render_story
-from anystory_cli.weights import CharacterEncoding
+from anystory_cli.sd.weights import CharacterEncoding
 
 runner = CliRunner()
 TESTS = Path(__file__).parent
@@ -39,8 +39,8 @@ def _one_torch_thread():
 @pytest.fixture
 def seam(tiny_story_pipeline, tmp_path, monkeypatch):
     factory = storykit.TinyFactory(tiny_story_pipeline)
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", factory)
-    monkeypatch.setattr(cli, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", factory)
+    monkeypatch.setattr(cli.seams, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
     monkeypatch.setenv("ANYSTORY_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("NO_COLOR", "1")
     return factory
@@ -103,7 +103,7 @@ def test_a_signal_stops_the_render_cleanly_and_a_rerun_finishes(seam, reference,
     story = storykit.write_story(tmp_path / "s")
     out = tmp_path / "out"
     interrupting = SignalOnPanel(tiny_story_pipeline, signum, panel=2)
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", storykit.TinyFactory(interrupting))
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", storykit.TinyFactory(interrupting))
     before = signal.getsignal(signum)
     result = invoke("render", str(story), "--out", str(out))
     stopped_after = time.perf_counter() - interrupting.sent_at
@@ -130,7 +130,7 @@ def test_a_signal_while_the_model_loads_stops_at_once(seam, tiny_story_pipeline,
         time.sleep(30)  # a big model: the signal must not wait for it
         return tiny_story_pipeline
 
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", slow_load)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", slow_load)
     story = storykit.write_story(tmp_path / "s")
     start = time.perf_counter()
     result = invoke("render", str(story), "--out", str(tmp_path / "out"))
@@ -144,7 +144,7 @@ def test_json_summary_of_an_interrupted_render(seam, tiny_story_pipeline, tmp_pa
 
     story = storykit.write_story(tmp_path / "s")
     interrupting = SignalOnPanel(tiny_story_pipeline, signal.SIGTERM, panel=3)
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", storykit.TinyFactory(interrupting))
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", storykit.TinyFactory(interrupting))
     result = invoke("render", str(story), "--out", str(tmp_path / "out"), "--json")
     assert result.exit_code == 143
     data = json.loads(result.stdout)
@@ -187,8 +187,8 @@ if sys.argv[1] == "wait":  # start when told to: two renders at once
     model = pipeline
 else:
     model = Hang()
-cli.PIPELINE_FACTORY = storykit.TinyFactory(model)
-cli.MODEL_FINGERPRINT = storykit.tiny_fingerprint
+cli.seams.PIPELINE_FACTORY = storykit.TinyFactory(model)
+cli.seams.MODEL_FINGERPRINT = storykit.tiny_fingerprint
 cli.app(sys.argv[2:], prog_name="anystory")
 """
 

@@ -9,9 +9,9 @@ import torch
 
 import tiny
 from anystory_cli.errors import InputError
-from anystory_cli.figures import compose_figures, figure_of, fit_in_box, paste_step
+from anystory_cli.sd.figures import compose_figures, figure_of, fit_in_box, paste_step
 from anystory_cli.plan import FIGURE_GROUND, FIGURE_HEIGHT, figure_boxes
-from anystory_cli.weights import CharacterEncoding
+from anystory_cli.sd.weights import CharacterEncoding
 
 STEPS = 4
 LEFT, RIGHT = (0.0, 0.2, 0.5, 1.0), (0.5, 0.2, 1.0, 1.0)
@@ -103,7 +103,7 @@ def test_the_paste_replaces_the_latents_inside_the_figures_once_noised_to_the_ne
     assert changed.any() and not changed[:, side // 2:].any(), "only inside the left figure"
     # inside, exactly the figures' latents noised to the next step by the scheduler
     canvas, _ = compose_figures([figure], [LEFT], 32, 32)
-    from anystory_cli.figures import encode_canvas
+    from anystory_cli.sd.figures import encode_canvas
 
     clean = encode_canvas(base.vae, canvas, "cpu", torch.float32)
     noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
@@ -173,7 +173,7 @@ def test_an_encoding_saved_before_figures_loads_and_a_paste_asks_to_encode_again
 def test_a_vae_that_must_run_in_fp32_encodes_the_canvas_in_fp32_and_stays_fp16():
     """SDXL's VAE overflows in fp16 (config.force_upcast): the canvas is encoded as diffusers
     decodes, in fp32, and the VAE is handed back in fp16."""
-    from anystory_cli.figures import encode_canvas
+    from anystory_cli.sd.figures import encode_canvas
 
     canvas = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
     vae = tiny.tiny_vae().eval().to(torch.float16)

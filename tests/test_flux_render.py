@@ -98,7 +98,7 @@ def test_style_resolution_sets_the_long_side_on_every_model():
     from types import SimpleNamespace
 
     from anystory_cli.flux.comic import FluxComicPipeline
-    from anystory_cli.render import _image_size
+    from anystory_cli.render.model import image_size as _image_size
 
     flux = FluxComicPipeline.__new__(FluxComicPipeline)
     assert _image_size(flux, (1.0, 1.0)) == (512, 512)  # the released app's size

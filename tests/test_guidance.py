@@ -1,4 +1,4 @@
-"""Classifier-free guidance in a limited interval of noise levels (`anystory_cli/guidance.py`), on
+"""Classifier-free guidance in a limited interval of noise levels (`anystory_cli/sd/guidance.py`), on
 tiny real diffusers pipelines: which steps are guided, and that the ends of the range reproduce
 the plain pipeline's two modes exactly (guided everywhere) or within float noise (nowhere)."""
 
@@ -10,7 +10,7 @@ import torch
 
 import tiny
 from anystory_cli.errors import InputError
-from anystory_cli.guidance import UNGUIDED_SCALE, check_interval, guided_call_kwargs
+from anystory_cli.sd.guidance import UNGUIDED_SCALE, check_interval, guided_call_kwargs
 
 STEPS = 4
 PROMPT = "a red blob on grass"

@@ -479,7 +479,7 @@ def test_every_accepted_name_is_a_plain_file_name_inside_the_folder(name):
 )
 def test_default_output_folder_stays_inside_out(stories, expected):
     # Path('...yaml').stem is '..': out/.. would be the current folder.
-    assert cli._out_dirs([Path(s) for s in stories], None) == [Path(e) for e in expected]
+    assert cli.rendering._out_dirs([Path(s) for s in stories], None) == [Path(e) for e in expected]
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,7 +522,7 @@ def test_cli_encode_character_refuses_an_animated_reference(here, monkeypatch):
     def no_model(*args):
         raise AssertionError("the model must not load for a bad image")
 
-    monkeypatch.setattr(cli, "PIPELINE_FACTORY", no_model)
+    monkeypatch.setattr(cli.seams, "PIPELINE_FACTORY", no_model)
     first, *rest = frames(RED, BLUE)
     write(here / "mira.gif", encoded(first, "GIF", save_all=True, append_images=rest))
     result = runner.invoke(cli.app, ["encode-character", "mira.gif", "--name", "mira"])

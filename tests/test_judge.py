@@ -1,4 +1,4 @@
-"""The independent judge (anystory_cli/judge.py), `evaluate_base` and `anystory evaluate base`."""
+"""The independent judge (anystory_cli/lab/judge.py), `evaluate_base` and `anystory evaluate base`."""
 
 import json
 import shutil
@@ -11,15 +11,15 @@ from typer.testing import CliRunner
 import tiny
 from anystory_cli import cli
 from anystory_cli.errors import InputError
-from anystory_cli.evaluate import base_eval_scenes, evaluate_base
-from anystory_cli.judge import (
+from anystory_cli.lab.evaluate import base_eval_scenes, evaluate_base
+from anystory_cli.lab.judge import (
     CHARACTER_HEADS, COUNTS, SCENE_HEADS, STRIDE, Judge, JudgeConfig, load_judge, load_recipe, locator_targets,
     make_batch,
     parse_recipe, pool_round_trip, position_words, render_pool, scene_truth, score_scene, squash, summarise,
     train_judge, vae_round_trip,
 )
-from anystory_cli.world import ATTRIBUTE_CLASSES, NOT_APPLICABLE, sample_scene, split_of
-from anystory_cli.world.base_models import DEFAULT_ASSETS
+from anystory_cli.lab.world import ATTRIBUTE_CLASSES, NOT_APPLICABLE, sample_scene, split_of
+from anystory_cli.default_model import DEFAULT_ASSETS
 
 TINY = JudgeConfig(scene_widths=(8, 8, 8, 8), crop_size=16, character_widths=(8, 8, 8))
 
@@ -197,14 +197,14 @@ def test_shipped_judge_reads_fresh_heldout_scenes(shipped_judge):
 
 
 def shipped_judge_path():
-    from anystory_cli.judge import JUDGE_ASSETS
+    from anystory_cli.lab.judge import JUDGE_ASSETS
 
     return JUDGE_ASSETS
 
 
 def scene_truth_like(pool, k, positions):
-    from anystory_cli.judge import SceneTruth
-    from anystory_cli.world import PLACES, POSES, PROPS, TIMES
+    from anystory_cli.lab.judge import SceneTruth
+    from anystory_cli.lab.world import PLACES, POSES, PROPS, TIMES
 
     count = int(pool.count[k])
     return SceneTruth(place=PLACES[pool.place[k]], time=TIMES[pool.time[k]], prop=PROPS[pool.prop[k]], count=count,
@@ -242,7 +242,7 @@ def test_evaluate_base_runs_end_to_end_on_a_tiny_pipeline(tiny_base, shipped_jud
 
 
 def test_cli_evaluate_base_json_through_the_seam(tiny_base, monkeypatch):
-    monkeypatch.setattr(cli, "BASE_PIPELINE_FACTORY", lambda assets: tiny_base)
+    monkeypatch.setattr(cli.seams, "BASE_PIPELINE_FACTORY", lambda assets: tiny_base)
     result = CliRunner().invoke(cli.app, ["evaluate", "base", "--samples", "2", "--steps", "1", "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)

@@ -13,11 +13,11 @@ from PIL import Image
 
 import tiny
 from anystory_cli.errors import InputError, ModelError
-from anystory_cli.models.adapter import install, module_key
-from anystory_cli.models.attention import AnyStoryContext, InjectionInputs
-from anystory_cli.models.reference_net import ReferenceNet, _strip_cross_attention
-from anystory_cli.pipeline import AnyStoryPipeline
-from anystory_cli.weights import CharacterEncoding, load_adapter, save_adapter
+from anystory_cli.sd.adapter import install, module_key
+from anystory_cli.sd.attention import AnyStoryContext, InjectionInputs
+from anystory_cli.sd.reference_net import ReferenceNet, _strip_cross_attention
+from anystory_cli.sd.pipeline import AnyStoryPipeline
+from anystory_cli.sd.weights import CharacterEncoding, load_adapter, save_adapter
 
 STEPS = 2
 
@@ -178,7 +178,7 @@ def test_dense_and_gathered_paths_agree(sd_pipe, sd_characters):
 
 
 def test_attention_with_lse_matches_sdpa_and_its_reference_form():
-    from anystory_cli.models.attention import _attention_with_lse_reference, attention_with_lse
+    from anystory_cli.sd.attention import _attention_with_lse_reference, attention_with_lse
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 3, 10, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
@@ -290,7 +290,7 @@ def test_routing_maps_are_per_layer_distributions_averaged_at_image_size(sd_pipe
 
 
 def test_router_hard_routes_and_fully_masked_rows_stay_finite():
-    from anystory_cli.models.router import MASKED, LayerRouter, hard_routes
+    from anystory_cli.sd.router import MASKED, LayerRouter, hard_routes
 
     torch.manual_seed(0)
     router = LayerRouter(routing_dim=8, latent_dim=6, hidden_dim=4)
@@ -314,7 +314,7 @@ def test_router_hard_routes_and_fully_masked_rows_stay_finite():
 def test_router_keys_see_exactly_context_layers_of_neighbourhood(context_layers):
     """The coarse map at a pixel depends on the tokens within `context_layers` grid steps of it
     (0: the paper's per-token projection), and on none further away."""
-    from anystory_cli.models.router import LayerRouter
+    from anystory_cli.sd.router import LayerRouter
 
     torch.manual_seed(0)
     router = LayerRouter(routing_dim=8, latent_dim=6, hidden_dim=4, context_layers=context_layers, context_dim=5)
@@ -330,7 +330,7 @@ def test_router_keys_see_exactly_context_layers_of_neighbourhood(context_layers)
 
 
 def test_router_with_context_layers_needs_the_grid_size():
-    from anystory_cli.models.router import LayerRouter
+    from anystory_cli.sd.router import LayerRouter
 
     router = LayerRouter(routing_dim=8, latent_dim=6, hidden_dim=4, context_layers=1)
     with pytest.raises(ValueError, match="grid size"):
@@ -344,7 +344,7 @@ def test_adapters_saved_before_router_context_load_with_the_paper_s_router(tmp_p
     per-token routers) reads as context_layers 0 with the same weight shapes."""
     import json
 
-    from anystory_cli.models.adapter import AnyStoryConfig
+    from anystory_cli.sd.adapter import AnyStoryConfig
 
     config = json.loads(AnyStoryConfig.for_unet(tiny.tiny_sd_pipeline().unet, 32).to_json())
     for key in ("router_context_layers", "router_context_dim"):
@@ -419,7 +419,7 @@ def test_four_characters_each_stay_in_their_own_column(sd_pipe, sd_characters):
 
 
 def test_training_path_reaches_router_and_qformers_not_the_frozen_unet():
-    from anystory_cli.models.router import routing_loss
+    from anystory_cli.sd.router import routing_loss
 
     base = tiny.tiny_sd_pipeline()
     encoder = tiny.tiny_image_encoder()

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from anystory_cli.figures import DEFAULT_PASTE_AT
+from anystory_cli.sd.figures import DEFAULT_PASTE_AT
 from anystory_cli.layout import CHARACTER_TOP, PLACEMENT_BOXES
 from anystory_cli.plan import (
     figure_boxes,

@@ -13,7 +13,7 @@ from PIL import Image
 
 import storykit
 import tiny
-from anystory_cli.characters import character_card, segment_sheet
+from anystory_cli.render.sheets import character_card, segment_sheet
 from anystory_cli.errors import InputError, ModelError, OutputError, StoryError
 from anystory_cli.plan import build_plan
 from anystory_cli.render import (
@@ -308,7 +308,7 @@ def test_a_text_only_character_mirrored_shares_its_sheet(tmp_path, factory):
 def test_a_new_way_of_drawing_sheets_redraws_their_characters_panels(tmp_path, factory, monkeypatch):
     """A text-only character's encoding follows how its sheet is drawn and cut out, so its panels'
     content keys do too: a new sheet version redraws them, and only them."""
-    import anystory_cli.render as render_module
+    import anystory_cli.render.characters as render_module
 
     (tmp_path / "s" / "characters").mkdir(parents=True)
     tiny.sprite(storykit.COLOURS["mira"]).save(tmp_path / "s" / "characters" / "mira.png")
@@ -327,7 +327,7 @@ def test_a_sheet_without_a_clear_background_is_not_pasted(tmp_path, factory, mon
     """When a sheet's character cannot be cut out, its central box stands for it: that box is
     encoded but not pasted into the panels (it would paste a block of background), then or later
     from the cache."""
-    import anystory_cli.render as render_module
+    import anystory_cli.render.characters as render_module
 
     box = np.zeros((32, 32), bool)
     box[4:30, 6:26] = True
@@ -398,7 +398,7 @@ def test_missing_model_folder_says_what_to_put_where(tmp_path):
 def test_a_local_model_folder_loads_offline_and_renders(tmp_path):
     """The documented layout: save_pretrained pipeline + image_encoder/ + adapter file."""
     from anystory_cli.model_loading import load_pipeline, model_fingerprint
-    from anystory_cli.weights import save_adapter
+    from anystory_cli.sd.weights import save_adapter
 
     folder = tmp_path / "models" / "mine"
     base, encoder = tiny.tiny_sd_pipeline(), tiny.tiny_image_encoder()
@@ -420,7 +420,7 @@ def test_another_adapter_file_replaces_the_model_s_own(tmp_path):
     """`evaluate adapter --adapter FILE`: the folder's base, that file's weights, its own model id;
     the folder need not hold an adapter of its own."""
     from anystory_cli.model_loading import load_pipeline
-    from anystory_cli.weights import save_adapter
+    from anystory_cli.sd.weights import save_adapter
 
     folder = tmp_path / "mine"
     base, encoder = tiny.tiny_sd_pipeline(), tiny.tiny_image_encoder()
@@ -443,22 +443,23 @@ def test_words_the_default_model_does_not_know_are_reported_per_panel(tmp_path):
     as meaningless pieces, so each panel's unknown words are named in a warning."""
     from types import SimpleNamespace
 
-    from anystory_cli.render import _warn_unknown_words
+    from anystory_cli.render.model import warn_unknown_words
     from anystory_cli.story import load_story
-    from anystory_cli.world.base_models import build_tokenizer
+    from anystory_cli.default_model import build_tokenizer
+    from anystory_cli.lab.world import vocabulary
 
     panels = [{"prompt": "a kite on a hill", "characters": ["mira"]},
               {"prompt": "one character on a hill at night", "characters": ["mira"]}]
     path = storykit.write_story(tmp_path, panels, model="default")
     story = load_story(path)
     plans = build_plan(story, model_id="m")
-    pipeline = SimpleNamespace(base=SimpleNamespace(tokenizer=build_tokenizer()))
+    pipeline = SimpleNamespace(base=SimpleNamespace(tokenizer=build_tokenizer(vocabulary())))
     events = []
-    _warn_unknown_words(story, pipeline, plans, "story.yaml", events.append)
+    warn_unknown_words(story, pipeline, plans, "story.yaml", events.append)
     assert [e.kind for e in events] == ["warning"]
     assert "story.yaml: panels[0].prompt:" in events[0].message and "'kite'" in events[0].message
     assert "'hill'" not in events[0].message
     events.clear()
     other = load_story(storykit.write_story(tmp_path / "other", panels, model="some/folder"))
-    _warn_unknown_words(other, pipeline, build_plan(other, model_id="m"), "story.yaml", events.append)
+    warn_unknown_words(other, pipeline, build_plan(other, model_id="m"), "story.yaml", events.append)
     assert events == []  # real CLIP tokenizers read any text

@@ -12,7 +12,7 @@ from PIL import Image
 import tiny
 from anystory_cli.errors import InputError
 from anystory_cli.train import Components, load_recipe, recipe_from_dict, train, validate_manifest
-from anystory_cli.world import sample_pair, sample_scene
+from anystory_cli.lab.world import sample_pair, sample_scene
 
 torch.set_num_threads(1)
 
@@ -102,8 +102,8 @@ def test_overfitting_one_batch_drives_the_routing_loss_down(tmp_path):
     noise that outweighs it (with diffusion + routing the routing loss does not fall)."""
     from diffusers import DDPMScheduler
 
-    from anystory_cli.models.adapter import install
-    from anystory_cli.train import Encoders, SampleStream, freeze, make_adapter, step_loss
+    from anystory_cli.sd.adapter import install
+    from anystory_cli.train.loop import Encoders, SampleStream, freeze, make_adapter, step_loss
 
     rec = recipe(tmp_path, 2, batch_size=2)
     parts = components()
@@ -162,7 +162,7 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_checkpoint_loads_into_the_pipeline_and_renders(tmp_path):
-    from anystory_cli.pipeline import AnyStoryPipeline
+    from anystory_cli.sd.pipeline import AnyStoryPipeline
 
     parts = components()
     result = train(recipe(tmp_path, 1, steps=1), parts)
@@ -280,7 +280,7 @@ def test_two_processes_end_with_identical_weights(tmp_path):
 
 
 def test_a_recipe_key_given_twice_is_refused(tmp_path):
-    from anystory_cli.recipe_files import read_recipe_yaml
+    from anystory_cli.train.recipe_files import read_recipe_yaml
 
     path = tmp_path / "recipe.yaml"
     path.write_text("stage: 1\nstage: 2\n")
@@ -305,7 +305,7 @@ def test_a_run_shows_its_losses_and_samples_with_routing_maps(tmp_path):
 def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    import anystory_cli.train as T
+    import anystory_cli.train.loop as T
     from anystory_cli.errors import OutputError
 
     rec = recipe(tmp_path, 1, steps=1, preview_count=0)
@@ -336,8 +336,8 @@ def test_the_default_base_is_named_in_a_recipe_without_a_path(tmp_path):
 
 
 def test_world_datasets_are_valid_manifests_of_training_identities(tmp_path):
-    from anystory_cli.world import split_of
-    from anystory_cli.world.dataset import write_dataset
+    from anystory_cli.lab.world import split_of
+    from anystory_cli.lab.world.dataset import write_dataset
 
     for stage in (1, 2):
         manifest = write_dataset(tmp_path / f"s{stage}", stage, 6, seed=1, size=32)
@@ -348,8 +348,8 @@ def test_world_datasets_are_valid_manifests_of_training_identities(tmp_path):
         if stage == 2:
             assert [len(r["masks"]) for r in rows] == [2, 3, 4, 2, 3, 4]
         else:  # the target mask is exactly where the target differs from its own background
-            from anystory_cli.world.scenes import sample_pair
-            from anystory_cli.world.dataset import _rng_seed
+            from anystory_cli.lab.world.scenes import sample_pair
+            from anystory_cli.lab.world.dataset import _rng_seed
 
             for index, row in enumerate(rows):
                 mask = np.asarray(Image.open(tmp_path / "s1" / row["target_mask"])) > 0
@@ -436,7 +436,7 @@ def write_stage1_with_masks(folder, count=3):
 
 
 def test_character_weighted_loss_is_the_plain_mean_at_weight_zero_and_leans_on_characters():
-    from anystory_cli.train import weighted_mean
+    from anystory_cli.train.loop import weighted_mean
 
     generator = torch.Generator().manual_seed(0)
     error = torch.rand(3, 8, 8, generator=generator)
@@ -475,8 +475,8 @@ def test_character_weight_needs_target_masks_in_every_row(tmp_path):
 def test_adapter_options_rebuild_init_adapter_keeping_what_fits(tmp_path):
     """A new router design on a trained adapter: stage 2's routers start fresh, everything that
     still fits (the whole subject encoder, the routing QFormer) is the init adapter's."""
-    from anystory_cli.train import make_adapter
-    from anystory_cli.weights import save_adapter
+    from anystory_cli.train.loop import make_adapter
+    from anystory_cli.sd.weights import save_adapter
 
     parts = components()
     first = tiny.tiny_adapter(parts.pipe.unet, parts.image_encoder, seed=1)
@@ -504,8 +504,8 @@ def test_adapter_options_rebuild_init_adapter_keeping_what_fits(tmp_path):
 
 
 def test_init_trained_groups_replaces_only_the_stage_s_groups(tmp_path):
-    from anystory_cli.train import make_adapter
-    from anystory_cli.weights import save_adapter
+    from anystory_cli.train.loop import make_adapter
+    from anystory_cli.sd.weights import save_adapter
 
     parts = components()
     first = tiny.tiny_adapter(parts.pipe.unet, parts.image_encoder, seed=1)
@@ -542,8 +542,8 @@ def test_stage2_recipes_build_routers_that_the_shipped_ones_load_into(name, tmp_
     or continues them; its adapter_options must give them the shipped layout (context routers), or
     the run fails at its start. The trainer's
     own `make_adapter` builds both stages' adapters here."""
-    from anystory_cli.train import load_components, make_adapter
-    from anystory_cli.weights import save_adapter
+    from anystory_cli.train.loop import load_components, make_adapter
+    from anystory_cli.sd.weights import save_adapter
 
     (tmp_path / "train.jsonl").write_text("")
     stage1 = _shipped_recipe("world_stage1.yaml", tmp_path, data=tmp_path / "train.jsonl")
@@ -561,8 +561,8 @@ def test_a_padded_character_slot_changes_nothing_for_its_sample():
     import dataclasses
 
     from anystory_cli.masks import prepare_reference
-    from anystory_cli.models.attention import AnyStoryContext
-    from anystory_cli.train import Encoders, Sample, injection_inputs
+    from anystory_cli.sd.attention import AnyStoryContext
+    from anystory_cli.train.loop import Encoders, Sample, injection_inputs
 
     torch.manual_seed(0)
     parts = components()

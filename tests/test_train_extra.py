@@ -10,7 +10,7 @@ from anystory_cli.errors import AnyStoryError
 
 
 def test_the_loss_plot_without_matplotlib_says_which_extra_to_install(tmp_path, monkeypatch):
-    from anystory_cli import train_report
+    from anystory_cli.train import report as train_report
 
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 30)))
@@ -22,7 +22,7 @@ def test_the_loss_plot_without_matplotlib_says_which_extra_to_install(tmp_path, 
 
 def test_the_loss_plot_is_drawn_with_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")
-    from anystory_cli import train_report
+    from anystory_cli.train import report as train_report
 
     log = tmp_path / "log.jsonl"
     log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 30)))

@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from anystory_cli.world import (
+from anystory_cli.lab.world import (
     ATTRIBUTE_CLASSES,
     NOT_APPLICABLE,
     POSES,
@@ -28,10 +28,10 @@ from anystory_cli.world import (
     vocabulary,
     write_samples,
 )
-from anystory_cli.world.identity import COLOURS_RGB, PATTERNS, Identity
-from anystory_cli.world.rng import WorldRng
-from anystory_cli.world.scenes import Scene
-from anystory_cli.world.sprites import MIN_PATTERN_PX
+from anystory_cli.lab.world.identity import COLOURS_RGB, PATTERNS, Identity
+from anystory_cli.lab.world.rng import WorldRng
+from anystory_cli.lab.world.scenes import Scene
+from anystory_cli.lab.world.sprites import MIN_PATTERN_PX
 
 # ---------------------------------------------------------------- identities
 
@@ -280,8 +280,8 @@ SCENE_DIGEST = "f10674965c2cd8c7bcf3601c6925fbeec936189e2b00dd39f1d70715e3f5fa5d
 def test_a_lone_character_gets_more_tries_where_a_tall_frame_turns_most_down(monkeypatch):
     """In a 128x48 frame a lone character fits about one seed in three: three tries (what two or
     more characters get before dropping one) failed a GPU run's tall pool; lone ones get 30."""
-    import anystory_cli.world.scenes as scenes_module
-    from anystory_cli.world.rng import WorldRng
+    import anystory_cli.lab.world.scenes as scenes_module
+    from anystory_cli.lab.world.rng import WorldRng
 
     def lone_scenes():  # seed 14: its own scene and the next two drawn do not fit
         return [scenes_module.placeable_scene(WorldRng("lone", s), s, 1, "train", (128, 48)) for s in (3, 14)]

@@ -5,7 +5,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from anystory_cli.cli import app
-from anystory_cli.world import reference_image
+from anystory_cli.lab.world import reference_image
 
 
 def test_world_reference_writes_the_characters_rgba_front_view(tmp_path):

@@ -22,7 +22,9 @@ TARGETS = {
     "anystory_cli/plan.py": ["tests/test_plan.py", "tests/test_render*.py"],
     "anystory_cli/layout.py": ["tests/test_layout.py", "tests/test_lettering*.py", "tests/test_render*.py"],
     "anystory_cli/export.py": ["tests/test_export.py", "tests/test_render*.py"],
-    "anystory_cli/render.py": ["tests/test_render*.py"],
+    "anystory_cli/render/orchestrate.py": ["tests/test_render*.py"],
+    "anystory_cli/render/compose.py": ["tests/test_render*.py"],
+    "anystory_cli/render/store.py": ["tests/test_render*.py"],
 }
 
 # Named mutants: what a broken comic maker looks like (text to find -> its replacement, in
@@ -32,7 +34,7 @@ NAMED = {
                          ["tests/test_layout.py", "tests/test_lettering*.py", "tests/test_render*.py"]),
     "balloon tails dropped": ("        tail = balloon_tail(rect, target, panel_size) if target is not None else None",
                               "        tail = None", ["tests/test_layout.py", "tests/test_lettering*.py"]),
-    "never prunes": ("                _prune(out, len(plans), len(page_plans), jobs.values())", "                pass",
+    "never prunes": ("                prune(out, len(plans), len(page_plans), jobs.values())", "                pass",
                      ["tests/test_render*.py"]),
     "regions dropped": ("regions=[c.box for c in plan.characters],", "regions=None,", ["tests/test_render*.py"]),
     "at: ignored for a lone character": ('return [PLACEMENT_BOXES[refs[0].at or "center"]]',
@@ -49,8 +51,8 @@ NAMED = {
                                             ["tests/test_render*.py"]),
     "PDF pages reversed": ('    rgb = [page.convert("RGB") for page in pages]',
                            '    rgb = [page.convert("RGB") for page in pages][::-1]', ["tests/test_export.py", "tests/test_render*.py"]),
-    "frame shape not in the panel key": ('key = _sha256("panel", RENDER_KEY_VERSION, plan.content_key, multipliers)',
-                                         'key = _sha256("panel", RENDER_KEY_VERSION, plan.content_key)', ["tests/test_render*.py"]),
+    "frame shape not in the panel key": ('key = content_hash("panel", RENDER_KEY_VERSION, plan.content_key, multipliers)',
+                                         'key = content_hash("panel", RENDER_KEY_VERSION, plan.content_key)', ["tests/test_render*.py"]),
 }
 
 COMPARE_SWAPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,

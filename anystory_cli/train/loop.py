@@ -86,14 +86,15 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors.torch import load_file, save_file
 
-from .atomic import _reason, atomic_path
+from ..atomic import atomic_path, os_error_reason
+from ..errors import AnyStoryError, InputError, ModelError, OutputError
+from ..masks import load_image, mask_array, prepare_reference
+from ..sd.adapter import AnyStoryAdapter, AnyStoryConfig, install
+from ..sd.attention import AnyStoryContext, InjectionInputs
+from ..sd.router import ROUTING_LOSS_WEIGHT, routing_loss
+from ..sd.weights import load_adapter, save_adapter
+from .manifest import manifest_problems, read_manifest
 from .recipe_files import read_recipe_yaml
-from .errors import AnyStoryError, InputError, ModelError, OutputError
-from .masks import _mask_array, load_image, prepare_reference
-from .models.adapter import AnyStoryAdapter, AnyStoryConfig, install
-from .models.attention import AnyStoryContext, InjectionInputs
-from .models.router import ROUTING_LOSS_WEIGHT, routing_loss
-from .weights import load_adapter, save_adapter
 
 # ---------------------------------------------------------------------------------------------
 # recipe
@@ -130,7 +131,7 @@ class TrainRecipe(BaseModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     null_subject_prob: float = Field(0.1, ge=0, le=1)
     resolution: int | None = Field(None, ge=8)
-    # what the run shows (train_report.py): at every checkpoint, a loss plot and a grid of
+    # what the run shows (report.py): at every checkpoint, a loss plot and a grid of
     # samples from the first `preview_count` usable rows of `preview_data` (default: `data`)
     preview_count: int = Field(4, ge=0)
     preview_data: Path | None = None
@@ -186,91 +187,6 @@ def load_recipe(path: str | Path) -> TrainRecipe:
 
 
 # ---------------------------------------------------------------------------------------------
-# manifest
-
-
-def read_manifest(path: Path) -> list[tuple[int, Any]]:
-    """(line number, parsed row or the JSON error message as a str) for every non-blank line."""
-    rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((number, json.loads(line)))
-        except json.JSONDecodeError as exc:
-            rows.append((number, f"bad JSON ({exc.msg})"))
-    return rows
-
-
-def _row_problems(row: Any, stage: int, folder: Path, target_masks: bool = False) -> list[str]:
-    """Why a row cannot be trained on (empty: usable). target_masks: stage 1 needs target_mask."""
-    if isinstance(row, str):
-        return [row]
-    if not isinstance(row, dict):
-        return ["a row must be a JSON object"]
-    image_key, mask_keys = ("target", ["reference_mask"]) if stage == 1 else ("image", ["masks"])
-    required = ["reference", "target", "caption"] if stage == 1 else ["image", "masks", "caption"]
-    if stage == 1 and target_masks:
-        required.append("target_mask")
-    missing = [k for k in required if k not in row]
-    if missing:
-        return [f"missing field(s) {', '.join(missing)}"]
-    if not isinstance(row["caption"], str):
-        return ["caption must be a string"]
-    problems = []
-    images = {}
-    for key in (["reference", "target"] if stage == 1 else ["image"]):
-        try:
-            images[key] = load_image(folder / str(row[key]), key)
-        except InputError as exc:
-            problems.append(str(exc))
-    if problems:
-        return problems
-    if stage == 1:
-        masks = [] if row.get("reference_mask") is None else [row["reference_mask"]]
-        owner = images["reference"]
-        if not masks and owner.mode not in ("RGBA", "LA", "PA", "P"):
-            problems.append("reference has no alpha channel and reference_mask is null")
-        if row.get("target_mask") is not None:
-            problems += _mask_problems("target_mask", row["target_mask"], images["target"], folder)
-    else:
-        masks, owner = row["masks"], images["image"]
-        if not isinstance(masks, list) or not masks:
-            return ["masks must be a non-empty list of mask paths"]
-    for i, mask_path in enumerate(masks):
-        problems += _mask_problems(f"mask {i}", mask_path, owner, folder)
-    return problems
-
-
-def _mask_problems(name: str, mask_path: Any, owner: Image.Image, folder: Path) -> list[str]:
-    try:
-        mask = load_image(folder / str(mask_path), "mask")
-        if not _mask_array(mask, owner.size).any():
-            return [f"{name} ({mask_path}) is empty"]
-    except InputError as exc:
-        return [f"{name}: {exc}"]
-    return []
-
-
-def manifest_problems(path: str | Path, stage: int, target_masks: bool = False) -> list[tuple[int, str]]:
-    """(line number, problem) for every problem of the manifest; line 0: the whole file."""
-    path = Path(path)
-    if not path.is_file():
-        return [(0, "manifest not found")]
-    rows = read_manifest(path)
-    if not rows:
-        return [(0, "the dataset is empty")]
-    return [(number, problem) for number, row in rows
-            for problem in _row_problems(row, stage, path.parent, target_masks)]
-
-
-def validate_manifest(path: str | Path, stage: int, target_masks: bool = False) -> list[str]:
-    """Every problem of the manifest as 'path:line: problem' (empty list: all rows usable)."""
-    return [f"{path}:{line}: {problem}" if line else f"{path}: {problem}"
-            for line, problem in manifest_problems(path, stage, target_masks)]
-
-
-# ---------------------------------------------------------------------------------------------
 # samples and augmentation
 
 
@@ -288,7 +204,7 @@ def _square(image: Image.Image, size: int, resample=Image.Resampling.BICUBIC) ->
 
 def augment_reference(reference, rng: np.random.Generator):
     """Small rotation, random crop, zero-pad (paper): the encoder must not copy the pose/framing."""
-    from .masks import Reference
+    from ..masks import Reference
 
     size = reference.rgb.shape[0]
     angle = float(rng.uniform(-10, 10))
@@ -331,7 +247,7 @@ def _target_masks(masks: list[Image.Image], size: tuple[int, int], resolution: i
     if not masks:
         return np.zeros((0, resolution, resolution), np.float32)
     return np.stack([
-        np.asarray(_square(Image.fromarray(_mask_array(m, size).astype(np.uint8) * 255), resolution,
+        np.asarray(_square(Image.fromarray(mask_array(m, size).astype(np.uint8) * 255), resolution,
                            Image.Resampling.BOX), np.float32) / 255 for m in masks])
 
 
@@ -462,7 +378,7 @@ def load_components(recipe: TrainRecipe) -> Components:
     if str(recipe.pipeline) == DEFAULT_BASE or str(recipe.image_encoder) == DEFAULT_BASE:
         if str(recipe.pipeline) != str(recipe.image_encoder):
             raise InputError(f"`pipeline: {DEFAULT_BASE}` and `image_encoder: {DEFAULT_BASE}` go together")
-        from .world.base_models import load_default_base
+        from ..default_model import load_default_base
 
         return Components(*load_default_base(panel_weights=False))  # adapters train on squares
     for path in (recipe.pipeline, recipe.image_encoder):
@@ -730,7 +646,7 @@ def save_checkpoint(output_dir: Path, adapter, optimizer, step: int, recipe: Tra
             shutil.rmtree(final)
         os.replace(tmp, final)
     except OSError as exc:
-        raise OutputError(f"{final}: checkpoint not written ({_reason(exc)}); "
+        raise OutputError(f"{final}: checkpoint not written ({os_error_reason(exc)}); "
                           f"the previous checkpoint is intact") from None
     except OutputError as exc:  # from atomic_path, about a file in the temporary folder
         reason = str(exc).partition(" (")[2].rpartition(")")[0] or str(exc)
@@ -923,7 +839,7 @@ class _Preview:
         self.plot_warned = False
 
     def write(self, output: Path, step: int) -> dict:
-        from . import train_report
+        from . import report as train_report
 
         shown = {"plot": None, "grid": None}
         try:

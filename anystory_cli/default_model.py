@@ -5,7 +5,7 @@ the AnyStory adapter, the image-feature path) runs the same code on these tiny m
 or SDXL:
 
     build_vae(VaeConfig())                 -> diffusers.AutoencoderKL
-    build_tokenizer()                      -> transformers.CLIPTokenizer, one token per world word
+    build_tokenizer(words)                 -> transformers.CLIPTokenizer, one token per world word
     unknown_words(prompt)                  -> words of a prompt the tokenizer does not know
     build_text_encoder(TextConfig(), tok)  -> transformers.CLIPTextModel
     build_image_encoder(VisionConfig())    -> transformers.CLIPVisionModel
@@ -30,10 +30,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import atomic_path
-from ..errors import InputError, ModelError
+from .atomic import atomic_path
+from .errors import InputError, ModelError
 
-DEFAULT_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "default"
+DEFAULT_ASSETS = Path(__file__).resolve().parent / "assets" / "default"
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
 WORD_SUFFIX = "</w>"
@@ -174,13 +174,12 @@ def tokenizer_vocab(words: list[str]) -> tuple[dict[str, int], list[tuple[str, s
     return {token: i for i, token in enumerate(ordered)}, merges
 
 
-def build_tokenizer(words: list[str] | None = None):
-    """A real `CLIPTokenizer`, in memory, in which every world word is exactly one token."""
+def build_tokenizer(words: list[str]):
+    """A real `CLIPTokenizer`, in memory, in which every word of `words` (the sprite world's
+    vocabulary, `anystory_cli.lab.world.vocabulary()`) is exactly one token."""
     from transformers import CLIPTokenizer
 
-    from .scenes import vocabulary
-
-    words = sorted(set(words if words is not None else vocabulary()))
+    words = sorted(set(words))
     vocab, merges = tokenizer_vocab(words)
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_PROMPT_TOKENS)
     # transformers 5 silently builds a broken tokenizer from bad inputs: check what we got.
@@ -216,7 +215,7 @@ def check_prompt(tokenizer, prompt: str, where: str = "prompt") -> None:
     if unknown:
         words = ", ".join(repr(w) for w in unknown)
         raise InputError(f"{where}: the default model does not know the word(s) {words}; "
-                         f"use words of its vocabulary (`anystory_cli.world.vocabulary()`)")
+                         f"use words of its vocabulary (`anystory_cli.lab.world.vocabulary()`)")
     if len(tokenizer(prompt).input_ids) > MAX_PROMPT_TOKENS:
         raise InputError(f"{where}: longer than {MAX_PROMPT_TOKENS - 2} words")
 
@@ -352,7 +351,7 @@ RECIPE_OF = {"vae": "base_vae", "text_encoder": "base_clip", "image_encoder": "b
 
 def _missing(path: Path, name: str) -> ModelError:
     return ModelError(f"{path}: missing; the default base model is not trained yet (run "
-                      f"`python -m anystory_cli.world.train_base recipes/{RECIPE_OF[name]}.yaml`)")
+                      f"`python -m anystory_cli.lab.train_base recipes/{RECIPE_OF[name]}.yaml`)")
 
 
 def read_config(name: str, folder: Path = DEFAULT_ASSETS) -> _Config:
@@ -386,11 +385,9 @@ def load_weights(module: torch.nn.Module, name: str, folder: Path = DEFAULT_ASSE
     return module.eval()
 
 
-def write_vocab(folder: Path = DEFAULT_ASSETS, words: list[str] | None = None) -> Path:
-    from .scenes import vocabulary
-
+def write_vocab(words: list[str], folder: Path = DEFAULT_ASSETS) -> Path:
     path = Path(folder) / "tokenizer_words.json"
-    write_json(path, sorted(set(words if words is not None else vocabulary())))
+    write_json(path, sorted(set(words)))
     return path
 
 

@@ -24,7 +24,7 @@ Position words are the caption's: with one character, left / center / right from
 (the rendered world's box centres never cross the splits below); with 2-4 characters, the ranks
 left, (middle | second, third), right.
 
-Training (`python -m anystory_cli.judge recipes/judge.yaml`, under 20 minutes on one CPU thread):
+Training (`python -m anystory_cli.lab.judge recipes/judge.yaml`, under 20 minutes on one CPU thread):
 a pool of rendered training scenes (and a few empty backgrounds), part of it also passed through
 the shipped VAE once (generated images come out of that decoder), then mild blur, noise, colour
 jitter and horizontal flips on the fly; SceneNet learns faster and trains during the first
@@ -48,14 +48,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import InputError, ModelError
+from ..errors import InputError, ModelError
 from .world.background import PLACES, PROPS, TIMES, draw_background, sample_setting
 from .world.identity import ATTRIBUTE_CLASSES, NOT_APPLICABLE, identity_from_seed
 from .world.rng import WorldRng
 from .world.scenes import MAX_CHARACTERS, ORDER_WORDS, Scene, placeable_scene, sample_scene
 from .world.sprites import POSES
 
-JUDGE_ASSETS = Path(__file__).resolve().parent / "assets" / "judge"
+JUDGE_ASSETS = Path(__file__).resolve().parent.parent / "assets" / "judge"
 WEIGHTS_FORMAT = "anystory-judge/1"
 STRIDE = 2  # one locator cell = 2x2 pixels
 COUNTS = tuple(range(MAX_CHARACTERS + 1))  # 0..4 characters
@@ -285,14 +285,14 @@ def summarise(records: list[dict]) -> dict[str, float]:
     """Accuracies over images (place, time, scene, prop, count) and characters (position, pose)."""
     out: dict[str, float] = {}
     for key in ("place", "time", "scene", "prop", "count"):
-        out[key] = _mean([r[key] for r in records])
-    out["position"] = _mean([ok for r in records for ok in r["positions"]])
+        out[key] = rounded_mean([r[key] for r in records])
+    out["position"] = rounded_mean([ok for r in records for ok in r["positions"]])
     if records and all("poses" in r for r in records):
-        out["pose"] = _mean([ok for r in records for ok in r["poses"]])
+        out["pose"] = rounded_mean([ok for r in records for ok in r["poses"]])
     return out
 
 
-def _mean(values) -> float:
+def rounded_mean(values) -> float:
     values = list(values)
     return round(float(np.mean(values)), 4) if values else float("nan")
 
@@ -415,7 +415,7 @@ def save_judge(judge: Judge, folder: Path = JUDGE_ASSETS, info: dict | None = No
     """judge.safetensors (fp16 floats) + judge.json (config and `info`), each atomically."""
     from safetensors.torch import save_file
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     folder = Path(folder)
     tensors = {k: (v.half() if torch.is_floating_point(v) else v).detach().contiguous().cpu()
@@ -436,7 +436,7 @@ def load_judge(folder: Path | str = JUDGE_ASSETS) -> Judge:
     weights, config_file = folder / "judge.safetensors", folder / "judge.json"
     if not weights.is_file() or not config_file.is_file():
         raise ModelError(f"{folder}: no judge here (judge.safetensors + judge.json); train one with "
-                         f"`python -m anystory_cli.judge recipes/judge.yaml`")
+                         f"`python -m anystory_cli.lab.judge recipes/judge.yaml`")
     data = json.loads(config_file.read_text())
     info = {k: v for k, v in data.items() if k != "config"}
     judge = Judge(JudgeConfig.from_dict(data.get("config", {})), info)
@@ -728,14 +728,14 @@ def parse_recipe(data: Any, source: str = "recipe"):
     try:
         return _recipe_classes()(**data)
     except ValidationError as exc:
-        from .recipe_files import recipe_error
+        from ..train.recipe_files import recipe_error
 
         raise recipe_error(exc, source) from None
 
 
 def load_recipe(path: str | Path):
     """(recipe, the folder its relative paths refer to)."""
-    from .recipe_files import read_recipe_yaml
+    from ..train.recipe_files import read_recipe_yaml
 
     path = Path(path)
     return parse_recipe(read_recipe_yaml(path), str(path)), path.resolve().parent
@@ -839,12 +839,12 @@ def heldout_report(judge: Judge, pool: Pool, images: np.ndarray) -> dict:
             all_located.append(bool(located_ok))
             ious.append(max((_iou(true_boxes[k][i], c.box) for c in verdict.characters), default=0.0))
     report = summarise(records)
-    report["box_recall_iou50"] = _mean([iou >= 0.5 for iou in ious])
-    report["mean_iou"] = _mean(ious)
-    report["attributes"] = {name: _mean(hits) for name, hits in attribute_hits.items()}
-    report["attributes_mean"] = _mean([v for v in report["attributes"].values()])
-    report["identity_all_attributes_true_boxes"] = _mean(all_truth)
-    report["identity_all_attributes_located"] = _mean(all_located)
+    report["box_recall_iou50"] = rounded_mean([iou >= 0.5 for iou in ious])
+    report["mean_iou"] = rounded_mean(ious)
+    report["attributes"] = {name: rounded_mean(hits) for name, hits in attribute_hits.items()}
+    report["attributes_mean"] = rounded_mean([v for v in report["attributes"].values()])
+    report["identity_all_attributes_true_boxes"] = rounded_mean(all_truth)
+    report["identity_all_attributes_located"] = rounded_mean(all_located)
     report["scenes"], report["characters"] = len(pool), int(pool.count.sum())
     return report
 
@@ -884,7 +884,7 @@ def train_judge(recipe, base_dir: str | Path = ".", log: Callable[[dict], None] 
     emit({"event": "rendered", "train_scenes": len(pool), "heldout_scenes": len(heldout),
           "other_shapes": len(pool.native)})
     if vae is None:
-        from .world.base_models import load_vae
+        from ..default_model import load_vae
 
         vae = load_vae((base_dir / recipe.vae_dir).resolve())
     pool.vae_images = pool_round_trip(vae, pool, min(recipe.vae_scenes, len(pool)))

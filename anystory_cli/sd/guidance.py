@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from .errors import InputError
+from ..errors import InputError
 
 # The story default and `anystory evaluate`'s: no guidance for the first ~30 % of the schedule.
 DEFAULT_INTERVAL = (0.0, 0.7)

@@ -25,7 +25,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from .errors import InputError
+from ..errors import InputError
 
 Box = tuple[float, float, float, float]
 # A story's default (`style.paste_references_at`): after 15 of 25 steps. On the default model

@@ -7,8 +7,8 @@ from typing import Any
 
 import yaml
 
-from .errors import InputError
-from .story import UniqueKeyLoader
+from ..errors import InputError
+from ..story import UniqueKeyLoader
 
 
 def read_recipe_yaml(path: str | Path) -> Any:

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .atomic import atomic_path
-from .errors import AnyStoryError
-from .masks import load_image, prepare_reference
+from ..atomic import atomic_path
+from ..errors import AnyStoryError
+from ..masks import load_image, prepare_reference
 
 TILE = 128  # every tile is shown at this size (the sprite world's 64x64 images, upscaled crisp)
 LABEL_HEIGHT = 14
@@ -70,14 +70,14 @@ def plot_losses(log_path: Path, out_path: Path, smooth: int = 25) -> Path | None
 
 def preview_rows(recipe, count: int) -> list[dict]:
     """The first `count` usable rows of the preview manifest (the training one by default)."""
-    from .train import _row_problems, read_manifest
+    from .manifest import read_manifest, row_problems
 
     path = recipe.preview_data or recipe.data
     rows = []
     for _, row in read_manifest(path):
         if len(rows) == count:
             break
-        if not _row_problems(row, recipe.stage, path.parent):
+        if not row_problems(row, recipe.stage, path.parent):
             rows.append({**row, "_folder": str(path.parent)})
     return rows
 
@@ -92,7 +92,7 @@ def _tile(image: Image.Image | np.ndarray, label: str) -> Image.Image:
 
 
 def _mask_overlay(image: Image.Image, masks: list[np.ndarray]) -> Image.Image:
-    from .render import ROUTING_COLOURS
+    from ..overlay import ROUTING_COLOURS
 
     base = np.asarray(image.convert("RGB"), np.float32)
     out = base.copy()
@@ -104,7 +104,7 @@ def _mask_overlay(image: Image.Image, masks: list[np.ndarray]) -> Image.Image:
 
 def _row_inputs(row: dict, stage: int) -> tuple[list[tuple[Image.Image, Image.Image | None]], Image.Image, list[np.ndarray]]:
     """(reference image + mask per character, the target, the target's instance masks)."""
-    from .masks import _mask_array
+    from ..masks import mask_array
 
     folder = Path(row["_folder"])
     if stage == 1:
@@ -113,7 +113,7 @@ def _row_inputs(row: dict, stage: int) -> tuple[list[tuple[Image.Image, Image.Im
         return [(reference, mask)], load_image(folder / row["target"], "target").convert("RGB"), []
     image = load_image(folder / row["image"], "image").convert("RGB")
     masks = [load_image(folder / m, "mask") for m in row["masks"]]
-    arrays = [_mask_array(m, image.size) for m in masks]
+    arrays = [mask_array(m, image.size) for m in masks]
     return [(image, m) for m in masks], image, arrays
 
 
@@ -133,7 +133,7 @@ BACKGROUND_GREY = 40.0
 def soft_routing(image: Image.Image, maps: np.ndarray) -> Image.Image:
     """The routing probabilities as colours, at the image's size: sum_e p_e * colour_e, with the
     background entry dark grey. A sure router shows pure colours; an unsure one, mixtures."""
-    from .render import ROUTING_COLOURS
+    from ..overlay import ROUTING_COLOURS
 
     colours = [np.array(ROUTING_COLOURS[e % len(ROUTING_COLOURS)], np.float32) for e in range(maps.shape[0] - 1)]
     colours.append(np.full(3, BACKGROUND_GREY, np.float32))
@@ -150,7 +150,7 @@ def preview_grid(pipe, image_encoder, adapter, rows: list[dict], recipe, out_pat
     unloads them again before returning."""
     import torch
 
-    from .pipeline import AnyStoryPipeline
+    from ..sd.pipeline import AnyStoryPipeline
 
     if not rows:
         return None

@@ -21,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .errors import InputError, ModelError
+from ..errors import InputError, ModelError
 from .figures import figure_of, paste_step
 from .guidance import guided_call_kwargs
-from .loras import StyleLoraMixin, StyleLoras
-from .masks import prepare_reference
-from .models.adapter import AnyStoryAdapter, install
-from .models.attention import AnyStoryContext, InjectionInputs
+from ..loras import StyleLoraMixin, StyleLoras
+from ..masks import prepare_reference
+from .adapter import AnyStoryAdapter, install
+from .attention import AnyStoryContext, InjectionInputs
 from .weights import CharacterEncoding, load_adapter
 
 # A region is a box (x0, y0, x1, y1) in 0..1 image coordinates, or a mask (H, W) of any size.
@@ -266,7 +266,7 @@ class AnyStoryPipeline(StyleLoraMixin):
     def _region_masks(self, regions, latent_size) -> torch.Tensor | None:
         if regions is None or all(r is None for r in regions):
             return None
-        return torch.stack([_region_to_mask(r, latent_size, i) for i, r in enumerate(regions)]).to(self.device)
+        return torch.stack([region_to_mask(r, latent_size, i) for i, r in enumerate(regions)]).to(self.device)
 
     def _injection_inputs(self, characters, regions, rows, latent_size, subject_scale, reference_scale, record,
                           route=True, reference_guidance=True):
@@ -434,7 +434,7 @@ def _everywhere(rows: int, characters: int, size: tuple[int, int], device) -> to
     return gates
 
 
-def _region_to_mask(region: Region, size: tuple[int, int], index: int) -> torch.Tensor:
+def region_to_mask(region: Region, size: tuple[int, int], index: int) -> torch.Tensor:
     """A box in 0..1 or a mask of any size -> (h, w) float mask at latent resolution."""
     h, w = size
     if region is None:

@@ -1,4 +1,4 @@
-"""Measuring the default model with the independent judge (`anystory_cli/judge.py`).
+"""Measuring the default model with the independent judge (`anystory_cli/lab/judge.py`).
 
     evaluate_base(pipe, judge, n_samples=64, seed=0, steps=25, guidance=4.0) -> dict
     evaluate_base(..., report_dir="out/eval")      # also grid.png and report.json there
@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .figures import DEFAULT_PASTE_AT
-from .guidance import DEFAULT_INTERVAL, guided_call_kwargs
-from .judge import (Judge, SceneTruth, _mean, identity_log_likelihood, scene_truth, score_scene, summarise,
+from ..errors import InputError
+from ..sd.figures import DEFAULT_PASTE_AT
+from ..sd.guidance import DEFAULT_INTERVAL, guided_call_kwargs
+from .judge import (Judge, SceneTruth, identity_log_likelihood, rounded_mean, scene_truth, score_scene, summarise,
                     verdict_of)
-from .plan import figure_boxes
+from ..plan import figure_boxes
 from .world.identity import NOT_APPLICABLE, draw_identity_seed, identity_from_seed
 from .world.rng import WorldRng, stable_hash
 from .world.scenes import MAX_CHARACTERS, Scene, placeable_scene, sample_scene
@@ -200,7 +200,7 @@ def _write_report_json(path: Path, result: dict) -> None:
     """Every figure of `result` (its own paths aside) as strict JSON."""
     import json
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(json_safe({k: v for k, v in result.items() if k != "report"}), indent=2,
@@ -213,7 +213,7 @@ def write_base_report(result: dict, generated: np.ndarray, rendered: np.ndarray,
     green where scene and count are right, red where not) and report.json."""
     from PIL import Image, ImageDraw
 
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     folder = Path(folder)
     font = _font()
@@ -319,8 +319,8 @@ def adapter_eval_panels(panels_per_count: int, seed: int = 0, distractors: int =
                         size: int | tuple[int, int] = 64) -> list[EvalPanel]:
     """Held-out panels, `panels_per_count` with each number of characters (1-4; `size`: a
     square's side or (height, width); a tall panel too narrow for 3-4 characters gets fewer)."""
-    from .plan import placement_boxes
-    from .story import CharacterRef
+    from ..plan import placement_boxes
+    from ..story import CharacterRef
 
     rng = WorldRng("evaluate-adapter", int(seed))
     panels = []
@@ -398,10 +398,10 @@ def _true_places(scene: Scene) -> list[tuple[float, float, float, float]]:
 
 def summarise_characters(records: list[dict]) -> dict:
     """Rates over characters: identity, blending, found, all attributes, pose, each attribute."""
-    out = {key: _mean([r[key] for r in records]) for key in ("right", "blended", "found", "all_attributes", "pose")}
+    out = {key: rounded_mean([r[key] for r in records]) for key in ("right", "blended", "found", "all_attributes", "pose")}
     out["identity"] = out.pop("right")
     names = sorted({name for r in records for name in r["attributes"]})
-    out["per_attribute"] = {name: _mean([r["attributes"][name] for r in records if name in r["attributes"]])
+    out["per_attribute"] = {name: rounded_mean([r["attributes"][name] for r in records if name in r["attributes"]])
                             for name in names}
     out["characters"] = len(records)
     return out
@@ -527,17 +527,17 @@ def draw_panel(pipe, panel: EvalPanel, encodings: list, variant: str, steps: int
 
 def region_share(layers: dict[str, torch.Tensor], regions) -> float:
     """Mean over characters and layers of the share of a character's routing mass inside its region."""
-    from .pipeline import _region_to_mask
+    from ..sd.pipeline import region_to_mask
 
     shares = []
     for maps in layers.values():
         size = tuple(maps.shape[-2:])
         for i, region in enumerate(regions):
-            inside = _region_to_mask(region, size, i)
+            inside = region_to_mask(region, size, i)
             total = float(maps[0, i].sum())
             if total > 0:
                 shares.append(float((maps[0, i] * inside).sum()) / total)
-    return _mean(shares)
+    return rounded_mean(shares)
 
 
 def routing_eval_scenes(count: int, seed: int, size: int) -> list[Scene]:
@@ -601,8 +601,8 @@ def routing_iou(pipe, scenes: list[Scene], encode: Callable, seed: int = 0,
     late = [str(t) for t in timesteps if t <= LATE_TIMESTEP_SHARE * total_steps]
 
     def tabled(values: dict) -> tuple[dict, float]:
-        table = {str(h): {str(t): _mean(values.get((h, t), [])) for t in timesteps} for h in resolutions}
-        return table, _mean([table[finest][t] for t in late]) if finest and late else float("nan")
+        table = {str(h): {str(t): rounded_mean(values.get((h, t), [])) for t in timesteps} for h in resolutions}
+        return table, rounded_mean([table[finest][t] for t in late]) if finest and late else float("nan")
 
     table, finest_late = tabled(sums)
     foreground_table, foreground_late = tabled(foreground)
@@ -690,7 +690,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
         "distractors": distractors, "candidates": distractors + 1, "variants": list(variants),
         "results": results,
         "rendered": ceiling,
-        "placement": {"routing_share_in_region": _mean(shares),
+        "placement": {"routing_share_in_region": rounded_mean(shares),
                       "found_in_region": anystory["multi"]["found"] if "multi" in anystory else float("nan")},
         "routing_iou": iou,
         "goals": dict(ADAPTER_GOALS), "reached": reached, "goals_met": met,
@@ -726,7 +726,7 @@ def _verdict_letter(record: dict) -> str:
 
 def write_adapter_report(result: dict, panels: list[EvalPanel], images: dict[str, list[np.ndarray]],
                          routing_layers: list[dict], folder: str | Path, max_panels: int = 16) -> dict[str, Path]:
-    from .atomic import atomic_path
+    from ..atomic import atomic_path
 
     folder = Path(folder)
     paths = {"samples": folder / "samples.png", "routing": folder / "routing.png",
@@ -757,7 +757,7 @@ def _samples_sheet(result: dict, panels: list[EvalPanel], images: dict[str, list
     a letter per character (R right, B blended, x wrong, - missing) | the rendered scene."""
     from PIL import Image, ImageDraw
 
-    from .render import ROUTING_COLOURS
+    from ..overlay import ROUTING_COLOURS
     from .world.scenes import reference_image
 
     font, tile, ref_tile, gap, line = _font(), 128, 48, 6, 13
@@ -815,7 +815,7 @@ def _routing_sheet(panels: list[EvalPanel], generated: list[np.ndarray], routing
     character, dark grey the background), for the panels with two or more characters."""
     from PIL import Image, ImageDraw
 
-    from .train_report import finest_routing, soft_routing
+    from ..train.report import finest_routing, soft_routing
 
     font, tile, gap, line = _font(), 128, 6, 13
     chosen = [i for i in _spread(panels, max_panels) if len(panels[i].scene.instances) > 1][:max_panels]

@@ -14,9 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from .atomic import atomic_path
-from .errors import InputError, ModelError
-from .models.adapter import AnyStoryAdapter, AnyStoryConfig
+from ..atomic import atomic_path
+from ..errors import InputError, ModelError
+from .adapter import AnyStoryAdapter, AnyStoryConfig
 
 ADAPTER_FORMAT = "anystory-adapter/1"
 ENCODING_FORMAT = "anystory-character/2"  # 2: with the figure

@@ -1,6 +1,6 @@
 """Training of the default model's base components on the sprite world: VAE, CLIP, UNet.
 
-    nice -n 10 python -m anystory_cli.world.train_base recipes/base_vae.yaml [--max-minutes M] [--wait]
+    nice -n 10 python -m anystory_cli.lab.train_base recipes/base_vae.yaml [--max-minutes M] [--wait]
 
 One loop (`train`) serves the three recipes; a *task* supplies the batch loss and what to publish.
 Every run is resumable: a checkpoint is one safetensors state file (fp32 weights, EMA, AdamW
@@ -39,13 +39,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path
-from ..recipe_files import read_recipe_yaml, recipe_error
+from ..train.recipe_files import read_recipe_yaml, recipe_error
 from ..errors import InputError, ModelError
-from . import base_models as bm
-from .identity import ATTRIBUTE_CLASSES, identity_from_seed
-from .parallel import ordered_map
-from .rng import WorldRng, stable_hash
-from .scenes import placeable_scene, pool_scene, random_reference
+from .. import default_model as bm
+from .world.identity import ATTRIBUTE_CLASSES, identity_from_seed
+from .world.parallel import ordered_map
+from .world.rng import WorldRng, stable_hash
+from .world.scenes import placeable_scene, pool_scene, random_reference, vocabulary
 
 STATE_FORMAT = "anystory-base-state/1"
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
@@ -163,7 +163,7 @@ class UNetRecipe(RecipeBase):
     sizes: list[tuple[int, int]] | None = None
     size_weights: list[float] | None = None
     size_pool: int = Field(default=10_000, gt=0)  # scenes per shape other than the pool_size square
-    # Train a LoRA of this rank over the frozen published UNet (base_models' panel LoRA, published
+    # Train a LoRA of this rank over the frozen published UNet (default_model's panel LoRA, published
     # as unet_panels.safetensors, used for non-square panels only) instead of the UNet itself.
     panel_lora_rank: int | None = Field(default=None, gt=0)
     device: str = "auto"  # auto: cuda when there is one, so the same recipe runs on a lent GPU
@@ -306,7 +306,7 @@ def scene_pool(cache_dir: Path, count: int, size: int | tuple[int, int], seed: i
 
 
 def draw_train_identities(rng: WorldRng, count: int) -> list[int]:
-    from .identity import draw_identity_seed
+    from .world.identity import draw_identity_seed
 
     seeds: list[int] = []
     looks: set = set()
@@ -426,7 +426,7 @@ class ClipTask:
     def __init__(self, recipe: ClipRecipe, paths: "RunPaths"):
         self.recipe, self.paths = recipe, paths
         torch.manual_seed(recipe.seed)
-        self.tokenizer = bm.build_tokenizer()
+        self.tokenizer = bm.build_tokenizer(vocabulary())
         self.clip = bm.build_clip(recipe.text, recipe.vision, self.tokenizer)
         self.heads = AttributeHeads(recipe.vision.hidden_size)
         self.identity_projection = torch.nn.Linear(recipe.vision.hidden_size, recipe.vision.projection_dim)
@@ -498,7 +498,7 @@ class ClipTask:
         image = bm.build_image_encoder(self.recipe.vision)
         image.load_state_dict(self.clip.vision_model.state_dict())
         bm.save_asset("image_encoder", image, self.recipe.vision, self.paths.assets, extra_config=_status(step, final))
-        bm.write_vocab(self.paths.assets)
+        bm.write_vocab(vocabulary(), self.paths.assets)
         return {"text_final": text_final}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..atomic import atomic_path
+from ...atomic import atomic_path
 from .parallel import ordered_map
 from .rng import WorldRng
 from .scenes import sample_pair, sample_scene

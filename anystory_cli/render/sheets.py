@@ -1,4 +1,5 @@
-"""Characters outside a story: `anystory encode-character`, character cards, sheet segmentation.
+"""Character sheets and cards: a generated sheet's character cut out (`segment_sheet`), the card
+that shows a reference and its mask, and `anystory encode-character` (a character outside a story).
 
 PIL and numpy here; the model is reached only through the pipeline object a factory returns.
 """
@@ -15,10 +16,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from .cache import EncodingCache, reference_key
-from .errors import AnyStoryError, InputError
-from .export import atomic_write
-from .masks import load_image, prepare_reference
+from ..cache import EncodingCache, reference_key
+from ..errors import AnyStoryError, InputError
+from ..export import atomic_write
+from ..masks import load_image, prepare_reference
 
 CARD_TILE = 256
 CARD_GAP = 8
@@ -174,7 +175,7 @@ def encode_character_file(
     except InputError as exc:
         raise InputError(f"{image_path}: {exc}") from None
     if pipeline_factory is None:
-        from .model_loading import load_pipeline as pipeline_factory  # noqa: N813 - a factory
+        from ..model_loading import load_pipeline as pipeline_factory  # noqa: N813 - a factory
     try:
         pipeline = pipeline_factory(model, Path.cwd())
     except AnyStoryError as exc:

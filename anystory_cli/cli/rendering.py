@@ -1,0 +1,227 @@
+"""`anystory validate`, `schema`, `encode-character` and `render`: stories to pages."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from . import seams
+from .output import (PlainProgress, QuietProgress, RichProgress, colour, guarded, print_error, print_summary,
+                     print_warning, quiet_libraries)
+
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}\Z")  # \Z: '$' lets 'mira\n' through
+
+
+def validate(
+    stories: list[Path] = typer.Argument(..., help="Story files (YAML).", show_default=False,
+                                       metavar="STORY"),
+) -> None:
+    """Check stories without drawing: every problem, one per line, with its location."""
+    with guarded():
+        from ..render import story_problems
+
+        failed = False
+        for path in stories:
+            problems = story_problems(path)
+            for problem in problems:
+                print_error(problem)
+            if problems:
+                failed = True
+            else:
+                typer.echo(f"ok: {path}")
+        if failed:
+            raise typer.Exit(1)
+
+
+def schema() -> None:
+    """Print the JSON Schema of the story format (for editors)."""
+    with guarded():
+        from ..story import story_json_schema
+
+        typer.echo(json.dumps(story_json_schema(), indent=2))
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise typer.BadParameter("start with a letter; use letters, digits, '_' or '-' (at most 40)")
+    return value
+
+
+def _device_option():
+    return typer.Option(None, "--device", help="Where to run: auto (cuda, then mps, then cpu), cpu, cuda, "
+                        "cuda:N or mps (default: $ANYSTORY_DEVICE, else auto).")
+
+
+def _dtype_option():
+    return typer.Option(None, "--dtype", help="Precision: auto (bfloat16 on cuda, float32 elsewhere), "
+                        "float32, bfloat16 or float16 (default: $ANYSTORY_DTYPE, else auto).")
+
+
+def _offload_option():
+    return typer.Option(False, "--offload", help="Model CPU offload for small GPUs: each model on the GPU "
+                        "only while it runs (CUDA only; also ANYSTORY_OFFLOAD=1).")
+
+
+def _runtime(device: Optional[str], dtype: Optional[str], offload: bool):
+    """The devices.Runtime the options ask for (the environment fills in what they leave out)."""
+    from ..devices import resolve_runtime
+
+    return resolve_runtime(device, dtype, True if offload else None)
+
+
+def encode_character(
+    image: Path = typer.Argument(..., help="Reference image; its alpha channel is the mask.",
+                                 show_default=False),
+    name: str = typer.Option(..., "--name", callback=_check_name, help="The character's name."),
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image (white = the character)."),
+    model: str = typer.Option("default", "--model", help="'default' or a local model folder."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (default: "
+                                         "$ANYSTORY_CACHE, else ~/.cache/anystory)."),
+    card: Optional[Path] = typer.Option(None, "--card", help="Where to write the character card "
+                                        "(default: NAME-card.png here)."),
+    device: Optional[str] = _device_option(),
+    dtype: Optional[str] = _dtype_option(),
+    offload: bool = _offload_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+) -> None:
+    """Encode a character once (QFormer + ReferenceNet) into the cache; write its card."""
+    with guarded(as_json):
+        from ..render.sheets import encode_character_file
+
+        runtime = _runtime(device, dtype, offload)
+        factory = seams.PIPELINE_FACTORY
+        if factory is None:
+            from ..model_loading import load_pipeline
+
+            factory = functools.partial(load_pipeline, runtime=runtime)
+        quiet_libraries()
+        result = encode_character_file(
+            image, name, mask_path=mask, model=model, cache_dir=cache,
+            card_path=card or Path(f"{name}-card.png"), pipeline_factory=factory,
+        )
+        state = "already cached" if result.hit else ("re-encoded" if result.rebuilt else "encoded")
+        if as_json:
+            typer.echo(json.dumps({
+                "ok": True, "name": name, "state": state, "cache_path": str(result.cache_path),
+                "card_path": None if result.card_path is None else str(result.card_path),
+                "model_id": result.model_id, "runtime": runtime.to_dict(), "warnings": result.warnings,
+            }, indent=2))
+            return
+        for warning in result.warnings:
+            print_warning(warning)
+        typer.echo(f"{name}: {state} -> {result.cache_path}")
+        typer.echo(f"card: {result.card_path}")
+
+
+def _ranges(value: Optional[str]) -> Optional[list[int]]:
+    """--pages / --panels callback: '1,3-4' -> [1, 3, 4]; a bad range is a usage error (2)."""
+    if value is None:
+        return None
+    from ..errors import InputError
+    from ..render import parse_ranges
+
+    try:
+        return parse_ranges(value)
+    except InputError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+def _out_dirs(stories: list[Path], out: Optional[Path]) -> list[Path]:
+    """--out DIR for one story; DIR/<story name> for several; default out/<story name>."""
+    if out is not None and len(stories) == 1:
+        return [out]
+    root = out if out is not None else Path("out")
+    folders, seen = [], {}
+    for path in stories:
+        stem = path.stem if path.stem not in ("", ".", "..") else "story"  # '...yaml' -> '..'
+        seen[stem] = seen.get(stem, 0) + 1
+        folders.append(root / (stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"))
+    return folders
+
+
+def render(
+    stories: list[Path] = typer.Argument(..., help="Story files (YAML).", show_default=False,
+                                       metavar="STORY"),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output folder (default: "
+                                       "out/<story name>; with several stories, one folder each "
+                                       "inside it)."),
+    pages: Optional[str] = typer.Option(None, "--pages", callback=_ranges,
+                                        help="Only draw the panels of these pages, e.g. 1-2."),
+    panels: Optional[str] = typer.Option(None, "--panels", callback=_ranges,
+                                         help="Only draw these panels, e.g. 1,3-4."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, max=2**32 - 1,
+                                       help="Replace the story seed."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, max=500,
+                                        help="Replace the denoising steps."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
+    save_routing: bool = typer.Option(False, "--save-routing", help="Write each panel's routing "
+                                      "maps (.npy) and an overlay (.png) next to it."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Character cache folder."),
+    device: Optional[str] = _device_option(),
+    dtype: Optional[str] = _dtype_option(),
+    offload: bool = _offload_option(),
+) -> None:
+    """Draw the panels, compose the pages, write PNG pages, a PDF and a CBZ.
+
+    Panels that are already drawn and unchanged are not drawn again: re-running an unchanged
+    story writes nothing and says so. --pages and --panels choose what to draw; the PDF and
+    CBZ are written once every page is complete. Ctrl-C stops at the next step (exit 130,
+    SIGTERM 143); run again to finish. Under `torchrun --nproc-per-node N -m anystory_cli.cli
+    render ...` the processes share the panels out.
+    """
+    page_numbers, panel_numbers = pages, panels  # lists of numbers, from the _ranges callback
+    summaries: list[Any] = []
+    with guarded(as_json, extra=lambda: {"stories": [s.to_dict() for s in summaries]}):
+        from ..render import Interrupted, memoize_factory, render_story, stop_on_signals
+
+        runtime = _runtime(device, dtype, offload)
+        fingerprint = seams.MODEL_FINGERPRINT
+        if seams.PIPELINE_FACTORY is None:
+            from ..model_loading import load_pipeline, model_fingerprint
+
+            factory = memoize_factory(functools.partial(load_pipeline, runtime=runtime))
+            fingerprint = model_fingerprint
+        else:
+            factory = memoize_factory(seams.PIPELINE_FACTORY)
+        quiet_libraries()
+        # Under torchrun / accelerate launch only the first process reports; every one draws.
+        first = _rank() == 0
+        reporter = (RichProgress() if colour(sys.stderr) and not as_json else PlainProgress()) \
+            if first else QuietProgress()
+        try:
+            with stop_on_signals():  # Ctrl-C / SIGTERM: stop at the next safe point, say what is done
+                for story, folder in zip(stories, _out_dirs(stories, out)):
+                    summaries.append(render_story(
+                        story, folder, pages=page_numbers, panels=panel_numbers, seed=seed,
+                        steps=steps, save_routing=save_routing, pipeline_factory=factory,
+                        model_fingerprint=fingerprint, cache_dir=cache, progress=reporter,
+                        runtime=runtime,
+                    ))
+        except Interrupted as stopped:
+            if stopped.summary is not None:
+                summaries.append(stopped.summary)
+            raise
+        finally:
+            reporter.close()
+        if not first:
+            return
+        if as_json:
+            typer.echo(json.dumps({"ok": True, "stories": [s.to_dict() for s in summaries]}, indent=2))
+        else:
+            for summary in summaries:
+                print_summary(summary)
+
+
+def _rank() -> int:
+    """This process's rank under torchrun / accelerate launch (0 when alone)."""
+    try:
+        return int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+    except ValueError:
+        return 0
