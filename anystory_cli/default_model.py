@@ -351,7 +351,7 @@ RECIPE_OF = {"vae": "base_vae", "text_encoder": "base_clip", "image_encoder": "b
 
 def _missing(path: Path, name: str) -> ModelError:
     return ModelError(f"{path}: missing; the default base model is not trained yet (run "
-                      f"`python -m anystory_cli.lab.train_base recipes/{RECIPE_OF[name]}.yaml`)")
+                      f"`anystory train recipes/{RECIPE_OF[name]}.yaml`)")
 
 
 def read_config(name: str, folder: Path = DEFAULT_ASSETS) -> _Config:

@@ -10,10 +10,13 @@ cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
 mkdir -p runs
+# the UNet trains on the final VAE's latents and the final text tower's conditioning
+final() { python -c "import sys; from anystory_cli.lab.train_base import asset_status as s; \
+sys.exit(not all(s('anystory_cli/assets/default', n)['final'] for n in ('vae', 'text_encoder')))"; }
 for model in "$@"; do
-  wait_flag=""
-  [ "$model" = unet ] && wait_flag="--wait"
-  nohup nice -n 10 python -m anystory_cli.lab.train_base $wait_flag "recipes/base_${model}.yaml" \
+  wait_for=""
+  [ "$model" = unet ] && wait_for="until final; do sleep 60; done; "
+  nohup nice -n 10 bash -c "${wait_for}anystory train recipes/base_${model}.yaml" \
     >> "runs/base_${model}.out" 2>&1 &
   echo $! > "runs/base_${model}.pid"
   echo "base_${model}: pid $!, log runs/base_${model}.out"

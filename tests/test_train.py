@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -146,6 +147,29 @@ def test_max_minutes_stops_with_a_checkpoint_that_resumes_exactly(tmp_path):
     assert cut.step == 1 and cut.checkpoint is not None and cut.checkpoint.name == "step-0000001"
     resumed = train(recipe(tmp_path / "b", 2, steps=3, checkpoint_every=10, resume=True), components())
     assert resumed.step == 3
+    for k, v in straight.adapter.state_dict().items():
+        assert torch.equal(v, resumed.adapter.state_dict()[k]), k
+
+
+def test_the_learning_rate_follows_the_recipe_s_schedule_across_a_resume(tmp_path):
+    """`lr_scheduler` / `lr_warmup_steps` are diffusers' get_scheduler: linear warm-up over one
+    step, then linear decay to 0 at `steps`; a resumed run continues the schedule where it
+    stopped and reaches the same weights."""
+    from safetensors import safe_open
+
+    schedule = dict(lr_scheduler="linear", lr_warmup_steps=1, steps=3, checkpoint_every=1)
+    straight = train(recipe(tmp_path / "a", 2, **schedule), components())
+    train(recipe(tmp_path / "b", 2, **{**schedule, "max_minutes": 1e-9}), components())
+    resumed = train(recipe(tmp_path / "b", 2, **schedule, resume=True), components())
+
+    def lr_after(folder, step):
+        path = folder / "out" / "checkpoints" / f"step-{step:07d}" / "training_state.safetensors"
+        with safe_open(str(path), "pt") as state:
+            return json.loads(state.metadata()["param_groups"])[0]["lr"]
+
+    lr = recipe(tmp_path / "c", 2).lr
+    assert [lr_after(tmp_path / "a", s) for s in (1, 2, 3)] == pytest.approx([lr, lr / 2, 0.0])
+    assert [lr_after(tmp_path / "b", s) for s in (1, 2, 3)] == pytest.approx([lr, lr / 2, 0.0])
     for k, v in straight.adapter.state_dict().items():
         assert torch.equal(v, resumed.adapter.state_dict()[k]), k
 
@@ -380,7 +404,7 @@ def test_the_train_command_checks_and_trains_a_recipe(tmp_path):
     _saved_tiny_model(tmp_path)
     options = json.dumps(tiny.TINY_ADAPTER_OPTIONS)
     (tmp_path / "r.yaml").write_text(
-        "stage: 2\ndata: train.jsonl\noutput_dir: out\nsteps: 2\nbatch_size: 1\ncheckpoint_every: 2\n"
+        "kind: adapter\nstage: 2\ndata: train.jsonl\noutput_dir: out\nsteps: 2\nbatch_size: 1\ncheckpoint_every: 2\n"
         f"pipeline: pipe\nimage_encoder: clip\nadapter_options: {options}\npreview_count: 1\npreview_steps: 2\n")
     runner = CliRunner()
     checked = runner.invoke(app, ["train", str(tmp_path / "r.yaml"), "--check"])
@@ -401,7 +425,8 @@ def test_the_train_command_reports_a_bad_row_in_one_line(tmp_path):
     rows = manifest.read_text().splitlines()
     rows[1] = rows[1].replace("target1.png", "missing.png")
     manifest.write_text("\n".join(rows) + "\n")
-    (tmp_path / "r.yaml").write_text("stage: 1\ndata: train.jsonl\noutput_dir: out\nsteps: 1\non_corrupt: stop\n")
+    (tmp_path / "r.yaml").write_text("kind: adapter\nstage: 1\ndata: train.jsonl\noutput_dir: out\nsteps: 1\n"
+                                     "on_corrupt: stop\n")
     result = CliRunner().invoke(app, ["train", str(tmp_path / "r.yaml"), "--check"])
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
@@ -422,6 +447,44 @@ def test_the_train_command_takes_base_model_recipes_too():
     assert checked.exit_code == 0 and "base_unet.yaml: the recipe is usable" in checked.output
     refused = runner.invoke(app, ["train", str(recipe_path), "--restart"])
     assert refused.exit_code == 1 and "always continue from their state file" in refused.stderr
+
+
+def test_the_train_command_trains_what_the_recipe_s_kind_says(tmp_path):
+    """`kind:` chooses the trainer (no guessing from the other keys): a recipe without it, or
+    with an unknown one, is one line naming the choices; the judge's recipe is checked too."""
+    from typer.testing import CliRunner
+
+    from anystory_cli.cli import app
+
+    recipes = Path(__file__).parent.parent / "recipes"
+    runner = CliRunner()
+    judge = runner.invoke(app, ["train", str(recipes / "judge.yaml"), "--check"])
+    assert judge.exit_code == 0 and "judge.yaml: the recipe is usable" in judge.output
+    refused = runner.invoke(app, ["train", str(recipes / "judge.yaml"), "--resume"])
+    assert refused.exit_code == 1 and "keeps no checkpoints" in refused.stderr
+    unsaid = tmp_path / "unsaid.yaml"
+    unsaid.write_text("\n".join(line for line in (recipes / "base_vae.yaml").read_text().splitlines()
+                                if not line.startswith("kind:")))
+    missing = runner.invoke(app, ["train", str(unsaid), "--check"])
+    assert missing.exit_code == 1 and len(missing.stderr.strip().splitlines()) == 1
+    assert "kind: missing" in missing.stderr and "`kind: adapter`, `kind: base`, `kind: judge`" in missing.stderr
+    (tmp_path / "odd.yaml").write_text("kind: vae\nmodel: vae\n")
+    odd = runner.invoke(app, ["train", str(tmp_path / "odd.yaml"), "--check"])
+    assert odd.exit_code == 1 and "kind: 'vae' is not one of adapter, base, judge" in odd.stderr
+
+
+def test_every_shipped_recipe_says_its_kind_and_loads_as_it():
+    from anystory_cli.lab import judge, train_base
+    from anystory_cli.train.recipe_files import read_recipe_yaml
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    kinds = {path.name: read_recipe_yaml(path)["kind"] for path in recipes}
+    assert set(kinds.values()) == {"adapter", "base", "judge"}
+    for path in recipes:
+        if kinds[path.name] == "base":
+            assert train_base.load_recipe(path)[0].kind == "base"
+        elif kinds[path.name] == "judge":
+            assert judge.load_recipe(path)[0].kind == "judge"
 
 
 def write_stage1_with_masks(folder, count=3):

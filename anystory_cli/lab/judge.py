@@ -24,7 +24,7 @@ Position words are the caption's: with one character, left / center / right from
 (the rendered world's box centres never cross the splits below); with 2-4 characters, the ranks
 left, (middle | second, third), right.
 
-Training (`python -m anystory_cli.lab.judge recipes/judge.yaml`, under 20 minutes on one CPU thread):
+Training (`anystory train recipes/judge.yaml`, under 20 minutes on one CPU thread):
 a pool of rendered training scenes (and a few empty backgrounds), part of it also passed through
 the shipped VAE once (generated images come out of that decoder), then mild blur, noise, colour
 jitter and horizontal flips on the fly; SceneNet learns faster and trains during the first
@@ -34,14 +34,12 @@ identities, as rendered and after a VAE round trip, and is stored in `assets/jud
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -436,7 +434,7 @@ def load_judge(folder: Path | str = JUDGE_ASSETS) -> Judge:
     weights, config_file = folder / "judge.safetensors", folder / "judge.json"
     if not weights.is_file() or not config_file.is_file():
         raise ModelError(f"{folder}: no judge here (judge.safetensors + judge.json); train one with "
-                         f"`python -m anystory_cli.lab.judge recipes/judge.yaml`")
+                         f"`anystory train recipes/judge.yaml`")
     data = json.loads(config_file.read_text())
     info = {k: v for k, v in data.items() if k != "config"}
     judge = Judge(JudgeConfig.from_dict(data.get("config", {})), info)
@@ -669,6 +667,7 @@ def _recipe_classes():
 
         model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
+        kind: Literal["judge"] = "judge"  # what `anystory train` trains
         seed: int = 0
         threads: int = Field(default=1, gt=0)
         pool_scenes: int = Field(default=8000, gt=0)  # rendered training scenes (train identities)
@@ -963,24 +962,3 @@ def train_judge(recipe, base_dir: str | Path = ".", log: Callable[[dict], None] 
         path = save_judge(judge, (base_dir / recipe.out_dir).resolve(), info)
         emit({"event": "published", "path": str(path), "bytes": path.stat().st_size})
     return judge, info
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train the independent judge on rendered sprite-world scenes.")
-    parser.add_argument("recipe", help="recipes/judge.yaml")
-    parser.add_argument("--steps", type=int, default=None, help="replace the recipe's steps (quick trials)")
-    parser.add_argument("--no-publish", action="store_true", help="do not write the assets")
-    args = parser.parse_args(argv)
-    try:
-        recipe, base_dir = load_recipe(args.recipe)
-        if args.steps is not None:
-            recipe = recipe.model_copy(update={"steps": args.steps})
-        train_judge(recipe, base_dir, publish=not args.no_publish)
-    except (InputError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Training of the default model's base components on the sprite world: VAE, CLIP, UNet.
 
-    nice -n 10 python -m anystory_cli.lab.train_base recipes/base_vae.yaml [--max-minutes M] [--wait]
+    nice -n 10 anystory train recipes/base_vae.yaml        (recipes/train_base.sh starts them in the background)
 
 One loop (`train`) serves the three recipes; a *task* supplies the batch loss and what to publish.
 Every run is resumable: a checkpoint is one safetensors state file (fp32 weights, EMA, AdamW
@@ -19,14 +19,12 @@ example on more image shapes (`sizes`: the panels a comic page asks for) or on a
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import json
 import math
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Literal, Union
@@ -74,6 +72,7 @@ def to_config(config_cls, value):
 class RecipeBase(BaseModel):
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
 
+    kind: Literal["base"] = "base"  # what `anystory train` trains
     seed: int = 0
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)
@@ -846,27 +845,3 @@ def _train(recipe, paths: "RunPaths", max_steps, max_minutes, log) -> dict:
 def _append_log(path: Path, record: dict) -> None:
     with open(path, "a") as handle:
         handle.write(json.dumps(record) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Train one base model of the sprite world (resumable).")
-    parser.add_argument("recipe", help="recipes/base_vae.yaml, base_clip.yaml or base_unet.yaml")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this call")
-    parser.add_argument("--wait", action="store_true", help="UNet: wait until the VAE and text encoder are final")
-    args = parser.parse_args(argv)
-    try:
-        recipe, base_dir = load_recipe(args.recipe)
-        if args.wait and recipe.model == "unet":
-            assets = (base_dir / recipe.assets_dir).resolve()
-            while not all(asset_status(assets, n)["final"] for n in ("vae", "text_encoder")):
-                time.sleep(60)
-        train(recipe, base_dir, max_steps=args.max_steps, max_minutes=args.max_minutes)
-    except (InputError, ModelError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

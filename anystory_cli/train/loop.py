@@ -6,6 +6,7 @@
 
 Recipe (YAML, unknown keys refused):
 
+    kind: adapter                 # `anystory train` trains adapters; the lab's recipes say base or judge
     stage: 1                      # 1: subject encoder, 2: router
     data: data/train.jsonl        # the manifest (below); relative to the recipe file
     pipeline: models/sdxl         # a local diffusers pipeline folder (from_pretrained), or
@@ -20,6 +21,8 @@ Recipe (YAML, unknown keys refused):
                                   # must all be parts this stage trains
     output_dir: runs/stage1
     lr: 1.0e-4
+    lr_scheduler: constant        # diffusers' get_scheduler: constant, constant_with_warmup, linear,
+    lr_warmup_steps: 0            # cosine, cosine_with_restarts, polynomial
     batch_size: 1                 # per process
     grad_accumulation: 1
     steps: 1000                   # optimizer steps
@@ -105,6 +108,7 @@ DEFAULT_BASE = "default"  # `pipeline:` / `image_encoder:` value naming the embe
 class TrainRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    kind: Literal["adapter"] = "adapter"  # what `anystory train` trains (lab recipes: base, judge)
     stage: Literal[1, 2]
     data: Path
     pipeline: Path | None = None
@@ -114,6 +118,10 @@ class TrainRecipe(BaseModel):
     adapter_options: dict[str, Any] = Field(default_factory=dict)
     output_dir: Path
     lr: float = Field(1e-4, gt=0)
+    # diffusers.optimization.get_scheduler's schedule of the learning rate over `steps`
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
     batch_size: int = Field(1, ge=1)
     grad_accumulation: int = Field(1, ge=1)
     steps: int = Field(ge=1)
@@ -734,6 +742,7 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
     {"event": "checkpoint", "step", "path", "plot", "grid"} per checkpoint."""
     from accelerate import Accelerator
     from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
 
     bad_lines = check_dataset(recipe)
     if recipe.threads is not None:
@@ -754,6 +763,9 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
     # DDP: its modules run inside the UNet's attention processors, never through a wrapper's
     # forward, so gradients are averaged across processes by hand in `_optimizer_step`.
     optimizer = accelerator.prepare(optimizer)
+    # Not prepared: accelerate would step it once per process.
+    lr_schedule = get_scheduler(recipe.lr_scheduler, optimizer, num_warmup_steps=recipe.lr_warmup_steps,
+                                num_training_steps=recipe.steps)
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     encoders = Encoders(components, adapter, device)
     resolution = recipe.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -766,6 +778,8 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
     start, checkpoint = 0, None
     if recipe.resume and (found := latest_checkpoint(output)) is not None:
         start, checkpoint = restore(found, adapter, optimizer), found
+        for _ in range(start):  # the schedule is a function of the step
+            lr_schedule.step()
         if main:
             _truncate_log(log, start)
     elif main:
@@ -782,6 +796,7 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
         for step in range(start, recipe.steps):
             began = time.perf_counter()
             record = _optimizer_step(recipe, step, stream, adapter, encoders, scheduler, optimizer, params, accelerator)
+            lr_schedule.step()
             samples = recipe.batch_size * recipe.grad_accumulation * accelerator.num_processes
             record["samples_per_s"] = round(samples / max(time.perf_counter() - began, 1e-9), 3)
             history.append(record)

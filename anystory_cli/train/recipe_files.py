@@ -34,3 +34,16 @@ def recipe_error(exc, source: str, skip: int = 0) -> InputError:
         message = "unknown key" if error["type"] == "extra_forbidden" else error["msg"]
         lines.append(f"{source}: {loc}: {message}")
     return InputError("; ".join(lines))
+
+
+def recipe_kind(path: str | Path, kinds: tuple[str, ...]) -> str:
+    """The recipe's `kind:` (one of `kinds`); InputError naming the file and the choices otherwise."""
+    data = read_recipe_yaml(path)
+    choices = ", ".join(f"`kind: {k}`" for k in kinds)
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: a recipe is a mapping of keys to values, starting with one of {choices}")
+    if "kind" not in data:
+        raise InputError(f"{path}: kind: missing; say what the recipe trains with one of {choices}")
+    if data["kind"] not in kinds:
+        raise InputError(f"{path}: kind: {data['kind']!r} is not one of {', '.join(kinds)}")
+    return data["kind"]
