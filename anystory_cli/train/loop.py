@@ -778,8 +778,10 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
     start, checkpoint = 0, None
     if recipe.resume and (found := latest_checkpoint(output)) is not None:
         start, checkpoint = restore(found, adapter, optimizer), found
-        for _ in range(start):  # the schedule is a function of the step
-            lr_schedule.step()
+        with warnings.catch_warnings():  # the schedule is a function of the step: step it there
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            for _ in range(start):
+                lr_schedule.step()
         if main:
             _truncate_log(log, start)
     elif main:
