@@ -114,7 +114,7 @@ def test_assets_round_trip_to_the_same_pipeline(tokenizer, tmp_path):
 def test_missing_assets_say_how_to_make_them(tmp_path):
     from anystory_cli.errors import ModelError
 
-    with pytest.raises(ModelError, match="train_base"):
+    with pytest.raises(ModelError, match=r"anystory train recipes/base_clip\.yaml"):
         bm.load_default_base(tmp_path)
 
 
