@@ -17,7 +17,6 @@ the functions, so importing this module costs nothing.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from .atomic import atomic_path
 from .errors import ModelError, OutputError
+from .library_logging import progress_bars_off
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
@@ -207,7 +207,7 @@ def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
         model_id = _pieces_digest(_model_files(folder, skip=(ADAPTER_FILE,)) + [(ADAPTER_FILE, adapter_file)])
     runtime = _runtime(runtime)
     dtype = runtime.torch_dtype
-    with _library_progress_bars_off():
+    with progress_bars_off():
         if folder == DEFAULT_MODEL_DIR:
             from .default_model import load_default_base
 
@@ -229,24 +229,6 @@ def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
         raise ModelError(f"model {folder}: the adapter {adapter_file} does not fit this pipeline "
                          f"({_first_line(exc)})") from None
     return pipeline
-
-
-@contextlib.contextmanager
-def _library_progress_bars_off():
-    """diffusers and transformers draw their own loading bars; callers report progress."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was[0]:
-            diffusers_logging.enable_progress_bar()
-        if was[1]:
-            transformers_logging.enable_progress_bar()
 
 
 def _load_base(folder: Path, dtype):

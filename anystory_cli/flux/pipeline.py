@@ -8,7 +8,6 @@ with the reference LoRA records the reference keys and values of every block.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..errors import InputError, ModelError
+from ..library_logging import progress_bars_off
 from ..loras import StyleLoraMixin, StyleLoras
 from . import CHARACTER_FORMAT
 from .folders import check_flux_folder, check_redux_folder, resolve_folder
@@ -231,7 +231,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin):
         adapter = Path(adapter)
         checkpoint = read_checkpoint(adapter)
         try:
-            with _progress_bars_off():
+            with progress_bars_off():
                 flux = FluxPipeline.from_pretrained(str(base_dir), dtype=dtype)
                 encoder = SiglipVisionModel.from_pretrained(str(redux_dir / "image_encoder"), dtype=dtype)
                 redux_embedder = ReduxImageEncoder.from_pretrained(str(redux_dir / "image_embedder"), dtype=dtype)
@@ -493,21 +493,3 @@ class AnyStoryFluxPipeline(StyleLoraMixin):
             run.routing = state.routing
         self.slot.step = state
         return args, {**kwargs, "encoder_hidden_states": text, "txt_ids": text_ids}
-
-
-@contextlib.contextmanager
-def _progress_bars_off():
-    """diffusers and transformers draw loading bars of their own; callers report progress."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was[0]:
-            diffusers_logging.enable_progress_bar()
-        if was[1]:
-            transformers_logging.enable_progress_bar()

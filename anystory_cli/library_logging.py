@@ -1,0 +1,22 @@
+"""Quieting diffusers' and transformers' own output while a model loads; callers report progress."""
+from __future__ import annotations
+
+import contextlib
+
+
+@contextlib.contextmanager
+def progress_bars_off():
+    """diffusers and transformers draw loading bars of their own; callers report progress."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled(), transformers_logging.is_progress_bar_enabled()
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was[0]:
+            diffusers_logging.enable_progress_bar()
+        if was[1]:
+            transformers_logging.enable_progress_bar()
