@@ -21,3 +21,27 @@ def tiny_story_pipeline():
 
     with contextmanager(storykit.one_torch_thread)():
         return tiny.tiny_story_pipeline()
+
+
+@pytest.fixture(scope="module", params=["sd15", "sdxl"])
+def story_pipe(request):
+    """A tiny AnyStoryPipeline on an SD-1.5-shaped and on an SDXL-shaped base."""
+    import tiny
+
+    pipe = tiny.tiny_story_pipeline(tiny.tiny_sd_pipeline() if request.param == "sd15" else tiny.tiny_sdxl_pipeline())
+    yield pipe
+    pipe.unload()
+
+
+@pytest.fixture(scope="module")
+def seam(tiny_story_pipeline, tmp_path_factory):
+    """The CLI's model seam holds the tiny pipeline; the cache lives in a temporary folder."""
+    import storykit
+    from anystory_cli import cli
+
+    factory = storykit.TinyFactory(tiny_story_pipeline)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cli.seams, "PIPELINE_FACTORY", factory)
+        patch.setattr(cli.seams, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
+        patch.setenv("ANYSTORY_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield factory

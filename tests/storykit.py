@@ -6,6 +6,7 @@ The pipeline is the real one (anystory_cli.testing: random, 32x32); only its wei
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import yaml
@@ -84,3 +85,28 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def render(story, out, factory, cache, **options):
+    """render_story through the tiny pipeline's factory, keyed by its fixed fingerprint."""
+    from anystory_cli.render import render_story
+
+    return render_story(story, out, pipeline_factory=factory, model_fingerprint=tiny_fingerprint,
+                        cache_dir=cache, **options)
+
+
+FLUX_FIXTURE = Path(__file__).parent / "data" / "flux_tiny"  # tiny FLUX + released-code outputs
+FLUX_MODEL = FLUX_FIXTURE / "model"
+
+
+def flux_cases() -> dict:
+    return json.loads((FLUX_FIXTURE / "cases.json").read_text())
+
+
+def tiny_flux_pipeline():
+    """AnyStoryFluxPipeline on the committed tiny FLUX fixture, on the CPU."""
+    from anystory_cli.flux import AnyStoryFluxPipeline
+
+    return AnyStoryFluxPipeline.from_pretrained(
+        FLUX_MODEL / "flux", redux=FLUX_MODEL / "redux", adapter=FLUX_MODEL / "anystory_flux.bin",
+        reference_size=flux_cases()["reference_size"], device="cpu")

@@ -34,17 +34,6 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def seam(tiny_story_pipeline, tmp_path_factory):
-    """The CLI's model seam holds the tiny pipeline; the cache lives in a temporary folder."""
-    factory = storykit.TinyFactory(tiny_story_pipeline)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli.seams, "PIPELINE_FACTORY", factory)
-        patch.setattr(cli.seams, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
-        patch.setenv("ANYSTORY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield factory
-
-
-@pytest.fixture(scope="module")
 def rendered(seam, tmp_path_factory):
     """A story rendered once, successfully: (story folder, output folder, file hashes)."""
     root = tmp_path_factory.mktemp("good")

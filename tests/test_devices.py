@@ -89,17 +89,6 @@ def test_torchrun_processes_take_one_gpu_each(monkeypatch):
 # the commands
 
 
-@pytest.fixture(scope="module")
-def seam(tiny_story_pipeline, tmp_path_factory):
-    import storykit
-    from anystory_cli import cli
-
-    factory = storykit.TinyFactory(tiny_story_pipeline)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(cli.seams, "PIPELINE_FACTORY", factory)
-        patch.setattr(cli.seams, "MODEL_FINGERPRINT", storykit.tiny_fingerprint)
-        patch.setenv("ANYSTORY_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield factory
 
 
 def invoke(*args):

@@ -17,9 +17,9 @@ import storykit
 import torch
 from PIL import Image
 
-FIXTURE = Path(__file__).parent / "data" / "flux_tiny"
-MODEL = FIXTURE / "model"
-CASES = json.loads((FIXTURE / "cases.json").read_text())
+FIXTURE = storykit.FLUX_FIXTURE
+MODEL = storykit.FLUX_MODEL
+CASES = storykit.flux_cases()
 REFERENCE = Path(os.environ.get("ANYSTORY_FLUX_REFERENCE",
                                 Path(__file__).resolve().parents[2] / "shared" / "reference"))
 TOLERANCE = 1e-4
@@ -36,10 +36,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from anystory_cli.flux import AnyStoryFluxPipeline
-    return AnyStoryFluxPipeline.from_pretrained(
-        MODEL / "flux", redux=MODEL / "redux", adapter=MODEL / "anystory_flux.bin",
-        reference_size=CASES["reference_size"], device="cpu")
+    return storykit.tiny_flux_pipeline()
 
 
 def subject(name: str) -> tuple[Image.Image, Image.Image]:

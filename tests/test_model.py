@@ -26,13 +26,6 @@ def generator(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def story_pipe(request):
-    pipe = tiny.tiny_story_pipeline(tiny.tiny_sd_pipeline() if request.param == "sd15" else tiny.tiny_sdxl_pipeline())
-    yield pipe
-    pipe.unload()
-
-
 @pytest.fixture(scope="module")
 def sd_pipe():
     return tiny.tiny_story_pipeline()

@@ -36,9 +36,7 @@ def factory(tiny_story_pipeline):
     return storykit.TinyFactory(tiny_story_pipeline)
 
 
-def render(story, out, factory, cache, **options):
-    return render_story(story, out, pipeline_factory=factory,
-                        model_fingerprint=storykit.tiny_fingerprint, cache_dir=cache, **options)
+render = storykit.render
 
 
 # --------------------------------------------------------------------------------------------

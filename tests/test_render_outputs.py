@@ -13,7 +13,6 @@ import pytest
 from PIL import Image
 
 import storykit
-from anystory_cli.render import render_story
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -26,9 +25,7 @@ def factory(tiny_story_pipeline):
     return storykit.TinyFactory(tiny_story_pipeline)
 
 
-def render(story, out, factory, cache, **options):
-    return render_story(story, out, pipeline_factory=factory, model_fingerprint=storykit.tiny_fingerprint,
-                        cache_dir=cache, **options)
+render = storykit.render
 
 
 def files(out):

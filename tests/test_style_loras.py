@@ -41,13 +41,6 @@ def draw(pipe, characters=(), prompt="a red blob on grass", **kwargs):
                 output_type="np", **kwargs).images
 
 
-@pytest.fixture(scope="module", params=["sd15", "sdxl"])
-def story_pipe(request):
-    pipe = tiny.tiny_story_pipeline(tiny.tiny_sd_pipeline() if request.param == "sd15" else tiny.tiny_sdxl_pipeline())
-    yield pipe
-    pipe.unload()
-
-
 @pytest.fixture(scope="module")
 def lora_file(story_pipe, tmp_path_factory):
     return make_lora(story_pipe.base, tmp_path_factory.mktemp("lora"), text_encoder=True)

@@ -3,7 +3,6 @@ gone after, with the model's own reference and router LoRAs as they were."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -13,9 +12,8 @@ from PIL import Image
 import storykit
 from anystory_cli.errors import ModelError
 
-FIXTURE = Path(__file__).parent / "data" / "flux_tiny"
-MODEL = FIXTURE / "model"
-CASES = json.loads((FIXTURE / "cases.json").read_text())
+FIXTURE = storykit.FLUX_FIXTURE
+CASES = storykit.flux_cases()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -25,11 +23,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from anystory_cli.flux import AnyStoryFluxPipeline
-
-    return AnyStoryFluxPipeline.from_pretrained(
-        MODEL / "flux", redux=MODEL / "redux", adapter=MODEL / "anystory_flux.bin",
-        reference_size=CASES["reference_size"], device="cpu")
+    return storykit.tiny_flux_pipeline()
 
 
 def flux_lora(pipe, folder: Path, seed: int = 1) -> Path:
