@@ -119,6 +119,77 @@ def test_segment_sheet_falls_back_to_the_centre_without_a_background():
     assert fallback and mask[32, 32] and not mask[0, 0]
 
 
+def _parts_by_hand(mask: np.ndarray) -> list[set]:
+    """4-connected parts of `mask` as pixel sets, in the raster order of their first pixel."""
+    height, width = mask.shape
+    seen, parts = set(), []
+    for start in zip(*np.nonzero(mask)):
+        if start in seen:
+            continue
+        part, todo = set(), [start]
+        seen.add(start)
+        while todo:
+            y, x = todo.pop()
+            part.add((y, x))
+            for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= ny < height and 0 <= nx < width and mask[ny, nx] and (ny, nx) not in seen:
+                    seen.add((ny, nx))
+                    todo.append((ny, nx))
+        parts.append(part)
+    return parts
+
+
+def _largest_part_by_hand(mask: np.ndarray) -> np.ndarray | None:
+    parts = _parts_by_hand(mask)
+    if not parts:
+        return None
+    largest = max(parts, key=len)  # max keeps the first of equal sizes
+    out = np.zeros(mask.shape, bool)
+    out[tuple(np.array(sorted(largest)).T)] = True
+    height, width = mask.shape
+    for gap in _parts_by_hand(~out):
+        if not any(y in (0, height - 1) or x in (0, width - 1) for y, x in gap):
+            out[tuple(np.array(sorted(gap)).T)] = True
+    return out
+
+
+def test_largest_part_matches_a_flood_fill_by_hand_on_random_masks():
+    """4-connected parts, the first of equal sizes, holes = background no 4-connected path joins
+    to the border."""
+    from anystory_cli.render.sheets import _largest_part
+
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        mask = rng.random(tuple(rng.integers(1, 20, 2))) < rng.uniform(0.1, 0.9)
+        expected = _largest_part_by_hand(mask)
+        got = _largest_part(mask)
+        if expected is None:
+            assert got is None
+        else:
+            assert got.dtype == bool
+            np.testing.assert_array_equal(got, expected)
+
+
+def test_largest_part_connectivity_ties_and_holes():
+    from anystory_cli.render.sheets import _largest_part
+
+    assert _largest_part(np.zeros((4, 4), bool)) is None
+    diagonal = np.eye(3, dtype=bool)  # three 1-pixel parts: the first in raster order wins
+    np.testing.assert_array_equal(_largest_part(diagonal), np.pad([[True]], ((0, 2), (0, 2))))
+    tie = np.zeros((3, 7), bool)
+    tie[0, 4:6] = tie[2, 1:3] = True  # equal sizes: the one whose first pixel comes first
+    np.testing.assert_array_equal(_largest_part(tie), np.pad([[True, True]], ((0, 2), (4, 1))))
+    ring = np.ones((5, 5), bool)
+    ring[1:4, 1:4] = False
+    ring[0, 0] = False  # the inside reaches the border only through a corner: still a hole
+    expected = np.ones((5, 5), bool)
+    expected[0, 0] = False
+    np.testing.assert_array_equal(_largest_part(ring), expected)
+    opened = np.ones((5, 5), bool)
+    opened[1:4, 1:4] = opened[2, 4] = False  # a 4-connected way out: not a hole
+    np.testing.assert_array_equal(_largest_part(opened), opened)
+
+
 def test_character_card_shows_reference_and_mask():
     card = character_card(tiny.sprite())
     assert card.size == (2 * 256 + 3 * 8, 256 + 2 * 8)

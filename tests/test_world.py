@@ -132,6 +132,18 @@ def _same_scene(a: Scene, b: Scene) -> bool:
             and a.caption == b.caption and a.instances == b.instances)
 
 
+def test_dilate_grows_by_one_pixel_in_the_four_directions():
+    from anystory_cli.lab.world.raster import dilate
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = rng.random(tuple(rng.integers(1, 16, 2))) < rng.uniform(0.02, 0.5)
+        padded = np.pad(mask, 1)
+        expected = (padded[1:-1, 1:-1] | padded[:-2, 1:-1] | padded[2:, 1:-1]
+                    | padded[1:-1, :-2] | padded[1:-1, 2:])
+        np.testing.assert_array_equal(dilate(mask), expected)
+
+
 def test_scenes_are_deterministic_and_seeds_matter():
     for n in (1, 2, 3, 4):
         assert _same_scene(sample_scene(7, n), sample_scene(7, n))
