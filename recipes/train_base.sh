@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start or resume base-model runs in the background: niced, one thread each, logs in runs/.
 #   recipes/train_base.sh vae clip unet     (the UNet waits until the VAE and the text tower are final)
-# Each run continues from checkpoints/<model>.state.safetensors (training state, logs and preview
+# Each run continues from its checkpoint in checkpoints/<model>.state/ (training state, logs and preview
 # pictures are written there, not kept in git); a finished run only republishes. Without that state
 # a run starts again from step 0 and publishes over the shipped weights in anystory_cli/assets/default/
 # at its checkpoints (recipes/base_<model>.yaml has its steps and a line on why).

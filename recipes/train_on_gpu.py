@@ -83,7 +83,7 @@ def train_base_unet(clock: Clock, until: float, after_probe, smoke: bool) -> int
     timed = [r for r in map(json.loads, tb.RunPaths(recipe, base).log_file.read_text().splitlines())
              if "seconds" in r]
     per_step = timed[-1]["seconds"]
-    publish = 15.0  # the last checkpoint: state file, fp16 asset, a sample grid
+    publish = 15.0  # the last checkpoint: training state, fp16 asset, a sample grid
     steps = probe + max(0, int((until - clock.used() - publish) / per_step))
     say(clock, f"base UNet: {per_step * 1000:.1f} ms a step of {recipe.batch_size}; steps = {steps}")
     tb.train(recipe.model_copy(update={"steps": steps}), base, max_minutes=max(0.5, (until - clock.used()) / 60))

@@ -151,8 +151,24 @@ def _write_recipe(folder, name, **changes):
     return load_recipe(path)
 
 
+def _checkpoint(folder, name):
+    run = folder / "state" / f"{name}.state"
+    return run / (run / "latest").read_text().strip()
+
+
 def _state(folder, name):
-    return load_file(str(folder / "state" / f"{name}.state.safetensors"))
+    """The run's newest checkpoint: its weights and its AdamW state, tensors by name."""
+    checkpoint = _checkpoint(folder, name)
+    tensors = load_file(str(checkpoint / "weights.safetensors"))
+    optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+    tensors.update({f"optim/{index}/{key}": value
+                    for index, entry in optimizer["state"].items() for key, value in entry.items()})
+    return tensors
+
+
+def _state_files(folder, name):
+    run = folder / "state" / f"{name}.state"
+    return {path.relative_to(run): path.read_bytes() for path in sorted(run.rglob("*")) if path.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -180,10 +196,69 @@ def test_interrupted_run_resumes_to_the_same_weights(name, tmp_path, trained_inp
         record = train(recipe, base, log=lambda record: None)
         assert record["step"] == 2 and record["final"]
         states.append(_state(folder, name))
+        # one checkpoint per run: the newest; the one of the first call is gone
+        assert sorted(p.name for p in (folder / "state" / f"{name}.state").iterdir()) == ["latest", "step-0000002"]
+    whole, resumed = states
+    assert whole.keys() == resumed.keys() and any(key.startswith("optim/") for key in whole)
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_a_single_file_state_resumes_to_the_same_weights(tmp_path):
+    """A run whose state is one safetensors file (`<run>.state.safetensors`: `{module}/{parameter}`
+    weights, `optim/{index}/{key}` AdamW state, `rng/torch`; step, elapsed time and param_groups in
+    the metadata) resumes from it to the weights of an uninterrupted run."""
+    import json
+
+    from safetensors.torch import save_file
+
+    states = []
+    for run, cut in (("whole", False), ("resumed", True)):
+        folder = tmp_path / run
+        folder.mkdir()
+        recipe, base = _write_recipe(folder, "vae")
+        if cut:
+            train(recipe, base, max_steps=1, log=lambda record: None)
+            checkpoint = _checkpoint(folder, "vae")
+            optimizer = torch.load(checkpoint / "optimizer.bin", weights_only=True)
+            tensors = {**load_file(str(checkpoint / "weights.safetensors")),
+                       **{f"optim/{index}/{key}": value
+                          for index, entry in optimizer["state"].items() for key, value in entry.items()},
+                       "rng/torch": torch.get_rng_state()}
+            metadata = {"format": "anystory-base-state/1", "step": "1", "elapsed": "1.5",
+                        "param_groups": json.dumps(optimizer["param_groups"]), "recipe": recipe.model_dump_json()}
+            save_file(tensors, str(folder / "state" / "vae.state.safetensors"), metadata=metadata)
+            shutil.rmtree(folder / "state" / "vae.state")
+        record = train(recipe, base, log=lambda record: None)
+        assert record["step"] == 2 and record["final"]
+        states.append(_state(folder, "vae"))
     whole, resumed = states
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_a_damaged_or_foreign_checkpoint_stops_the_run_with_one_line(tmp_path):
+    from anystory_cli.errors import ModelError
+
+    recipe, base = _write_recipe(tmp_path, "vae", steps=1)
+    train(recipe, base, log=lambda record: None)
+    weights = _checkpoint(tmp_path, "vae") / "weights.safetensors"
+    good = weights.read_bytes()
+    more, _ = _write_recipe(tmp_path, "vae", steps=2)
+    for damage, message in (
+        (lambda: weights.write_bytes(good[:100]), r"weights\.safetensors: the checkpoint is damaged"),
+        (lambda: weights.write_bytes(b"\xff" * len(good)), r"step-0000001: the checkpoint does not load"),
+    ):
+        damage()
+        with pytest.raises(ModelError, match=message) as caught:
+            train(more, base, log=lambda record: None)
+        assert "\n" not in str(caught.value) and "to start the run over" in str(caught.value)
+    weights.write_bytes(good)
+    wider, _ = _write_recipe(tmp_path, "vae", steps=2, vae={**TINY_VAE, "block_out_channels": [8, 32]})
+    with pytest.raises(ModelError, match=r"does not match this recipe's model .*delete .*vae\.state to start"):
+        train(wider, base, log=lambda record: None)
+    assert weights.read_bytes() == good
 
 
 def test_finished_run_publishes_loadable_assets(trained_inputs):
@@ -204,7 +279,7 @@ def test_a_continuation_recipe_starts_from_the_published_unet_and_trains_other_s
     first, base = _write_recipe(tmp_path, "unet")
     train(first, base, log=lambda record: None)
     published = bm.load_unet(tmp_path / "assets").state_dict()
-    first_state = (tmp_path / "state" / "unet.state.safetensors").read_bytes()
+    first_state = _state_files(tmp_path, "unet")
     path = tmp_path / "shapes.yaml"
     path.write_text(yaml.safe_dump({**TINY_RECIPES["unet"], "run_name": "unet_shapes", "init_from_published": True,
                                     "sizes": [[64, 64], [64, 96]], "size_weights": [0.0, 1.0], "size_pool": 3,
@@ -218,8 +293,8 @@ def test_a_continuation_recipe_starts_from_the_published_unet_and_trains_other_s
     assert record["step"] == 1 and not record["final"]  # it published its own unfinished UNet
     record = train(recipe, base, log=lambda record: None)  # and resumes from its own state
     assert record["step"] == 2 and record["final"]
-    assert (tmp_path / "state" / "unet_shapes.state.safetensors").is_file()
-    assert (tmp_path / "state" / "unet.state.safetensors").read_bytes() == first_state  # not resumed, not touched
+    assert _checkpoint(tmp_path, "unet_shapes").name == "step-0000002"
+    assert _state_files(tmp_path, "unet") == first_state  # not resumed, not touched
     after = bm.load_unet(tmp_path / "assets").state_dict()
     assert any(not torch.equal(after[k], published[k]) for k in after)  # the continuation published its UNet
 

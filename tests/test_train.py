@@ -155,17 +155,14 @@ def test_the_learning_rate_follows_the_recipe_s_schedule_across_a_resume(tmp_pat
     """`lr_scheduler` / `lr_warmup_steps` are diffusers' get_scheduler: linear warm-up over one
     step, then linear decay to 0 at `steps`; a resumed run continues the schedule where it
     stopped and reaches the same weights."""
-    from safetensors import safe_open
-
     schedule = dict(lr_scheduler="linear", lr_warmup_steps=1, steps=3, checkpoint_every=1)
     straight = train(recipe(tmp_path / "a", 2, **schedule), components())
     train(recipe(tmp_path / "b", 2, **{**schedule, "max_minutes": 1e-9}), components())
     resumed = train(recipe(tmp_path / "b", 2, **schedule, resume=True), components())
 
     def lr_after(folder, step):
-        path = folder / "out" / "checkpoints" / f"step-{step:07d}" / "training_state.safetensors"
-        with safe_open(str(path), "pt") as state:
-            return json.loads(state.metadata()["param_groups"])[0]["lr"]
+        path = folder / "out" / "checkpoints" / f"step-{step:07d}" / "optimizer.bin"
+        return torch.load(path, weights_only=True)["param_groups"][0]["lr"]
 
     lr = recipe(tmp_path / "c", 2).lr
     assert [lr_after(tmp_path / "a", s) for s in (1, 2, 3)] == pytest.approx([lr, lr / 2, 0.0])
@@ -183,6 +180,65 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(v, resumed.adapter.state_dict()[k]), k
     log = [json.loads(line)["step"] for line in (tmp_path / "b" / "out" / "log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4]
+
+
+def test_a_single_file_training_state_resumes_exactly(tmp_path):
+    """A checkpoint holding the adapter and `training_state.safetensors` (the optimizer state
+    flattened into tensors, param_groups and step in its metadata) resumes to the weights of an
+    uninterrupted run, the learning-rate schedule included."""
+    from safetensors.torch import save_file
+
+    schedule = dict(steps=2, checkpoint_every=10, preview_count=0, lr_scheduler="linear")
+    straight = train(recipe(tmp_path / "a", 2, **schedule), components())
+    folder = train(recipe(tmp_path / "b", 2, **schedule, max_minutes=1e-9), components()).checkpoint
+    state = torch.load(folder / "optimizer.bin", weights_only=True)
+    tensors = {f"optimizer/{index}/{key}": value.contiguous()
+               for index, entry in state["state"].items() for key, value in entry.items()}
+    save_file(tensors, str(folder / "training_state.safetensors"),
+              metadata={"step": "1", "seed": "3", "stage": "2", "param_groups": json.dumps(state["param_groups"])})
+    for name in ("optimizer.bin", "scheduler.bin", "random_states_0.pkl", "run_state.json"):
+        (folder / name).unlink()
+    resumed = train(recipe(tmp_path / "b", 2, **schedule, resume=True), components())
+    assert resumed.step == 2
+    for k, v in straight.adapter.state_dict().items():
+        assert torch.equal(v, resumed.adapter.state_dict()[k]), k
+
+
+def test_a_damaged_checkpoint_stops_the_resume_with_one_line(tmp_path):
+    """A checkpoint is what Accelerator.save_state writes, the adapter in its published format and
+    run_state.json; a truncated, unreadable or missing part, a checkpoint of the other stage or a
+    `latest` naming no folder is one ModelError line that says how to start over, and the
+    checkpoint is left as it was."""
+    from anystory_cli.errors import ModelError
+    from anystory_cli.sd.weights import load_adapter
+
+    rec = recipe(tmp_path, 2, steps=1, preview_count=0)
+    folder = train(rec, components()).checkpoint
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "adapter.safetensors", "optimizer.bin", "random_states_0.pkl", "run_state.json", "scheduler.bin"]
+    assert load_adapter(folder / "adapter.safetensors").config.max_characters == 4
+    more = rec.model_copy(update={"steps": 2, "resume": True})
+    optimizer = folder / "optimizer.bin"
+    good = optimizer.read_bytes()
+
+    def refused(pattern):
+        with pytest.raises(ModelError, match=pattern) as caught:
+            train(more, components())
+        assert "\n" not in str(caught.value) and "--restart" in str(caught.value), caught.value
+
+    optimizer.write_bytes(good[: len(good) // 2])
+    refused(r"optimizer\.bin: the checkpoint is damaged \(optimizer\.bin has \d+ bytes, \d+ were written\)")
+    optimizer.write_bytes(b"\0" * len(good))
+    refused(r"step-0000001: the checkpoint does not load \(")
+    optimizer.write_bytes(good)
+    info = json.loads((folder / "run_state.json").read_text())
+    (folder / "run_state.json").write_text(json.dumps({**info, "stage": 1}))
+    refused("a stage-1 checkpoint, and the recipe trains stage 2")
+    (folder / "run_state.json").unlink()
+    refused(r"step-0000001: not a training checkpoint \(run_state\.json is missing\)")
+    (tmp_path / "out" / "latest").write_text("step-0000009\n")
+    refused(r"latest names the checkpoint .*step-0000009, which is not there")
+    assert optimizer.read_bytes() == good
 
 
 def test_checkpoint_loads_into_the_pipeline_and_renders(tmp_path):
@@ -329,7 +385,6 @@ def test_a_run_shows_its_losses_and_samples_with_routing_maps(tmp_path):
 def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     import errno
 
-    import anystory_cli.train.loop as T
     from anystory_cli.errors import OutputError
 
     rec = recipe(tmp_path, 1, steps=1, preview_count=0)
@@ -339,7 +394,7 @@ def test_out_of_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, monkey
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(T, "save_file", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)  # accelerate writes the optimizer state with it
     with pytest.raises(OutputError, match="checkpoint not written .No space left on device: the disk is full.*previous checkpoint is intact"):
         train(recipe(tmp_path, 1, steps=2, resume=True, preview_count=0), components())
     out = tmp_path / "out"
@@ -446,7 +501,7 @@ def test_the_train_command_takes_base_model_recipes_too():
     checked = runner.invoke(app, ["train", str(recipe_path), "--check"])
     assert checked.exit_code == 0 and "base_unet.yaml: the recipe is usable" in checked.output
     refused = runner.invoke(app, ["train", str(recipe_path), "--restart"])
-    assert refused.exit_code == 1 and "always continue from their state file" in refused.stderr
+    assert refused.exit_code == 1 and "always continue from their checkpoint" in refused.stderr
 
 
 def test_the_train_command_trains_what_the_recipe_s_kind_says(tmp_path):

@@ -45,14 +45,15 @@ def _train_adapter(recipe_path: Path, resume: Optional[bool], check: bool, as_js
 
 def _train_base_model(recipe_path: Path, resume: Optional[bool], check: bool, as_json: bool) -> None:
     """The default model's VAE, CLIP or UNet (anystory_cli/lab/train_base.py): always resumes
-    from its state file; --restart is refused rather than silently deleting a long run."""
+    from its checkpoint; --restart is refused rather than silently deleting a long run."""
     from ..errors import InputError
     from ..lab import train_base
 
     recipe, base_dir = train_base.load_recipe(recipe_path)
     if resume is False:
-        raise InputError(f"{recipe_path}: base-model runs always continue from their state file; "
-                         "delete it to start over")
+        checkpoints = train_base.RunPaths(recipe, base_dir).checkpoints
+        raise InputError(f"{recipe_path}: base-model runs always continue from their checkpoint; "
+                         f"delete {checkpoints} to start over")
     if check:
         typer.echo(f"{recipe_path}: the recipe is usable")
         return

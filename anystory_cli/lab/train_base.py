@@ -3,9 +3,11 @@
     nice -n 10 anystory train recipes/base_vae.yaml        (recipes/train_base.sh starts them in the background)
 
 One loop (`train`) serves the three recipes; a *task* supplies the batch loss and what to publish.
-Every run is resumable: a checkpoint is one safetensors state file (fp32 weights, EMA, AdamW
-moments, step, elapsed time, RNG) overwritten atomically every `checkpoint_minutes`, and the
-shipped fp16 weights + JSON config in the assets folder are rewritten at the same moment. Batch
+Every run is resumable: every `checkpoint_minutes` its state (fp32 weights and EMA, AdamW
+moments, RNG states, step and elapsed time) is written into `<state_dir>/<run>.state/step-N/`
+by the adapter trainer's checkpoint code (anystory_cli/train/checkpoint.py: accelerate's state
+files, renamed into place whole; only the newest is kept), and the shipped fp16 weights + JSON
+config in the assets folder are rewritten at the same moment. Batch
 contents and noise are derived from (seed, step) alone, so a resumed run draws exactly what an
 uninterrupted run would have drawn, and ends with the same weights.
 
@@ -37,6 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path
+from ..train.checkpoint import Checkpoints, WeightsFile
 from ..train.recipe_files import read_recipe_yaml, recipe_error
 from ..errors import InputError, ModelError
 from .. import default_model as bm
@@ -45,7 +48,7 @@ from .world.parallel import ordered_map
 from .world.rng import WorldRng, stable_hash
 from .world.scenes import placeable_scene, pool_scene, random_reference, vocabulary
 
-STATE_FORMAT = "anystory-base-state/1"
+SINGLE_FILE_FORMAT = "anystory-base-state/1"  # the format of a single-file state
 CLIP_MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
@@ -91,7 +94,7 @@ class RecipeBase(BaseModel):
     assets_dir: str = "../anystory_cli/assets/default"
     state_dir: str = "../checkpoints"
     cache_dir: str = "../runs"  # rendered scene pools and encoded latents (recomputed when missing)
-    # AdamW moments in the state file: bfloat16 halves its size (resume then is close, not exact).
+    # AdamW moments in the checkpoint: bfloat16 halves their size (resume then is close, not exact).
     moment_dtype: Literal["float32", "bfloat16"] = "float32"
     # Stem of the state, log and lock files (default: the model's name). A second recipe of the
     # same model, such as a continuation, needs its own: it must not resume the first one's state.
@@ -529,7 +532,7 @@ class UNetTask:
         # published at its last checkpoint is its own unfinished one.
         # A panel LoRA always sits on the published UNet, which it never changes.
         starts_from_published = recipe.init_from_published and (recipe.panel_lora_rank is not None
-                                                                 or not paths.state_file.is_file())
+                                                                 or not paths.has_state())
         require_final(paths.assets, ("vae", "text_encoder") + (("unet",) if starts_from_published else ()))
         self.vae_config = bm.read_config("vae", paths.assets)
         self.text_config = bm.read_config("text_encoder", paths.assets)
@@ -672,45 +675,88 @@ class RunPaths:
         self.assets = (base_dir / recipe.assets_dir).resolve()
         self.state = (base_dir / recipe.state_dir).resolve()
         self.cache = (base_dir / recipe.cache_dir).resolve()
-        self.state_file = self.state / f"{recipe.run}.state.safetensors"
+        self.checkpoints = self.state / f"{recipe.run}.state"  # step-N/ (the newest only) and `latest`
+        self.single_file_state = self.state / f"{recipe.run}.state.safetensors"  # read when there is no folder
         self.log_file = self.state / f"{recipe.run}.log.jsonl"
 
-
-def save_state(path: Path, modules: dict, optimizer, step: int, elapsed: float, recipe) -> None:
-    moment_dtype = getattr(torch, recipe.moment_dtype)
-    tensors = {f"{name}/{key}": value.detach().float().cpu().contiguous().clone()
-               for name, module in modules.items() for key, value in module.state_dict().items()}
-    optim_state = optimizer.state_dict()
-    for index, entries in optim_state["state"].items():
-        for key, value in entries.items():
-            cast = value if key == "step" else value.to(moment_dtype)
-            tensors[f"optim/{index}/{key}"] = cast.cpu().contiguous().clone()
-    tensors["rng/torch"] = torch.get_rng_state()
-    metadata = {
-        "format": STATE_FORMAT, "step": str(step), "elapsed": repr(elapsed),
-        "param_groups": json.dumps(optim_state["param_groups"]), "recipe": recipe.model_dump_json(),
-    }
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    def has_state(self) -> bool:
+        return (self.checkpoints / "latest").is_file() or self.single_file_state.is_file()
 
 
-def load_state(path: Path, modules: dict, optimizer) -> tuple[int, float]:
-    """Restore weights, optimizer and RNG in place; (step, elapsed seconds), (0, 0) without a file."""
-    if not path.is_file():
-        return 0, 0.0
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata()
-    if metadata.get("format") != STATE_FORMAT:
-        raise ModelError(f"{path}: not a base-model training state")
-    tensors = load_file(str(path))
+WEIGHTS_FILE = "weights.safetensors"  # every module of the task in fp32, `{module}/{parameter}`
+
+
+def run_checkpoints(paths: RunPaths, modules: dict, optimizer, recipe) -> Checkpoints:
+    """The run's checkpoints (anystory_cli/train/checkpoint.py): the task's modules, the AdamW
+    state (moments in the recipe's moment_dtype), RNG states, and step and elapsed time."""
+    hint = f"delete {paths.checkpoints} to start the run over"
+
+    def save(path: Path) -> None:
+        save_file({f"{name}/{key}": value.detach().float().cpu().contiguous().clone()
+                   for name, module in modules.items() for key, value in module.state_dict().items()}, str(path))
+
+    def load(path: Path) -> None:
+        _load_modules(load_file(str(path)), modules, path, hint)
+
+    return Checkpoints(paths.checkpoints, keep=1, optimizers=[StoredMoments(optimizer, recipe.moment_dtype)],
+                       weights={WEIGHTS_FILE: WeightsFile(save, load)}, restart_hint=hint)
+
+
+class StoredMoments:
+    """An optimizer as a checkpoint stores it: AdamW's moments in `dtype` (bfloat16 halves the
+    state; resume is then close, not exact), back in the parameters' dtype when loaded."""
+
+    def __init__(self, optimizer, dtype: str):
+        self.optimizer, self.dtype = optimizer, getattr(torch, dtype)
+
+    def state_dict(self) -> dict:
+        state = self.optimizer.state_dict()
+        return {"param_groups": state["param_groups"],
+                "state": {index: {key: value if key == "step" else value.to(self.dtype) for key, value in entry.items()}
+                          for index, entry in state["state"].items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict({
+            "param_groups": state["param_groups"],
+            "state": {index: {key: value if key == "step" else value.float() for key, value in entry.items()}
+                      for index, entry in state["state"].items()}})
+
+
+def _load_modules(tensors: dict, modules: dict, path: Path, hint: str) -> None:
     for name, module in modules.items():
         prefix = f"{name}/"
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as exc:
-            raise ModelError(f"{path}: does not match this recipe's model ({str(exc).splitlines()[0]}); "
-                             f"delete it to start over") from None
+            raise ModelError(f"{path}: does not match this recipe's model ({str(exc).splitlines()[0]}); {hint}") from None
+
+
+def resume(checkpoints: Checkpoints, paths: RunPaths, modules: dict, optimizer, recipe) -> tuple[int, float]:
+    """Restore weights, optimizer and RNG in place from the run's newest checkpoint (or its single
+    state file); (step, elapsed seconds), (0, 0) when it has neither."""
+    found = checkpoints.latest()
+    if found is not None:
+        info = checkpoints.load(found)
+        if info.get("model") != recipe.model:
+            raise ModelError(f"{found}: a checkpoint of the {info.get('model')} model, and the recipe trains the "
+                             f"{recipe.model}; {checkpoints.restart_hint}")
+        return info["step"], float(info["elapsed"])
+    if paths.single_file_state.is_file():
+        return _load_single_file_state(paths.single_file_state, modules, optimizer)
+    return 0, 0.0
+
+
+def _load_single_file_state(path: Path, modules: dict, optimizer) -> tuple[int, float]:
+    """A state in one safetensors file: `{module}/{parameter}` weights, `optim/{index}/{key}` AdamW
+    state, `rng/torch`, with step, elapsed time and the param_groups in the metadata."""
+    hint = f"delete {path} to start the run over"
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get("format") != SINGLE_FILE_FORMAT:
+        raise ModelError(f"{path}: not a base-model training state; {hint}")
+    tensors = load_file(str(path))
+    _load_modules(tensors, modules, path, hint)
     optim_state: dict = {"state": {}, "param_groups": json.loads(metadata["param_groups"])}
     for key, value in tensors.items():
         if key.startswith("optim/"):
@@ -784,7 +830,8 @@ def _train(recipe, paths: "RunPaths", max_steps, max_minutes, log) -> dict:
     # Frozen weights are not optimised: EMA copies, and a panel LoRA's UNet under it.
     parameters = [p for m in task.modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.99))
-    step, elapsed = load_state(paths.state_file, task.modules, optimizer)
+    checkpoints = run_checkpoints(paths, task.modules, optimizer, recipe)
+    step, elapsed = resume(checkpoints, paths, task.modules, optimizer, recipe)
     log = log or (lambda record: print(json.dumps(record), flush=True))
     record = {"model": recipe.model, "step": step, "event": "resume" if step else "start"}
     log(record)
@@ -797,7 +844,7 @@ def _train(recipe, paths: "RunPaths", max_steps, max_minutes, log) -> dict:
     def checkpoint(final: bool) -> dict:
         nonlocal last_checkpoint
         total = elapsed + time.monotonic() - started
-        save_state(paths.state_file, task.modules, optimizer, step, total, recipe)
+        checkpoints.save(step, {"model": recipe.model, "elapsed": total, "recipe": recipe.model_dump(mode="json")})
         info = task.publish(step, final)
         last_checkpoint = time.monotonic()
         entry = {"model": recipe.model, "step": step, "event": "checkpoint", "final": final,

@@ -52,16 +52,18 @@ Manifest: JSONL, one sample per line, paths relative to the manifest's folder.
              # one mask per instance (white = the instance), the image's size, 1..max_characters
     Other fields of a row are ignored (`anystory world dataset` adds the identity seeds).
 
-Output folder: ``checkpoints/step-NNNNNNN/{adapter.safetensors, training_state.safetensors}``
-(a checkpoint folder appears at once, by rename), ``latest`` (the newest checkpoint's name),
-``adapter.safetensors`` (the last checkpoint's adapter, loadable by AnyStoryPipeline) and
-``log.jsonl`` (losses per optimizer step), ``losses.png`` (their curves) and ``samples.png``
-(references, target, generation and routing map of the preview rows; one per checkpoint in
-``samples/``).
+Output folder: ``checkpoints/step-NNNNNNN/`` (what ``Accelerator.save_state`` writes: the
+optimizer, the learning-rate scheduler and RNG states; ``adapter.safetensors``, the adapter in the
+format AnyStoryPipeline loads; ``run_state.json``, the step; see checkpoint.py: a checkpoint folder
+appears whole, by rename), ``latest`` (the newest checkpoint's name), ``adapter.safetensors`` (the
+last checkpoint's adapter) and ``log.jsonl`` (losses per optimizer step), ``losses.png`` (their
+curves) and ``samples.png`` (references, target, generation and routing map of the preview rows;
+one per checkpoint in ``samples/``). A checkpoint folder holding ``training_state.safetensors``
+instead (the adapter and its optimizer state in one safetensors file) resumes too.
 
 Reproducibility: batch contents, augmentation, noise, timesteps and Gumbel noise are all derived
 from (seed, micro-step, process index), so the RNG state *is* the step, and a resumed run
-draws exactly what an uninterrupted one would. The optimizer state is saved flattened.
+draws exactly what an uninterrupted one would.
 
 Devices: accelerate picks the device and mixed precision; under `torchrun`/`accelerate launch`
 each process draws its own samples and all step with the mean gradient (effective batch =
@@ -75,7 +77,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -87,15 +88,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-from ..atomic import atomic_path, os_error_reason
+from ..atomic import atomic_path
 from ..errors import AnyStoryError, InputError, ModelError, OutputError
 from ..masks import load_image, mask_array, prepare_reference
 from ..sd.adapter import AnyStoryAdapter, AnyStoryConfig, install
 from ..sd.attention import AnyStoryContext, InjectionInputs
 from ..sd.router import ROUTING_LOSS_WEIGHT, routing_loss
 from ..sd.weights import load_adapter, save_adapter
+from .checkpoint import Checkpoints, WeightsFile
 from .manifest import manifest_problems, read_manifest
 from .recipe_files import read_recipe_yaml
 
@@ -614,81 +616,46 @@ def _pad(masks: np.ndarray, n: int) -> np.ndarray:
 # checkpoints
 
 
-STATE_FILE, ADAPTER_FILE = "training_state.safetensors", "adapter.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
+SINGLE_FILE_STATE = "training_state.safetensors"  # the adapter's optimizer state in one safetensors file
 
 
-def _flatten_optimizer(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], str]:
-    state = optimizer.state_dict()
-    tensors = {f"optimizer/{index}/{key}": (value if torch.is_tensor(value) else torch.tensor(value)).contiguous().cpu()
-               for index, entry in state["state"].items() for key, value in entry.items()}
-    return tensors, json.dumps(state["param_groups"])
+def _adapter_weights(adapter: AnyStoryAdapter) -> WeightsFile:
+    """The adapter in a checkpoint: the file AnyStoryPipeline loads, in the training dtype."""
+
+    def load(path: Path) -> None:
+        adapter.load_state_dict(load_file(str(path)))
+
+    return WeightsFile(save=lambda path: save_adapter(adapter, path), load=load)
 
 
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: str) -> dict:
-    state: dict[int, dict] = {}
-    for name, value in tensors.items():
-        if name.startswith("optimizer/"):
-            _, index, key = name.split("/", 2)
-            state.setdefault(int(index), {})[key] = value
-    return {"state": state, "param_groups": json.loads(groups)}
+def _restore_single_file_state(checkpoint: Path, adapter, optimizer, lr_schedule) -> int:
+    """A checkpoint of the adapter plus `training_state.safetensors` (the optimizer state flattened
+    into tensors, its param_groups and the step in the metadata); returns its step."""
+    from safetensors import SafetensorError, safe_open
 
-
-def save_checkpoint(output_dir: Path, adapter, optimizer, step: int, recipe: TrainRecipe) -> Path:
-    """checkpoints/step-N appears whole (written to a temporary folder, then renamed); `latest`
-    and the top-level adapter are replaced atomically after it, so a failure leaves the previous
-    checkpoint usable."""
-    folder = output_dir / "checkpoints"
-    final = folder / f"step-{step:07d}"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=folder))
-    except OSError as exc:
-        raise OutputError(f"{folder}: cannot write checkpoints ({exc.strerror or exc})") from None
-    try:
-        save_adapter(adapter, tmp / ADAPTER_FILE)
-        tensors, groups = _flatten_optimizer(optimizer)
-        meta = {"step": str(step), "seed": str(recipe.seed), "stage": str(recipe.stage), "param_groups": groups}
-        with atomic_path(tmp / STATE_FILE) as path:
-            save_file(tensors or {"empty": torch.zeros(0)}, str(path), metadata=meta)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as exc:
-        raise OutputError(f"{final}: checkpoint not written ({os_error_reason(exc)}); "
-                          f"the previous checkpoint is intact") from None
-    except OutputError as exc:  # from atomic_path, about a file in the temporary folder
-        reason = str(exc).partition(" (")[2].rpartition(")")[0] or str(exc)
-        raise OutputError(f"{final}: checkpoint not written ({reason}); "
-                          f"the previous checkpoint is intact") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    # `latest` moves only once the new folder is whole; the adapter copy is a convenience.
-    with atomic_path(output_dir / "latest") as path:
-        path.write_text(final.name + "\n")
-    with atomic_path(output_dir / ADAPTER_FILE) as path:  # the newest adapter, where users look
-        shutil.copyfile(final / ADAPTER_FILE, path)
-    return final
+        adapter.load_state_dict(load_file(str(checkpoint / ADAPTER_FILE)))
+        with safe_open(str(checkpoint / SINGLE_FILE_STATE), framework="pt") as handle:
+            meta = handle.metadata()
+        state: dict[int, dict] = {}
+        for name, value in load_file(str(checkpoint / SINGLE_FILE_STATE)).items():
+            if name.startswith("optimizer/"):
+                _, index, key = name.split("/", 2)
+                state.setdefault(int(index), {})[key] = value
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+        start = int(meta["step"])
+    except (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"{checkpoint}: the checkpoint does not load ({reason}); {RESTART_HINT}") from None
+    with warnings.catch_warnings():  # the schedule is a function of the step: step it there
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        for _ in range(start):
+            lr_schedule.step()
+    return start
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    pointer = output_dir / "latest"
-    if not pointer.is_file():
-        return None
-    folder = output_dir / "checkpoints" / pointer.read_text().strip()
-    return folder if (folder / STATE_FILE).is_file() else None
-
-
-def restore(checkpoint: Path, adapter, optimizer) -> int:
-    """Adapter weights and optimizer state from a checkpoint; returns its step."""
-    from safetensors import safe_open
-
-    saved = load_file(str(checkpoint / ADAPTER_FILE))
-    adapter.load_state_dict(saved)
-    with safe_open(str(checkpoint / STATE_FILE), framework="pt") as handle:
-        meta = handle.metadata()
-    tensors = load_file(str(checkpoint / STATE_FILE))
-    optimizer.load_state_dict(_unflatten_optimizer(tensors, meta["param_groups"]))
-    return int(meta["step"])
+RESTART_HINT = "`anystory train RECIPE --restart` starts the run over"
 
 
 def _append_log(path: Path, record: dict) -> None:
@@ -747,8 +714,13 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
     bad_lines = check_dataset(recipe)
     if recipe.threads is not None:
         torch.set_num_threads(recipe.threads)
+    # The learning-rate schedule is a function of the optimizer step: stepped once per step on
+    # every process (accelerate's default steps it once per process, and not after a skipped step).
     accelerator = accelerator or Accelerator(mixed_precision=recipe.mixed_precision,
-                                             cpu=not torch.cuda.is_available())
+                                             cpu=not torch.cuda.is_available(),
+                                             step_scheduler_with_optimizer=False)
+    if accelerator.step_scheduler_with_optimizer:
+        raise InputError("train(): the accelerator must be made with step_scheduler_with_optimizer=False")
     if components is None:
         components = load_components(recipe)
     elif callable(components):
@@ -759,13 +731,13 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
     adapter = make_adapter(recipe, components).to(device)
     params = freeze(components, adapter, recipe.stage)
     optimizer = torch.optim.AdamW([p for _, p in params], lr=recipe.lr)
-    # Only the optimizer is prepared (mixed-precision scaling). The adapter is not wrapped in
-    # DDP: its modules run inside the UNet's attention processors, never through a wrapper's
-    # forward, so gradients are averaged across processes by hand in `_optimizer_step`.
+    # The optimizer (mixed-precision scaling) and the schedule are prepared, so save_state holds
+    # them. The adapter is not wrapped in DDP: its modules run inside the UNet's attention
+    # processors, never through a wrapper's forward, so gradients are averaged across processes by
+    # hand in `_optimizer_step`; its weights reach the checkpoint through save/load-state hooks.
     optimizer = accelerator.prepare(optimizer)
-    # Not prepared: accelerate would step it once per process.
-    lr_schedule = get_scheduler(recipe.lr_scheduler, optimizer, num_warmup_steps=recipe.lr_warmup_steps,
-                                num_training_steps=recipe.steps)
+    lr_schedule = accelerator.prepare(get_scheduler(recipe.lr_scheduler, optimizer, num_training_steps=recipe.steps,
+                                                    num_warmup_steps=recipe.lr_warmup_steps))
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     encoders = Encoders(components, adapter, device)
     resolution = recipe.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -775,13 +747,15 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
     main = accelerator.is_main_process
     report = progress if (progress is not None and main) else (lambda event: None)
     log = output / "log.jsonl"
-    start, checkpoint = 0, None
-    if recipe.resume and (found := latest_checkpoint(output)) is not None:
-        start, checkpoint = restore(found, adapter, optimizer), found
-        with warnings.catch_warnings():  # the schedule is a function of the step: step it there
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-            for _ in range(start):
-                lr_schedule.step()
+    # The adapter, optimizer, schedule and RNG states through Accelerator.save_state / load_state.
+    checkpoints = Checkpoints(output / "checkpoints", output / "latest", accelerator=accelerator,
+                              weights={ADAPTER_FILE: _adapter_weights(adapter)}, restart_hint=RESTART_HINT)
+    try:
+        start, checkpoint = _resume(recipe, checkpoints, adapter, optimizer, lr_schedule) if recipe.resume else (0, None)
+    except BaseException:
+        checkpoints.close()
+        raise
+    if checkpoint is not None:
         if main:
             _truncate_log(log, start)
     elif main:
@@ -810,7 +784,9 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
             if (step + 1) % recipe.checkpoint_every == 0 or step + 1 == recipe.steps or out_of_time:
                 accelerator.wait_for_everyone()
                 if main:
-                    checkpoint = save_checkpoint(output, adapter, optimizer, step + 1, recipe)
+                    checkpoint = checkpoints.save(step + 1, {"seed": recipe.seed, "stage": recipe.stage})
+                    with atomic_path(output / ADAPTER_FILE) as path:  # the newest adapter, where users look
+                        shutil.copyfile(checkpoint / ADAPTER_FILE, path)
                     handle.remove()  # the preview generates through the inference processors
                     try:
                         shown = preview.write(output, step + 1)
@@ -822,9 +798,24 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
                 break
     finally:
         handle.remove()
+        checkpoints.close()
         if isinstance(stream, PrefetchingStream):
             stream.close()
     return TrainResult(adapter.eval(), reached, history, checkpoint, stream.skipped)
+
+
+def _resume(recipe: TrainRecipe, checkpoints: Checkpoints, adapter, optimizer, lr_schedule) -> tuple[int, Path | None]:
+    """(step, checkpoint) of the newest checkpoint, restored in place; (0, None) when there is none."""
+    found = checkpoints.latest()
+    if found is None:
+        return 0, None
+    if (found / SINGLE_FILE_STATE).is_file() and not (found / "run_state.json").exists():
+        return _restore_single_file_state(found, adapter, optimizer, lr_schedule), found
+    info = checkpoints.load(found)
+    if info.get("stage") != recipe.stage:
+        raise ModelError(f"{found}: a stage-{info.get('stage')} checkpoint, and the recipe trains stage "
+                         f"{recipe.stage}; {RESTART_HINT}")
+    return info["step"], found
 
 
 def _out_of_time(recipe: TrainRecipe, started: float, accelerator) -> bool:
