@@ -52,11 +52,16 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path):
 
 
 def test_only_the_newest_is_kept_with_keep_1_and_every_step_without(tmp_path):
+    """keep=1 also clears what a stopped write left; without it nothing else is touched."""
     run = _run()
     for keep, folder in ((1, tmp_path / "one"), (None, tmp_path / "all")):
         checkpoints = _checkpoints(folder, *run, keep=keep)
-        for step in (1, 2, 3):
+        for step in (1, 2):
             checkpoints.save(step)
+        (folder / ".step-0000003.x1y2").mkdir()  # a write that was stopped
+        checkpoints.save(3)
+        if keep is None:
+            (folder / ".step-0000003.x1y2").rmdir()
         names = sorted(p.name for p in folder.iterdir())
         assert names == (["latest", "step-0000003"] if keep else ["latest", "step-0000001", "step-0000002",
                                                                     "step-0000003"])

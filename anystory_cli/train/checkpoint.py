@@ -119,11 +119,11 @@ class Checkpoints:
         aside = None
         try:
             self._write_state(tmp, step)
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
             record = {"format": FORMAT, "step": int(step), **(info or {}), "files": files}
             (tmp / INFO_FILE).write_text(json.dumps(record, indent=1) + "\n")
-            for path in tmp.iterdir():  # on disk before the rename makes the folder the checkpoint
-                with open(path, "rb") as handle:
+            for path in [*files, INFO_FILE]:  # on disk before the rename makes the folder the checkpoint
+                with open(tmp / path, "rb") as handle:
                     os.fsync(handle.fileno())
             if final.exists():  # the same step again: the pointer may name it, so it goes aside first
                 aside = Path(tempfile.mkdtemp(prefix=f".{final.name}{_REPLACED}", dir=self.folder))
@@ -163,10 +163,12 @@ class Checkpoints:
             file.save(Path(output_dir) / name)
 
     def _prune(self, newest: Path) -> None:
-        """Older step folders go once the pointer names `newest` (keep=1: only it stays)."""
+        """Older step folders go once the pointer names `newest` (keep=1: only it stays), and so do
+        the temporary folders of writes that were stopped (a run with `keep` has one writer)."""
         older = sorted((p for p in self.folder.iterdir() if p.is_dir() and _STEP_FOLDER.match(p.name)
                         and p != newest), key=lambda p: p.name)
-        for path in older[: max(0, len(older) - (self.keep - 1))]:
+        debris = [p for p in self.folder.glob(".step-*") if p.is_dir()]
+        for path in older[: max(0, len(older) - (self.keep - 1))] + debris:
             shutil.rmtree(path, ignore_errors=True)
 
     # -- load --------------------------------------------------------------------------------
