@@ -589,6 +589,17 @@ def test_wilson_interval_matches_a_hand_worked_value_and_its_limits():
     assert all(math.isnan(v) for v in ev.wilson_interval(0, 0))
 
 
+def test_wilson_interval_equals_the_score_formula_on_a_grid():
+    z = 1.96
+    for trials in (*range(1, 41), 64, 128, 320):
+        for successes in range(trials + 1):
+            rate, spread = successes / trials, z * z / trials
+            centre = (rate + spread / 2) / (1 + spread)
+            half = z * math.sqrt(rate * (1 - rate) / trials + spread / (4 * trials)) / (1 + spread)
+            expected = (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+            assert ev.wilson_interval(successes, trials) == expected, (successes, trials)
+
+
 def test_evaluate_adapter_writes_its_report(evaluation):
     result, folder, _ = evaluation
     assert result["report"] == {

@@ -29,6 +29,16 @@ def test_sign_test_matches_the_binomial_tails():
     assert sign_test(81, 49) < 0.01
 
 
+def test_sign_test_equals_the_exact_binomial_sum_on_every_small_split():
+    from math import comb
+
+    for trials in range(1, 41):
+        for first in range(trials + 1):
+            fewer = min(first, trials - first)
+            exact = min(1.0, 2 * sum(comb(trials, k) for k in range(fewer + 1)) / 2 ** trials)
+            assert sign_test(first, trials - first) == round(exact, 4), (first, trials - first)
+
+
 def test_compare_pairs_characters_and_pools_counts():
     before = run([[True], [False], [True, False], [False, False, True]])
     after = run([[True], [True], [False, True], [True, False, True]], blended=[[0], [0], [1, 0], [0, 0, 0]])

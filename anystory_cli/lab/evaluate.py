@@ -421,27 +421,27 @@ def _by_count(panels: list[EvalPanel], per_panel: list[list[dict]]) -> dict:
 
 
 def wilson_interval(successes: int, trials: int, z: float = 1.96) -> tuple[float, float]:
-    """The 95 % Wilson score interval of a rate seen `successes` times in `trials`: unlike
-    rate ± 2 standard errors it stays inside 0..1 and is not empty at 0 of 32, which is where the
-    blending goal (<= 0.05) is read. (nan, nan) without trials."""
+    """The 95 % Wilson score interval of a rate seen `successes` times in `trials`, to 4 decimals:
+    unlike rate ± 2 standard errors it stays inside 0..1 and is not empty at 0 of 32, which is
+    where the blending goal (<= 0.05) is read. (nan, nan) without trials. `z` is the normal
+    quantile of the interval's half-width (1.96: 95 %)."""
+    from scipy.stats import binomtest, norm
+
     if trials == 0:
         return float("nan"), float("nan")
-    rate, spread = successes / trials, z * z / trials
-    centre = (rate + spread / 2) / (1 + spread)
-    half = z * np.sqrt(rate * (1 - rate) / trials + spread / (4 * trials)) / (1 + spread)
-    return round(float(max(0.0, centre - half)), 4), round(float(min(1.0, centre + half)), 4)
+    interval = binomtest(successes, trials).proportion_ci(method="wilson", confidence_level=2 * norm.cdf(z) - 1)
+    return round(float(max(0.0, interval.low)), 4), round(float(min(1.0, interval.high)), 4)
 
 
 def sign_test(only_first: int, only_second: int) -> float:
-    """Two-sided exact sign test: the chance of a split at least this uneven between the two
-    kinds of discordant pairs if either setting were as likely to win each (1.0 without any)."""
-    from math import comb
+    """Two-sided exact sign test, to 4 decimals: the chance of a split at least this uneven between
+    the two kinds of discordant pairs if either setting were as likely to win each (1.0 without any)."""
+    from scipy.stats import binomtest
 
-    trials, fewer = only_first + only_second, min(only_first, only_second)
+    trials = only_first + only_second
     if trials == 0:
         return 1.0
-    tail = sum(comb(trials, k) for k in range(fewer + 1)) / 2 ** trials
-    return round(min(1.0, 2 * tail), 4)
+    return round(min(1.0, float(binomtest(only_first, trials, 0.5).pvalue)), 4)
 
 
 def compare_adapter_runs(pairs: list[tuple[dict, dict]], before: str = "anystory", after: str = "anystory") -> dict:
