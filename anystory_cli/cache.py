@@ -11,7 +11,8 @@ reported through `on_warning`, counted as rebuilt, and encoded again; it is neve
 Writes are atomic (temp file + rename), so two processes filling the same cache at once only
 race to write the same bytes, and a reader sees a whole old file or a whole new one.
 
-The default folder is `$ANYSTORY_CACHE`, else `~/.cache/anystory`. torch and safetensors are
+The default folder is `$ANYSTORY_CACHE`, else the user cache folder that platformdirs gives
+(`$XDG_CACHE_HOME/anystory`, else `~/.cache/anystory` on Linux). torch and safetensors are
 imported inside functions: the CLI imports this module before it knows whether it will encode.
 """
 
@@ -28,13 +29,20 @@ from .atomic import atomic_path
 from .errors import InputError, OutputError
 
 CACHE_ENV = "ANYSTORY_CACHE"
+APP_NAME = "anystory"  # the folder's name in the user cache folder
 KEY_VERSION = 1  # bump when what goes into a key changes
 
 
 def default_cache_dir() -> Path:
-    """`$ANYSTORY_CACHE`, else `~/.cache/anystory`."""
+    """`$ANYSTORY_CACHE`, else platformdirs' user cache folder: `$XDG_CACHE_HOME/anystory` when that
+    is set (Linux, macOS), else `~/.cache/anystory` on Linux, `~/Library/Caches/anystory` on macOS,
+    `%LOCALAPPDATA%/anystory/Cache` on Windows."""
     configured = os.environ.get(CACHE_ENV, "").strip()
-    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "anystory"
+    if configured:
+        return Path(configured).expanduser()
+    import platformdirs
+
+    return platformdirs.user_cache_path(APP_NAME, appauthor=False)
 
 
 def _update(digest, label: str, payload: bytes) -> None:

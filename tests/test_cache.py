@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,12 +52,21 @@ class Encoder:
         return encoding(self.seed, self.model_id)
 
 
-def test_default_folder_is_env_else_home(monkeypatch, tmp_path):
+def test_default_folder_is_env_else_the_user_cache_folder(monkeypatch, tmp_path):
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "c"))
     assert default_cache_dir() == tmp_path / "c"
-    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv(CACHE_ENV, " ")  # blank: not set
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert default_cache_dir() == tmp_path / ".cache" / "anystory"
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    if sys.platform.startswith("linux"):
+        assert default_cache_dir() == tmp_path / ".cache" / "anystory"
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        assert default_cache_dir() == tmp_path / "xdg" / "anystory"
+    else:
+        import platformdirs
+
+        assert default_cache_dir() == platformdirs.user_cache_path("anystory", appauthor=False)
+    assert not (tmp_path / ".cache").exists() and not (tmp_path / "xdg").exists()  # made on first write
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "d"))
     assert EncodingCache().folder == tmp_path / "d"
 

@@ -83,7 +83,8 @@ def encode_character(
     mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image (white = the character)."),
     model: str = typer.Option("default", "--model", help="'default' or a local model folder."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (default: "
-                                         "$ANYSTORY_CACHE, else ~/.cache/anystory)."),
+                                         "$ANYSTORY_CACHE, else the user cache folder: "
+                                         "$XDG_CACHE_HOME/anystory or ~/.cache/anystory on Linux)."),
     card: Optional[Path] = typer.Option(None, "--card", help="Where to write the character card "
                                         "(default: NAME-card.png here)."),
     device: Optional[str] = _device_option(),
