@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -363,18 +364,73 @@ def test_sampling_and_training_schedulers_agree():
     assert train_scheduler.config.prediction_type == sample_scheduler.config.prediction_type == "v_prediction"
 
 
+def _hold_run_lock(path, connection) -> None:
+    from anystory_cli.lab.train_base import run_lock
+
+    with run_lock(path):
+        connection.send("held")
+        connection.recv()  # until killed
+
+
 def test_a_second_process_on_the_same_recipe_is_refused(tmp_path):
-    import os
+    """Refused at once while another process trains the recipe; taken over when that process
+    has died without cleaning up."""
+    import multiprocessing
 
     recipe, base = _write_recipe(tmp_path, "vae", steps=1)
     state = tmp_path / "state"
     state.mkdir()
-    (state / "vae.lock").write_text(str(os.getpid()))  # a live process holds it
-    with pytest.raises(InputError, match="already training"):
-        train(recipe, base, log=lambda record: None)
-    (state / "vae.lock").write_text("999999999")  # left by a dead process: taken over
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    ours, theirs = context.Pipe()
+    holder = context.Process(target=_hold_run_lock, args=(state / "vae.lock", theirs))
+    holder.start()
+    try:
+        assert ours.poll(60) and ours.recv() == "held"
+        with pytest.raises(InputError, match=f"vae.lock: process {holder.pid} is already training this recipe"):
+            train(recipe, base, log=lambda record: None)
+    finally:
+        holder.kill()  # no release, no clean-up: as a crash
+        holder.join()
     assert train(recipe, base, log=lambda record: None)["final"]
-    assert not (state / "vae.lock").exists()
+
+
+def test_the_run_lock_lets_one_holder_in_and_refuses_the_rest_at_once(tmp_path):
+    import threading
+    import time
+
+    from anystory_cli.lab.train_base import run_lock
+
+    path = tmp_path / "run.lock"
+    inside, release, outcomes = threading.Event(), threading.Event(), []
+
+    def hold():
+        with run_lock(path):
+            inside.set()
+            release.wait(10)
+
+    first = threading.Thread(target=hold)
+    first.start()
+    assert inside.wait(10)
+
+    def contend():
+        started = time.monotonic()
+        try:
+            with run_lock(path):
+                outcomes.append("acquired")
+        except InputError as exc:
+            outcomes.append((str(exc), time.monotonic() - started))
+
+    others = [threading.Thread(target=contend) for _ in range(3)]
+    for thread in others:
+        thread.start()
+    for thread in others:
+        thread.join(10)
+    release.set()
+    first.join(10)
+    assert [o[0] for o in outcomes] == [f"{path}: process {os.getpid()} is already training this recipe"] * 3
+    assert max(o[1] for o in outcomes) < 2.0  # refused, not kept waiting
+    with run_lock(path):  # free again once released
+        assert path.read_text() == str(os.getpid())
 
 
 def test_anystory_pipeline_wraps_the_base_model(tokenizer):

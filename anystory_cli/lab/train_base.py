@@ -773,31 +773,32 @@ def _load_single_file_state(path: Path, modules: dict, optimizer) -> tuple[int, 
 
 @contextlib.contextmanager
 def run_lock(path: Path):
-    """One process per recipe: two writers would overwrite each other's checkpoints."""
+    """One process per recipe: two writers would overwrite each other's checkpoints. A second
+    process on the same lock file fails at once, naming the holder's pid. The lock is filelock's
+    (an OS lock on the file, released when its process ends, even by a crash); the file stays."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(path, blocking=False, on_acquired=_write_pid)
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        pid = path.read_text().strip()
-        if pid.isdigit() and _alive(int(pid)):
-            raise InputError(f"{path}: process {pid} is already training this recipe") from None
-        path.unlink()  # left by a process that died without cleaning up
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
+        lock.acquire()
+    except Timeout:
+        try:
+            pid = path.read_text(errors="replace").strip()
+        except OSError:  # gone, or not readable while locked (Windows)
+            pid = ""
+        holder = f"process {pid}" if pid.isdigit() else "another process"
+        raise InputError(f"{path}: {holder} is already training this recipe") from None
     try:
         yield
     finally:
-        path.unlink(missing_ok=True)
+        lock.release()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _write_pid(fd: int) -> None:
+    """The lock file's content while held: the holder's pid, for the refusal above."""
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, str(os.getpid()).encode())
 
 
 class _StopFlag:
