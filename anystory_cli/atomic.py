@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -49,6 +50,30 @@ def atomic_path(target: str | Path, within: str | Path | None = None):
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+@contextlib.contextmanager
+def replaced_folder(target: str | Path):
+    """Yield a new folder beside `target`; on success it takes `target`'s place (the old one is
+    renamed aside, then removed), so a reader finds the old folder or the new one, whole."""
+    target = Path(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent))
+    except OSError as exc:
+        raise OutputError(f"{target.parent}: cannot write here ({os_error_reason(exc)})") from None
+    aside = target.parent / f".{target.name}.old{TEMP_SUFFIX}"
+    try:
+        yield tmp
+        shutil.rmtree(aside, ignore_errors=True)
+        if target.exists():
+            target.rename(aside)
+        tmp.rename(target)
+    except OSError as exc:
+        raise OutputError(f"{target}: write failed ({os_error_reason(exc)})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def os_error_reason(exc: OSError) -> str:

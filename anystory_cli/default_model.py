@@ -12,11 +12,12 @@ or SDXL:
     build_unet(UNetConfig(), vae, text)    -> diffusers.UNet2DConditionModel
     build_scheduler()                      -> diffusers.DDIMScheduler (v-prediction)
     assemble_pipeline(...)                 -> diffusers.StableDiffusionPipeline (safety_checker=None)
-    load_default_base()                    -> (pipeline, image encoder) from the shipped assets
-    load_panel_lora(unet)                  -> the UNet's own weights for wide and tall panels
+    save_asset(name, module, config)       -> the part's subfolder of the published model folder
+    load_default_base()                    -> (pipeline, image encoder) of the published folder
 
-The shipped assets live in `anystory_cli/assets/default/`: one fp16 safetensors file and one JSON
-config per model, plus the tokenizer's word list and the UNet's panel LoRA.
+The published model is `anystory_cli/assets/default/`, a standard diffusers folder (fp16 parts
+written with `save_pretrained`, a saved tokenizer, the UNet's panel LoRA in diffusers' LoRA
+format) that `model_loading` loads like any other model folder.
 """
 
 from __future__ import annotations
@@ -28,15 +29,23 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from .atomic import atomic_path
+from .atomic import atomic_path, replaced_folder
 from .errors import InputError, ModelError
+from .model_loading import (  # noqa: F401 - the loader's names, used by the trainer and the tests
+    PANEL_ADAPTER,
+    PANEL_LORA_FILE,
+    PIPELINE_INDEX,
+    WORD_SUFFIX,
+    load_base,
+    load_panel_lora,
+    prompt_words,
+    unknown_words,
+)
 
 DEFAULT_ASSETS = Path(__file__).resolve().parent / "assets" / "default"
 START_TOKEN = "<|startoftext|>"
 END_TOKEN = "<|endoftext|>"
-WORD_SUFFIX = "</w>"
 MAX_PROMPT_TOKENS = 77  # the length StableDiffusionPipeline pads every prompt to
 
 
@@ -192,23 +201,6 @@ def build_tokenizer(words: list[str]):
     return tokenizer
 
 
-def prompt_words(tokenizer, prompt: str) -> list[str]:
-    """The words the tokenizer sees in `prompt` (its own normalizer and pre-tokenizer)."""
-    backend = tokenizer.backend_tokenizer
-    text = backend.normalizer.normalize_str(prompt)
-    return [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
-
-
-def unknown_words(tokenizer, prompt: str) -> list[str]:
-    """Words of `prompt` that are not one token of the vocabulary, in order, without repeats."""
-    vocab = tokenizer.get_vocab()
-    unknown: list[str] = []
-    for word in prompt_words(tokenizer, prompt):
-        if word + WORD_SUFFIX not in vocab and word not in unknown:
-            unknown.append(word)
-    return unknown
-
-
 def check_prompt(tokenizer, prompt: str, where: str = "prompt") -> None:
     """Raise InputError naming the unknown words (the model would otherwise draw nonsense)."""
     unknown = unknown_words(tokenizer, prompt)
@@ -325,20 +317,17 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# shipped assets: <name>.safetensors (fp16) + <name>.json (the dataclass config)
+# the published model: a standard diffusers folder (`model_loading` loads it like any other)
+#
+#   model_index.json  scheduler/  tokenizer/  vae/  text_encoder/  unet/   (save_pretrained, fp16)
+#   image_encoder/                     a CLIPVisionModel (save_pretrained, fp16)
+#   anystory_panel_lora.safetensors    the UNet's LoRA for wide and tall panels (diffusers format)
+#   training_status.json               how far each part has trained: {"vae": {"step", "final"}, ...}
 
+PARTS = ("vae", "text_encoder", "image_encoder", "unet")
 ASSET_CONFIGS = {"vae": VaeConfig, "text_encoder": TextConfig, "image_encoder": VisionConfig, "unet": UNetConfig}
-
-
-def save_asset(name: str, module: torch.nn.Module, config: _Config, folder: Path = DEFAULT_ASSETS,
-               dtype: torch.dtype = torch.float16, extra_config: dict | None = None) -> Path:
-    """Write one model's weights (cast to `dtype`) and its config, each atomically."""
-    folder = Path(folder)
-    tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in module.state_dict().items()}
-    with atomic_path(folder / f"{name}.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": f"anystory-base-{name}/1"})
-    write_json(folder / f"{name}.json", {**config.to_dict(), **(extra_config or {})})
-    return folder / f"{name}.safetensors"
+STATUS_FILE = "training_status.json"
+PANEL_LORA = "unet_panels"  # the trainer's name for the panel LoRA (its status entry and run)
 
 
 def write_json(path: Path, data) -> None:
@@ -346,7 +335,48 @@ def write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-RECIPE_OF = {"vae": "base_vae", "text_encoder": "base_clip", "image_encoder": "base_clip", "unet": "base_unet"}
+def _write_pipeline_files(folder: Path) -> None:
+    """model_index.json and scheduler/: what makes the folder a StableDiffusionPipeline's."""
+    import diffusers
+
+    build_scheduler().save_pretrained(str(folder / "scheduler"))
+    index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+             "feature_extractor": [None, None], "image_encoder": [None, None], "requires_safety_checker": False,
+             "safety_checker": [None, None], "scheduler": ["diffusers", "DDIMScheduler"],
+             "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+             "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    write_json(folder / PIPELINE_INDEX, index)
+
+
+def write_status(folder: Path, name: str, status: dict) -> None:
+    path = Path(folder) / STATUS_FILE
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    write_json(path, {**data, name: status})
+
+
+def read_status(folder: Path, name: str) -> dict:
+    path = Path(folder) / STATUS_FILE
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    return data.get(name, {"step": 0, "final": False})
+
+
+def save_asset(name: str, module: torch.nn.Module, config: _Config, folder: Path = DEFAULT_ASSETS,
+               dtype: torch.dtype = torch.float16, status: dict | None = None) -> Path:
+    """Write one part (cast to `dtype`) into its subfolder with `save_pretrained`, replacing the
+    subfolder at once (a reader never sees half of it); `config` is the dataclass it was built
+    from (its values are in the part's own config.json)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with replaced_folder(folder / name) as tmp:
+        copy.deepcopy(module).to(dtype).save_pretrained(str(tmp), safe_serialization=True)
+    _write_pipeline_files(folder)
+    if status is not None:
+        write_status(folder, name, status)
+    return folder / name
+
+
+RECIPE_OF = {"vae": "base_vae", "text_encoder": "base_clip", "image_encoder": "base_clip", "unet": "base_unet",
+             "tokenizer": "base_clip"}
 
 
 def _missing(path: Path, name: str) -> ModelError:
@@ -355,79 +385,95 @@ def _missing(path: Path, name: str) -> ModelError:
 
 
 def read_config(name: str, folder: Path = DEFAULT_ASSETS) -> _Config:
-    path = Path(folder) / f"{name}.json"
+    """The dataclass config of a published part, read back from its config.json."""
+    path = Path(folder) / name / "config.json"
     if not path.is_file():
         raise _missing(path, name)
     data = json.loads(path.read_text())
-    data = {k: v for k, v in data.items() if not k.startswith("_")}  # "_trained_steps" etc.
-    return ASSET_CONFIGS[name].from_dict(data)
+    if name == "unet":
+        return UNetConfig(block_out_channels=tuple(data["block_out_channels"]),
+                          layers_per_block=data["layers_per_block"],
+                          attention_head_dim=data["block_out_channels"][0] // _first(data["attention_head_dim"]),
+                          cross_attention_levels=tuple(t.startswith("CrossAttn") for t in data["down_block_types"]),
+                          norm_num_groups=data["norm_num_groups"])
+    cls = ASSET_CONFIGS[name]
+    return cls(**{f.name: tuple(data[f.name]) if isinstance(data[f.name], list) else data[f.name]
+                  for f in fields(cls)})
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """A shipped safetensors file as float32 tensors; ModelError naming it when it is damaged."""
-    from safetensors import SafetensorError
-
-    try:
-        return {k: v.float() for k, v in load_file(str(path)).items()}
-    except (SafetensorError, OSError) as exc:
-        raise ModelError(f"{path}: damaged weights file ({exc}); reinstall the package") from None
+def _first(value):
+    return value[0] if isinstance(value, (list, tuple)) else value
 
 
-def load_weights(module: torch.nn.Module, name: str, folder: Path = DEFAULT_ASSETS) -> torch.nn.Module:
-    path = Path(folder) / f"{name}.safetensors"
-    if not path.is_file():
+def _load_part(cls, name: str, folder: Path, **kwargs):
+    path = Path(folder) / name
+    if not (path / "config.json").is_file():
         raise _missing(path, name)
-    state = read_weights(path)
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ModelError(f"{path}: weights do not match {name}.json "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return module.eval()
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True, **kwargs).eval()
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise ModelError(f"{path}: damaged weights ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); "
+                         "reinstall the package or publish it again") from None
 
 
 def write_vocab(words: list[str], folder: Path = DEFAULT_ASSETS) -> Path:
-    path = Path(folder) / "tokenizer_words.json"
-    write_json(path, sorted(set(words)))
+    """The tokenizer of `words` (the sprite world's vocabulary), saved with `save_pretrained`."""
+    path = Path(folder) / "tokenizer"
+    tokenizer = build_tokenizer(words)
+    with replaced_folder(path) as tmp:
+        tokenizer.save_pretrained(str(tmp))
     return path
 
 
 def load_tokenizer(folder: Path = DEFAULT_ASSETS):
-    path = Path(folder) / "tokenizer_words.json"
-    if not path.is_file():
-        raise _missing(path, "text_encoder")
-    return build_tokenizer(json.loads(path.read_text()))
+    from transformers import CLIPTokenizer
+
+    path = Path(folder) / "tokenizer"
+    if not path.is_dir():
+        raise _missing(path, "tokenizer")
+    tokenizer = CLIPTokenizer.from_pretrained(str(path), local_files_only=True)
+    if len(tokenizer) < 10 or tokenizer.eos_token_id != len(tokenizer) - 1:
+        raise ModelError(f"{path}: a broken tokenizer ({len(tokenizer)} tokens, end-of-text id "
+                         f"{tokenizer.eos_token_id}); publish it again")
+    return tokenizer
 
 
 def load_vae(folder: Path = DEFAULT_ASSETS):
-    return load_weights(build_vae(read_config("vae", folder)), "vae", folder)
+    from diffusers import AutoencoderKL
+
+    return _load_part(AutoencoderKL, "vae", folder, torch_dtype=torch.float32)
 
 
-def load_text_encoder(tokenizer, folder: Path = DEFAULT_ASSETS):
-    return load_weights(build_text_encoder(read_config("text_encoder", folder), tokenizer), "text_encoder", folder)
+def load_text_encoder(tokenizer=None, folder: Path = DEFAULT_ASSETS):
+    from transformers import CLIPTextModel
+
+    return _load_part(CLIPTextModel, "text_encoder", folder, dtype=torch.float32)
 
 
 def load_image_encoder(folder: Path = DEFAULT_ASSETS):
-    return load_weights(build_image_encoder(read_config("image_encoder", folder)), "image_encoder", folder)
+    from transformers import CLIPVisionModel
+
+    return _load_part(CLIPVisionModel, "image_encoder", folder, dtype=torch.float32)
 
 
 def load_unet(folder: Path = DEFAULT_ASSETS):
-    unet = build_unet(read_config("unet", folder), read_config("vae", folder), read_config("text_encoder", folder))
-    return load_weights(unet, "unet", folder)
+    from diffusers import UNet2DConditionModel
+
+    return _load_part(UNet2DConditionModel, "unet", folder, torch_dtype=torch.float32)
 
 
 def load_default_base(folder: Path | str = DEFAULT_ASSETS, dtype: torch.dtype = torch.float32,
                       panel_weights: bool = True):
-    """(StableDiffusionPipeline, CLIPVisionModel) rebuilt offline from the shipped assets.
-    `panel_weights`: the UNet draws wide and tall panels with its panel LoRA where the folder
-    has one (`load_panel_lora`); adapter training, on squares only, leaves it out."""
+    """(StableDiffusionPipeline, CLIPVisionModel) of the published folder, offline, through the
+    loader every model folder goes through. `panel_weights`: the UNet draws wide and tall panels
+    with its panel LoRA where the folder has one; adapter training, on squares only, leaves it out."""
     folder = Path(folder)
-    tokenizer = load_tokenizer(folder)
-    unet = load_unet(folder)
-    if panel_weights:
-        load_panel_lora(unet, folder)
-    pipe = assemble_pipeline(load_vae(folder), load_text_encoder(tokenizer, folder), tokenizer, unet)
-    image_encoder = load_image_encoder(folder)
-    return pipe.to(dtype=dtype), image_encoder.to(dtype=dtype)
+    for name in PARTS:
+        if not (folder / name / "config.json").is_file():
+            raise _missing(folder / name, name)
+    if not (folder / "tokenizer").is_dir():
+        raise _missing(folder / "tokenizer", "tokenizer")
+    return load_base(folder, dtype, panel_lora=panel_weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,10 +482,8 @@ def load_default_base(folder: Path | str = DEFAULT_ASSETS, dtype: torch.dtype = 
 # Trained on squares only, the UNet crowds a wide panel's characters into one another; trained
 # on every shape (four runs, recipes/base_unet_shapes.yaml), it learns them at the square's
 # expense. A LoRA trained on the other shapes over the frozen UNet leaves the square exactly as
-# it was: it is switched on for a forward whose latents are not square and off otherwise.
+# it was: the loader switches it on for a forward whose latents are not square and off otherwise.
 
-PANEL_LORA = "unet_panels"  # unet_panels.safetensors + unet_panels.json in the assets
-PANEL_ADAPTER = "panels"
 # Attention projections and the resnets' convolutions: where a layout is decided.
 PANEL_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                       "conv1", "conv2", "conv_shortcut")
@@ -456,66 +500,18 @@ def add_panel_lora(unet, rank: int) -> None:
     unet.add_adapter(panel_lora_config(rank), adapter_name=PANEL_ADAPTER)
 
 
-def save_panel_lora(unet, rank: int, folder: Path, extra_config: dict | None = None) -> Path:
+def save_panel_lora(unet, rank: int, folder: Path, status: dict | None = None) -> Path:
+    """The panel LoRA in diffusers' LoRA format (fp16), loadable with `load_lora_weights`."""
+    from diffusers import StableDiffusionPipeline
     from peft.utils import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(unet, adapter_name=PANEL_ADAPTER)
     tensors = {k: v.detach().half().contiguous().cpu() for k, v in state.items()}
-    path = Path(folder) / f"{PANEL_LORA}.safetensors"
+    path = Path(folder) / PANEL_LORA_FILE
+    metadata = {"r": rank, "lora_alpha": rank, "target_modules": list(PANEL_LORA_TARGETS)}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": f"anystory-base-{PANEL_LORA}/1"})
-    write_json(Path(folder) / f"{PANEL_LORA}.json", {"rank": rank, **(extra_config or {})})
+        StableDiffusionPipeline.save_lora_weights(str(tmp.parent), unet_lora_layers=tensors, weight_name=tmp.name,
+                                                  unet_lora_adapter_metadata=metadata)
+    if status is not None:
+        write_status(folder, PANEL_LORA, status)
     return path
-
-
-def load_panel_lora(unet, folder: Path = DEFAULT_ASSETS) -> bool:
-    """Give `unet` the folder's panel LoRA, used for non-square latents only; False without one.
-
-    The LoRA is merged (by PEFT) into a copy of the layers it adapts once, here; a forward whose
-    latents change between square and not square swaps those weights in place. The UNet stays a
-    plain diffusers UNet: no LoRA matmuls at each step, and squares run on exactly its weights."""
-    path, config = Path(folder) / f"{PANEL_LORA}.safetensors", Path(folder) / f"{PANEL_LORA}.json"
-    if not path.is_file():
-        return False
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import set_peft_model_state_dict
-
-    merged = copy.deepcopy(unet)
-    add_panel_lora(merged, json.loads(config.read_text())["rank"])
-    result = set_peft_model_state_dict(merged, read_weights(path), adapter_name=PANEL_ADAPTER)
-    if getattr(result, "unexpected_keys", None):
-        raise ModelError(f"{path}: does not fit the UNet (unexpected {result.unexpected_keys[:3]})")
-    panel_weights = {}
-    for name, module in merged.named_modules():
-        if isinstance(module, BaseTunerLayer):
-            module.merge(adapter_names=[PANEL_ADAPTER])
-            panel_weights[f"{name}.weight"] = module.get_base_layer().weight.detach().clone()
-    swap = _PanelWeights(unet, panel_weights)
-    unet.register_forward_pre_hook(lambda module, args, kwargs: swap.use(_non_square(args, kwargs)), with_kwargs=True)
-    return True
-
-
-def _non_square(args, kwargs) -> bool:
-    sample = args[0] if args else kwargs["sample"]
-    return sample.shape[-1] != sample.shape[-2]
-
-
-class _PanelWeights:
-    """The adapted layers' two weight sets, the one not in use kept aside; `use` swaps them."""
-
-    def __init__(self, unet, panel_weights: dict):
-        self.parameters = {name: p for name, p in unet.named_parameters() if name in panel_weights}
-        if len(self.parameters) != len(panel_weights):
-            raise ModelError("the panel LoRA adapts layers this UNet does not have")
-        self.aside = panel_weights
-        self.panel_in_use = False
-
-    @torch.no_grad()
-    def use(self, panel: bool) -> None:
-        if panel == self.panel_in_use:
-            return
-        for name, parameter in self.parameters.items():
-            incoming = self.aside[name].to(device=parameter.device, dtype=parameter.dtype)  # after pipe.to()
-            self.aside[name] = parameter.data
-            parameter.data = incoming
-        self.panel_in_use = panel

@@ -1,25 +1,33 @@
-"""From a story's `model:` value to an AnyStoryPipeline, offline.
+"""From a story's `model:` value to a pipeline: `load_pipeline` is the one dispatch.
 
-`model: default` is the embedded default model, shipped in `anystory_cli/assets/default/` (its
-small base models in the project's own compact files, see `default_model.py`, plus the
-adapter). Any other value is a local model folder with this layout::
+Every model is a folder with this layout (`model: default` names the one shipped in
+`anystory_cli/assets/default/`; "org/name" a Hugging Face hub id, whose snapshot comes from the
+hub cache; any other value is a local path)::
 
     my-model/
       model_index.json              a diffusers pipeline folder (`pipe.save_pretrained(...)`):
       unet/ vae/ text_encoder/ tokenizer/ scheduler/ ...   SD 1.5, SDXL, ...
       image_encoder/                a transformers CLIPVisionModel folder (config.json + weights)
-      anystory_adapter.safetensors  AnyStory adapter weights from `anystory train`
+      anystory_adapter.safetensors  AnyStory adapter weights from `anystory train` (or an
+                                    anystory_adapter/ folder: `AnyStoryAdapter.save_pretrained`)
+      anystory_panel_lora.safetensors  optional: a diffusers-format UNet LoRA used for wide and
+                                    tall panels only (squares are drawn by the UNet alone)
+      anystory_defaults.json        optional: the model's sampling defaults, e.g.
+                                    {"paste_references_at": 0.4}; a story's `style` overrides them
 
-Nothing is downloaded: every piece is loaded with `local_files_only=True`, and a missing piece is
-a `ModelError` that says what to put where. torch, diffusers and transformers are imported inside
+Only a hub id that the cache lacks is downloaded (once, never with HF_HUB_OFFLINE=1); every piece is
+then loaded with `local_files_only=True`, and a missing piece is a `ModelError` that says what to
+put where. torch, diffusers and transformers are imported inside
 the functions, so importing this module costs nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from .atomic import atomic_path
@@ -29,8 +37,14 @@ from .library_logging import progress_bars_off
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
 ADAPTER_FILE = "anystory_adapter.safetensors"
+ADAPTER_DIR = "anystory_adapter"  # the same adapter as a folder (`AnyStoryAdapter.save_pretrained`)
+PANEL_LORA_FILE = "anystory_panel_lora.safetensors"
+DEFAULTS_FILE = "anystory_defaults.json"  # the model's recommended sampling settings (`model_defaults`)
+SAMPLING_DEFAULTS = ("paste_references_at",)  # what that file may set; a story's `style` overrides it
+PANEL_ADAPTER = "panels"
 IMAGE_ENCODER_DIR = "image_encoder"
 PIPELINE_INDEX = "model_index.json"
+WORD_SUFFIX = "</w>"  # CLIP's BPE marks the end of a word with it
 
 LAYOUT_HELP = (f"a model folder holds {PIPELINE_INDEX} with the diffusers pipeline's subfolders, "
                f"{IMAGE_ENCODER_DIR}/ (a CLIPVisionModel) and {ADAPTER_FILE}")
@@ -43,35 +57,132 @@ _FINGERPRINTS_DIR = "fingerprints"
 _CHUNK_BYTES = 1 << 20
 
 
-# The embedded default keeps its small models as <name>.safetensors + <name>.json (fp16, built
-# by `default_model.py`, the same classes a diffusers folder would give) beside its adapter.
-DEFAULT_PIECES = ("vae.safetensors", "text_encoder.safetensors", "image_encoder.safetensors",
-                  "unet.safetensors", "tokenizer_words.json", ADAPTER_FILE)
+# A Hugging Face hub id: "org/name" (letters, digits, "-", "_", "."), no other slashes.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def is_hub_id(model: str, base_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether `model` names a model on the Hugging Face hub: shaped "org/name", with no local
+    folder of that name (relative to `base_dir`) to mean instead."""
+    if len(model) > 96 or not _HUB_ID.fullmatch(model) or ".." in model:  # the hub's limit: 96
+        return False
+    local = Path(model) if base_dir is None else Path(base_dir) / model
+    try:
+        return not local.exists()
+    except (OSError, ValueError):  # a name the file system cannot hold
+        return True
 
 
 def resolve_model_dir(model: str, base_dir: str | os.PathLike[str] | None = None, with_adapter: bool = True) -> Path:
-    """The folder that `model` names: the embedded default, or a path (relative to `base_dir`).
-    with_adapter=False: the caller brings its own adapter file, the folder need not hold one."""
+    """The folder that `model` names: the embedded default, a hub id's snapshot in the Hugging
+    Face cache (downloaded first when it is not there and the hub may be reached), or a path
+    (relative to `base_dir`). with_adapter=False: the caller brings its own adapter file, the
+    folder need not hold one."""
     if model == DEFAULT_MODEL:
-        pieces = DEFAULT_PIECES if with_adapter else tuple(p for p in DEFAULT_PIECES if p != ADAPTER_FILE)
-        missing = [name for name in pieces if not (DEFAULT_MODEL_DIR / name).is_file()]
-        if missing:
-            raise ModelError(
-                f"the embedded default model is not complete in this build (missing {', '.join(missing)}: "
-                f"still being trained; see {DEFAULT_MODEL_DIR / 'README.md'}); set `model:` in the "
-                f"story to a local model folder: {LAYOUT_HELP}"
-            )
         return DEFAULT_MODEL_DIR
+    if is_hub_id(model, base_dir):
+        try:
+            return hub_snapshot(model)
+        except ModelError as exc:  # it may have meant a local folder: say both
+            local = (Path(base_dir) / model if base_dir is not None else Path(model)).absolute()
+            raise ModelError(f"model folder {local} not found, and {exc}; {LAYOUT_HELP}") from None
     folder = Path(model).expanduser()
     if not folder.is_absolute() and base_dir is not None:
         folder = Path(base_dir) / folder
     return folder
 
 
+def names_hub_part(value: str | os.PathLike[str], base_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether `value` is "org/name" or "org/name/sub/folder" on the hub rather than a local path:
+    hub-shaped, and no local file or folder of that name (relative to `base_dir`)."""
+    text = os.fspath(value)
+    parts = text.split("/")
+    local = Path(text).expanduser()
+    if not local.is_absolute() and base_dir is not None:
+        local = Path(base_dir) / local
+    try:
+        exists = local.exists()
+    except (OSError, ValueError):  # a name the file system cannot hold
+        exists = False
+    return len(parts) >= 2 and not exists and is_hub_id("/".join(parts[:2]), base_dir)
+
+
+def model_part_dir(value: str | os.PathLike[str], base_dir: str | os.PathLike[str] | None = None) -> Path:
+    """A model part named by a path or a hub id (an adapter, a training recipe's pipeline or image
+    encoder): "org/name" is that repository's snapshot (`hub_snapshot`), "org/name/sub/folder" a
+    folder inside it (e.g. an image encoder shipped beside other weights); a local path of the
+    same name wins. Else the path, relative to `base_dir`."""
+    if names_hub_part(value, base_dir):
+        parts = os.fspath(value).split("/")
+        return hub_snapshot("/".join(parts[:2])).joinpath(*parts[2:])
+    path = Path(value).expanduser()
+    return path if path.is_absolute() or base_dir is None else Path(base_dir) / path
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, as the environment says now (HF_HUB_CACHE, else HF_HOME/hub)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def _hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def cached_hub_snapshot(repo_id: str) -> Path | None:
+    """The snapshot folder of `repo_id` in the Hugging Face cache (its `refs/main`); None when the
+    cache does not hold it. Never touches the network."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, cache_dir=str(hub_cache_dir()), local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+        return None
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot folder of hub model `repo_id`: from the cache, else downloaded once
+    (never when HF_HUB_OFFLINE=1); one ModelError line when it is neither cached nor reachable."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    cached = cached_hub_snapshot(repo_id)
+    if cached is not None:
+        return cached
+    if _hub_offline():
+        raise ModelError(f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 "
+                         f"forbids downloading it; run once online, or `hf download {repo_id}`, or name a "
+                         "local model folder") from None
+    try:
+        with progress_bars_off():
+            return Path(snapshot_download(repo_id, cache_dir=str(cache)))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+        raise ModelError(f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and cannot be "
+                         f"downloaded ({_first_line(exc)}); check the id and the network, or name a local "
+                         "model folder") from None
+
+
 def check_model_dir(folder: Path, with_adapter: bool = True) -> None:
     """ModelError naming the first missing piece of a model folder."""
-    if folder == DEFAULT_MODEL_DIR:
-        return  # resolve_model_dir checked its pieces
+    if folder != DEFAULT_MODEL_DIR:
+        return _check_folder(folder, with_adapter)
+    try:
+        _check_folder(folder, with_adapter)
+    except ModelError as exc:
+        raise ModelError(f"the embedded default model is not complete in this build ({exc}); set `model:` "
+                         f"in the story to a local model folder: {LAYOUT_HELP}") from None
+
+
+def _check_folder(folder: Path, with_adapter: bool) -> None:
     if not folder.exists():
         raise ModelError(f"model folder {folder} not found; {LAYOUT_HELP}")
     if not folder.is_dir():
@@ -83,9 +194,42 @@ def check_model_dir(folder: Path, with_adapter: bool = True) -> None:
     if not (encoder / "config.json").is_file():
         raise ModelError(f"{encoder}/config.json not found: put a transformers CLIPVisionModel "
                          f"there (image_encoder.save_pretrained('{encoder}'))")
-    if with_adapter and not (folder / ADAPTER_FILE).is_file():
+    if with_adapter and _own_adapter(folder) is None:
         raise ModelError(f"{folder / ADAPTER_FILE} not found: put the AnyStory adapter weights "
                          "there (`anystory train` writes them)")
+
+
+def _own_adapter(folder: Path) -> Path | None:
+    """The folder's adapter: its file, else its adapter folder; None without either."""
+    if (folder / ADAPTER_FILE).is_file():
+        return folder / ADAPTER_FILE
+    if (folder / ADAPTER_DIR / "config.json").is_file():
+        return folder / ADAPTER_DIR
+    return None
+
+
+def model_defaults(model, base_dir: str | os.PathLike[str] | None = None) -> dict:
+    """The sampling defaults a model folder recommends (its `DEFAULTS_FILE`), {} without one.
+    A folder that is missing is not an error here: loading it says what is wrong."""
+    if not isinstance(model, str):
+        return {}
+    folder = resolve_model_dir(model, base_dir)
+    path = folder / DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{path}: not readable JSON ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"{path}: expected a JSON object such as {{\"paste_references_at\": 0.4}}")
+    unknown = sorted(set(data) - set(SAMPLING_DEFAULTS))
+    if unknown:
+        raise ModelError(f"{path}: unknown key(s) {', '.join(unknown)}; a model may set {', '.join(SAMPLING_DEFAULTS)}")
+    paste = data.get("paste_references_at")
+    if paste is not None and (isinstance(paste, bool) or not isinstance(paste, (int, float)) or not 0 <= paste <= 1):
+        raise ModelError(f"{path}: paste_references_at must be a number from 0 to 1, got {paste!r}")
+    return data
 
 
 def model_fingerprint(model, base_dir: str | os.PathLike[str] | None = None,
@@ -100,12 +244,14 @@ def model_fingerprint(model, base_dir: str | os.PathLike[str] | None = None,
 
 
 def _model_files(folder: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
-    """(name, path) of every file of a model folder, sorted; hidden files and `skip` left out."""
+    """(name, path) of every file of a model folder that can change what it draws, sorted: hidden
+    files (editor and OS droppings), Markdown (model cards) and `skip` are left out."""
     files = []
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         relative = path.relative_to(folder)
-        if any(part.startswith(".") for part in relative.parts) or relative.as_posix() in skip:
-            continue  # editor and OS droppings do not change the model
+        hidden = any(part.startswith(".") for part in relative.parts)
+        if hidden or path.suffix.lower() == ".md" or relative.as_posix() in skip:
+            continue
         files.append((relative.as_posix(), path))
     return files
 
@@ -199,22 +345,23 @@ def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
     folder = resolve_model_dir(model, base_dir, with_adapter=adapter is None)
     check_model_dir(folder, with_adapter=adapter is None)
     if adapter is None:
-        adapter_file, model_id = folder / ADAPTER_FILE, model_fingerprint(model, base_dir)
+        adapter_file, model_id = _own_adapter(folder), model_fingerprint(model, base_dir)
     else:
-        adapter_file = Path(adapter)
-        if not adapter_file.is_file():
-            raise ModelError(f"{adapter_file}: no adapter file here")
-        model_id = _pieces_digest(_model_files(folder, skip=(ADAPTER_FILE,)) + [(ADAPTER_FILE, adapter_file)])
+        adapter_file = model_part_dir(adapter, base_dir)
+        if adapter_file.is_dir() and (adapter_file / ADAPTER_FILE).is_file():  # e.g. a hub snapshot
+            adapter_file = adapter_file / ADAPTER_FILE
+        if adapter_file.is_file():
+            theirs = [(ADAPTER_FILE, adapter_file)]
+        elif (adapter_file / "config.json").is_file():
+            theirs = [(f"{ADAPTER_DIR}/{name}", path) for name, path in _model_files(adapter_file)]
+        else:
+            raise ModelError(f"{adapter_file}: no adapter file or adapter folder here")
+        own = [(name, path) for name, path in _model_files(folder)
+               if name != ADAPTER_FILE and not name.startswith(f"{ADAPTER_DIR}/")]
+        model_id = _pieces_digest(own + theirs)
     runtime = _runtime(runtime)
     dtype = runtime.torch_dtype
-    with progress_bars_off():
-        if folder == DEFAULT_MODEL_DIR:
-            from .default_model import load_default_base
-
-            base, encoder = load_default_base(folder, dtype)
-        else:
-            base = _load_base(folder, dtype)
-            encoder = _load_image_encoder(folder / IMAGE_ENCODER_DIR, dtype)
+    base, encoder = load_base(folder, dtype)
     from .sd.pipeline import AnyStoryPipeline
 
     try:
@@ -231,6 +378,22 @@ def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
     return pipeline
 
 
+def load_base(folder: str | os.PathLike[str], dtype=None, panel_lora: bool = True):
+    """(diffusers pipeline, CLIPVisionModel) of a model folder, on the CPU, in `dtype` (float32 when
+    None). `panel_lora`: a UNet LoRA the folder carries for wide and tall panels is switched in for
+    non-square latents (`load_panel_lora`); adapter training, on squares only, leaves it out."""
+    import torch
+
+    folder = Path(folder)
+    dtype = dtype or torch.float32
+    with progress_bars_off():
+        base = _load_base(folder, dtype)
+        encoder = _load_image_encoder(folder / IMAGE_ENCODER_DIR, dtype)
+        if panel_lora:
+            load_panel_lora(base.unet, folder)
+    return base, encoder
+
+
 def _load_base(folder: Path, dtype):
     from diffusers import DiffusionPipeline
 
@@ -241,14 +404,112 @@ def _load_base(folder: Path, dtype):
     if not hasattr(base, "unet"):
         raise ModelError(f"{folder}: {type(base).__name__} has no UNet; AnyStory needs a "
                          "UNet pipeline such as StableDiffusionPipeline or StableDiffusionXLPipeline")
-    for name in ("tokenizer", "tokenizer_2"):
-        tokenizer = getattr(base, name, None)
-        # transformers 5 returns a broken 2-token tokenizer for a missing vocabulary, silently.
-        if tokenizer is not None and len(tokenizer) < 10:
-            raise ModelError(f"{folder / name}: the tokenizer has only {len(tokenizer)} tokens; "
-                             "its vocabulary files are missing")
+    for name, encoder_name in (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")):
+        _check_tokenizer(folder / name, getattr(base, name, None), getattr(base, encoder_name, None))
     base.set_progress_bar_config(disable=True)
     return base
+
+
+def _check_tokenizer(where: Path, tokenizer, text_encoder) -> None:
+    """transformers 5 returns a broken 2-token tokenizer for a missing vocabulary, silently; and
+    CLIPTextModel pools at the end-of-text token, which its config must name as the tokenizer does."""
+    if tokenizer is None:
+        return
+    if len(tokenizer) < 10:
+        raise ModelError(f"{where}: the tokenizer has only {len(tokenizer)} tokens; its vocabulary files are missing")
+    config = getattr(text_encoder, "config", None)
+    if config is None or getattr(config, "vocab_size", None) is None:
+        return
+    if len(tokenizer) > config.vocab_size:
+        raise ModelError(f"{where}: the tokenizer has {len(tokenizer)} tokens, the text encoder only "
+                         f"{config.vocab_size}")
+    # CLIPTextModel pools at argmax(input_ids) when its config's EOS id is 2 (old CLIP configs,
+    # where end-of-text is the largest id), otherwise at the first config EOS id.
+    eos = tokenizer.eos_token_id
+    pools_at_argmax = getattr(config, "eos_token_id", None) == 2
+    if eos is not None and not (pools_at_argmax and eos == len(tokenizer) - 1) and config.eos_token_id != eos:
+        raise ModelError(f"{where}: the tokenizer's end-of-text id is {eos}, the text encoder pools at "
+                         f"{config.eos_token_id}; set eos_token_id in {where.parent}/text_encoder/config.json")
+
+
+def load_panel_lora(unet, folder: str | os.PathLike[str]) -> bool:
+    """Give `unet` the folder's panel LoRA (`PANEL_LORA_FILE`, diffusers format), used for
+    non-square latents only; False when the folder has none.
+
+    diffusers loads the LoRA into a float32 copy of the UNet, where it is merged into the layers it
+    adapts, once; a forward whose latents change between square and not square swaps those layers'
+    weights in place. The UNet stays a plain diffusers UNet: no LoRA matmuls at each step, and
+    squares run on exactly its weights."""
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    path = Path(folder) / PANEL_LORA_FILE
+    if not path.is_file():
+        return False
+    merged = copy.deepcopy(unet)
+    if merged.dtype != torch.float32:
+        merged.to(dtype=torch.float32)
+    try:
+        with progress_bars_off():
+            merged.load_lora_adapter(str(path), prefix="unet", adapter_name=PANEL_ADAPTER)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"{path}: cannot load the panel LoRA ({_first_line(exc)})") from None
+    panel_weights = {}
+    for name, module in merged.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge(adapter_names=[PANEL_ADAPTER])
+            panel_weights[f"{name}.weight"] = module.get_base_layer().weight.detach().clone()
+    if not panel_weights:
+        raise ModelError(f"{path}: the panel LoRA adapts no layer of this UNet")
+    swap = _PanelWeights(unet, panel_weights, path)
+    unet.register_forward_pre_hook(lambda module, args, kwargs: swap.use(_non_square(args, kwargs)), with_kwargs=True)
+    return True
+
+
+def _non_square(args, kwargs) -> bool:
+    sample = args[0] if args else kwargs["sample"]
+    return sample.shape[-1] != sample.shape[-2]
+
+
+class _PanelWeights:
+    """The adapted layers' two weight sets, the one not in use kept aside; `use` swaps them."""
+
+    def __init__(self, unet, panel_weights: dict, path: Path):
+        self.parameters = {name: p for name, p in unet.named_parameters() if name in panel_weights}
+        if len(self.parameters) != len(panel_weights):
+            raise ModelError(f"{path}: the panel LoRA adapts layers this UNet does not have")
+        self.aside = panel_weights
+        self.panel_in_use = False
+
+    def use(self, panel: bool) -> None:
+        import torch
+
+        if panel == self.panel_in_use:
+            return
+        with torch.no_grad():
+            for name, parameter in self.parameters.items():
+                incoming = self.aside[name].to(device=parameter.device, dtype=parameter.dtype)  # after pipe.to()
+                self.aside[name] = parameter.data
+                parameter.data = incoming
+        self.panel_in_use = panel
+
+
+def prompt_words(tokenizer, prompt: str) -> list[str]:
+    """The words the tokenizer sees in `prompt` (its own normalizer and pre-tokenizer)."""
+    backend = tokenizer.backend_tokenizer
+    text = backend.normalizer.normalize_str(prompt)
+    return [piece for piece, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+
+
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """Words of `prompt` that are not one token of the tokenizer's vocabulary, in order, without
+    repeats (for a model, such as the default one, that knows whole words only)."""
+    vocab = tokenizer.get_vocab()
+    unknown: list[str] = []
+    for word in prompt_words(tokenizer, prompt):
+        if word + WORD_SUFFIX not in vocab and word not in unknown:
+            unknown.append(word)
+    return unknown
 
 
 def _load_image_encoder(folder: Path, dtype):

@@ -95,6 +95,7 @@ def build_plan(
     character_keys: Mapping[str, str] | None = None,
     lora_keys: Sequence[str] | None = None,
     runtime: Mapping[str, str] | None = None,
+    model_defaults: Mapping[str, Any] | None = None,
 ) -> list[PanelPlan]:
     """One plan per panel, in story order.
 
@@ -108,6 +109,11 @@ def build_plan(
     are drawn, which changes their pixels (a CPU in float32, the default, is left out of the key).
     """
     story_seed = story.seed if seed is None else seed
+    # The model's recommended sampling settings (`model_loading.model_defaults`) where the story's
+    # style leaves them out; without them, the paper's sampling (no figure paste).
+    defaults = dict(model_defaults or {})
+    paste_at = story.style.paste_references_at
+    paste_at = float(defaults.get("paste_references_at", 0.0)) if paste_at is None else paste_at
     num_steps = story.style.steps if steps is None else steps
     keys = dict(character_keys) if character_keys is not None else _spec_keys(story)
     positions = _positions(story)
@@ -129,7 +135,7 @@ def build_plan(
             subject_strength=story.style.subject_strength,
             reference_strength=story.style.reference_strength,
             reference_guidance=story.style.reference_guidance,
-            paste_references_at=story.style.paste_references_at,
+            paste_references_at=paste_at,
         )
         # The resolution only when set: panels drawn at the model's own size keep their keys.
         sized = {} if story.style.resolution is None else {"resolution": story.style.resolution}

@@ -50,7 +50,6 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from anystory_cli.errors import StoryError
-from anystory_cli.sd.figures import DEFAULT_PASTE_AT
 from anystory_cli.fonts import is_font_file_entry
 from anystory_cli.sd.guidance import DEFAULT_INTERVAL as DEFAULT_GUIDANCE_INTERVAL
 from anystory_cli.sd.guidance import inside_schedule
@@ -263,10 +262,12 @@ class Style(_Strict):
         "half draws without them); false keeps them in both halves, which draws the characters less like "
         "their references.",
     )
-    paste_references_at: float = Field(
-        DEFAULT_PASTE_AT, ge=0.0, le=1.0, description="Noise level t/T (0 clean, 1 pure noise) at which "
+    paste_references_at: float | None = Field(
+        None, ge=0.0, le=1.0, description="Noise level t/T (0 clean, 1 pure noise) at which "
         "each character's reference is pasted, noised, into its place and then redrawn into the scene, so "
-        "that the base draws the character there and in its shape and colours; 0 turns it off.",
+        "that the base draws the character there and in its shape and colours; 0 turns it off. Default: "
+        "the model's own (`anystory_defaults.json` in its folder; the embedded model's is 0.4); a model "
+        "without one does not paste, as in the paper.",
     )
 
     loras: list[StyleLora] = Field(
@@ -446,7 +447,8 @@ class Story(_Strict):
     model: Annotated[
         Annotated[NonBlank, Tag("folder")] | Annotated[FluxModel, Tag("flux")],
         Discriminator(lambda v: "flux" if isinstance(v, (dict, FluxModel)) else "folder"),
-        Field(description="'default', a path to a local model folder, or {base, redux, adapter} for FLUX.1 "
+        Field(description="'default', a path to a local model folder, a Hugging Face hub id ('org/name', "
+              "from the hub cache, downloaded once when online), or {base, redux, adapter} for FLUX.1 "
               "with the released AnyStory weights."),
     ] = "default"
     seed: int = Field(0, ge=0, le=2**32 - 1)
@@ -460,6 +462,10 @@ class Story(_Strict):
     def _resolve_model(cls, value: str | FluxModel, info: ValidationInfo) -> str | FluxModel:
         if isinstance(value, FluxModel) or value == "default":
             return value
+        from .model_loading import is_hub_id
+
+        if is_hub_id(value, (info.context or {}).get("base_dir")):
+            return value  # "org/name": from the Hugging Face cache (model_loading.hub_snapshot)
         return str(_resolve(Path(value), info))
 
     @model_validator(mode="before")

@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -116,8 +117,8 @@ def train_stage(clock: Clock, stage: int, seconds: float, smoke: bool) -> int:
 def bring_back(out: Path, reached: dict) -> None:
     assets = ROOT / "anystory_cli" / "assets" / "default"
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("unet.safetensors", "unet.json"):
-        (out / name).write_bytes((assets / name).read_bytes())
+    shutil.copytree(assets / "unet", out / "unet", dirs_exist_ok=True)
+    (out / "training_status.json").write_bytes((assets / "training_status.json").read_bytes())
     for stage in (2, 1):  # stage 2's adapter holds both stages; stage 1's if stage 2 broke
         adapter = ROOT / "runs" / f"world_stage{stage}_out" / "adapter.safetensors"
         if adapter.is_file():

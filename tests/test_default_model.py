@@ -81,14 +81,14 @@ def _assert_close(got: np.ndarray, reference: Path) -> None:
 
 
 def test_shipped_base_model_samples_match_the_stored_reference():
-    unet = ASSETS / "unet.safetensors"
+    unet = ASSETS / "unet" / "diffusion_pytorch_model.safetensors"
     if not unet.is_file():
         pytest.fail(f"{unet} is missing: the default base model is not shipped")
     _assert_close(sample_base(), BASE_REFERENCE)
 
 
 def test_shipped_panel_lora_draws_a_wide_panel_that_matches_the_stored_reference():
-    lora = ASSETS / "unet_panels.safetensors"
+    lora = ASSETS / "anystory_panel_lora.safetensors"
     if not lora.is_file():
         pytest.fail(f"{lora} is missing: the default model's panel LoRA is not shipped")
     _assert_close(sample_wide(), WIDE_REFERENCE)

@@ -259,7 +259,7 @@ def test_cli_evaluate_base_without_a_trained_unet_is_one_line(tmp_path):
     assets.mkdir()
     for path in DEFAULT_ASSETS.iterdir():
         if not path.name.startswith("unet"):
-            shutil.copy(path, assets / path.name)
+            (shutil.copytree if path.is_dir() else shutil.copy)(path, assets / path.name)
     result = CliRunner().invoke(cli.app, ["evaluate", "base", "--assets", str(assets)])
     assert result.exit_code == 1
     assert "Traceback" not in result.output

@@ -100,10 +100,12 @@ def test_a_corrupt_or_foreign_record_is_not_trusted(tmp_path):
     assert model_fingerprint(str(folder), cache_dir=cache) == right
 
 
-def test_small_files_count_whole_and_hidden_files_do_not(tmp_path):
+def test_small_files_count_whole_and_hidden_files_and_model_cards_do_not(tmp_path):
     folder = model_folder(tmp_path)
     before = model_fingerprint(str(folder), cache_dir=tmp_path / "cache")
     (folder / ".DS_Store").write_bytes(b"junk")
+    (folder / "README.md").write_text("# my model\n")
+    (folder / "unet" / "notes.MD").write_text("trained longer\n")
     assert model_fingerprint(str(folder), cache_dir=tmp_path / "cache") == before
     config = folder / "image_encoder" / "config.json"
     config.write_text('{"hidden_size": 32}')

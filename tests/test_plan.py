@@ -94,7 +94,7 @@ def test_reference_guidance_reaches_the_plan_and_its_content_key():
 
 
 @pytest.mark.parametrize("setting", [{"reference_strength": 2.0}, {"reference_guidance": False},
-                                     {"paste_references_at": 0.0}])
+                                     {"paste_references_at": 0.7}])
 def test_settings_of_the_characters_alone_leave_character_less_panels_keys(setting):
     """A panel without characters is drawn the same whatever its characters' settings are, so
     changing them redraws only the panels with characters."""
@@ -122,12 +122,17 @@ def test_subject_strength_is_in_every_panels_key():
 
 def test_figure_paste_reaches_the_plan_and_its_content_key():
     panels = [{"prompt": "p", "characters": ["mira", {"name": "bolt", "at": "left"}]}]
-    default = build_plan(make_story(panels, CHARACTERS))[0]
-    assert default.paste_references_at == DEFAULT_PASTE_AT > 0  # on by default
+    embedded = {"paste_references_at": DEFAULT_PASTE_AT}  # the embedded model's anystory_defaults.json
+    default = build_plan(make_story(panels, CHARACTERS), model_defaults=embedded)[0]
+    assert default.paste_references_at == DEFAULT_PASTE_AT > 0  # the model's default
     # each figure stands in its character's region (bolt pinned left, mira in the other column)
     assert [c.figure for c in default.characters] == figure_boxes([c.box for c in default.characters])
-    off = build_plan(make_story(panels, CHARACTERS, style={"paste_references_at": 0}))[0]
-    assert off.paste_references_at == 0 and off.content_key != default.content_key
+    off = build_plan(make_story(panels, CHARACTERS, style={"paste_references_at": 0}), model_defaults=embedded)[0]
+    assert off.paste_references_at == 0 and off.content_key != default.content_key  # the story overrides it
+    paper = build_plan(make_story(panels, CHARACTERS))[0]  # a model without defaults: no paste
+    assert paper.paste_references_at == 0 and paper.content_key == off.content_key
+    later = build_plan(make_story(panels, CHARACTERS), model_defaults={"paste_references_at": 0.55})[0]
+    assert later.paste_references_at == 0.55 and later.content_key != default.content_key  # redrawn
 
 
 def test_plans_are_frozen_plain_values():

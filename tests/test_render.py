@@ -497,7 +497,7 @@ def test_another_adapter_file_replaces_the_model_s_own(tmp_path):
     encoder.save_pretrained(folder / "image_encoder")
     other = tiny.tiny_adapter(base.unet, encoder, seed=5)
     save_adapter(other, tmp_path / "checkpoint.safetensors")
-    with pytest.raises(ModelError, match="missing.safetensors: no adapter file here"):
+    with pytest.raises(ModelError, match="missing.safetensors: no adapter file"):
         load_pipeline(str(folder), adapter=tmp_path / "missing.safetensors")
     pipe = load_pipeline(str(folder), adapter=tmp_path / "checkpoint.safetensors")
     assert all(torch.equal(v, other.state_dict()[k]) for k, v in pipe.adapter.state_dict().items())

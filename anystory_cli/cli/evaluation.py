@@ -147,10 +147,10 @@ def evaluate_adapter_command(
     variants: str = typer.Option(",".join(["anystory", "no_paste", "no_router", "no_reference_net", "no_subject_tokens",
                                            "text_only"]), "--variants",
                                  help="Comma-separated: anystory and any ablations to draw beside it."),
-    model: str = typer.Option("default", "--model", help="'default' or a model folder (see `anystory render`)."),
-    adapter: Optional[Path] = typer.Option(None, "--adapter", help="An adapter file from `anystory train` to "
-                                           "grade on --model's base instead of its own adapter "
-                                           "(e.g. runs/…/adapter.safetensors)."),
+    model: str = typer.Option("default", "--model", help="'default', a model folder or a hub id (see `anystory render`)."),
+    adapter: Optional[Path] = typer.Option(None, "--adapter", help="An adapter file or folder from `anystory "
+                                           "train` (e.g. runs/…/adapter.safetensors), or a hub id, to "
+                                           "grade on --model's base instead of its own adapter."),
     as_json: bool = typer.Option(False, "--json", help="Print every figure as one JSON object on stdout."),
     report: Optional[Path] = typer.Option(None, "--report", help="Folder for index.html, samples.png, "
                                           "routing.png and report.json."),

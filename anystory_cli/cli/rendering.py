@@ -81,7 +81,7 @@ def encode_character(
                                  show_default=False),
     name: str = typer.Option(..., "--name", callback=_check_name, help="The character's name."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image (white = the character)."),
-    model: str = typer.Option("default", "--model", help="'default' or a local model folder."),
+    model: str = typer.Option("default", "--model", help="'default', a model folder or a hub id (org/name)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (default: "
                                          "$ANYSTORY_CACHE, else the user cache folder: "
                                          "$XDG_CACHE_HOME/anystory or ~/.cache/anystory on Linux)."),

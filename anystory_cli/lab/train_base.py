@@ -6,8 +6,9 @@ One loop (`train`) serves the three recipes; a *task* supplies the batch loss an
 Every run is resumable: every `checkpoint_minutes` its state (fp32 weights and EMA, AdamW
 moments, RNG states, step and elapsed time) is written into `<state_dir>/<run>.state/step-N/`
 by the adapter trainer's checkpoint code (anystory_cli/train/checkpoint.py: accelerate's state
-files, renamed into place whole; only the newest is kept), and the shipped fp16 weights + JSON
-config in the assets folder are rewritten at the same moment. Batch
+files, renamed into place whole; only the newest is kept), and the part's fp16 subfolder of the
+published model folder (diffusers `save_pretrained`) and its entry in `training_status.json` are
+rewritten at the same moment. Batch
 contents and noise are derived from (seed, step) alone, so a resumed run draws exactly what an
 uninterrupted run would have drawn, and ends with the same weights.
 
@@ -166,7 +167,7 @@ class UNetRecipe(RecipeBase):
     size_weights: list[float] | None = None
     size_pool: int = Field(default=10_000, gt=0)  # scenes per shape other than the pool_size square
     # Train a LoRA of this rank over the frozen published UNet (default_model's panel LoRA, published
-    # as unet_panels.safetensors, used for non-square panels only) instead of the UNet itself.
+    # as anystory_panel_lora.safetensors, used for non-square panels only) instead of the UNet itself.
     panel_lora_rank: int | None = Field(default=None, gt=0)
     device: str = "auto"  # auto: cuda when there is one, so the same recipe runs on a lent GPU
 
@@ -389,7 +390,7 @@ class VaeTask:
         scale = self.scaling_factor()
         config = bm.VaeConfig(**{**self.recipe.vae.to_dict(), "scaling_factor": scale})
         self.vae.register_to_config(scaling_factor=scale)
-        bm.save_asset("vae", self.vae, config, self.paths.assets, extra_config=_status(step, final))
+        bm.save_asset("vae", self.vae, config, self.paths.assets, status=_status(step, final))
         recon = decode_to_uint8(self.vae, self.vae.encode(to_pixels(self.preview)).latent_dist.mean)
         save_png(image_grid([self.preview[:8], recon[:8], self.preview[8:], recon[8:]]),
                  self.paths.state / "vae_reconstructions.png")
@@ -496,10 +497,10 @@ class ClipTask:
         text = bm.build_text_encoder(self.recipe.text, self.tokenizer)
         text.load_state_dict(self.clip.text_model.state_dict())
         bm.save_asset("text_encoder", text, self.recipe.text, self.paths.assets,
-                      extra_config=_status(min(step, self.recipe.text_steps), text_final))
+                      status=_status(min(step, self.recipe.text_steps), text_final))
         image = bm.build_image_encoder(self.recipe.vision)
         image.load_state_dict(self.clip.vision_model.state_dict())
-        bm.save_asset("image_encoder", image, self.recipe.vision, self.paths.assets, extra_config=_status(step, final))
+        bm.save_asset("image_encoder", image, self.recipe.vision, self.paths.assets, status=_status(step, final))
         bm.write_vocab(vocabulary(), self.paths.assets)
         return {"text_final": text_final}
 
@@ -572,7 +573,7 @@ class UNetTask:
         return self._latents(images, count, size, square), self._token_ids(captions)
 
     def _latents(self, images: torch.Tensor, count: int, size: tuple[int, int], square: bool) -> torch.Tensor:
-        vae_file = self.paths.assets / "vae.safetensors"
+        vae_file = self.paths.assets / "vae" / "diffusion_pytorch_model.safetensors"
         shape = () if square else tuple(size)  # the square's key predates other shapes
         key = stable_hash("latents", self.recipe.seed, count, *shape, vae_file.read_bytes()) % (1 << 48)
         cache = self.paths.cache / f"latents_{key:012x}.safetensors"
@@ -623,10 +624,10 @@ class UNetTask:
     def publish(self, step: int, final: bool) -> dict:
         if self.recipe.panel_lora_rank is not None:
             bm.save_panel_lora(self.ema.module, self.recipe.panel_lora_rank, self.paths.assets,
-                               extra_config=_status(step, final))
+                               status=_status(step, final))
         else:
             bm.save_asset("unet", self.ema.module, self.recipe.unet, self.paths.assets,
-                          extra_config=_status(step, final))
+                          status=_status(step, final))
         picture = self.sample_grid()
         save_png(picture, self.paths.state / f"{self.recipe.run}_samples.png")  # unet_shapes: its own
         return {}
@@ -649,20 +650,17 @@ TASKS = {"vae": VaeTask, "clip": ClipTask, "unet": UNetTask}
 
 
 def _status(step: int, final: bool) -> dict:
-    return {"_status": {"step": int(step), "final": bool(final)}}
+    return {"step": int(step), "final": bool(final)}
 
 
 def asset_status(assets: Path, name: str) -> dict:
-    path = Path(assets) / f"{name}.json"
-    if not path.is_file():
-        return {"step": 0, "final": False}
-    return json.loads(path.read_text()).get("_status", {"step": 0, "final": False})
+    return bm.read_status(assets, name)
 
 
 def require_final(assets: Path, names: tuple[str, ...]) -> None:
     for name in names:
         if not asset_status(assets, name)["final"]:
-            raise ModelError(f"{Path(assets) / name}.safetensors is not final yet: the UNet trains on the "
+            raise ModelError(f"{Path(assets) / name} is not final yet: the UNet trains on the "
                              f"finished VAE and text encoder (finish recipes/base_vae.yaml and base_clip.yaml)")
 
 

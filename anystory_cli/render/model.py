@@ -104,6 +104,10 @@ class Model:
             self.key = self._guard(lambda: fingerprint(value, story_dir))
         else:
             self.key = self.pipeline.model_id
+        from ..model_loading import model_defaults
+
+        # the model's recommended sampling settings, read without loading it (build_plan)
+        self.defaults = self._guard(lambda: model_defaults(value, story_dir))
 
     def _guard(self, call):
         try:
@@ -160,11 +164,10 @@ def warn_unknown_words(story: Story, pipeline, plans: Sequence[PanelPlan], sourc
     reaches it as meaningless pieces. Say which, once per panel, instead of dropping them
     silently. Real CLIP tokenizers split any text into known pieces, so other models are not
     checked."""
-    from ..model_loading import DEFAULT_MODEL
+    from ..model_loading import DEFAULT_MODEL, unknown_words
 
     if story.model != DEFAULT_MODEL:
         return
-    from ..default_model import unknown_words
 
     for plan in plans:
         unknown = unknown_words(pipeline.base.tokenizer, plan.prompt)

@@ -83,7 +83,7 @@ def render_story(
         sheet_seed = story.seed if seed is None else seed
         plans = build_plan(story, seed=seed, steps=steps, model_id=model.key,
                            character_keys=character_keys(story, sheet_seed, steps),
-                           lora_keys=lora_keys, runtime=runtime.key())
+                           lora_keys=lora_keys, runtime=runtime.key(), model_defaults=model.defaults)
         # After the model's key: a model that is missing leaves no empty output folder behind.
         out = check_output_dir(Path(out_dir))
         page_plans = group_pages(plans)

@@ -44,10 +44,14 @@ def story_problems(path: str | os.PathLike[str]) -> list[str]:
         return list(getattr(exc, "problems", [str(exc)]))
     problems = lettering_problems(story, source) + layout_problems(story, source)
     if story.model != "default":
-        from ..model_loading import check_model_dir
+        from ..model_loading import cached_hub_snapshot, check_model_dir, is_hub_id
 
         try:
-            if isinstance(story.model, str):
+            if isinstance(story.model, str) and is_hub_id(story.model):
+                cached = cached_hub_snapshot(story.model)  # not cached: `render` downloads it or says so
+                if cached is not None:
+                    check_model_dir(cached)
+            elif isinstance(story.model, str):
                 check_model_dir(Path(story.model))
             else:
                 from ..flux.folders import check_flux_model

@@ -3,15 +3,22 @@
 An adapter is made for one base UNet architecture. Its config records that UNet's config (to
 rebuild the ReferenceNet) and the shape of every attention layer it injects into, so a weights
 file alone rebuilds the modules and a mismatched base model is refused with a clear message.
+
+`AnyStoryAdapter` is a diffusers `ModelMixin`/`ConfigMixin`: `save_pretrained(folder)` writes
+`config.json` + weights and `AnyStoryAdapter.from_pretrained(folder)` reads them back, like any
+diffusers model; `adapter.config` is that registered config (plain JSON values) and
+`adapter.spec` the same values as the typed `AnyStoryConfig` the modules are built from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 from ..errors import ModelError
@@ -78,13 +85,24 @@ class AnyStoryConfig:
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
 
+    def to_dict(self) -> dict:
+        """Plain JSON values (what `AnyStoryAdapter.config` registers)."""
+        return json.loads(self.to_json())
+
     @classmethod
     def from_json(cls, text: str) -> "AnyStoryConfig":
-        data = json.loads(text)
-        data["cross_layers"] = tuple(LayerSpec(**x) for x in data["cross_layers"])
-        data["self_layers"] = tuple(LayerSpec(**x) for x in data["self_layers"])
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AnyStoryConfig":
+        """From plain values (a JSON config); keys that are not fields are ignored."""
+        data = {f.name: data[f.name] for f in fields(cls) if f.name in data}
+        data["unet_config"] = dict(data["unet_config"])
+        data["cross_layers"] = tuple(_layer_spec(x) for x in data["cross_layers"])
+        data["self_layers"] = tuple(_layer_spec(x) for x in data["self_layers"])
         for key in ("image_mean", "image_std"):
-            data[key] = tuple(data[key])
+            if key in data:
+                data[key] = tuple(data[key])
         return cls(**data)
 
     @classmethod
@@ -96,6 +114,10 @@ class AnyStoryConfig:
         unet_config = {k: v for k, v in dict(unet.config).items() if not k.startswith("_")}
         return cls(unet_config=json.loads(json.dumps(unet_config)), cross_layers=cross,
                    self_layers=own, image_embed_dim=image_embed_dim, **options)
+
+
+def _layer_spec(value) -> LayerSpec:
+    return value if isinstance(value, LayerSpec) else LayerSpec(**value)
 
 
 def _layer_specs(unet: nn.Module) -> tuple[tuple[LayerSpec, ...], tuple[LayerSpec, ...]]:
@@ -122,13 +144,25 @@ def _kv_pair(spec: LayerSpec) -> nn.ModuleDict:
     })
 
 
-class AnyStoryAdapter(nn.Module):
+class AnyStoryAdapter(ModelMixin, ConfigMixin):
     """Subject QFormer, routing QFormer, ReferenceNet, per-layer routers and the new K/V weights
-    (Ŵ for cross-attention, W̃ for self-attention)."""
+    (Ŵ for cross-attention, W̃ for self-attention). The constructor takes the fields of
+    `AnyStoryConfig` as plain values; `from_spec` builds one from the dataclass."""
 
-    def __init__(self, config: AnyStoryConfig, reference_net: ReferenceNet | None = None):
+    config_name = "config.json"
+    ignore_for_config = ["reference_net"]
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(self, unet_config: dict, cross_layers: list, self_layers: list, image_embed_dim: int,
+                 image_size: int = 224, num_subject_tokens: int = 64, qformer_hidden_dim: int = 768,
+                 qformer_depth: int = 4, qformer_heads: int = 8, routing_dim: int = 768,
+                 router_hidden_dim: int = 64, router_context_layers: int = 0, router_context_dim: int = 128,
+                 max_characters: int = 4, reference_size: int = 512, image_mean: tuple = CLIP_MEAN,
+                 image_std: tuple = CLIP_STD, reference_net: ReferenceNet | None = None):
         super().__init__()
-        self.config = config
+        values = {k: v for k, v in locals().items() if k in _CONFIG_FIELDS}
+        self.spec = config = AnyStoryConfig.from_dict(values)
         self.subject_qformer = QFormer(config.subject_qformer())
         self.routing_qformer = QFormer(config.routing_qformer())
         self.reference_net = reference_net if reference_net is not None else ReferenceNet(config.unet_config)
@@ -144,17 +178,27 @@ class AnyStoryAdapter(nn.Module):
         })
 
     @classmethod
+    def from_spec(cls, spec: AnyStoryConfig, reference_net: ReferenceNet | None = None) -> "AnyStoryAdapter":
+        """An adapter built from the typed config (its weights random, or the given ReferenceNet)."""
+        return cls(**spec.to_dict(), reference_net=reference_net)
+
+    @classmethod
     def from_unet(cls, unet: nn.Module, image_embed_dim: int, **options) -> "AnyStoryAdapter":
         """A fresh adapter: ReferenceNet copied from `unet`; Ŵ and W̃ initialised from the layer's
         text and self-attention K/V (paper), QFormers and routers random."""
-        adapter = cls(AnyStoryConfig.for_unet(unet, image_embed_dim, **options), ReferenceNet.from_unet(unet))
+        adapter = cls.from_spec(AnyStoryConfig.for_unet(unet, image_embed_dim, **options), ReferenceNet.from_unet(unet))
         modules = dict(unet.named_modules())
         with torch.no_grad():
-            for spec in adapter.config.cross_layers:
+            for spec in adapter.spec.cross_layers:
                 _copy_kv(adapter.subject_kv[module_key(spec.name)], modules[spec.name])
-            for spec in adapter.config.reference_layers:
+            for spec in adapter.spec.reference_layers:
                 _copy_kv(adapter.reference_kv[module_key(spec.name)], modules[spec.name])
         return adapter.to(dtype=unet.dtype)
+
+    def to(self, *args, **kwargs):
+        # ModelMixin.to warns about modules to keep in float32 on every dtype cast, even with none
+        # listed; the adapter keeps none, so it moves and casts as a plain torch module does.
+        return nn.Module.to(self, *args, **kwargs)
 
     def encode_features(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, image_embed_dim) -> subject tokens (B, m, d_c), routing features (B, d_r)."""
@@ -162,7 +206,7 @@ class AnyStoryAdapter(nn.Module):
 
     def fingerprint(self) -> str:
         """A short id of these weights: encodings made with other weights are refused."""
-        digest = hashlib.sha256(self.config.to_json().encode())
+        digest = hashlib.sha256(self.spec.to_json().encode())
         with torch.no_grad():
             for name, tensor in self.state_dict().items():
                 t = tensor.detach().float().flatten()
@@ -170,6 +214,9 @@ class AnyStoryAdapter(nn.Module):
                 digest.update(repr((tuple(tensor.shape), float(t.sum()), float(t.abs().sum()))).encode())
                 digest.update(t[:16].cpu().numpy().tobytes())  # the adapter may live on a GPU
         return digest.hexdigest()[:16]
+
+
+_CONFIG_FIELDS = {f.name for f in fields(AnyStoryConfig)}
 
 
 def _copy_kv(target: nn.ModuleDict, attn: nn.Module) -> None:
@@ -214,7 +261,7 @@ def check_fits(config: AnyStoryConfig, unet: nn.Module) -> None:
 
 def install(adapter: AnyStoryAdapter, unet: nn.Module) -> InstalledAdapter:
     """Put AnyStory processors on every transformer attention layer of `unet`."""
-    check_fits(adapter.config, unet)
+    check_fits(adapter.spec, unet)
     originals = dict(unet.attn_processors)
     processors = {}
     for key, original in originals.items():

@@ -50,7 +50,7 @@ class AnyStoryPipeline(StyleLoraMixin):
         self.base = base
         self.image_encoder = image_encoder.eval().requires_grad_(False)
         self.adapter = adapter.eval().requires_grad_(False)
-        config = adapter.config
+        config = adapter.spec
         encoder_width = image_encoder.config.hidden_size
         if encoder_width != config.image_embed_dim:
             raise ModelError(f"adapter expects image features of width {config.image_embed_dim}, "

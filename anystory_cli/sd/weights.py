@@ -1,12 +1,14 @@
 """Everything AnyStory keeps on disk as safetensors: adapter weights and character encodings.
 
-An adapter file carries its config in the metadata, so the file alone rebuilds the modules. A
+An adapter is a diffusers-style folder (`config.json` + weights, `AnyStoryAdapter.save_pretrained`)
+or one file that carries its config in the metadata; either alone rebuilds the modules. A
 character encoding file carries the id of the adapter that made it, so an encoding is never used
 with other weights.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from ..atomic import atomic_path
+from ..atomic import atomic_path, replaced_folder
 from ..errors import InputError, ModelError
 from .adapter import AnyStoryAdapter, AnyStoryConfig
 
@@ -33,18 +35,27 @@ def _metadata(path: Path) -> dict:
 
 
 def save_adapter(adapter: AnyStoryAdapter, path: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """Write all adapter weights (optionally cast, e.g. to fp16) with the config in the metadata."""
+    """Write all adapter weights (optionally cast, e.g. to fp16). A path ending in `.safetensors`
+    is one file with the config in its metadata; any other path is a folder written by diffusers'
+    `save_pretrained` (config.json + weights), replaced whole."""
     path = Path(path)
+    if path.suffix != ".safetensors":
+        with replaced_folder(path) as tmp:
+            module = adapter if dtype is None else copy.deepcopy(adapter).to(dtype)
+            module.save_pretrained(str(tmp), safe_serialization=True)
+        return path
     tensors = {k: (v.to(dtype) if dtype is not None else v).detach().contiguous().cpu()
                for k, v in adapter.state_dict().items()}
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT, "config": adapter.config.to_json()})
+        save_file(tensors, str(tmp), metadata={"format": ADAPTER_FORMAT, "config": adapter.spec.to_json()})
     return path
 
 
 def load_adapter(path: str | Path, dtype: torch.dtype = torch.float32) -> AnyStoryAdapter:
-    """Rebuild an adapter from one file written by `save_adapter`."""
+    """Rebuild an adapter from a file or a folder written by `save_adapter` (or `save_pretrained`)."""
     path = Path(path)
+    if path.is_dir():
+        return _load_adapter_folder(path, dtype)
     if not path.is_file():
         raise ModelError(f"{path}: adapter weights not found (train them with `anystory train`)")
     meta = _metadata(path)
@@ -55,7 +66,7 @@ def load_adapter(path: str | Path, dtype: torch.dtype = torch.float32) -> AnySto
     # overwrites anyway. (Copying, not assigning, keeps the usual memory alignment, so a loaded
     # adapter computes bit for bit what the adapter that was saved computes.)
     with torch.device("meta"):
-        adapter = AnyStoryAdapter(AnyStoryConfig.from_json(meta["config"]))
+        adapter = AnyStoryAdapter.from_spec(AnyStoryConfig.from_json(meta["config"]))
     if any(name not in adapter.state_dict() for name, _ in adapter.named_buffers()):
         raise ModelError("adapter has buffers that are not saved; they cannot be left uninitialised")
     adapter.to_empty(device="cpu")
@@ -64,6 +75,23 @@ def load_adapter(path: str | Path, dtype: torch.dtype = torch.float32) -> AnySto
     if missing or unexpected:
         raise ModelError(f"{path}: weights do not match the config in the file "
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return adapter.to(dtype=dtype).eval()
+
+
+def _load_adapter_folder(path: Path, dtype: torch.dtype) -> AnyStoryAdapter:
+    if not (path / AnyStoryAdapter.config_name).is_file():
+        raise ModelError(f"{path}: not an adapter folder (no {AnyStoryAdapter.config_name}; "
+                         "`save_adapter` or `AnyStoryAdapter.save_pretrained` writes one)")
+    try:
+        adapter = AnyStoryAdapter.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        text = str(exc).strip()
+        raise ModelError(f"{path}: cannot load the adapter ({text.splitlines()[0] if text else type(exc).__name__})") from None
+    # from_pretrained hands the modules the loaded tensors themselves; copies in fresh memory
+    # compute bit for bit what the saved adapter computes (as for the single file, above).
+    with torch.no_grad():
+        for tensor in [*adapter.parameters(), *adapter.buffers()]:
+            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
     return adapter.to(dtype=dtype).eval()
 
 

@@ -9,8 +9,8 @@ Recipe (YAML, unknown keys refused):
     kind: adapter                 # `anystory train` trains adapters; the lab's recipes say base or judge
     stage: 1                      # 1: subject encoder, 2: router
     data: data/train.jsonl        # the manifest (below); relative to the recipe file
-    pipeline: models/sdxl         # a local diffusers pipeline folder (from_pretrained), or
-    image_encoder: models/clip-h  # a local CLIPVisionModel folder; `default` for both: the
+    pipeline: models/sdxl         # a diffusers pipeline folder (from_pretrained) or hub id, and
+    image_encoder: models/clip-h  # a CLIPVisionModel folder or hub id; `default` for both: the
                                   # embedded default model's base (recipes/world_stage1.yaml)
     init_adapter: null            # adapter file to start from (stage 2: the stage-1 result)
     init_trained_groups: null     # adapter file whose groups this stage trains replace init_adapter's:
@@ -92,6 +92,7 @@ from safetensors.torch import load_file
 
 from ..atomic import atomic_path
 from ..errors import AnyStoryError, InputError, ModelError, OutputError
+from ..model_loading import model_part_dir, names_hub_part
 from ..masks import load_image, mask_array, prepare_reference
 from ..sd.adapter import AnyStoryAdapter, AnyStoryConfig, install
 from ..sd.attention import AnyStoryContext, InjectionInputs
@@ -191,6 +192,9 @@ def load_recipe(path: str | Path) -> TrainRecipe:
                     "preview_data"):
             if data.get(key) == DEFAULT_BASE and key in ("pipeline", "image_encoder"):
                 continue
+            if key in ("pipeline", "image_encoder") and isinstance(data.get(key), str) \
+                    and names_hub_part(data[key], path.parent):
+                continue  # "org/name": from the Hugging Face cache when the components load
             if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
                 data[key] = str(path.parent / data[key])
     return recipe_from_dict(data, str(path))
@@ -388,14 +392,16 @@ def load_components(recipe: TrainRecipe) -> Components:
     if str(recipe.pipeline) == DEFAULT_BASE or str(recipe.image_encoder) == DEFAULT_BASE:
         if str(recipe.pipeline) != str(recipe.image_encoder):
             raise InputError(f"`pipeline: {DEFAULT_BASE}` and `image_encoder: {DEFAULT_BASE}` go together")
-        from ..default_model import load_default_base
+        from ..model_loading import DEFAULT_MODEL_DIR, load_base
 
-        return Components(*load_default_base(panel_weights=False))  # adapters train on squares
-    for path in (recipe.pipeline, recipe.image_encoder):
+        return Components(*load_base(DEFAULT_MODEL_DIR, panel_lora=False))  # adapters train on squares
+    # load_recipe made local paths absolute: a relative one left is a hub id ("org/name")
+    pipeline, image_encoder = (model_part_dir(str(path)) for path in (recipe.pipeline, recipe.image_encoder))
+    for path in (pipeline, image_encoder):
         if not path.is_dir():
             raise ModelError(f"{path}: model folder not found")
-    pipe = DiffusionPipeline.from_pretrained(str(recipe.pipeline), local_files_only=True)
-    return Components(pipe, CLIPVisionModel.from_pretrained(str(recipe.image_encoder), local_files_only=True))
+    pipe = DiffusionPipeline.from_pretrained(str(pipeline), local_files_only=True)
+    return Components(pipe, CLIPVisionModel.from_pretrained(str(image_encoder), local_files_only=True))
 
 
 def trainable_groups(stage: int) -> tuple[str, ...]:
@@ -428,8 +434,8 @@ def _rebuilt_with_options(adapter: AnyStoryAdapter, recipe: TrainRecipe) -> AnyS
     if unknown:
         raise InputError(f"adapter_options: unknown option(s) {', '.join(unknown)}")
     torch.manual_seed(recipe.seed)  # the fresh groups are part of the seeded run
-    config = dataclasses.replace(adapter.config, **recipe.adapter_options)
-    rebuilt = AnyStoryAdapter(config, reference_net=adapter.reference_net)
+    config = dataclasses.replace(adapter.spec, **recipe.adapter_options)
+    rebuilt = AnyStoryAdapter.from_spec(config, reference_net=adapter.reference_net)
     for group, module in rebuilt.named_children():
         given = getattr(adapter, group).state_dict()
         if _same_layout(module.state_dict(), given):
@@ -477,7 +483,7 @@ class Encoders:
         from transformers import CLIPImageProcessorPil
 
         self.pipe, self.image_encoder, self.device = components.pipe, components.image_encoder, device
-        config = adapter.config
+        config = adapter.spec
         # The pipeline's own preprocessing, so training sees what inference sees.
         self.clip_processor = CLIPImageProcessorPil(
             size={"shortest_edge": config.image_size},
