@@ -52,6 +52,18 @@ def _update(digest, label: str, payload: bytes) -> None:
         digest.update(part)
 
 
+def encoder_id(pipeline) -> str:
+    """What keys an encoding besides its inputs: the model's id, and the kind of device and the
+    precision it encodes in unless a CPU in float32 (a GPU or half precision gives other numbers;
+    a panel's key says the same, plan.py)."""
+    device, dtype = getattr(pipeline, "device", None), getattr(pipeline, "dtype", None)
+    kind = getattr(device, "type", str(device).split(":")[0])
+    precision = str(dtype).removeprefix("torch.")
+    if device is None or dtype is None or (kind, precision) == ("cpu", "float32"):
+        return pipeline.model_id
+    return f"{pipeline.model_id}@{kind}/{precision}"
+
+
 def reference_key(image_bytes: bytes, mask_bytes: bytes | None, model_id: str, mirrored: bool = False) -> str:
     """Key of a character encoded from a reference image (and optional mask) by one model,
     flipped left to right when `mirrored`."""

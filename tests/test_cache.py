@@ -195,3 +195,44 @@ def test_entries_of_an_older_format_or_another_key_are_encoded_again(tmp_path, c
     result = cache.get_or_encode(key, MODEL, encode)
     assert (result.hit, result.rebuilt, encode.calls) == (False, True, 1)
     assert same(cache.get(key, MODEL), encoding(2))
+
+
+class _Placed:
+    """A pipeline's identity and where it encodes: all `encoder_id` reads."""
+
+    def __init__(self, device, dtype, model_id=MODEL):
+        self.device, self.dtype, self.model_id = torch.device(device), dtype, model_id
+
+
+def test_an_encoding_is_keyed_by_where_and_at_what_precision_it_was_made():
+    from anystory_cli.cache import encoder_id
+
+    cpu = encoder_id(_Placed("cpu", torch.float32))
+    assert cpu == MODEL  # the default keeps the keys entries were cached under
+    ids = {cpu, encoder_id(_Placed("cpu", torch.bfloat16)), encoder_id(_Placed("cuda:0", torch.bfloat16)),
+           encoder_id(_Placed("cuda:1", torch.bfloat16)), encoder_id(_Placed("cuda", torch.float32))}
+    assert len(ids) == 4  # the GPU's number does not change the numbers, the kind and precision do
+    keys = {reference_key(b"img", None, model_id) for model_id in ids}
+    assert len(keys) == 4
+
+
+def test_a_render_in_another_precision_encodes_its_characters_again(tmp_path):
+    import copy
+    from contextlib import contextmanager
+
+    import storykit
+    import tiny
+
+    with contextmanager(storykit.one_torch_thread)():
+        pipe = tiny.tiny_story_pipeline()
+    half = copy.deepcopy(pipe)
+    half.base.to(dtype=torch.bfloat16)
+    half.image_encoder.to(dtype=torch.bfloat16)
+    half.adapter.to(dtype=torch.bfloat16)
+    story = storykit.write_story(tmp_path / "s", [{"prompt": "mira", "characters": ["mira"]}])
+    cache = tmp_path / "cache"
+    first = storykit.render(story, tmp_path / "a", lambda *a: pipe, cache)
+    again = storykit.render(story, tmp_path / "b", lambda *a: pipe, cache)
+    other = storykit.render(story, tmp_path / "c", lambda *a: half, cache)
+    assert first.characters_encoded == ["mira"] and again.characters_encoded == []
+    assert other.characters_encoded == ["mira"]

@@ -41,6 +41,14 @@ class FluxComicPipeline:
         pipe.model_id = model_id
 
     @property
+    def device(self):
+        return self.pipe.device
+
+    @property
+    def dtype(self):
+        return self.pipe.dtype
+
+    @property
     def style_loras(self):
         return self.pipe.style_loras
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from ..cache import EncodingCache, description_key, reference_key
+from ..cache import EncodingCache, description_key, encoder_id, reference_key
 from ..errors import AnyStoryError
 from ..export import atomic_write
 from ..masks import load_image
@@ -93,14 +93,14 @@ class Characters:
         pipeline = self.model.pipeline
         if character.image is not None:
             key = reference_key(character.image.read_bytes(), character.mask.read_bytes() if character.mask else None,
-                                pipeline.model_id, mirrored)
+                                encoder_id(pipeline), mirrored)
             result = self.cache.get_or_encode(key, pipeline.model_id, lambda: self._from_image(name, mirrored))
         else:
             settings = sheet_settings(self.story, name, self.sheet_seed, self.steps)
             description = character.description or ""
             # The sheet is the same either way (it is published unmirrored, under its own key).
-            sheet_key = description_key(description, settings, pipeline.model_id)
-            key = description_key(description, settings, pipeline.model_id, mirrored)
+            sheet_key = description_key(description, settings, encoder_id(pipeline))
+            key = description_key(description, settings, encoder_id(pipeline), mirrored)
             result = self.cache.get_or_encode(
                 key, pipeline.model_id, lambda: self._from_description(name, sheet_key, settings, mirrored))
             self._publish_sheet(name, sheet_key)

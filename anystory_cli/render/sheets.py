@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from ..cache import EncodingCache, reference_key
+from ..cache import EncodingCache, encoder_id, reference_key
 from ..errors import AnyStoryError, InputError
 from ..export import atomic_write
 from ..masks import load_image, prepare_reference
@@ -165,7 +165,7 @@ def encode_character_file(
     cache = EncodingCache(cache_dir, on_warning=warnings.append)
     key = reference_key(Path(image_path).read_bytes(),
                         Path(mask_path).read_bytes() if mask_path is not None else None,
-                        pipeline.model_id)
+                        encoder_id(pipeline))
     result = cache.get_or_encode(
         key, pipeline.model_id, lambda: pipeline.encode_character(image, mask=mask, name=name))
     written = None
