@@ -192,7 +192,7 @@ def _parse(data: bytes, key: str, model_id: str):
         tensors = load_tensors(data)
     except (SafetensorError, ValueError, RuntimeError, AttributeError) as exc:
         return None, f"corrupt or truncated ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
-    from .flux import CHARACTER_FORMAT as FLUX_FORMAT
+    from .flux.weights import CHARACTER_FORMAT as FLUX_FORMAT
 
     if metadata.get("format") not in (ENCODING_FORMAT, FLUX_FORMAT) or "subject_tokens" not in tensors:
         return None, f"not a character encoding of this version (format {metadata.get('format')!r})"

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 __all__ = ["CHARACTER_FORMAT", "AnyStoryFluxPipeline", "FluxCharacter", "FluxOutput", "prepare_reference"]
 
-CHARACTER_FORMAT = "anystory-flux-character/1"  # a saved FluxCharacter's metadata "format"
-
 
 def __getattr__(name):  # diffusers takes seconds to import: only when asked for
     if name in ("AnyStoryFluxPipeline", "FluxCharacter", "FluxOutput"):
         from . import pipeline
         return getattr(pipeline, name)
+    if name == "CHARACTER_FORMAT":
+        from .weights import CHARACTER_FORMAT
+        return CHARACTER_FORMAT
     if name == "prepare_reference":
         from .reference import prepare_reference
         return prepare_reference

@@ -21,7 +21,6 @@ from PIL import Image
 from ..errors import InputError, ModelError
 from ..library_logging import progress_bars_off
 from ..loras import StyleLoraMixin, StyleLoras
-from . import CHARACTER_FORMAT
 from .folders import check_flux_folder, check_redux_folder, resolve_folder
 from .processors import (
     REFERENCE_ADAPTER,
@@ -32,7 +31,7 @@ from .processors import (
     StepState,
     with_lora,
 )
-from .weights import load_lora_part, load_module_part, read_checkpoint, split_router
+from .weights import CHARACTER_FORMAT, load_lora_part, load_module_part, read_checkpoint, split_router
 
 SUBJECT_GRID, ROUTER_GRID = 9, 3  # tokens per character: 81 subject, 9 router
 

@@ -19,6 +19,8 @@ import torch
 
 from ..errors import ModelError
 
+CHARACTER_FORMAT = "anystory-flux-character/1"  # a saved FluxCharacter's metadata "format"
+
 # The layers each LoRA is switched on for, in the released method. A part's keys for any other
 # layer never take effect there, so they are left out here (loading them would change nothing).
 _REFERENCE_TARGETS = re.compile(
