@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -139,8 +140,9 @@ def image_size(pipeline, multipliers: tuple[float, float], resolution: int | Non
     native = base.unet.config.sample_size * scale
     if resolution is not None:
         native = resolution / max(multipliers)
-    # A UNet halves the latent once per down block but the last: sizes must divide by that.
-    step = scale * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    # A UNet halves the latent once per down block but the last: sizes must divide by that, and
+    # by 8, the base pipeline's own check.
+    step = math.lcm(8, scale * 2 ** (len(base.unet.config.block_out_channels) - 1))
     return tuple(max(step, int(round(native * m / step)) * step) for m in multipliers)  # type: ignore[return-value]
 
 

@@ -345,8 +345,9 @@ class AnyStoryPipeline(StyleLoraMixin):
         scale = self.base.vae_scale_factor
         height = height or self.base.unet.config.sample_size * scale
         width = width or self.base.unet.config.sample_size * scale
-        if height % scale or width % scale:
-            raise InputError(f"height and width must be multiples of {scale}, got {height}x{width}")
+        multiple = math.lcm(8, scale)  # the latent grid, and the base pipeline's own check (8)
+        if height % multiple or width % multiple:
+            raise InputError(f"height and width must be multiples of {multiple}, got {height}x{width}")
         if prompt_embeds is not None:
             rows = prompt_embeds.shape[0] * num_images_per_prompt
         else:
