@@ -226,6 +226,23 @@ def test_fresh_reference_net_matches_the_unet_on_the_latent_alone():
         torch.testing.assert_close(features, expected[name])
 
 
+def test_an_adapter_made_from_a_unet_carrying_a_lora_is_made_from_its_base_weights():
+    """A UNet with a style LoRA already on it (peft layers): the ReferenceNet copy and the new K/V
+    weights come from the base weights, as from the plain UNet."""
+    from peft import LoraConfig
+
+    plain = tiny.tiny_sd_unet()
+    with_lora = copy.deepcopy(plain)
+    with_lora.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name="style")
+    encoder = tiny.tiny_image_encoder()
+    expected = tiny.tiny_adapter(plain, encoder).state_dict()  # same seed: same random parts
+    got = tiny.tiny_adapter(with_lora, encoder).state_dict()
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
+
+
 # ---------------------------------------------------------------------------------------------
 # 4. ReferenceNet size on the real SDXL UNet config (meta device, no weights)
 

@@ -82,7 +82,10 @@ class ReferenceNet(nn.Module):
     def from_unet(cls, unet: nn.Module) -> "ReferenceNet":
         """Same architecture and initial weights as `unet`, minus attn2, plus a mask channel."""
         net = cls(unet.config)
-        source = unet.state_dict()
+        # A UNet carrying LoRA layers (a style LoRA, peft): its base weights, as the adapter is
+        # trained on the base model.
+        source = {k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items()
+                  if ".lora_" not in k}
         wanted = net.unet.state_dict().keys()
         missing = [k for k in wanted if k not in source]
         if missing:
