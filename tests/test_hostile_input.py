@@ -43,12 +43,13 @@ def here(tmp_path, monkeypatch):
 
 
 def problems_of(text: str, name: str = "story.yaml", seconds: float = 5.0) -> list[str]:
-    """load_story's problems for `text`; the refusal must also be quick."""
+    """load_story's problems for `text`; the refusal must also be quick (in this process's CPU
+    time, which other work on a busy machine does not stretch)."""
     Path(name).write_text(text, encoding="utf-8")
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(StoryError) as caught:
         load_story(name)
-    assert time.perf_counter() - start < seconds, "refused, but too slowly"
+    assert time.process_time() - start < seconds, "refused, but too slowly"
     problems = caught.value.problems
     assert all("\n" not in p for p in problems), problems
     return problems
@@ -153,10 +154,10 @@ def test_values_yaml_itself_cannot_read_name_their_place(here, value, expected):
 def test_gigantic_story_file_is_refused_by_size_without_reading_it(here):
     with open("story.yaml", "wb") as handle:
         handle.truncate(2 * 1024**3)  # a sparse 2 GiB file: instant to make, never read
-    start = time.perf_counter()
+    start = time.process_time()
     with pytest.raises(StoryError) as caught:
         load_story("story.yaml")
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert str(caught.value) == ("story.yaml: the file is 2048.0 MiB; a story must be at most "
                                  "1 MiB")
 
@@ -232,11 +233,11 @@ RED, BLUE = (255, 0, 0, 255), (0, 0, 255, 255)
 def test_decompression_bomb_is_refused_before_decoding_and_silently(tmp_path, width, height):
     bomb = write(tmp_path / "bomb.png", png_bytes(width, height))
     assert bomb.stat().st_size < 200
-    start = time.perf_counter()
+    start = time.process_time()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # Pillow's DecompressionBombWarning must not escape
         reason = reason_of(bomb)
-    assert time.perf_counter() - start < 1.0
+    assert time.process_time() - start < 1.0
     assert reason == ("image is too large (over 89 megapixels, a possible decompression bomb); "
                       "at most 64 megapixels")
 
