@@ -5,6 +5,7 @@ anystory_cli/lab/evaluate.py), the judge's identification (`Judge.character_log_
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -618,6 +619,68 @@ def test_evaluate_adapter_writes_its_report(evaluation):
     assert "report" not in report
     assert report["results"] == json.loads(json.dumps(result["results"]))
     assert report["panels"] == json.loads(json.dumps(result["panels"]))
+
+
+def _report_result(variants=("anystory", "text_only"), model_id="default@0123") -> dict:
+    """A small `evaluate_adapter` result with every field the HTML report reads."""
+    def figures(base: float) -> dict:
+        return {c: {"identity": base, "blended": 0.05, "all_attributes": 0.5, "found": float("nan") if c == "3" else 1.0}
+                for c in ("1", "2", "3", "multi")}
+
+    return {
+        "variants": list(variants), "results": {v: figures(0.25 * (k + 1)) for k, v in enumerate(variants)},
+        "rendered": figures(0.875),
+        "routing_iou": {"timesteps": [100, 500], "scenes": 8,
+                        "by_resolution": {"8": {"100": 0.5, "500": None}},
+                        "foreground_by_resolution": {"8": {"100": 0.75, "500": 0.625}}},
+        "goals": {"single_identity": 0.9, "two_blending_max": 0.05},
+        "reached": {"single_identity": 0.93, "two_blending_max": 0.031},
+        "goals_met": {"single_identity": True, "two_blending_max": True},
+        "goal_intervals": {"single_identity": (0.8, 0.97), "two_blending_max": (0.0, 0.107)},
+        "placement": {"routing_share_in_region": 0.812, "found_in_region": 0.9},
+        "panels_per_count": 16, "image_size": [64, 128], "routing_iou_image_size": [64, 64], "steps": 25,
+        "guidance_scale": 4.0, "guidance_interval": [0.0, 0.7], "subject_strength": 1.0, "reference_strength": 0.0,
+        "seed": 3, "candidates": 12, "model_id": model_id,
+    }
+
+
+def test_the_report_template_lays_out_every_table():
+    html = ev._adapter_html(_report_result())
+    assert html.startswith('<!doctype html><meta charset="utf-8"><title>AnyStory evaluation</title>\n')
+    assert html.endswith('<h2>Samples</h2><img src="samples.png"><h2>Routing maps</h2><img src="routing.png">\n')
+    assert ("<p>16 panels per character count, 64x128 panels (routing IoU on 64x64 scenes), 25 steps, guidance 4.0 "
+            "at t/T in [0.0, 0.7], subject strength 1.0, reference strength 0.0,\nseed 3; each character identified "
+            "among 12 candidates. Model default@0123.</p>") in html
+    assert ("<h2>Goals</h2><ul><li>single_identity: goal ≥ 0.90, reached 0.93 (95 % interval 0.80-0.97) — met</li>"
+            "<li>two_blending_max: goal ≤ 0.05, reached 0.03 (95 % interval 0.00-0.11) — met</li></ul>\n") in html
+    assert ("<h2>Characters</h2><h3>identity (identified as itself)</h3><table><tr><th></th><th>1 char.</th>"
+            "<th>2 char.</th><th>3 char.</th><th>2-4 char.</th></tr><tr><td>anystory</td><td>0.25</td><td>0.25</td>"
+            "<td>0.25</td><td>0.25</td></tr><tr><td>text_only</td><td>0.50</td>") in html
+    assert html.count("<table>") == 5 and html.count("<tr><td>text_only</td>") == 4
+    assert "<td>1.00</td><td>1.00</td><td>–</td><td>1.00</td></tr></table>\n<h2>Placement</h2>" in html  # nan: –
+    assert ("<table><tr><th>latent side</th><th>t=100</th><th>t=500</th></tr><tr><td>8x8</td><td>0.50</td>"
+            "<td>–</td></tr><tr><td>8x8, any character</td><td>0.75</td><td>0.62</td></tr></table>\n") in html
+
+
+def test_the_report_escapes_what_it_shows():
+    html = ev._adapter_html(_report_result(variants=("anystory", "<b>bold</b> & co"),
+                                           model_id='/models/<script>alert("x")</script>'))
+    assert "<script>" not in html and "<b>" not in html
+    assert "Model /models/&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt;.</p>" in html
+    assert "<tr><td>&lt;b&gt;bold&lt;/b&gt; &amp; co</td>" in html
+
+
+def test_the_report_template_ships_with_the_package():
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["anystory_cli"]
+    templates = sorted((root / "anystory_cli" / "lab" / "templates").iterdir())
+    assert [t.name for t in templates] == [ev.REPORT_TEMPLATE]
+    for template in templates:
+        relative = template.relative_to(root / "anystory_cli").as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative
 
 
 def test_evaluate_adapter_is_deterministic_and_variants_share_the_noise(pipe, judge, evaluation):

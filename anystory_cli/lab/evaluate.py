@@ -854,44 +854,33 @@ def _size_words(result: dict) -> str:
     return words
 
 
+REPORT_TEMPLATE = "adapter_report.html.j2"  # in anystory_cli/lab/templates/
+CHARACTER_TABLES = (("identity", "identity (identified as itself)"),
+                    ("blended", "blending (identified as another character of the panel)"),
+                    ("all_attributes", "all ten attributes read right"),
+                    ("found", "found in its region"))
+
+
 def _adapter_html(result: dict) -> str:
-    """The numbers as tables, above the two pictures."""
-    from html import escape
+    """The numbers as tables, above the two pictures: the Jinja2 template, every value escaped."""
+    import jinja2
 
-    counts = [k for k in ("1", "2", "3", "4", "multi") if k in result["rendered"]]
-    head = "".join(f"<th>{c} char.</th>" if c != "multi" else "<th>2-4 char.</th>" for c in counts)
-
-    def row(name: str, figures: dict, key: str) -> str:
-        return f"<tr><td>{escape(name)}</td>" + "".join(f"<td>{_rate(figures.get(c, {}).get(key))}</td>" for c in counts) + "</tr>"
-
-    tables = []
-    for key, title in (("identity", "identity (identified as itself)"), ("blended", "blending (identified as another "
-                       "character of the panel)"), ("all_attributes", "all ten attributes read right"),
-                       ("found", "found in its region")):
-        body = "".join(row(v, result["results"][v], key) for v in result["variants"])
-        body += row("rendered (judge's ceiling)", result["rendered"], key)
-        tables.append(f"<h3>{escape(title)}</h3><table><tr><th></th>{head}</tr>{body}</table>")
+    environment = jinja2.Environment(loader=jinja2.PackageLoader("anystory_cli.lab", "templates"),
+                                     autoescape=True, keep_trailing_newline=True,
+                                     undefined=jinja2.StrictUndefined)
+    environment.filters["rate"] = _rate
     iou = result["routing_iou"]
-    iou_head = "".join(f"<th>t={t}</th>" for t in iou["timesteps"])
-    iou_body = "".join(f"<tr><td>{side}x{side}{suffix}</td>" + "".join(f"<td>{_rate(v)}</td>" for v in by_t.values())
-                       + "</tr>"
-                       for key, suffix in (("by_resolution", ""), ("foreground_by_resolution", ", any character"))
-                       for side, by_t in iou[key].items())
-    goals = "".join(f"<li>{escape(k)}: goal {'≤' if k.endswith('_max') else '≥'} {v:.2f}, reached "
-                    f"{_rate(result['reached'][k])}{escape(interval_words(result, k))} — "
-                    f"{'met' if result['goals_met'][k] else 'not met'}</li>"
-                    for k, v in result["goals"].items())
-    placement = result["placement"]
-    return f"""<!doctype html><meta charset="utf-8"><title>AnyStory evaluation</title>
-<style>body{{font-family:sans-serif;margin:2em}} td,th{{padding:2px 10px;text-align:right}} td:first-child{{text-align:left}}</style>
-<h1>AnyStory on held-out identities</h1>
-<p>{result['panels_per_count']} panels per character count, {_size_words(result)}, {result['steps']} steps, {sampling_label(result)},
-seed {result['seed']}; each character identified among {result['candidates']} candidates. Model {escape(str(result['model_id']))}.</p>
-<h2>Goals</h2><ul>{goals}</ul>
-<h2>Characters</h2>{''.join(tables)}
-<h2>Placement</h2><p>routing mass inside the region asked for: {_rate(placement['routing_share_in_region'])};
-characters found in their regions (2-4 per panel): {_rate(placement['found_in_region'])}</p>
-<h2>Router as segmenter (IoU with true masks on noised rendered scenes, {iou['scenes']} scenes)</h2>
-<table><tr><th>latent side</th>{iou_head}</tr>{iou_body}</table>
-<h2>Samples</h2><img src="samples.png"><h2>Routing maps</h2><img src="routing.png">
-"""
+    return environment.get_template(REPORT_TEMPLATE).render(
+        result=result,
+        size_words=_size_words(result),
+        sampling=sampling_label(result),
+        goals=[{"name": name, "value": value, "reached": result["reached"][name], "met": result["goals_met"][name],
+                "interval": interval_words(result, name)} for name, value in result["goals"].items()],
+        counts=[k for k in ("1", "2", "3", "4", "multi") if k in result["rendered"]],
+        tables=[{"key": key, "title": title} for key, title in CHARACTER_TABLES],
+        rows=[*((v, result["results"][v]) for v in result["variants"]),
+              ("rendered (judge's ceiling)", result["rendered"])],
+        iou_rows=[(f"{side}x{side}{suffix}", by_t)
+                  for key, suffix in (("by_resolution", ""), ("foreground_by_resolution", ", any character"))
+                  for side, by_t in iou[key].items()],
+    )
