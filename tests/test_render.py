@@ -190,6 +190,15 @@ def test_largest_part_connectivity_ties_and_holes():
     np.testing.assert_array_equal(_largest_part(opened), opened)
 
 
+def test_pooled_rows_is_the_running_median_of_five_rows():
+    from anystory_cli.render.sheets import _pooled_rows
+
+    colours = np.random.default_rng(0).random((9, 3)).astype(np.float32)
+    padded = np.concatenate([colours[:1], colours[:1], colours, colours[-1:], colours[-1:]])
+    expected = np.stack([np.sort(padded[y:y + 5], axis=0)[2] for y in range(9)])
+    np.testing.assert_array_equal(_pooled_rows(colours), expected)
+
+
 def test_character_card_shows_reference_and_mask():
     card = character_card(tiny.sprite())
     assert card.size == (2 * 256 + 3 * 8, 256 + 2 * 8)

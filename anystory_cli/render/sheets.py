@@ -81,10 +81,11 @@ def _foreground(rgb: np.ndarray) -> np.ndarray:
 
 
 def _pooled_rows(colours: np.ndarray) -> np.ndarray:
-    """(H, 3) per-row colours -> the median over SHEET_ROW_WINDOW neighbouring rows."""
-    reach = SHEET_ROW_WINDOW // 2
-    padded = np.pad(colours, ((reach, reach), (0, 0)), mode="edge")
-    return np.median(np.stack([padded[k:k + len(colours)] for k in range(SHEET_ROW_WINDOW)]), axis=0)
+    """(H, 3) per-row colours -> the median over SHEET_ROW_WINDOW neighbouring rows (the first and
+    last rows repeated past the ends)."""
+    from scipy import ndimage
+
+    return ndimage.median_filter(colours, size=(SHEET_ROW_WINDOW, 1), mode="nearest")
 
 
 def _largest_part(foreground: np.ndarray) -> np.ndarray | None:
