@@ -23,7 +23,7 @@ TINY_VISION = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 
                "projection_dim": 16, "patch_size": 16}
 TINY_UNET = {"block_out_channels": [16, 32], "attention_head_dim": 8, "cross_attention_levels": [False, True],
              "norm_num_groups": 8}
-COMMON = {"lr": 1e-3, "warmup_steps": 1, "batch_size": 2, "assets_dir": "assets", "state_dir": "state",
+COMMON = {"lr": 1e-3, "warmup_steps": 0, "batch_size": 2, "assets_dir": "assets", "state_dir": "state",
           "cache_dir": "cache"}
 TINY_RECIPES = {
     "vae": {"model": "vae", "steps": 2, "scale_batch": 4, "vae": TINY_VAE, **COMMON},
@@ -237,6 +237,57 @@ def test_a_single_file_state_resumes_to_the_same_weights(tmp_path):
     assert whole.keys() == resumed.keys()
     for key in whole:
         assert torch.equal(whole[key], resumed[key]), key
+
+
+def test_the_learning_rate_is_transformers_cosine_with_min_lr_and_resumes_with_the_run(tmp_path):
+    """Each step's learning rate is transformers' cosine_with_min_lr with warm-up (lr * s / warmup
+    below warmup_steps, then a cosine to lr * min_lr_ratio at `steps`). The schedule is saved in
+    the checkpoint (scheduler.bin); a checkpoint without it resumes by stepping a fresh schedule to
+    its step. Both resumed runs log the same rates and end with the weights of an uninterrupted run."""
+    import json
+
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    lr, steps, warmup, floor = 1e-3, 5, 2, 0.2
+    library = get_cosine_with_min_lr_schedule_with_warmup(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=lr), num_warmup_steps=warmup,
+        num_training_steps=steps, min_lr_rate=floor)
+    expected = []
+    for _ in range(steps):
+        expected.append(library.get_last_lr()[0])
+        library.optimizer.step()
+        library.step()
+    assert expected[:3] == [0.0, lr / 2, lr]  # the warm-up, then the cosine's start
+    assert expected[3] == pytest.approx(lr * (floor + (1 - floor) * 0.5 * (1 + np.cos(np.pi / 3))))
+
+    runs = {}
+    for run in ("whole", "resumed", "resumed without the schedule"):
+        folder = tmp_path / run.replace(" ", "_")
+        folder.mkdir()
+        recipe, base = _write_recipe(folder, "vae", steps=steps, warmup_steps=warmup, min_lr_ratio=floor,
+                                     log_every=1)
+        records = []
+        if run != "whole":
+            train(recipe, base, max_steps=2, log=records.append)
+            checkpoint = _checkpoint(folder, "vae")
+            assert (checkpoint / "scheduler.bin").is_file()
+            if run == "resumed without the schedule":
+                (checkpoint / "scheduler.bin").unlink()
+                info = json.loads((checkpoint / "run_state.json").read_text())
+                del info["files"]["scheduler.bin"]
+                (checkpoint / "run_state.json").write_text(json.dumps(info))
+        train(recipe, base, log=records.append)
+        logged = {record["step"]: record["lr"] for record in records if "lr" in record}
+        assert logged == {step + 1: round(value, 7) for step, value in enumerate(expected)}, run
+        schedule = torch.load(_checkpoint(folder, "vae") / "scheduler.bin", weights_only=True)
+        assert schedule["last_epoch"] == steps
+        assert schedule["_last_lr"][0] == pytest.approx(lr * floor, rel=1e-12)  # the end: lr * min_lr_ratio
+        runs[run] = _state(folder, "vae")
+    whole = runs.pop("whole")
+    for run, state in runs.items():
+        assert state.keys() == whole.keys()
+        for key in whole:
+            assert torch.equal(whole[key], state[key]), (run, key)
 
 
 def test_a_damaged_or_foreign_checkpoint_stops_the_run_with_one_line(tmp_path):

@@ -755,7 +755,8 @@ def scene_progress(recipe, step: int, time_share: float = 0.0) -> float:
 
 
 def learning_rate(recipe, step: int, progress: float) -> float:
-    """Linear warm-up, then cosine over `progress` (0..1) to lr * min_lr_ratio."""
+    """Linear warm-up, then cosine over `progress` (0..1) to lr * min_lr_ratio. Its own law, not a
+    step scheduler's: `progress` follows the time budget where that runs ahead of the steps."""
     if step < recipe.warmup_steps:
         return recipe.lr * (step + 1) / recipe.warmup_steps
     progress = min(1.0, progress)

@@ -4,11 +4,11 @@
 
 One loop (`train`) serves the three recipes; a *task* supplies the batch loss and what to publish.
 Every run is resumable: every `checkpoint_minutes` its state (fp32 weights and EMA, AdamW
-moments, RNG states, step and elapsed time) is written into `<state_dir>/<run>.state/step-N/`
-by the adapter trainer's checkpoint code (anystory_cli/train/checkpoint.py: accelerate's state
-files, renamed into place whole; only the newest is kept), and the part's fp16 subfolder of the
-published model folder (diffusers `save_pretrained`) and its entry in `training_status.json` are
-rewritten at the same moment. Batch
+moments, the learning-rate schedule, RNG states, step and elapsed time) is written into
+`<state_dir>/<run>.state/step-N/` by the adapter trainer's checkpoint code
+(anystory_cli/train/checkpoint.py: accelerate's state files, renamed into place whole; only the
+newest is kept), and the part's fp16 subfolder of the published model folder (diffusers
+`save_pretrained`) and its entry in `training_status.json` are rewritten at the same moment. Batch
 contents and noise are derived from (seed, step) alone, so a resumed run draws exactly what an
 uninterrupted run would have drawn, and ends with the same weights.
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 import os
 import signal
 import time
@@ -40,7 +39,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import atomic_path
-from ..train.checkpoint import Checkpoints, WeightsFile
+from ..train.checkpoint import SCHEDULE_FILE, Checkpoints, WeightsFile, advance_schedule
 from ..train.recipe_files import read_recipe_yaml, recipe_error
 from ..errors import InputError, ModelError
 from .. import default_model as bm
@@ -81,8 +80,10 @@ class RecipeBase(BaseModel):
     steps: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     lr: float = Field(gt=0)
+    # The learning rate (lr_schedule): linear from 0 at step 0 to lr at warmup_steps, then a cosine
+    # to lr * min_lr_ratio at `steps` (transformers' cosine_with_min_lr).
     warmup_steps: int = Field(default=100, ge=0)
-    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     checkpoint_minutes: float = Field(default=5.0, gt=0)
@@ -239,13 +240,15 @@ def step_rng(recipe, step: int, salt: str = "") -> WorldRng:
     return WorldRng("base-train", recipe.model, recipe.seed, step, salt)
 
 
-def learning_rate(recipe, step: int) -> float:
-    """Linear warm-up, then cosine decay to lr * min_lr_ratio at the last step."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    progress = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return recipe.lr * (recipe.min_lr_ratio + (1 - recipe.min_lr_ratio) * cosine)
+def lr_schedule(optimizer, recipe):
+    """The recipe's learning rate per step, transformers' `cosine_with_min_lr` schedule: at step s
+    below `warmup_steps` it is lr * s / warmup_steps (0 at step 0), then a cosine from lr that
+    reaches lr * min_lr_ratio at `steps`. A LambdaLR stepped once after each optimizer step."""
+    from transformers.optimization import get_scheduler
+
+    return get_scheduler("cosine_with_min_lr", optimizer, num_warmup_steps=recipe.warmup_steps,
+                         num_training_steps=recipe.steps,
+                         scheduler_specific_kwargs={"min_lr_rate": recipe.min_lr_ratio})
 
 
 def to_pixels(images: np.ndarray) -> torch.Tensor:
@@ -684,9 +687,10 @@ class RunPaths:
 WEIGHTS_FILE = "weights.safetensors"  # every module of the task in fp32, `{module}/{parameter}`
 
 
-def run_checkpoints(paths: RunPaths, modules: dict, optimizer, recipe) -> Checkpoints:
+def run_checkpoints(paths: RunPaths, modules: dict, optimizer, schedule, recipe) -> Checkpoints:
     """The run's checkpoints (anystory_cli/train/checkpoint.py): the task's modules, the AdamW
-    state (moments in the recipe's moment_dtype), RNG states, and step and elapsed time."""
+    state (moments in the recipe's moment_dtype), the learning-rate schedule (`schedule`, None: not
+    saved or loaded), RNG states, and step and elapsed time."""
     hint = f"delete {paths.checkpoints} to start the run over"
 
     def save(path: Path) -> None:
@@ -697,6 +701,7 @@ def run_checkpoints(paths: RunPaths, modules: dict, optimizer, recipe) -> Checkp
         _load_modules(load_file(str(path)), modules, path, hint)
 
     return Checkpoints(paths.checkpoints, keep=1, optimizers=[StoredMoments(optimizer, recipe.moment_dtype)],
+                       schedulers=[schedule] if schedule is not None else [],
                        weights={WEIGHTS_FILE: WeightsFile(save, load)}, restart_hint=hint)
 
 
@@ -730,19 +735,28 @@ def _load_modules(tensors: dict, modules: dict, path: Path, hint: str) -> None:
             raise ModelError(f"{path}: does not match this recipe's model ({str(exc).splitlines()[0]}); {hint}") from None
 
 
-def resume(checkpoints: Checkpoints, paths: RunPaths, modules: dict, optimizer, recipe) -> tuple[int, float]:
-    """Restore weights, optimizer and RNG in place from the run's newest checkpoint (or its single
-    state file); (step, elapsed seconds), (0, 0) when it has neither."""
+def resume(checkpoints: Checkpoints, paths: RunPaths, modules: dict, optimizer, schedule,
+           recipe) -> tuple[int, float]:
+    """Restore weights, optimizer, learning-rate schedule and RNG in place from the run's newest
+    checkpoint (or its single state file); (step, elapsed seconds), (0, 0) when it has neither.
+    A state without the schedule's file has the fresh schedule stepped to its step."""
     found = checkpoints.latest()
     if found is not None:
-        info = checkpoints.load(found)
+        saved_schedule = (found / SCHEDULE_FILE).is_file()
+        loader = checkpoints if saved_schedule else run_checkpoints(paths, modules, optimizer, None, recipe)
+        info = loader.load(found)
         if info.get("model") != recipe.model:
             raise ModelError(f"{found}: a checkpoint of the {info.get('model')} model, and the recipe trains the "
                              f"{recipe.model}; {checkpoints.restart_hint}")
-        return info["step"], float(info["elapsed"])
-    if paths.single_file_state.is_file():
-        return _load_single_file_state(paths.single_file_state, modules, optimizer)
-    return 0, 0.0
+        step, elapsed = info["step"], float(info["elapsed"])
+    elif paths.single_file_state.is_file():
+        step, elapsed = _load_single_file_state(paths.single_file_state, modules, optimizer)
+        saved_schedule = False
+    else:
+        return 0, 0.0
+    if not saved_schedule:
+        advance_schedule(schedule, step)
+    return step, elapsed
 
 
 def _load_single_file_state(path: Path, modules: dict, optimizer) -> tuple[int, float]:
@@ -829,8 +843,9 @@ def _train(recipe, paths: "RunPaths", max_steps, max_minutes, log) -> dict:
     # Frozen weights are not optimised: EMA copies, and a panel LoRA's UNet under it.
     parameters = [p for m in task.modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.99))
-    checkpoints = run_checkpoints(paths, task.modules, optimizer, recipe)
-    step, elapsed = resume(checkpoints, paths, task.modules, optimizer, recipe)
+    schedule = lr_schedule(optimizer, recipe)
+    checkpoints = run_checkpoints(paths, task.modules, optimizer, schedule, recipe)
+    step, elapsed = resume(checkpoints, paths, task.modules, optimizer, schedule, recipe)
     log = log or (lambda record: print(json.dumps(record), flush=True))
     record = {"model": recipe.model, "step": step, "event": "resume" if step else "start"}
     log(record)
@@ -860,14 +875,14 @@ def _train(recipe, paths: "RunPaths", max_steps, max_minutes, log) -> dict:
     while step < recipe.steps and not stop.raised and not out_of_time():
         if max_steps is not None and steps_here >= max_steps:
             break
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(recipe, step)
+        lr = optimizer.param_groups[0]["lr"]  # the schedule's value at `step`
         tick = time.perf_counter()
         loss, parts = task.loss(step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, recipe.grad_clip)
         optimizer.step()
+        schedule.step()
         if hasattr(task, "after_step"):
             task.after_step(step)
         step += 1
@@ -876,7 +891,7 @@ def _train(recipe, paths: "RunPaths", max_steps, max_minutes, log) -> dict:
             sums[key] = sums.get(key, 0.0) + value
         if step % recipe.log_every == 0:
             count = sums.pop("steps")  # fewer than log_every right after a resume
-            record = {"model": recipe.model, "step": step, "lr": round(learning_rate(recipe, step - 1), 7),
+            record = {"model": recipe.model, "step": step, "lr": round(lr, 7),
                       **{k: round(v / count, 5) for k, v in sums.items()}}
             sums = {}
             _append_log(paths.log_file, record)

@@ -43,6 +43,7 @@ from ..errors import ModelError, OutputError
 
 FORMAT = "anystory-run-state/1"
 INFO_FILE = "run_state.json"
+SCHEDULE_FILE = "scheduler.bin"  # what save_state writes for the first learning-rate scheduler
 _STEP_FOLDER = re.compile(r"^step-\d+$")
 _REPLACED = ".replaced."  # `.step-N.replaced.*`: a checkpoint set aside while the same step is written again
 
@@ -199,6 +200,17 @@ class Checkpoints:
     def _load_weights_hook(self, models, input_dir) -> None:
         for name, file in self.weights.items():
             file.load(Path(input_dir) / name)
+
+
+def advance_schedule(schedule, step: int) -> None:
+    """Step a fresh learning-rate scheduler `step` times: where a state holds no scheduler file, the
+    schedule, a function of the step, is found again from the step alone."""
+    import warnings
+
+    with warnings.catch_warnings():  # no optimizer step comes before these
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+        for _ in range(step):
+            schedule.step()
 
 
 def read_info(checkpoint: Path, restart_hint: str = "start the run over") -> dict:

@@ -98,7 +98,7 @@ from ..sd.adapter import AnyStoryAdapter, AnyStoryConfig, install
 from ..sd.attention import AnyStoryContext, InjectionInputs
 from ..sd.router import ROUTING_LOSS_WEIGHT, routing_loss
 from ..sd.weights import load_adapter, save_adapter
-from .checkpoint import Checkpoints, WeightsFile
+from .checkpoint import Checkpoints, WeightsFile, advance_schedule
 from .manifest import manifest_problems, read_manifest
 from .recipe_files import read_recipe_yaml
 
@@ -654,10 +654,7 @@ def _restore_single_file_state(checkpoint: Path, adapter, optimizer, lr_schedule
     except (OSError, RuntimeError, ValueError, KeyError, TypeError, SafetensorError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelError(f"{checkpoint}: the checkpoint does not load ({reason}); {RESTART_HINT}") from None
-    with warnings.catch_warnings():  # the schedule is a function of the step: step it there
-        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
-        for _ in range(start):
-            lr_schedule.step()
+    advance_schedule(lr_schedule, start)
     return start
 
 
