@@ -130,7 +130,7 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
     from huggingface_hub import constants
 
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
@@ -158,7 +158,7 @@ def hub_snapshot(repo_id: str) -> Path:
     cached = cached_hub_snapshot(repo_id)
     if cached is not None:
         return cached
-    if _hub_offline():
+    if hub_offline():
         raise ModelError(f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 "
                          f"forbids downloading it; run once online, or `hf download {repo_id}`, or name a "
                          "local model folder") from None

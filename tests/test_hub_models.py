@@ -132,3 +132,15 @@ def test_a_training_recipe_names_its_base_by_hub_id(hub_cache, tmp_path):
     components = load_components(recipe)
     assert components.pipe.unet.config.cross_attention_dim == 32
     assert components.image_encoder.config.hidden_size == tiny.tiny_image_encoder().config.hidden_size
+
+
+def test_validate_says_an_uncached_id_cannot_be_fetched_offline_and_accepts_a_cached_one(hub_cache, tmp_path):
+    from anystory_cli.render import story_problems
+
+    cached = storykit.write_story(tmp_path / "a", [{"prompt": "mira", "characters": ["mira"]}], model="tiny-org/tiny-sd")
+    assert story_problems(cached) == []
+    missing = storykit.write_story(tmp_path / "b", [{"prompt": "mira", "characters": ["mira"]}],
+                                   model="nobody/no-such-model")
+    problems = story_problems(missing)
+    assert len(problems) == 1 and "'nobody/no-such-model' is not in the Hugging Face cache" in problems[0]
+    assert "HF_HUB_OFFLINE=1" in problems[0]

@@ -45,3 +45,17 @@ def test_a_bad_defaults_file_is_one_line_naming_it(tmp_path, text, message):
     with pytest.raises(ModelError, match=message) as error:
         model_defaults(str(tmp_path))
     assert str(tmp_path / DEFAULTS_FILE) in str(error.value) and "\n" not in str(error.value)
+
+
+def test_validate_reports_a_bad_defaults_file_in_the_story_s_model(tmp_path):
+    import shutil
+
+    from anystory_cli.model_loading import DEFAULT_MODEL_DIR
+    from anystory_cli.render import story_problems
+
+    shutil.copytree(DEFAULT_MODEL_DIR, tmp_path / "mine")
+    story = storykit.write_story(tmp_path / "s", [{"prompt": "p", "characters": ["mira"]}], model="../mine")
+    assert story_problems(story) == []
+    (tmp_path / "mine" / DEFAULTS_FILE).write_text('{"paste_references_at": 3}')
+    problems = story_problems(story)
+    assert len(problems) == 1 and "model:" in problems[0] and DEFAULTS_FILE in problems[0] and "from 0 to 1" in problems[0]

@@ -44,16 +44,22 @@ def story_problems(path: str | os.PathLike[str]) -> list[str]:
         return list(getattr(exc, "problems", [str(exc)]))
     problems = lettering_problems(story, source) + layout_problems(story, source)
     if story.model != "default":
-        from ..model_loading import cached_hub_snapshot, check_model_dir, is_hub_id
+        from ..model_loading import (cached_hub_snapshot, check_model_dir, hub_offline, hub_snapshot, is_hub_id,
+                                     model_defaults)
 
         try:
+            folder = None
             if isinstance(story.model, str) and is_hub_id(story.model):
-                cached = cached_hub_snapshot(story.model)  # not cached: `render` downloads it or says so
-                if cached is not None:
-                    check_model_dir(cached)
+                folder = cached_hub_snapshot(story.model)
+                if folder is None and hub_offline():
+                    hub_snapshot(story.model)  # says that it is not cached and may not be downloaded
+                # not cached but online: `render` downloads it, or says why it cannot
             elif isinstance(story.model, str):
-                check_model_dir(Path(story.model))
-            else:
+                folder = Path(story.model)
+            if folder is not None:
+                check_model_dir(folder)
+                model_defaults(str(folder))  # its sampling defaults file, when it has one, must read
+            if not isinstance(story.model, str):
                 from ..flux.folders import check_flux_model
 
                 check_flux_model(story.model.base, story.model.redux, story.model.adapter)
