@@ -41,9 +41,12 @@ STYLE_PREFIX = "style"
 
 
 def looks_like_hub_id(value: str) -> bool:
-    """'owner/name' that is not also a local path (./x, ../x, /x, ~/x, C:/x, x.safetensors)."""
-    return bool(_HUB_ID.match(value)) and not value.startswith((".", "~")) and not value.endswith(
-        ".safetensors")
+    """'owner/name' or 'owner/name/file.safetensors' that is not also a local path (./x, ../x, /x,
+    ~/x, C:/x, dir/x.safetensors)."""
+    parts = value.split("/")
+    if value.startswith((".", "~")) or not _HUB_ID.match("/".join(parts[:2])):
+        return False
+    return len(parts) > 2 or not value.endswith(".safetensors")
 
 
 def resolve_lora(value: str | os.PathLike[str], base_dir: str | os.PathLike[str] | None = None) -> Path:
@@ -56,7 +59,15 @@ def resolve_lora(value: str | os.PathLike[str], base_dir: str | os.PathLike[str]
     if not path.is_absolute() and base_dir is not None:
         path = Path(base_dir) / path
     if not path.exists() and looks_like_hub_id(text):
-        return _lora_file_in(_hub_snapshot(text), text)
+        from .hub import model_part_dir
+
+        try:  # the Hugging Face cache, downloaded once when online (only that file, when named)
+            found = model_part_dir(text)
+        except ModelError as exc:
+            raise InputError(f"LoRA {exc}") from None
+        if found.is_dir():
+            return _lora_file_in(found, text)
+        path = found
     if not path.exists():
         raise InputError(f"LoRA {text}: no such file or folder ({path}); give a .safetensors file, a "
                          f"folder holding one, or a hub id (owner/name)")
@@ -81,27 +92,6 @@ def _lora_file_in(folder: Path, value: str) -> Path:
     raise InputError(f"LoRA {value}: {len(files)} .safetensors files in {folder} "
                      f"({', '.join(p.name for p in files[:4])}{', ...' if len(files) > 4 else ''}); "
                      f"name the file")
-
-
-def _hub_snapshot(repo_id: str) -> Path:
-    """The cached snapshot folder of a hub repository's safetensors files (downloaded when
-    online and not cached; never with HF_HUB_OFFLINE=1)."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json"]))
-    except LocalEntryNotFoundError:
-        raise InputError(f"LoRA {repo_id}: not in the Hugging Face cache ({_cache_dir()}) and the hub "
-                         f"cannot be reached (offline); run once online, or give a local file") from None
-    except (HfHubHTTPError, OSError, ValueError) as exc:
-        raise InputError(f"LoRA {repo_id}: cannot get it from the Hugging Face hub ({_first_line(exc)})") from None
-
-
-def _cache_dir() -> str:
-    from huggingface_hub import constants
-
-    return str(constants.HF_HUB_CACHE)
 
 
 def lora_fingerprint(path: str | os.PathLike[str]) -> str:

@@ -27,11 +27,11 @@ import copy
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 from .atomic import atomic_path
 from .errors import ModelError, OutputError
+from .hub import hub_snapshot, is_hub_id, model_part_dir
 from .library_logging import progress_bars_off
 
 DEFAULT_MODEL = "default"
@@ -57,22 +57,6 @@ _FINGERPRINTS_DIR = "fingerprints"
 _CHUNK_BYTES = 1 << 20
 
 
-# A Hugging Face hub id: "org/name" (letters, digits, "-", "_", "."), no other slashes.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
-
-def is_hub_id(model: str, base_dir: str | os.PathLike[str] | None = None) -> bool:
-    """Whether `model` names a model on the Hugging Face hub: shaped "org/name", with no local
-    folder of that name (relative to `base_dir`) to mean instead."""
-    if len(model) > 96 or not _HUB_ID.fullmatch(model) or ".." in model:  # the hub's limit: 96
-        return False
-    local = Path(model) if base_dir is None else Path(base_dir) / model
-    try:
-        return not local.exists()
-    except (OSError, ValueError):  # a name the file system cannot hold
-        return True
-
-
 def resolve_model_dir(model: str, base_dir: str | os.PathLike[str] | None = None, with_adapter: bool = True) -> Path:
     """The folder that `model` names: the embedded default, a hub id's snapshot in the Hugging
     Face cache (downloaded first when it is not there and the hub may be reached), or a path
@@ -90,85 +74,6 @@ def resolve_model_dir(model: str, base_dir: str | os.PathLike[str] | None = None
     if not folder.is_absolute() and base_dir is not None:
         folder = Path(base_dir) / folder
     return folder
-
-
-def names_hub_part(value: str | os.PathLike[str], base_dir: str | os.PathLike[str] | None = None) -> bool:
-    """Whether `value` is "org/name" or "org/name/sub/folder" on the hub rather than a local path:
-    hub-shaped, and no local file or folder of that name (relative to `base_dir`)."""
-    text = os.fspath(value)
-    parts = text.split("/")
-    local = Path(text).expanduser()
-    if not local.is_absolute() and base_dir is not None:
-        local = Path(base_dir) / local
-    try:
-        exists = local.exists()
-    except (OSError, ValueError):  # a name the file system cannot hold
-        exists = False
-    return len(parts) >= 2 and not exists and is_hub_id("/".join(parts[:2]), base_dir)
-
-
-def model_part_dir(value: str | os.PathLike[str], base_dir: str | os.PathLike[str] | None = None) -> Path:
-    """A model part named by a path or a hub id (an adapter, a training recipe's pipeline or image
-    encoder): "org/name" is that repository's snapshot (`hub_snapshot`), "org/name/sub/folder" a
-    folder inside it (e.g. an image encoder shipped beside other weights); a local path of the
-    same name wins. Else the path, relative to `base_dir`."""
-    if names_hub_part(value, base_dir):
-        parts = os.fspath(value).split("/")
-        return hub_snapshot("/".join(parts[:2])).joinpath(*parts[2:])
-    path = Path(value).expanduser()
-    return path if path.is_absolute() or base_dir is None else Path(base_dir) / path
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, as the environment says now (HF_HUB_CACHE, else HF_HOME/hub)."""
-    from huggingface_hub import constants
-
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
-    if os.environ.get("HF_HOME"):
-        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
-    return Path(constants.HF_HUB_CACHE)
-
-
-def hub_offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-def cached_hub_snapshot(repo_id: str) -> Path | None:
-    """The snapshot folder of `repo_id` in the Hugging Face cache (its `refs/main`); None when the
-    cache does not hold it. Never touches the network."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id, cache_dir=str(hub_cache_dir()), local_files_only=True))
-    except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
-        return None
-
-
-def hub_snapshot(repo_id: str) -> Path:
-    """The local snapshot folder of hub model `repo_id`: from the cache, else downloaded once
-    (never when HF_HUB_OFFLINE=1); one ModelError line when it is neither cached nor reachable."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    cache = hub_cache_dir()
-    cached = cached_hub_snapshot(repo_id)
-    if cached is not None:
-        return cached
-    if hub_offline():
-        raise ModelError(f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 "
-                         f"forbids downloading it; run once online, or `hf download {repo_id}`, or name a "
-                         "local model folder") from None
-    try:
-        with progress_bars_off():
-            return Path(snapshot_download(repo_id, cache_dir=str(cache)))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
-        raise ModelError(f"model {repo_id!r} is not in the Hugging Face cache ({cache}) and cannot be "
-                         f"downloaded ({_first_line(exc)}); check the id and the network, or name a local "
-                         "model folder") from None
 
 
 def check_model_dir(folder: Path, with_adapter: bool = True) -> None:

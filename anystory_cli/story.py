@@ -409,34 +409,33 @@ class Panel(_Strict):
     )
 
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 FLUX_GUIDANCE = 3.5  # FLUX.1-dev's embedded (distilled) guidance, the released app's default
 
 
 def _model_location(value: str, info: ValidationInfo) -> str:
-    """A folder or file relative to the story, or a hub id kept as it is when no such path exists."""
-    path = _resolve(Path(value), info)
-    if _HUB_ID.fullmatch(value) and not path.exists():
-        return value
-    return str(path)
+    """A folder or file relative to the story, or a hub id ("org/name", "org/name/file") kept as it
+    is when no such path exists."""
+    from .hub import names_hub_part
+
+    if names_hub_part(value, (info.context or {}).get("base_dir")):
+        return value  # from the Hugging Face cache, downloaded once when online
+    return str(_resolve(Path(value), info))
 
 
 class FluxModel(_Strict):
     """The released AnyStory weights on FLUX.1 (docs/flux.md)."""
 
-    base: Annotated[NonBlank, Field(description="FLUX.1-dev: a diffusers folder or a hub id in the cache.")]
-    redux: Annotated[NonBlank, Field(description="FLUX.1-Redux-dev: a folder or a hub id in the cache.")]
-    adapter: Annotated[NonBlank, Field(description="anystory_flux.bin (hub repository Junjie96/AnyStory).")]
+    base: Annotated[NonBlank, Field(description="FLUX.1-dev: a diffusers folder or a hub id "
+                                    "(black-forest-labs/FLUX.1-dev).")]
+    redux: Annotated[NonBlank, Field(description="FLUX.1-Redux-dev: a folder or a hub id "
+                                     "(black-forest-labs/FLUX.1-Redux-dev).")]
+    adapter: Annotated[NonBlank, Field(description="anystory_flux.bin: a file, or the hub file "
+                                       "Junjie96/AnyStory/anystory_flux.bin.")]
 
-    @field_validator("base", "redux")
+    @field_validator("base", "redux", "adapter")
     @classmethod
     def _locate(cls, value: str, info: ValidationInfo) -> str:
         return _model_location(value, info)
-
-    @field_validator("adapter")
-    @classmethod
-    def _resolve_adapter(cls, value: str, info: ValidationInfo) -> str:
-        return str(_resolve(Path(value), info))
 
     def __str__(self) -> str:
         return f"FLUX {self.base} + {Path(self.adapter).name}"
@@ -462,10 +461,10 @@ class Story(_Strict):
     def _resolve_model(cls, value: str | FluxModel, info: ValidationInfo) -> str | FluxModel:
         if isinstance(value, FluxModel) or value == "default":
             return value
-        from .model_loading import is_hub_id
+        from .hub import is_hub_id
 
         if is_hub_id(value, (info.context or {}).get("base_dir")):
-            return value  # "org/name": from the Hugging Face cache (model_loading.hub_snapshot)
+            return value  # "org/name": from the Hugging Face cache (hub.hub_snapshot)
         return str(_resolve(Path(value), info))
 
     @model_validator(mode="before")

@@ -118,3 +118,49 @@ def test_validate_names_a_missing_flux_adapter(tmp_path):
     result = CliRunner().invoke(cli.app, ["validate", str(story)])
     assert result.exit_code == 1
     assert "missing.bin: AnyStory adapter not found" in result.stderr
+
+
+@pytest.fixture
+def flux_hub(tmp_path, monkeypatch):
+    """The fixture's three parts in a Hugging Face cache, as the hub lays it out, offline."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    revision = "0" * 40
+    for repo, source in (("bfl--flux", MODEL / "flux"), ("bfl--redux", MODEL / "redux"),
+                         ("someone--anystory", None)):
+        snapshot = cache / f"models--{repo}" / "snapshots" / revision
+        if source is None:
+            snapshot.mkdir(parents=True)
+            shutil.copy(MODEL / "anystory_flux.bin", snapshot / "anystory_flux.bin")
+        else:
+            shutil.copytree(source, snapshot)
+        (cache / f"models--{repo}" / "refs").mkdir()
+        (cache / f"models--{repo}" / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return {"base": "bfl/flux", "redux": "bfl/redux", "adapter": "someone/anystory/anystory_flux.bin"}
+
+
+def test_flux_parts_named_by_hub_id_load_from_the_cache_and_key_as_the_folders_do(flux_hub, tmp_path):
+    from types import SimpleNamespace
+
+    from anystory_cli.flux import AnyStoryFluxPipeline
+    from anystory_cli.model_loading import model_fingerprint
+    from anystory_cli.render import story_problems
+
+    folders = SimpleNamespace(base=str(MODEL / "flux"), redux=str(MODEL / "redux"),
+                              adapter=str(MODEL / "anystory_flux.bin"))
+    assert model_fingerprint(SimpleNamespace(**flux_hub)) == model_fingerprint(folders)
+    pipe = AnyStoryFluxPipeline.from_pretrained(flux_hub["base"], redux=flux_hub["redux"],
+                                                adapter=flux_hub["adapter"], device="cpu")
+    assert pipe.transformer is not None
+    story = write_story(tmp_path / "story")
+    data = yaml.safe_load(story.read_text())
+    data["model"] = dict(flux_hub)
+    story.write_text(yaml.safe_dump(data))
+    assert story_problems(story) == []
+    data["model"]["redux"] = "bfl/not-cached"
+    story.write_text(yaml.safe_dump(data))
+    problems = story_problems(story)
+    assert len(problems) == 1 and "'bfl/not-cached' is not in the Hugging Face cache" in problems[0]

@@ -8,7 +8,8 @@ import pytest
 import storykit
 import tiny
 from anystory_cli.errors import ModelError
-from anystory_cli.model_loading import is_hub_id, load_pipeline, model_fingerprint, resolve_model_dir
+from anystory_cli.hub import is_hub_id
+from anystory_cli.model_loading import load_pipeline, model_fingerprint, resolve_model_dir
 
 REVISION = "0123456789abcdef0123456789abcdef01234567"
 
@@ -90,14 +91,14 @@ def test_the_cli_says_an_unknown_id_in_one_line_with_rc_1(hub_cache, tmp_path):
 
 
 def test_a_model_part_may_be_a_hub_id_or_a_folder_inside_one(hub_cache, tmp_path):
-    from anystory_cli.model_loading import model_part_dir
+    from anystory_cli.hub import model_part_dir
 
     assert model_part_dir("tiny-org/tiny-sd") == hub_cache
     assert model_part_dir("tiny-org/tiny-sd/image_encoder") == hub_cache / "image_encoder"
     assert model_part_dir("./tiny-org/tiny-sd", tmp_path) == tmp_path / "tiny-org" / "tiny-sd"  # local, said so
     (tmp_path / "tiny-org" / "tiny-sd").mkdir(parents=True)
     assert model_part_dir("tiny-org/tiny-sd", tmp_path) == tmp_path / "tiny-org" / "tiny-sd"  # a local one wins
-    with pytest.raises(ModelError, match="'nobody/none' is not in the Hugging Face cache"):
+    with pytest.raises(ModelError, match="'nobody/none/image_encoder' is not in the Hugging Face cache"):
         model_part_dir("nobody/none/image_encoder")
 
 
@@ -144,3 +145,39 @@ def test_validate_says_an_uncached_id_cannot_be_fetched_offline_and_accepts_a_ca
     problems = story_problems(missing)
     assert len(problems) == 1 and "'nobody/no-such-model' is not in the Hugging Face cache" in problems[0]
     assert "HF_HUB_OFFLINE=1" in problems[0]
+
+
+def test_online_a_pipeline_repository_is_fetched_by_diffusers_and_a_part_alone(hub_cache, monkeypatch, tmp_path):
+    """What is downloaded when online (no network here: the two download calls are stood in for).
+    A pipeline repository goes through DiffusionPipeline.download, which fetches only what its
+    model_index.json names (FLUX.1-dev also holds 30 GB of single-file checkpoints); a named part
+    alone through snapshot_download's patterns."""
+    import diffusers
+    import huggingface_hub
+
+    from anystory_cli.hub import model_part_dir
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    calls = []
+    fetched = tmp_path / "fetched"
+    (fetched / "image_encoder").mkdir(parents=True)
+
+    def pipeline_download(repo_id, **kwargs):
+        calls.append(("pipeline", repo_id, kwargs.get("cache_dir")))
+        return str(fetched)
+
+    def snapshot_download(repo_id, **kwargs):
+        if kwargs.get("local_files_only"):
+            raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+        calls.append(("snapshot", repo_id, kwargs.get("allow_patterns")))
+        return str(fetched)
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "download", staticmethod(pipeline_download))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert model_part_dir("bfl/flux-dev", pipeline=True) == fetched
+    assert model_part_dir("h94/ip/image_encoder") == fetched / "image_encoder"
+    assert calls == [("pipeline", "bfl/flux-dev", str(hub_cache.parents[2])),
+                     ("snapshot", "h94/ip", ["image_encoder", "image_encoder/*"])]
+    with pytest.raises(ModelError, match="hub repository 'h94/ip' has no 'missing.bin'"):
+        model_part_dir("h94/ip/missing.bin")

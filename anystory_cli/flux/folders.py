@@ -8,22 +8,24 @@ from pathlib import Path
 from ..errors import ModelError
 
 
-def resolve_folder(value: str | os.PathLike, what: str) -> Path:
-    """A local folder, or a hub id already in the Hugging Face cache (never downloads here)."""
+def resolve_part(value: str | os.PathLike, what: str, download: bool = True, folder: bool = True) -> Path | None:
+    """A local folder (or file: folder=False), or a hub id ("org/name", "org/name/file"): from the
+    Hugging Face cache, downloaded once when online (model_loading.model_part_dir). download=False
+    (`validate`, which stays instant): None for a hub part not cached yet that the hub may provide."""
+    from ..hub import model_part_dir, names_hub_part
+
     path = Path(value).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ModelError(f"{path}: expected a {what} folder, found a file")
-        return path
-    text = str(value)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-            return Path(snapshot_download(text, local_files_only=True))
-        except Exception:  # noqa: BLE001 (not in the cache: the hub raises many types)
-            raise ModelError(f"{text}: {what} not found locally nor in the Hugging Face cache "
-                             f"(download it once with `hf download {text}`)") from None
-    raise ModelError(f"{path}: {what} not found")
+    if not path.exists() and names_hub_part(os.fspath(value)):
+        path = model_part_dir(os.fspath(value), download=download, pipeline=folder)
+        if path is None:
+            return None
+    if not path.exists():
+        raise ModelError(f"{path}: {what} not found")
+    if folder and not path.is_dir():
+        raise ModelError(f"{path}: expected a {what} folder, found a file")
+    if not folder and not path.is_file():
+        raise ModelError(f"{path}: expected the {what} file, found a folder")
+    return path
 
 
 def check_flux_folder(folder: Path) -> None:
@@ -47,14 +49,18 @@ def check_redux_folder(folder: Path) -> None:
                              f"image_encoder/ and image_embedder/)")
 
 
-def check_flux_model(base, redux, adapter) -> tuple[Path, Path, Path]:
-    """(base folder, Redux folder, adapter file), each checked; ModelError naming the first problem."""
-    base_dir = resolve_folder(base, "FLUX.1 base model")
-    check_flux_folder(base_dir)
-    redux_dir = resolve_folder(redux, "FLUX.1-Redux folder")
-    check_redux_folder(redux_dir)
-    adapter_file = Path(adapter).expanduser()
-    if not adapter_file.is_file():
-        raise ModelError(f"{adapter_file}: AnyStory adapter not found (expected anystory_flux.bin from the "
-                         f"hub repository Junjie96/AnyStory)")
+def check_flux_model(base, redux, adapter, download: bool = True) -> tuple[Path | None, Path | None, Path | None]:
+    """(base folder, Redux folder, adapter file), each checked; ModelError naming the first problem.
+    Hub ids are fetched (download=False: a part not cached yet is None, unchecked)."""
+    base_dir = resolve_part(base, "FLUX.1 base model", download)
+    if base_dir is not None:
+        check_flux_folder(base_dir)
+    redux_dir = resolve_part(redux, "FLUX.1-Redux folder", download)
+    if redux_dir is not None:
+        check_redux_folder(redux_dir)
+    try:
+        adapter_file = resolve_part(adapter, "AnyStory adapter", download, folder=False)
+    except ModelError as exc:
+        raise ModelError(f"{exc} (expected anystory_flux.bin, e.g. the hub file "
+                         "Junjie96/AnyStory/anystory_flux.bin)") from None
     return base_dir, redux_dir, adapter_file

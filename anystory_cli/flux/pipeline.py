@@ -21,7 +21,7 @@ from PIL import Image
 from ..errors import InputError, ModelError
 from ..library_logging import progress_bars_off
 from ..loras import StyleLoraMixin, StyleLoras
-from .folders import check_flux_folder, check_redux_folder, resolve_folder
+from .folders import check_flux_model
 from .processors import (
     REFERENCE_ADAPTER,
     ROUTER_ADAPTER,
@@ -223,11 +223,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin):
         device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        base_dir = resolve_folder(base, "FLUX.1 base model")
-        check_flux_folder(base_dir)
-        redux_dir = resolve_folder(redux, "FLUX.1-Redux folder")
-        check_redux_folder(redux_dir)
-        adapter = Path(adapter)
+        base_dir, redux_dir, adapter = check_flux_model(base, redux, adapter)
         checkpoint = read_checkpoint(adapter)
         try:
             with progress_bars_off():

@@ -44,16 +44,14 @@ def story_problems(path: str | os.PathLike[str]) -> list[str]:
         return list(getattr(exc, "problems", [str(exc)]))
     problems = lettering_problems(story, source) + layout_problems(story, source)
     if story.model != "default":
-        from ..model_loading import (cached_hub_snapshot, check_model_dir, hub_offline, hub_snapshot, is_hub_id,
-                                     model_defaults)
+        from ..hub import is_hub_id, model_part_dir
+        from ..model_loading import check_model_dir, model_defaults
 
         try:
             folder = None
             if isinstance(story.model, str) and is_hub_id(story.model):
-                folder = cached_hub_snapshot(story.model)
-                if folder is None and hub_offline():
-                    hub_snapshot(story.model)  # says that it is not cached and may not be downloaded
-                # not cached but online: `render` downloads it, or says why it cannot
+                # None: not cached yet, and the hub may provide it (`render` downloads it)
+                folder = model_part_dir(story.model, download=False)
             elif isinstance(story.model, str):
                 folder = Path(story.model)
             if folder is not None:
@@ -62,7 +60,7 @@ def story_problems(path: str | os.PathLike[str]) -> list[str]:
             if not isinstance(story.model, str):
                 from ..flux.folders import check_flux_model
 
-                check_flux_model(story.model.base, story.model.redux, story.model.adapter)
+                check_flux_model(story.model.base, story.model.redux, story.model.adapter, download=False)
         except AnyStoryError as exc:
             problems.append(f"{source}: model: {exc}")
     return problems

@@ -92,7 +92,7 @@ from safetensors.torch import load_file
 
 from ..atomic import atomic_path
 from ..errors import AnyStoryError, InputError, ModelError, OutputError
-from ..model_loading import model_part_dir, names_hub_part
+from ..hub import model_part_dir, names_hub_part
 from ..masks import load_image, mask_array, prepare_reference
 from ..sd.adapter import AnyStoryAdapter, AnyStoryConfig, install
 from ..sd.attention import AnyStoryContext, InjectionInputs
@@ -396,7 +396,8 @@ def load_components(recipe: TrainRecipe) -> Components:
 
         return Components(*load_base(DEFAULT_MODEL_DIR, panel_lora=False))  # adapters train on squares
     # load_recipe made local paths absolute: a relative one left is a hub id ("org/name")
-    pipeline, image_encoder = (model_part_dir(str(path)) for path in (recipe.pipeline, recipe.image_encoder))
+    pipeline = model_part_dir(str(recipe.pipeline), pipeline=True)
+    image_encoder = model_part_dir(str(recipe.image_encoder))
     for path in (pipeline, image_encoder):
         if not path.is_dir():
             raise ModelError(f"{path}: model folder not found")
