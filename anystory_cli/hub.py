@@ -18,9 +18,9 @@ from .library_logging import progress_bars_off
 
 
 # A Hugging Face hub id: "org/name" (letters, digits, "-", "_", "."), no other slashes.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 # Weights for other frameworks that a whole-repository download leaves behind (torch reads none).
 _OTHER_FRAMEWORKS = ["*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.tflite", "*.ot", "*.mlmodel", "*.mlpackage/*"]
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def is_hub_id(model: str, base_dir: str | os.PathLike[str] | None = None) -> bool:
