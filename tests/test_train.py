@@ -182,6 +182,17 @@ def test_resume_continues_exactly(tmp_path):
     assert log == [1, 2, 3, 4]
 
 
+def test_keep_checkpoints_keeps_the_newest_and_the_run_still_resumes_exactly(tmp_path):
+    straight = train(recipe(tmp_path / "a", 2, steps=4), components())
+    train(recipe(tmp_path / "b", 2, steps=3, keep_checkpoints=2), components())
+    folders = sorted(p.name for p in (tmp_path / "b" / "out" / "checkpoints").iterdir())
+    assert folders == ["step-0000002", "step-0000003"]
+    resumed = train(recipe(tmp_path / "b", 2, steps=4, keep_checkpoints=2, resume=True), components())
+    assert sorted(p.name for p in (tmp_path / "b" / "out" / "checkpoints").iterdir()) == ["step-0000003", "step-0000004"]
+    for k, v in straight.adapter.state_dict().items():
+        assert torch.equal(v, resumed.adapter.state_dict()[k]), k
+
+
 def test_a_single_file_training_state_resumes_exactly(tmp_path):
     """A checkpoint holding the adapter and `training_state.safetensors` (the optimizer state
     flattened into tensors, param_groups and step in its metadata) resumes to the weights of an

@@ -28,6 +28,7 @@ Recipe (YAML, unknown keys refused):
     steps: 1000                   # optimizer steps
     seed: 0
     checkpoint_every: 100
+    keep_checkpoints: null        # how many step-N folders stay (the newest); null: every one
     resume: false
     on_corrupt: skip              # skip (counted warning) | stop
     mixed_precision: "no"         # no | fp16 | bf16
@@ -130,6 +131,9 @@ class TrainRecipe(BaseModel):
     steps: int = Field(ge=1)
     seed: int = 0
     checkpoint_every: int = Field(100, ge=1)
+    # The newest this many checkpoints stay (each holds the adapter and its optimizer state, three
+    # times the adapter's size); None keeps every one, to evaluate or resume from any of them.
+    keep_checkpoints: int | None = Field(None, ge=1)
     # Stop this run after this many minutes, with a checkpoint (`resume: true` goes on from it):
     # a lent GPU is lent for minutes, not steps.
     max_minutes: float | None = Field(None, gt=0)
@@ -753,7 +757,8 @@ def train(recipe: TrainRecipe, components: Components | Callable[[], Components]
     log = output / "log.jsonl"
     # The adapter, optimizer, schedule and RNG states through Accelerator.save_state / load_state.
     checkpoints = Checkpoints(output / "checkpoints", output / "latest", accelerator=accelerator,
-                              weights={ADAPTER_FILE: _adapter_weights(adapter)}, restart_hint=RESTART_HINT)
+                              weights={ADAPTER_FILE: _adapter_weights(adapter)}, keep=recipe.keep_checkpoints,
+                              restart_hint=RESTART_HINT)
     try:
         start, checkpoint = _resume(recipe, checkpoints, adapter, optimizer, lr_schedule) if recipe.resume else (0, None)
     except BaseException:
