@@ -62,7 +62,7 @@ def resolve_lora(value: str | os.PathLike[str], base_dir: str | os.PathLike[str]
         from .hub import model_part_dir
 
         try:  # the Hugging Face cache, downloaded once when online (only that file, when named)
-            found = model_part_dir(text)
+            found = model_part_dir(text, base_dir)
         except ModelError as exc:
             raise InputError(f"LoRA {exc}") from None
         if found.is_dir():
