@@ -6,7 +6,6 @@ or SDXL:
 
     build_vae(VaeConfig())                 -> diffusers.AutoencoderKL
     build_tokenizer(words)                 -> transformers.CLIPTokenizer, one token per world word
-    unknown_words(prompt)                  -> words of a prompt the tokenizer does not know
     build_text_encoder(TextConfig(), tok)  -> transformers.CLIPTextModel
     build_image_encoder(VisionConfig())    -> transformers.CLIPVisionModel
     build_unet(UNetConfig(), vae, text)    -> diffusers.UNet2DConditionModel
@@ -32,16 +31,7 @@ import torch
 
 from .atomic import atomic_path, replaced_folder
 from .errors import InputError, ModelError
-from .model_loading import (  # noqa: F401 - the loader's names, used by the trainer and the tests
-    PANEL_ADAPTER,
-    PANEL_LORA_FILE,
-    PIPELINE_INDEX,
-    WORD_SUFFIX,
-    load_base,
-    load_panel_lora,
-    prompt_words,
-    unknown_words,
-)
+from .model_loading import PANEL_ADAPTER, PANEL_LORA_FILE, PIPELINE_INDEX, WORD_SUFFIX, load_base, unknown_words
 
 DEFAULT_ASSETS = Path(__file__).resolve().parent / "assets" / "default"
 START_TOKEN = "<|startoftext|>"

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from anystory_cli.errors import InputError
 from anystory_cli import default_model as bm
+from anystory_cli.model_loading import load_panel_lora, unknown_words
 from anystory_cli.lab.world import vocabulary
 from anystory_cli.lab.train_base import load_recipe, parse_recipe, train
 
@@ -63,8 +64,8 @@ def test_captions_tokenize_word_by_word(tokenizer):
 
 
 def test_unknown_words_are_reported_not_dropped(tokenizer):
-    assert bm.unknown_words(tokenizer, "two zebras on a hill, 3 times!") == ["zebras", "3", "times", "!"]
-    assert bm.unknown_words(tokenizer, "one character in the snow at night") == []
+    assert unknown_words(tokenizer, "two zebras on a hill, 3 times!") == ["zebras", "3", "times", "!"]
+    assert unknown_words(tokenizer, "one character in the snow at night") == []
     with pytest.raises(InputError, match="'zebras'"):
         bm.check_prompt(tokenizer, "two zebras on a hill", where="panels[0].prompt")
 
@@ -381,7 +382,7 @@ def test_a_panel_lora_trains_over_the_frozen_unet_and_draws_only_non_square_pane
     assets = tmp_path / "whole" / "assets"
     plain = bm.load_unet(assets)
     with_lora = bm.load_unet(assets)
-    assert bm.load_panel_lora(with_lora, assets) and not bm.load_panel_lora(bm.load_unet(tmp_path / "assets"), tmp_path / "assets")
+    assert load_panel_lora(with_lora, assets) and not load_panel_lora(bm.load_unet(tmp_path / "assets"), tmp_path / "assets")
     context = torch.randn(1, bm.MAX_PROMPT_TOKENS, TINY_TEXT["hidden_size"])
     with torch.no_grad():
         for size, same in (((32, 32), True), ((32, 48), False), ((48, 32), False), ((32, 32), True)):
@@ -532,7 +533,7 @@ def test_anystory_draws_squares_without_the_panel_lora_and_other_shapes_with_it(
     bm.save_panel_lora(trained, 2, tmp_path)
     plain_unet = bm.build_unet(unet_config, vae_config, text_config)
     plain_unet.load_state_dict(parts["unet"].state_dict())
-    assert bm.load_panel_lora(parts["unet"], tmp_path)
+    assert load_panel_lora(parts["unet"], tmp_path)
     image_encoder = bm.build_image_encoder(bm.VisionConfig(**TINY_VISION))
     reference = Image.fromarray(reference_image(train_identity_seeds(1)[0]), "RGBA")
 
