@@ -61,14 +61,7 @@ def model_part_dir(value: str | os.PathLike[str], base_dir: str | os.PathLike[st
     if names_hub_part(value, base_dir):
         parts = os.fspath(value).split("/")
         repo_id, inside = "/".join(parts[:2]), "/".join(parts[2:])
-        if not download:
-            cached = cached_hub_snapshot(repo_id)
-            if cached is not None and (cached / inside).exists():
-                return cached / inside
-            if hub_offline():
-                hub_snapshot(repo_id, inside)  # says it is not cached and may not be downloaded
-            return None
-        return hub_snapshot(repo_id, inside, pipeline)
+        return hub_snapshot(repo_id, inside, pipeline, download)
     path = Path(value).expanduser()
     return path if path.is_absolute() or base_dir is None else Path(base_dir) / path
 
@@ -102,12 +95,13 @@ def cached_hub_snapshot(repo_id: str) -> Path | None:
         return None
 
 
-def hub_snapshot(repo_id: str, inside: str = "", pipeline: bool = False) -> Path:
+def hub_snapshot(repo_id: str, inside: str = "", pipeline: bool = False, download: bool = True) -> Path | None:
     """The local snapshot folder of hub model `repo_id` (with `inside`: that file or folder of it):
     from the cache, else downloaded once, only `inside` when given (never when HF_HUB_OFFLINE=1);
     one ModelError line when it is neither cached nor reachable. `pipeline`: a diffusers pipeline
     repository, of which diffusers downloads only the parts its model_index.json names (FLUX.1-dev
-    also holds single-file checkpoints of tens of GB that the pipeline does not read)."""
+    also holds single-file checkpoints of tens of GB that the pipeline does not read).
+    download=False: None instead of downloading (the offline error stands)."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -120,6 +114,8 @@ def hub_snapshot(repo_id: str, inside: str = "", pipeline: bool = False) -> Path
         raise ModelError(f"model {name!r} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1 "
                          f"forbids downloading it; run once online, or `hf download {repo_id}`, or give a "
                          "local path instead") from None
+    if not download:
+        return None
     patterns = [inside, f"{inside}/*"] if inside else None
     try:
         with progress_bars_off():
