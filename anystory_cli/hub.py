@@ -18,15 +18,21 @@ from .library_logging import progress_bars_off
 
 
 # A Hugging Face hub id: "org/name" (letters, digits, "-", "_", "."), no other slashes.
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+_HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Weights for other frameworks that a whole-repository download leaves behind (torch reads none).
 _OTHER_FRAMEWORKS = ["*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.tflite", "*.ot", "*.mlmodel", "*.mlpackage/*"]
+
+
+def hub_shaped(repo_id: str) -> bool:
+    """Whether `repo_id` is spelled as a hub repository id, "org/name" (at most 96 characters, the
+    hub's limit), whether or not a local path has the same name."""
+    return len(repo_id) <= 96 and ".." not in repo_id and bool(_HUB_ID.fullmatch(repo_id))
 
 
 def is_hub_id(model: str, base_dir: str | os.PathLike[str] | None = None) -> bool:
     """Whether `model` names a model on the Hugging Face hub: shaped "org/name", with no local
     folder of that name (relative to `base_dir`) to mean instead."""
-    if len(model) > 96 or not _HUB_ID.fullmatch(model) or ".." in model:  # the hub's limit: 96
+    if not hub_shaped(model):
         return False
     local = Path(model) if base_dir is None else Path(base_dir) / model
     try:

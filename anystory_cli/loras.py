@@ -26,15 +26,13 @@ import hashlib
 import inspect
 import logging
 import os
-import re
 import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from .errors import InputError, ModelError
+from .hub import hub_shaped
 
-# A hub id: 'owner/name' (letters, digits, '-', '_', '.'), as the Hugging Face hub spells them.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 # The file name diffusers writes (`save_lora_weights`) and looks for first in a folder.
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 STYLE_PREFIX = "style"
@@ -44,7 +42,7 @@ def looks_like_hub_id(value: str) -> bool:
     """'owner/name' or 'owner/name/file.safetensors' that is not also a local path (./x, ../x, /x,
     ~/x, C:/x, dir/x.safetensors)."""
     parts = value.split("/")
-    if value.startswith((".", "~")) or not _HUB_ID.match("/".join(parts[:2])):
+    if value.startswith((".", "~")) or not hub_shaped("/".join(parts[:2])):
         return False
     return len(parts) > 2 or not value.endswith(".safetensors")
 
