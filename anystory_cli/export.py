@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Callable, Sequence
@@ -94,8 +95,15 @@ def comic_info_xml(
 ) -> bytes:
     """ComicInfo.xml (schema 2.0). `page_sizes` are (width, height, bytes) per page.
 
-    Elements follow the schema's order (some readers validate it).
+    Elements follow the schema's order (some readers validate it). ElementTree escapes markup;
+    a character XML cannot hold at all (a NUL, most control characters, a lone surrogate,
+    U+FFFE) is a ValueError rather than a file no reader opens. A story never holds one
+    (`story.forbidden_kind`).
     """
+    for what, text in (("title", title), *(("character name", name) for name in characters)):
+        bad = _NOT_XML.search(text)
+        if bad:
+            raise ValueError(f"ComicInfo.xml cannot hold U+{ord(bad.group()):04X} (in the {what} {text!r})")
     root = ET.Element(
         "ComicInfo",
         {
@@ -122,6 +130,10 @@ def comic_info_xml(
         ET.SubElement(pages, "Page", attributes)
     ET.indent(root)
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+# What XML 1.0 refuses anywhere in a document: not a `Char` of its grammar.
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def write_cbz(

@@ -133,6 +133,86 @@ def _non_blank(value: str) -> str:
 NonBlank = Annotated[str, AfterValidator(_non_blank)]
 
 
+# --------------------------------------------------------------------------------------------
+# Characters no text may hold
+# --------------------------------------------------------------------------------------------
+
+# One rule for every string of a story (title, prompts, captions, dialogue, names,
+# descriptions, paths) and for what `import` takes from a storyboard script: control characters
+# other than tab and newline (C0, DEL, C1: XML cannot hold most of them, a terminal obeys them),
+# lone surrogates (no UTF-8 encoding exists: a PDF title, a UTF-8 file cannot be written) and
+# non-characters (U+FFFE, U+FDD0..., never meant to be exchanged; XML refuses U+FFFE/U+FFFF).
+# YAML writes them only as escapes ("\x00", "\ud800"), never by mistake.
+_ALLOWED_CONTROLS = frozenset("\t\n")
+
+
+def forbidden_kind(char: str) -> str | None:
+    """'control character', 'lone surrogate' or 'non-character' when no text may hold `char`."""
+    code = ord(char)
+    if 0xD800 <= code <= 0xDFFF:
+        return "lone surrogate"
+    if 0xFDD0 <= code <= 0xFDEF or (code & 0xFFFE) == 0xFFFE:  # U+FFFE, U+1FFFF, ...
+        return "non-character"
+    if (code < 0x20 or 0x7F <= code <= 0x9F) and char not in _ALLOWED_CONTROLS:
+        return "control character"
+    return None
+
+
+def forbidden_characters(text: str) -> list[tuple[int, str]]:
+    """(index, character) of each character of `text` no text may hold, in order."""
+    return [(index, char) for index, char in enumerate(text) if forbidden_kind(char)]
+
+
+def without_forbidden(text: str) -> str:
+    """`text` with the characters no text may hold removed."""
+    return "".join(char for char in text if not forbidden_kind(char))
+
+
+def escape_forbidden(text: str) -> str:
+    """`text` with each character no text may hold written as its escape ('\\x00'), for pages
+    that show a value as it is."""
+    return "".join(char.encode("unicode_escape").decode("ascii") if forbidden_kind(char) else char
+                   for char in text)
+
+
+def text_problem(text: str, what: str = "text") -> str | None:
+    """Why `text` may not be used (the first forbidden character, where, how many), or None."""
+    found = forbidden_characters(text)
+    if not found:
+        return None
+    index, char = found[0]
+    message = (f"{forbidden_kind(char)} U+{ord(char):04X} at character {index + 1}"
+               + (f" (and {len(found) - 1} more)" if len(found) > 1 else "")
+               + f" is not allowed in {what} (no control characters but tab and newline, no lone "
+               "surrogates, no non-characters); remove it")
+    if any(0xD800 <= ord(c) <= 0xDBFF and 0xDC00 <= ord(n) <= 0xDFFF for c, n in zip(text, text[1:])):
+        message += (" and write a character beyond U+FFFF as one escape (\\U0001F600), not as a "
+                    "pair of \\u escapes")
+    return message
+
+
+def _text_problems(data: Any) -> list[tuple[tuple, str]]:
+    """(location, problem) of every string of a parsed story, mapping keys too, that holds a
+    forbidden character."""
+    found: list[tuple[tuple, str]] = []
+    stack: list[tuple[tuple, Any]] = [((), data)]
+    while stack:  # iterative: the depth of a parsed document is capped, a dict's is not
+        loc, value = stack.pop()
+        if isinstance(value, str):
+            problem = text_problem(value)
+            if problem:
+                found.append((loc, problem))
+        elif isinstance(value, dict):
+            for key in value:
+                problem = text_problem(key, "a key") if isinstance(key, str) else None
+                if problem:
+                    found.append(((*loc, key), problem))
+            stack.extend(((*loc, key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, (list, tuple)):
+            stack.extend(((*loc, index), item) for index, item in reversed(list(enumerate(value))))
+    return found  # in document order: each container's items are taken first to last
+
+
 class Box(_Strict):
     """A region of the panel in 0..1 coordinates, (x0, y0) top-left, (x1, y1) bottom-right."""
 
@@ -889,22 +969,32 @@ def _validate(
             (), f"expected a mapping (title, characters, panels) at the top, got {_kind_of(data)}"
         )
         problems.raise_if_any()
+    # A string with a forbidden character gets that one line; what else would be said about
+    # it (a bad name, an unknown character, a path not found) is left out.
+    refused = _text_problems(data)
+    for loc, message in refused:
+        problems.add(loc, message)
+
+    def add(loc: tuple, message: str, line_loc: tuple | None = None) -> None:
+        if not any((line_loc or loc)[:len(bad)] == bad for bad, _ in refused):
+            problems.add(loc, message, line_loc=line_loc)
+
     story = None
     try:
         story = Story.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as exc:
         for error in exc.errors():
             loc, message = _describe_pydantic_error(error)
-            problems.add(loc, message, line_loc=_clean_loc(error["loc"]))
+            add(loc, message, line_loc=_clean_loc(error["loc"]))
     except RecursionError:
         problems.add((), "the document is nested too deeply")
     # Cross-references are checked on the raw data so that they are reported even when some
     # other part of the story is malformed: the user sees every problem in one run.
     for loc, message in _cross_reference_problems(data, max_characters):
-        problems.add(loc, message)
+        add(loc, message)
     if check_images:
         for loc, message in _file_problems(data, base_dir):
-            problems.add(loc, message)
+            add(loc, message)
     problems.raise_if_any()
     assert story is not None
     return story

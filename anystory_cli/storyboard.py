@@ -18,7 +18,9 @@ JSON script whose keys are Chinese::
     }
 
 The English spellings `title`/`synopsis`, `roles`, `shots`, `name`, `index`, `narration` and
-`roles_on_stage` are read as well. Each role becomes a text-only character (`simple_prompt` is
+`roles_on_stage` are read as well. Characters no story text may hold (control characters but
+tab and newline, lone surrogates, non-characters: `story.forbidden_kind`) are removed from what
+is read, with a warning naming the script's field. Each role becomes a text-only character (`simple_prompt` is
 its description) under a name that is a valid story key: the role name folded to ASCII when that
 works (`Mira` -> `mira`), else its alias (`ROLE-A` -> `role-a`). Each shot becomes a panel in
 script order: its prompt with every alias replaced by that name, its characters the roles of
@@ -40,7 +42,8 @@ from typing import Any
 import yaml
 
 from anystory_cli.errors import InputError, StoryError
-from anystory_cli.story import MAX_STORY_BYTES, is_character_name, validate_story
+from anystory_cli.story import (MAX_STORY_BYTES, forbidden_characters, forbidden_kind, is_character_name,
+                                validate_story, without_forbidden)
 
 # Each field: the script's own key first, then the English spellings read as well.
 SYNOPSIS = ("故事梗概", "title", "synopsis")
@@ -114,9 +117,20 @@ class _Script:
             self.fail((*loc, keys[0]), "required but missing")
         return None
 
+    def clean(self, value: str, loc: tuple) -> str:
+        """`value` without the characters no story text may hold; a warning when there were."""
+        found = forbidden_characters(value)
+        if found:
+            char = found[0][1]
+            self.warn(loc, f"{len(found)} character(s) no story text may hold removed (first: "
+                           f"{forbidden_kind(char)} U+{ord(char):04X} at character {found[0][0] + 1})")
+        return without_forbidden(value)
+
     def text(self, mapping: dict, keys: tuple[str, ...], loc: tuple,
              required: bool = False) -> str | None:
         value = self.get(mapping, keys, loc, str, required)
+        if value is not None:
+            value = self.clean(value, (*loc, _present(mapping, keys)))
         if value is not None and not value.strip():
             if required:
                 self.fail((*loc, _present(mapping, keys)), "must not be empty")
@@ -207,7 +221,7 @@ def import_storyboard(data: Any, source: str = "<script>", model: str = "default
             where = (*loc, _present(shot, SHOT_ACT_ROLES), slot)
             if not isinstance(alias, str):
                 script.fail(where, f"expected a role alias, got {_kind(alias)}")
-            alias = alias.strip()
+            alias = script.clean(alias, where).strip()
             if alias not in names:
                 if alias in by_role_name:  # a role name where an alias belongs
                     alias = by_role_name[alias]
@@ -232,7 +246,7 @@ def import_storyboard(data: Any, source: str = "<script>", model: str = "default
             panel["caption"] = _cut(narration, MAX_CAPTION_CHARS)
         panels.append(panel)
 
-    title = script.text(data, SYNOPSIS, ()) or Path(source).stem or "Untitled"
+    title = script.text(data, SYNOPSIS, ()) or without_forbidden(Path(source).stem).strip() or "Untitled"
     story: dict[str, Any] = {"title": _cut(title, MAX_TITLE_CHARS), "model": model}
     if characters:
         story["characters"] = characters
@@ -244,9 +258,11 @@ def import_storyboard(data: Any, source: str = "<script>", model: str = "default
         raise InputError(f"{source}: the imported story is not valid: "
                          f"{'; '.join(problems)}") from None
 
-    header = [f"# A story imported from the AnyStory storyboard script {Path(source).name}."]
+    # Comments end at any line break YAML knows (U+2028 too): each is one line, or a role name
+    # could write keys of its own into the story.
+    header = [f"# A story imported from the AnyStory storyboard script {_one_line(Path(source).name)}."]
     if notes:
-        header.append("# Characters: " + ", ".join(notes) + ".")
+        header.append("# Characters: " + _one_line(", ".join(notes)) + ".")
     body = yaml.safe_dump(story, allow_unicode=True, sort_keys=False, width=100)
     return ImportedStory(story, "\n".join(header) + "\n" + body, names, script.warnings)
 
@@ -312,6 +328,11 @@ def _loc(loc: tuple) -> str:
 
 def _present(mapping: dict, keys: tuple[str, ...]) -> str:
     return next((k for k in keys if k in mapping), keys[0])
+
+
+def _one_line(text: str) -> str:
+    """`text` with every run of white space, line breaks included, one space."""
+    return " ".join(text.split())
 
 
 def _cut(text: str, limit: int) -> str:

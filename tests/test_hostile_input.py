@@ -435,6 +435,11 @@ def test_hostile_character_names_are_refused_where_they_appear(here, name):
     with pytest.raises(StoryError) as caught:
         validate_story(data, source="story.yaml")
     shown, where = repr(name), format_loc(("characters", name))  # characters['../evil']
+    if "\x00" in name:  # no text may hold a NUL: that rule's one line, wherever the name is
+        for where in (where, "panels[0].characters[0]", "panels[0].dialogue[0].who"):
+            assert any(p.startswith(f"story.yaml: {where}: control character U+0000 at character 3 ")
+                       for p in caught.value.problems), (where, caught.value.problems)
+        return
     assert any(p.startswith(f"story.yaml: {where}: character name {shown} must start with a "
                             "letter") for p in caught.value.problems), caught.value.problems
     for where in ("panels[0].characters[0].name", "panels[0].dialogue[0].who"):

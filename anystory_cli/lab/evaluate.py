@@ -738,7 +738,7 @@ def write_adapter_report(result: dict, panels: list[EvalPanel], images: dict[str
         with atomic_path(paths[key]) as tmp:
             sheet.save(tmp, format="PNG")
     with atomic_path(paths["html"]) as tmp:
-        tmp.write_text(_adapter_html(result))
+        tmp.write_text(_adapter_html(result), encoding="utf-8")  # as its <meta charset> says
     _write_report_json(paths["json"], result)
     return paths
 
@@ -854,6 +854,18 @@ def _size_words(result: dict) -> str:
     return words
 
 
+def _shown(value):
+    """A value as the report shows it: text with its unwritable characters escaped (markup that
+    the template marked safe is left alone)."""
+    import markupsafe
+
+    from ..story import escape_forbidden
+
+    if isinstance(value, str) and not isinstance(value, markupsafe.Markup):
+        return escape_forbidden(value)
+    return value
+
+
 REPORT_TEMPLATE = "adapter_report.html.j2"  # in anystory_cli/lab/templates/
 CHARACTER_TABLES = (("identity", "identity (identified as itself)"),
                     ("blended", "blending (identified as another character of the panel)"),
@@ -862,12 +874,15 @@ CHARACTER_TABLES = (("identity", "identity (identified as itself)"),
 
 
 def _adapter_html(result: dict) -> str:
-    """The numbers as tables, above the two pictures: the Jinja2 template, every value escaped."""
+    """The numbers as tables, above the two pictures: the Jinja2 template, every value escaped
+    (markup as entities; a control character, lone surrogate or non-character as its Python
+    escape, which HTML and UTF-8 cannot hold as it is)."""
     import jinja2
 
     environment = jinja2.Environment(loader=jinja2.PackageLoader("anystory_cli.lab", "templates"),
                                      autoescape=True, keep_trailing_newline=True,
-                                     undefined=jinja2.StrictUndefined)
+                                     undefined=jinja2.StrictUndefined,
+                                     finalize=_shown)
     environment.filters["rate"] = _rate
     iou = result["routing_iou"]
     return environment.get_template(REPORT_TEMPLATE).render(

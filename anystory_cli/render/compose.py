@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -87,6 +88,20 @@ def compose_pages(story: Story, page_plans: Sequence[PagePlan], jobs: dict[int, 
         emit(ProgressEvent("page", f"page {number}", len(summary.pages_written), len(page_plans)))
         composed.append((key, image))
     return composed
+
+
+# A file name holds at most 255 bytes on common file systems; the export's temporary file adds
+# '.', '.pdf' and '.<8 random>.tmp' to the stem.
+MAX_STEM_BYTES = 200
+
+
+def export_stem(story_path: str | os.PathLike[str]) -> str:
+    """The exports' name: the story file's, cut to MAX_STEM_BYTES (on a character boundary) so
+    that a story with a long name still gets its PDF and CBZ."""
+    stem = Path(story_path).stem
+    while len(os.fsencode(stem)) > MAX_STEM_BYTES:
+        stem = stem[:-1]
+    return stem
 
 
 def write_exports(story: Story, stem: str, composed: Sequence[tuple[str, Image.Image]], out: Path,

@@ -12,7 +12,7 @@ from typing import Any
 from ..errors import AnyStoryError, InputError
 from ..plan import build_plan, group_pages
 from .characters import Characters, character_keys
-from .compose import compose_pages, done_message, prune, write_exports, write_routing_outputs
+from .compose import compose_pages, done_message, export_stem, prune, write_exports, write_routing_outputs
 from .events import ProgressEvent, RenderSummary
 from .model import Model, check_model_fits, generator, image_size, story_loras, style_loras_on, warn_unknown_words
 from .ranks import Ranks
@@ -173,7 +173,7 @@ def render_story(
     with clock("export"), at_safe_points():
         if len(composed) == len(page_plans):
             stop()
-            write_exports(story, Path(story_path).stem, composed, out, summary, emit)
+            write_exports(story, export_stem(story_path), composed, out, summary, emit)
             if pages is None and panels is None:
                 prune(out, len(plans), len(page_plans), jobs.values())
         else:
