@@ -213,6 +213,56 @@ def _text_problems(data: Any) -> list[tuple[tuple, str]]:
     return found  # in document order: each container's items are taken first to last
 
 
+# The longest file or folder name, and the longest path, Linux and macOS accept (in bytes): a
+# longer one fails every file operation (ENAMETOOLONG), so it is refused with the text.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4096
+
+
+def path_problem(value: str) -> str | None:
+    """Why `value` cannot name a file on this kind of system (too long), or None."""
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size > MAX_PATH_BYTES:
+        return f"a path of {size} bytes; at most {MAX_PATH_BYTES}"
+    for part in re.split(r"[/\\]", value):
+        size = len(part.encode("utf-8", "surrogateescape"))
+        if size > MAX_NAME_BYTES:
+            return f"a file or folder name of {size} bytes ({part[:20]!r}...); at most {MAX_NAME_BYTES}"
+    return None
+
+
+def _path_problems(data: Any) -> list[tuple[tuple, str]]:
+    """(location, problem) of every path of a parsed story too long to name a file."""
+    if not isinstance(data, dict):
+        return []
+    paths: list[tuple[tuple, Any]] = []
+    model = data.get("model")
+    if isinstance(model, dict):
+        paths += [(("model", part), model.get(part)) for part in ("base", "redux", "adapter")]
+    else:
+        paths.append((("model",), model))
+    characters = data.get("characters")
+    for name, character in characters.items() if isinstance(characters, dict) else ():
+        if isinstance(character, dict):
+            paths += [(("characters", name, field), character.get(field)) for field in ("image", "mask")]
+    style = data.get("style")
+    loras = style.get("loras") if isinstance(style, dict) else None
+    for index, lora in enumerate(loras if isinstance(loras, list) else []):
+        if isinstance(lora, dict):
+            paths.append((("style", "loras", index, "path"), lora.get("path")))
+    page = data.get("page")
+    fonts = page.get("font") if isinstance(page, dict) else None
+    fonts = [(("page", "font"), fonts)] if isinstance(fonts, str) else (
+        [(("page", "font", n), f) for n, f in enumerate(fonts)] if isinstance(fonts, list) else [])
+    paths += [(loc, f) for loc, f in fonts if isinstance(f, str) and is_font_file_entry(f.strip())]
+    found = []
+    for loc, value in paths:
+        problem = path_problem(value) if isinstance(value, str) and not text_problem(value) else None
+        if problem:
+            found.append((loc, problem))
+    return found
+
+
 class Box(_Strict):
     """A region of the panel in 0..1 coordinates, (x0, y0) top-left, (x1, y1) bottom-right."""
 
@@ -969,9 +1019,10 @@ def _validate(
             (), f"expected a mapping (title, characters, panels) at the top, got {_kind_of(data)}"
         )
         problems.raise_if_any()
-    # A string with a forbidden character gets that one line; what else would be said about
-    # it (a bad name, an unknown character, a path not found) is left out.
-    refused = _text_problems(data)
+    # A string with a forbidden character, or a path too long for any file, gets that one line;
+    # what else would be said about it (a bad name, an unknown character, a path not found, or
+    # the file system's own error) is left out.
+    refused = _text_problems(data) + _path_problems(data)
     for loc, message in refused:
         problems.add(loc, message)
 
@@ -1169,7 +1220,7 @@ def _file_problems(data: Any, base_dir: Path) -> Iterator[tuple[tuple, str]]:
     for loc, entry in entries:
         if isinstance(entry, str) and entry.strip() and is_font_file_entry(entry.strip()):
             font = _resolve_raw(entry.strip(), base_dir)
-            if not font.is_file():
+            if not _os_says(font.is_file):
                 yield loc, f"font file not found: {font}"
     style = data.get("style")
     loras = style.get("loras") if isinstance(style, dict) else None
@@ -1177,8 +1228,17 @@ def _file_problems(data: Any, base_dir: Path) -> Iterator[tuple[tuple, str]]:
         value = lora.get("path") if isinstance(lora, dict) else None
         if isinstance(value, str) and value.strip():
             path = _resolve_raw(value, base_dir)
-            if not path.exists() and not looks_like_hub_id(value):
+            if not _os_says(path.exists) and not looks_like_hub_id(value):
                 yield ("style", "loras", index, "path"), f"LoRA file or folder not found: {path}"
+
+
+def _os_says(question) -> bool:
+    """`question()` (Path.exists, Path.is_file), False where the path cannot even be asked about
+    (too long, a NUL: reported as such by `_validate`)."""
+    try:
+        return question()
+    except (OSError, ValueError):
+        return False
 
 
 def _resolve_raw(value: str, base_dir: Path) -> Path:

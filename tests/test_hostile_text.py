@@ -114,7 +114,10 @@ def _set(story: dict, field: str, value: str) -> None:
 # Fields whose text only recomposes the page or the exports, then fields that change what a
 # panel is drawn from: drawn more often, as they cost no new panel.
 COMPOSED = ["title", "panels.0.caption", "panels.0.dialogue.0.text", "panels.1.dialogue.0.text"]
-DRAWN = ["panels.0.prompt", "panels.1.prompt", "characters.mira.description", "name"]
+DRAWN = ["panels.0.prompt", "panels.1.prompt", "style.prompt_prefix", "characters.mira.description",
+         "name"]
+# Plain names too, so that a renamed character is drawn (a hostile one is almost always refused).
+values = st.one_of(hostile, st.from_regex(r"[A-Za-z][A-Za-z0-9_-]{0,39}", fullmatch=True))
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +165,7 @@ def check_outputs(out: Path, title: str) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                    HealthCheck.too_slow])
-@given(changes=st.lists(st.tuples(st.sampled_from(COMPOSED * 2 + DRAWN), hostile), min_size=1, max_size=2))
+@given(changes=st.lists(st.tuples(st.sampled_from(COMPOSED * 2 + DRAWN), values), min_size=1, max_size=2))
 def test_hostile_text_is_refused_in_one_line_or_every_file_parses(workspace, changes):
     story = base_story()
     for field, value in changes:
@@ -186,8 +189,10 @@ def test_hostile_text_is_refused_in_one_line_or_every_file_parses(workspace, cha
         assert json.loads(rendered.stdout)["ok"] is False
         return
     assert not problems, problems
-    assert json.loads(rendered.stdout)["ok"] is True
-    check_outputs(out, load_story(path).title)
+    title = load_story(path).title
+    summary = json.loads(rendered.stdout)
+    assert summary["ok"] is True and summary["stories"][0]["title"] == title
+    check_outputs(out, title)
 
 
 def test_a_nul_in_the_title_is_refused_in_one_line_and_the_earlier_comic_is_kept(workspace):
@@ -274,6 +279,39 @@ def test_a_forbidden_name_is_one_line_at_each_place_it_is_used():
     assert [p.split(": control character U+0000 at character 3 ")[0] for p in caught.value.problems] == [
         "s.yaml: characters['bo\\x00lt']", "s.yaml: panels[1].characters[1]",
         "s.yaml: panels[1].dialogue[0].who"]
+
+
+def test_line_breaks_of_a_windows_editor_are_not_control_characters(tmp_path):
+    path = tmp_path / "crlf.yaml"
+    path.write_bytes(b'title: "Lost\r\n  Kite"\r\npanels:\r\n  - prompt: |\r\n      sky\r\n      blue\r\n')
+    story = load_story(path)
+    assert story.title == "Lost Kite" and story.panels[0].prompt == "sky\nblue\n"
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("b" * 300, "a file or folder name of 300 bytes ('bbbbbbbbbbbbbbbbbbbb'...); at most 255"),
+    ("é" * 130, "a file or folder name of 260 bytes ('éééééééééééééééééééé'...); at most 255"),
+    ("/".join(["b" * 200] * 25), "a path of 5024 bytes; at most 4096"),
+])
+def test_a_path_too_long_for_any_file_is_one_line_in_every_path_field(tmp_path, name, expected):
+    # The file system's own error (ENAMETOOLONG) would come from the first look at the file.
+    fields = {"model": name, "style": {"loras": [{"path": name}]}, "page": {"font": f"{name}.ttf"},
+              "characters": {"mira": {"image": name, "mask": name}},
+              "panels": [{"prompt": "sky", "characters": ["mira"]}]}
+    path = tmp_path / "long.yaml"
+    path.write_text(yaml.safe_dump(fields, allow_unicode=True), encoding="utf-8")
+    result = runner.invoke(cli.app, ["validate", str(path)])
+    assert result.exit_code == 1
+    font = expected.replace("300 bytes", "304 bytes").replace("260 bytes", "264 bytes").replace(
+        "5024 bytes", "5028 bytes")
+    lines = [line.split(f"{path}: ", 1)[1].rsplit(" (line", 1)[0] for line in error_lines(result)]
+    assert sorted(lines) == sorted([f"characters.mira.image: {expected}", f"characters.mira.mask: {expected}",
+                                    f"model: {expected}", f"page.font: {font}",
+                                    f"style.loras[0].path: {expected}"])
+    flux = {"model": {"base": name, "redux": name, "adapter": name}, "panels": [{"prompt": "sky"}]}
+    with pytest.raises(StoryError) as caught:
+        validate_story(flux, source="s.yaml")
+    assert caught.value.problems == [f"s.yaml: model.{part}: {expected}" for part in ("base", "redux", "adapter")]
 
 
 # --------------------------------------------------------------------------------------------
