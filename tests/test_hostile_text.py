@@ -32,7 +32,7 @@ from anystory_cli import cli
 from anystory_cli.errors import InputError, StoryError
 from anystory_cli.export import comic_info_xml, write_cbz
 from anystory_cli.render.compose import MAX_STEM_BYTES, export_stem
-from anystory_cli.story import forbidden_kind, load_story, text_problem, validate_story, without_forbidden
+from anystory_cli.story import forbidden_characters, forbidden_kind, load_story, text_problem, validate_story, without_forbidden
 from anystory_cli.storyboard import import_storyboard
 
 runner = CliRunner()
@@ -244,6 +244,12 @@ def test_a_story_file_with_a_long_name_gets_its_exports(workspace):
 def test_which_characters_no_text_may_hold(char, kind):
     assert forbidden_kind(char) == kind
     assert without_forbidden(f"a{char}b") == ("ab" if kind else f"a{char}b")
+
+
+def test_the_scan_finds_exactly_the_characters_the_rule_names():
+    planes = [chr(plane << 16 | low) for plane in range(1, 17) for low in (0, 0xFFFD, 0xFFFE, 0xFFFF)]
+    text = "".join(map(chr, range(0x10000))) + "".join(planes)
+    assert [c for _, c in forbidden_characters(text)] == [c for c in text if forbidden_kind(c)]
 
 
 def test_the_problem_says_what_where_and_how_many():
