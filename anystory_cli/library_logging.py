@@ -20,3 +20,24 @@ def progress_bars_off():
             diffusers_logging.enable_progress_bar()
         if was[1]:
             transformers_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def library_logs_quiet():
+    """diffusers, transformers, peft and accelerate log and warn while they load (keys they skip,
+    adapters they wrap, backends they fall back to); our loaders check what landed themselves and
+    say what went wrong in one line."""
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft", "accelerate")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR + 10)  # diffusers logs a failed adapter load at ERROR before raising
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)

@@ -122,7 +122,7 @@ def test_a_plain_flux_call_with_the_processors_installed_is_exactly_plain(pipe):
     plain.set_progress_bar_config(disable=True)
     kwargs = {"prompt": "a ball", "num_inference_steps": 3, "height": 64, "width": 64, "output_type": "latent"}
     expected = plain(generator=torch.Generator().manual_seed(3), **kwargs).images
-    got = pipe.flux(generator=torch.Generator().manual_seed(3), **kwargs).images
+    got = FluxPipeline.from_pipe(pipe)(generator=torch.Generator().manual_seed(3), **kwargs).images
     assert type(pipe.transformer.attn_processors["transformer_blocks.0.attn.processor"]).__name__ \
         == "AnyStoryFluxAttnProcessor"
     assert torch.equal(got, expected)

@@ -54,7 +54,7 @@ def draw(pipe, with_character: bool = True) -> torch.Tensor:
 
 
 def test_a_style_lora_on_flux_draws_with_it_and_goes_without_a_trace(pipe, tmp_path):
-    own = pipe.flux.get_list_adapters()
+    own = pipe.get_list_adapters()
     before, plain = draw(pipe), draw(pipe, with_character=False)
     name = pipe.load_lora_weights(flux_lora(pipe, tmp_path), adapter_name="ink")
     assert name == "ink"
@@ -64,7 +64,7 @@ def test_a_style_lora_on_flux_draws_with_it_and_goes_without_a_trace(pipe, tmp_p
     assert torch.equal(draw(pipe), before)
     pipe.set_adapters("ink", 1.0)
     pipe.unload_lora_weights()
-    assert pipe.flux.get_list_adapters() == own
+    assert pipe.get_list_adapters() == own
     assert torch.equal(draw(pipe), before)
     assert torch.equal(draw(pipe, with_character=False), plain)
 
@@ -76,8 +76,8 @@ def test_an_sd_lora_on_flux_is_one_error_naming_it(pipe, tmp_path):
     save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 32),
                "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(32, 4)},
               str(file))
-    own = pipe.flux.get_list_adapters()
+    own = pipe.get_list_adapters()
     with pytest.raises(ModelError, match="sd_ink.safetensors") as caught:
         pipe.load_lora_weights(file)
     assert "\n" not in str(caught.value)
-    assert pipe.flux.get_list_adapters() == own
+    assert pipe.get_list_adapters() == own

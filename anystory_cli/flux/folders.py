@@ -51,8 +51,9 @@ def check_redux_folder(folder: Path) -> None:
 
 def check_flux_model(base, redux, adapter, download: bool = True) -> tuple[Path | None, Path | None, Path | None]:
     """(base folder, Redux folder, adapter file), each checked; ModelError naming the first problem.
-    Hub ids are fetched (download=False: a part not cached yet is None, unchecked)."""
-    base_dir = resolve_part(base, "FLUX.1 base model", download)
+    Hub ids are fetched (download=False: a part not cached yet is None, unchecked); base None:
+    the Redux folder and the adapter only."""
+    base_dir = None if base is None else resolve_part(base, "FLUX.1 base model", download)
     if base_dir is not None:
         check_flux_folder(base_dir)
     redux_dir = resolve_part(redux, "FLUX.1-Redux folder", download)

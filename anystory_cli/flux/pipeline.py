@@ -1,39 +1,59 @@
-"""AnyStoryFluxPipeline: the released AnyStory weights for FLUX.1 on diffusers' FluxPipeline.
+"""AnyStoryFluxPipeline: the released AnyStory weights for FLUX.1, as a diffusers FluxPipeline.
 
-FluxPipeline does the prompt encoding, latents, scheduler, denoising loop and decoding. This
-module adds what a step needs around it: a forward pre-hook on the transformer appends the subject
-tokens to the text stream and sets the step's state for the attention processors
-(`processors.py`); before the loop, one transformer pass over the reference latents at timestep 0
-with the reference LoRA records the reference keys and values of every block.
+Every part is a registered component: FLUX's own (scheduler, VAE, both text encoders and
+tokenizers, transformer), the Redux SigLIP encoder and its image processor, the subject and
+router embedders, and `AnyStoryFluxAdapter` (the routing-map adapters). The reference and router
+LoRAs are peft adapters of the transformer, switched on only for their own streams. So
+diffusers' `to`, offloading, `components`, `save_pretrained`, `from_pipe` and LoRA loading work
+on the whole.
+
+`__call__` is FluxPipeline's denoising loop with three additions (numbered in the code): before
+the loop, one transformer pass over the characters' reference latents at timestep 0 with the
+reference LoRA records each block's keys and values; in each step inside its windows, the
+subject tokens join the text stream and a `StepState` for that transformer call reaches the
+attention processors through `joint_attention_kwargs["anystory"]`; after the loop, the router's
+maps become `routing_maps`. The windows follow the loop's step index, so the negative pass of
+true CFG sees the same step as the positive one.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+from diffusers.utils import BaseOutput
 from PIL import Image
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionModelWithProjection,
+    SiglipImageProcessorPil,
+    SiglipVisionModel,
+    T5EncoderModel,
+    T5TokenizerFast,
+)
 
 from ..errors import InputError, ModelError
-from ..library_logging import progress_bars_off
+from ..library_logging import library_logs_quiet, progress_bars_off
 from ..loras import StyleLoraMixin, StyleLoras
+from .adapter import AnyStoryFluxAdapter
+from .embedders import SubjectEmbedder
 from .folders import check_flux_model
-from .processors import (
-    REFERENCE_ADAPTER,
-    ROUTER_ADAPTER,
-    AnyStoryFluxAttnProcessor,
-    ReferenceKV,
-    StateSlot,
-    StepState,
-    with_lora,
-)
+from .processors import REFERENCE_ADAPTER, ROUTER_ADAPTER, ReferenceKV, StepState, install_processors, through
 from .weights import CHARACTER_FORMAT, load_lora_part, load_module_part, read_checkpoint, split_router
 
 SUBJECT_GRID, ROUTER_GRID = 9, 3  # tokens per character: 81 subject, 9 router
+LORA_PARTS = {"ref": REFERENCE_ADAPTER, "router": ROUTER_ADAPTER}  # checkpoint part -> adapter name
 
 
 @dataclass
@@ -96,25 +116,16 @@ class FluxCharacter:
 
 
 @dataclass
-class FluxOutput:
+class FluxOutput(BaseOutput):
+    """images: PIL images, an array, a tensor, or packed latents (output_type); routing_maps
+    (B, N, H, W) at image resolution: per character, the share of the last routed step's blocks
+    that sent each pixel to it (no background slot). None unless asked for, or with no router."""
+
     images: object
-    # (B, N, H, W) at image resolution: per character, the share of the last routed step's blocks
-    # that sent each pixel to it (no background slot). None unless asked for, or with no router.
     routing_maps: torch.Tensor | None = None
 
 
-@dataclass
-class _Run:
-    """One call's AnyStory inputs, read by the pre-hook at every step."""
-
-    characters: int
-    subject_tokens: torch.Tensor | None  # (1, N*81, D), scaled
-    router_tokens: torch.Tensor | None   # (1, N*9, D) when the router is on
-    reference: ReferenceKV | None
-    subject_steps: range
-    reference_steps: range
-    step: int = 0
-    routing: list = field(default_factory=list)  # the last routed step's per-block maps
+AnyStoryFluxPipelineOutput = FluxOutput
 
 
 def _step_window(window: Sequence[float], steps: int, what: str) -> range:
@@ -127,145 +138,173 @@ def _step_window(window: Sequence[float], steps: int, what: str) -> range:
     return range(int(steps * start + 0.5), int(steps * end + 0.5))
 
 
-class AnyStoryFluxPipeline(StyleLoraMixin):
-    """The released AnyStory model on FLUX.1-dev + FLUX.1-Redux-dev."""
+@dataclass
+class _Characters:
+    """One call's characters, as the denoising loop adds them."""
 
-    def __init__(self, flux, image_encoder, redux_embedder, checkpoint: dict, adapter_path: Path,
-                 reference_size: int = 512, model_id: str = ""):
-        from transformers import SiglipImageProcessorPil
+    count: int
+    subject_tokens: torch.Tensor | None  # (1, N*81, D), scaled
+    router_tokens: torch.Tensor | None   # (1, N*9, D) when the router is on
+    reference: ReferenceKV | None
+    subject_steps: range
+    reference_steps: range
 
-        from .embedders import SubjectEmbedder
 
+class _LibraryLoraCalls:
+    """The pipeline as diffusers' own LoRA methods see it: `StyleLoras` loads and switches style
+    LoRAs through these, under the pipeline's style-LoRA methods that keep its own adapters."""
+
+    def __init__(self, pipe):
+        self._pipe = pipe
+
+    def __getattr__(self, name):
+        method = getattr(super(StyleLoraMixin, self._pipe), name, None)  # past StyleLoraMixin in the MRO
+        return method if method is not None else getattr(self._pipe, name)
+
+
+class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
+    """The released AnyStory model on FLUX.1-dev + FLUX.1-Redux-dev (see docs/flux.md)."""
+
+    model_cpu_offload_seq = ("text_encoder->text_encoder_2->redux_image_encoder->subject_embedder->"
+                             "router_embedder->transformer->vae")
+    _optional_components = ["image_encoder", "feature_extractor"]
+    # The routing-map adapters run inside the transformer's forward, called by its processors: they
+    # stay on the execution device (a small part: 0.2 GiB in bf16 for FLUX.1-dev).
+    _exclude_from_cpu_offload = ["anystory_adapter"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+
+    def __init__(
+        self,
+        scheduler: FlowMatchEulerDiscreteScheduler,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        text_encoder_2: T5EncoderModel,
+        tokenizer_2: T5TokenizerFast,
+        transformer: FluxTransformer2DModel,
+        redux_image_encoder: SiglipVisionModel,
+        redux_feature_extractor: SiglipImageProcessorPil,
+        subject_embedder: SubjectEmbedder,
+        router_embedder: SubjectEmbedder,
+        anystory_adapter: AnyStoryFluxAdapter,
+        image_encoder: CLIPVisionModelWithProjection = None,
+        feature_extractor: CLIPImageProcessor = None,
+        reference_size: int = 512,
+    ):
+        super().__init__(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer,
+                         image_encoder=image_encoder, feature_extractor=feature_extractor)
         if reference_size <= 0 or reference_size % 16:
             raise InputError(f"reference_size must be a positive multiple of 16, got {reference_size}")
-        self.flux = flux
-        self.transformer = transformer = flux.transformer
-        self.image_encoder = image_encoder.eval().requires_grad_(False)
-        self.reference_size = reference_size
-        self.model_id = model_id
-        dtype = transformer.dtype
-        config = transformer.config
-        width = config.joint_attention_dim
-        if redux_embedder.config.txt_in_features != width:
-            raise ModelError(f"the Redux embedder gives {redux_embedder.config.txt_in_features}-wide tokens, this "
-                             f"FLUX text stream is {width} wide (a Redux folder for another model?)")
-        if redux_embedder.config.redux_dim != image_encoder.config.hidden_size:
-            raise ModelError(f"the Redux embedder takes {redux_embedder.config.redux_dim}-wide SigLIP features, "
-                             f"its image encoder gives {image_encoder.config.hidden_size}")
-        path = Path(adapter_path)
+        self.register_modules(redux_image_encoder=redux_image_encoder, redux_feature_extractor=redux_feature_extractor,
+                              subject_embedder=subject_embedder, router_embedder=router_embedder,
+                              anystory_adapter=anystory_adapter)
+        self.register_to_config(reference_size=reference_size)
+        self.model_id = ""
+        self._style_loras: StyleLoras | None = None
+        _check_parts(transformer, redux_image_encoder, subject_embedder, router_embedder, anystory_adapter)
+        self.lora_layers = self._install_loras()
+        install_processors(transformer)
 
-        # The reference and router LoRAs (disabled: only the extra streams switch them on).
-        router_lora, routing_adapters, router_embedder_sd = split_router(checkpoint["router"])
-        self.lora_layers = {
-            "ref": load_lora_part(flux, path, "ref", checkpoint["ref"], REFERENCE_ADAPTER, dtype),
-            "router": load_lora_part(flux, path, "router", router_lora, ROUTER_ADAPTER, dtype),
-        }
-        transformer.disable_lora()
-
-        # The embedders: Redux's projections plus the checkpoint's corrections, gate and pooling.
-        def embedder(part: str, state: dict, grid: int) -> SubjectEmbedder:
-            key = "redux_up_lora_A.weight"
-            if key not in state:
-                raise ModelError(f"{path}: part '{part}' has no {key}")
-            module = SubjectEmbedder(redux_embedder.config.redux_dim, width, lora_rank=state[key].shape[0],
-                                     lora_bias="redux_up_lora_B.bias" in state, grid=grid)
-            module.load_state_dict(redux_embedder.state_dict(), strict=False)
-            load_module_part(module, state, path, part, optional=("redux_up.", "redux_down."))
-            # nn.Module.to: ModelMixin.to warns about float32-kept modules on every dtype cast.
-            return torch.nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
-
-        self.subject_embedder = embedder("redux", checkpoint["redux"], SUBJECT_GRID)
-        self.router_embedder = embedder("router", router_embedder_sd, ROUTER_GRID)
-
-        # One processor per attention layer, holding that block's routing-map adapters.
-        self.slot = StateSlot()
-        hidden = config.num_attention_heads * config.attention_head_dim
-        modules = dict(transformer.named_modules())
-        processors = {}
-        for name in transformer.attn_processors:
-            block_name = name[: -len(".attn.processor")]
-            state = routing_adapters.get(block_name)
-            if not state or "to_q_routing_map_lora_A.weight" not in state:
-                raise ModelError(f"{path}: part 'router' has no routing-map adapter for {block_name}")
-            kind = "double" if block_name.startswith("transformer_blocks.") else "single"
-            processor = AnyStoryFluxAttnProcessor(
-                self.slot, f"{kind}.{block_name.rsplit('.', 1)[1]}", hidden,
-                rank=state["to_q_routing_map_lora_A.weight"].shape[0],
-                bias="to_q_routing_map_lora_B.bias" in state)
-            load_module_part(processor, state, path, "router")
-            processor.bind(modules[block_name])
-            processors[name] = processor.to(device=transformer.device, dtype=dtype)
-        extra = sorted(set(routing_adapters) - {n[: -len(".attn.processor")] for n in processors})
-        if extra:
-            raise ModelError(f"{path}: part 'router' has routing-map adapters for blocks this FLUX transformer "
-                             f"lacks ({extra[0]}; an adapter for a deeper model?)")
-        transformer.set_attn_processor(processors)
-        transformer.register_forward_pre_hook(self._before_step, with_kwargs=True)
-        self._run: _Run | None = None
-
-        size = image_encoder.config.image_size
-        self.siglip_processor = SiglipImageProcessorPil(size={"height": size, "width": size})
+    def _install_loras(self) -> dict[str, int]:
+        """The adapter's pending LoRA files into the transformer (a loaded folder); then the layers
+        each LoRA is on. ModelError when the transformer carries no AnyStory LoRAs at all."""
+        transformer, adapter = self.transformer, self.anystory_adapter
+        for part, name in LORA_PARTS.items():
+            if name in adapter.pending_loras:
+                state_dict, metadata, source = adapter.pending_loras.pop(name)
+                load_lora_part(self, source, part, state_dict, name, transformer.dtype, metadata)
+        missing = [name for name in LORA_PARTS.values() if name not in (getattr(transformer, "peft_config", None) or {})]
+        if missing:
+            raise ModelError(f"the transformer carries no {missing[0]} LoRA: build AnyStoryFluxPipeline with "
+                             f"from_pretrained(base, redux=, adapter=), from_pipe(flux_pipe, redux=, adapter=) or "
+                             f"from a folder that save_pretrained wrote")
+        self._main_stream_adapters()
+        return {part: _landed(transformer, name) for part, name in LORA_PARTS.items()}
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_pretrained(cls, base: str | os.PathLike, redux: str | os.PathLike | None = None,
-                        adapter: str | os.PathLike | None = None, reference_size: int = 512,
+    def from_pretrained(cls, base: str | os.PathLike | None = None, redux: str | os.PathLike | None = None,
+                        adapter: str | os.PathLike | None = None, reference_size: int | None = None,
                         torch_dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                        ) -> AnyStoryFluxPipeline:
-        """FLUX.1 folder (or hub id) `base`, FLUX.1-Redux folder (or hub id) `redux`, the AnyStory
-        checkpoint file `adapter`. Defaults: CUDA in bf16 when available, else CPU in fp32."""
-        from diffusers import FluxPipeline
-        from diffusers.pipelines import ReduxImageEncoder
-        from transformers import SiglipVisionModel
-
-        if redux is None or adapter is None:
-            raise ModelError("AnyStory on FLUX needs redux= (FLUX.1-Redux-dev) and adapter= (anystory_flux.bin)")
-        device = torch.device(device) if device is not None else torch.device(
+                        **kwargs) -> AnyStoryFluxPipeline:
+        """A folder that `save_pretrained` wrote (nothing else needed), or: FLUX.1 folder (or hub
+        id) `base`, FLUX.1-Redux folder (or hub id) `redux`, the AnyStory checkpoint file
+        `adapter`. Defaults: CUDA in bf16 when available, else CPU in fp32. Other keyword
+        arguments go to DiffusionPipeline.from_pretrained: parts to use instead of the folder's
+        (`transformer=...`), `quantization_config`, `variant`, ..."""
+        base = base if base is not None else kwargs.pop("pretrained_model_name_or_path", None)
+        if base is None:
+            raise ModelError("from_pretrained needs a FLUX.1 folder or hub id, or a saved AnyStory pipeline folder")
+        torch_dtype = torch_dtype or kwargs.pop("dtype", None)
+        target = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        base_dir, redux_dir, adapter = check_flux_model(base, redux, adapter)
-        checkpoint = read_checkpoint(adapter)
+        dtype = torch_dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
+        if reference_size is not None:
+            kwargs["reference_size"] = reference_size
+        saved = _saved_pipeline_folder(base, cls.__name__)
         try:
-            with progress_bars_off():
-                flux = FluxPipeline.from_pretrained(str(base_dir), dtype=dtype)
-                encoder = SiglipVisionModel.from_pretrained(str(redux_dir / "image_encoder"), dtype=dtype)
-                redux_embedder = ReduxImageEncoder.from_pretrained(str(redux_dir / "image_embedder"), dtype=dtype)
-        except (OSError, ValueError, RuntimeError) as exc:
-            raise ModelError(f"{base_dir} / {redux_dir}: could not load ({str(exc).splitlines()[0]})") from None
-        flux.set_progress_bar_config(disable=True)
-        pipe = cls(flux, encoder, redux_embedder, checkpoint, adapter, reference_size,
-                   model_id=f"flux:{base_dir.name}:{adapter.name}")
-        return pipe.to(device)
+            with progress_bars_off(), library_logs_quiet():
+                if saved is not None:
+                    if redux is not None or adapter is not None:
+                        raise ModelError(f"{saved}: a saved AnyStory pipeline holds its Redux parts and adapter; "
+                                         f"load it without redux= and adapter=")
+                    pipe = super().from_pretrained(str(saved), torch_dtype=dtype, **kwargs)
+                    model_id = f"flux:{saved.name}"
+                else:
+                    if redux is None or adapter is None:
+                        raise ModelError("AnyStory on FLUX needs redux= (FLUX.1-Redux-dev) and adapter= "
+                                         "(anystory_flux.bin)")
+                    base_dir, redux_dir, adapter_file = check_flux_model(base, redux, adapter)
+                    config = kwargs["transformer"].config if "transformer" in kwargs else _transformer_config(base_dir)
+                    parts = _anystory_parts(redux_dir, adapter_file, config, dtype)
+                    pipe = super().from_pretrained(str(base_dir), torch_dtype=dtype, **parts, **kwargs)
+                    model_id = f"flux:{base_dir.name}:{adapter_file.name}"
+        except (OSError, ValueError, RuntimeError, KeyError) as exc:
+            raise ModelError(f"{base}: could not load ({_first_line(exc)})") from None
+        pipe.model_id = model_id
+        pipe.set_progress_bar_config(disable=True)
+        if "device_map" not in kwargs:
+            pipe.to(target)
+        return pipe
 
-    def to(self, device) -> AnyStoryFluxPipeline:
-        self.flux.to(device)
-        for module in (self.image_encoder, self.subject_embedder, self.router_embedder):
-            module.to(device)
-        return self
+    @classmethod
+    def from_pipe(cls, pipeline, redux: str | os.PathLike | None = None, adapter: str | os.PathLike | None = None,
+                  **kwargs) -> AnyStoryFluxPipeline:
+        """A pipeline on `pipeline`'s parts, without copying them: a FluxPipeline with `redux=`
+        and `adapter=` (the LoRAs are added to its transformer, inactive on its own calls), or
+        another AnyStoryFluxPipeline. Other keyword arguments as DiffusionPipeline.from_pipe."""
+        kwargs.setdefault("torch_dtype", pipeline.transformer.dtype)  # diffusers' from_pipe casts to fp32 otherwise
+        if redux is not None or adapter is not None:
+            if redux is None or adapter is None:
+                raise ModelError("from_pipe needs both redux= (FLUX.1-Redux-dev) and adapter= (anystory_flux.bin)")
+            _, redux_dir, adapter_file = check_flux_model(None, redux, adapter)
+            with progress_bars_off(), library_logs_quiet():
+                parts = _anystory_parts(redux_dir, adapter_file, pipeline.transformer.config,
+                                        pipeline.transformer.dtype)
+            for module in parts.values():
+                if isinstance(module, torch.nn.Module):
+                    module.to(pipeline.device)
+            kwargs = {**parts, **kwargs}
+        with library_logs_quiet():
+            pipe = super().from_pipe(pipeline, **kwargs)
+        pipe.model_id = getattr(pipeline, "model_id", "") or (
+            f"flux:{Path(str(pipeline.config.get('_name_or_path', 'flux'))).name}:{Path(str(adapter)).name}"
+            if adapter is not None else "")
+        return pipe
 
-    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: str = "cuda") -> None:
-        """Keep FLUX's parts on the CPU and move each to the GPU while it runs (a 24 GB card)."""
-        if not torch.cuda.is_available():
-            raise ModelError("enable_model_cpu_offload needs a CUDA device")
-        self.flux.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
-        for module in (self.image_encoder, self.subject_embedder, self.router_embedder):
-            module.to(self.flux._execution_device)
-
-    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: str = "cuda") -> None:
-        """Move FLUX's weights to the GPU layer by layer as they run: fits small cards, slowly."""
-        if not torch.cuda.is_available():
-            raise ModelError("enable_sequential_cpu_offload needs a CUDA device")
-        self.flux.enable_sequential_cpu_offload(gpu_id=gpu_id, device=device)
-        for module in (self.image_encoder, self.subject_embedder, self.router_embedder):
-            module.to(self.flux._execution_device)
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """One folder that `AnyStoryFluxPipeline.from_pretrained(folder)` loads alone: every
+        component in its own folder (the transformer as plain FLUX weights), and the reference
+        and router LoRAs as diffusers LoRA files in `anystory_adapter/`. Style LoRAs are not
+        part of the model and are not saved."""
+        with _plain_state_dict(self.transformer):
+            super().save_pretrained(save_directory, **kwargs)
+        self.anystory_adapter.save_loras(Path(save_directory) / "anystory_adapter", self.transformer)
 
     @property
-    def device(self) -> torch.device:
-        return self.flux._execution_device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+    def reference_size(self) -> int:
+        return self.config.reference_size
 
     # ------------------------------------------------------------------ characters
     @torch.no_grad()
@@ -282,28 +321,31 @@ class AnyStoryFluxPipeline(StyleLoraMixin):
         elif not isinstance(mask, Image.Image):
             raise InputError(f"encode_character: expected the mask as a PIL image, got {type(mask).__name__}")
         rgb, mask = image.convert("RGB"), mask.convert("L")
-        device, dtype = self.device, self.dtype
+        device, dtype = self._execution_device, self.transformer.dtype
+        encoder, processor = self.redux_image_encoder, self.redux_feature_extractor
 
         # Subject and router tokens: SigLIP on the masked image, pooled over the mask's patches.
-        pixels = self.siglip_processor.preprocess(images=rgb, return_tensors="pt").pixel_values
-        coverage = self.siglip_processor.preprocess(images=mask.convert("RGB"), resample=Image.NEAREST,
-                                                    do_normalize=False, return_tensors="pt").pixel_values
-        features = self.image_encoder((pixels * coverage).to(device=device, dtype=dtype)).last_hidden_state
-        side = self.image_encoder.config.image_size // self.image_encoder.config.patch_size
+        pixels = processor.preprocess(images=rgb, return_tensors="pt").pixel_values
+        coverage = processor.preprocess(images=mask.convert("RGB"), resample=Image.NEAREST, do_normalize=False,
+                                        return_tensors="pt").pixel_values
+        features = encoder((pixels * coverage).to(device=device, dtype=encoder.dtype)).last_hidden_state
+        side = encoder.config.image_size // encoder.config.patch_size
         patches = F.adaptive_avg_pool2d(coverage.mean(dim=1, keepdim=True).to(device=device, dtype=dtype), side)
         patches = (patches > 0).to(dtype).flatten(2).transpose(1, 2)
+        features = features.to(dtype)
         subject_tokens = self.subject_embedder(features, patches)
         router_tokens = self.router_embedder(features, patches)
 
         # Reference: the masked image's VAE latent at reference_size, packed into FLUX tokens.
-        size, vae = self.reference_size, self.flux.vae
-        picture = self.flux.image_processor.preprocess(rgb, height=size, width=size)
+        size, vae = self.reference_size, self.vae
+        picture = self.image_processor.preprocess(rgb, height=size, width=size)
         weight = torch.from_numpy(np.array(mask.resize((size, size), resample=Image.NEAREST))).float() / 255.0
         weight = weight[None, None]
         latent = vae.encode((picture * weight).to(device=device, dtype=vae.dtype)).latent_dist.sample(generator)
         latent = (latent - vae.config.shift_factor) * vae.config.scaling_factor
-        packed = self.flux._pack_latents(latent, *latent.shape)
+        packed = self._pack_latents(latent, *latent.shape)
         tokens = F.adaptive_avg_pool2d(weight, size // 16) > 0
+        self.maybe_free_model_hooks()
         return FluxCharacter(
             subject_tokens=subject_tokens, router_tokens=router_tokens, reference_latents=packed,
             reference_mask=tokens.flatten(2).transpose(1, 2).to(device=device, dtype=dtype),
@@ -327,141 +369,213 @@ class AnyStoryFluxPipeline(StyleLoraMixin):
     @torch.no_grad()
     def __call__(
         self,
-        prompt: str | list[str],
+        prompt: str | list[str] | None = None,
         characters: Sequence[FluxCharacter] = (),
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 25,
+        prompt_2: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_2: str | list[str] | None = None,
+        true_cfg_scale: float = 1.0,
         height: int = 512,
         width: int = 512,
+        num_inference_steps: int = 25,
+        sigmas: list[float] | None = None,
         guidance_scale: float = 3.5,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        joint_attention_kwargs: dict | None = None,
+        callback_on_step_end: Callable | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        max_sequence_length: int = 512,
         router: bool | None = None,
         reference_window: tuple[float, float] | None = None,
         redux_window: tuple[float, float] = (0.1, 0.3),
         redux_scale: float = 0.6,
         reference_mask: bool = True,
         reference_shift: float = 0.0,
-        output_type: str = "pil",
         return_routing: bool = False,
-        **flux_kwargs,
-    ) -> FluxOutput:
-        """Draw `prompt` with `characters` (from `encode_character`).
+    ) -> FluxOutput | tuple:
+        """Draw `prompt` with `characters` (from `encode_character`). The FluxPipeline arguments
+        mean what they mean there; the AnyStory ones:
 
         router: route image tokens among the characters (None: on with two or more);
         reference_window / redux_window: the fractions (start, end) of the schedule during which
         the reference and the subject tokens take part (reference None: (0, 1) with one character,
         (0.09, 1) with more); redux_scale scales the subject tokens; reference_mask keeps image and
         text tokens off the reference's background; reference_shift is a bias added on every
-        reference key. Other keyword arguments go to FluxPipeline (max_sequence_length,
-        num_images_per_prompt, latents, callback_on_step_end, ...)."""
+        reference key; return_routing: the router's maps in the output.
+
+        With true CFG (`true_cfg_scale` > 1 and a negative prompt) the negative pass gets the
+        reference keys and values and the router, in the same steps as the positive pass, and no
+        subject tokens (docs/flux.md says why)."""
         characters = list(characters)
         self._check_characters(characters)
         count = len(characters)
-        if count and not isinstance(prompt, str) and len(set(prompt)) > 1:
+        # 1. Check inputs (FluxPipeline's checks, then one prompt per call with characters)
+        self.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
+                          negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
+                          negative_prompt_embeds=negative_prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+                          negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+                          max_sequence_length=max_sequence_length)
+        if count and prompt is not None and not isinstance(prompt, str) and len(set(prompt)) > 1:
             # The reference stream is conditioned on the prompt's pooled embedding: one per call.
             raise InputError("with characters, draw one prompt per call (num_images_per_prompt for more images)")
+        if count and prompt is None and pooled_prompt_embeds is not None and \
+                not bool((pooled_prompt_embeds == pooled_prompt_embeds[:1]).all()):
+            raise InputError("with characters, draw one prompt per call (num_images_per_prompt for more images)")
+        self._guidance_scale = guidance_scale
+        self._joint_attention_kwargs = dict(joint_attention_kwargs or {})
+        self._current_timestep = None
+        self._interrupt = False
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if prompt is not None else prompt_embeds.shape[0]
+        device = self._execution_device
+
+        # 2. Encode the prompts (and the negative prompts for true CFG)
+        lora_scale = self._joint_attention_kwargs.get("scale")
+        has_negative = negative_prompt is not None or (
+            negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
+        do_true_cfg = true_cfg_scale > 1 and has_negative
+        prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
+            device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+            lora_scale=lora_scale)
+        if do_true_cfg:
+            negative_prompt_embeds, negative_pooled_prompt_embeds, negative_text_ids = self.encode_prompt(
+                prompt=negative_prompt, prompt_2=negative_prompt_2, prompt_embeds=negative_prompt_embeds,
+                pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device,
+                num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
+                lora_scale=lora_scale)
+
+        # 3. Latents and timesteps
+        latents, latent_image_ids = self.prepare_latents(
+            batch_size * num_images_per_prompt, self.transformer.config.in_channels // 4, height, width,
+            prompt_embeds.dtype, device, generator, latents)
+        sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps) if sigmas is None else sigmas
+        if hasattr(self.scheduler.config, "use_flow_sigmas") and self.scheduler.config.use_flow_sigmas:
+            sigmas = None
+        mu = calculate_shift(latents.shape[1], self.scheduler.config.get("base_image_seq_len", 256),
+                             self.scheduler.config.get("max_image_seq_len", 4096),
+                             self.scheduler.config.get("base_shift", 0.5), self.scheduler.config.get("max_shift", 1.15))
+        timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device,
+                                                            sigmas=sigmas, mu=mu)
+        num_warmup_steps = max(len(timesteps) - num_inference_steps * self.scheduler.order, 0)
+        self._num_timesteps = len(timesteps)
+        guidance = None
+        if self.transformer.config.guidance_embeds:
+            guidance = torch.full([1], guidance_scale, device=device, dtype=torch.float32).expand(latents.shape[0])
+
+        # 4. AnyStory: the characters' tokens, and the reference pass (keys and values of every block)
+        run = self._prepare_characters(characters, pooled_prompt_embeds, guidance_scale, router, reference_window,
+                                       redux_window, redux_scale, reference_mask, reference_shift,
+                                       num_inference_steps)
+        routing: list = []
+
+        # 5. Denoising loop
+        self.scheduler.set_begin_index(0)
+        with self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                self._current_timestep = t
+                timestep = t.expand(latents.shape[0]).to(latents.dtype)
+                with self.transformer.cache_context("cond"):
+                    text, ids, state = self._step_inputs(run, i, prompt_embeds, text_ids, subjects=True,
+                                                         timestep=timestep / 1000, guidance=guidance,
+                                                         pooled=pooled_prompt_embeds)
+                    noise_pred = self.transformer(
+                        hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
+                        pooled_projections=pooled_prompt_embeds, encoder_hidden_states=text, txt_ids=ids,
+                        img_ids=latent_image_ids, joint_attention_kwargs=self._call_kwargs(state),
+                        return_dict=False)[0]
+                if state is not None and state.routing:
+                    routing = state.routing
+                if do_true_cfg:
+                    with self.transformer.cache_context("uncond"):
+                        text, ids, state = self._step_inputs(run, i, negative_prompt_embeds, negative_text_ids,
+                                                             subjects=False, timestep=timestep / 1000,
+                                                             guidance=guidance, pooled=negative_pooled_prompt_embeds)
+                        negative_noise_pred = self.transformer(
+                            hidden_states=latents, timestep=timestep / 1000, guidance=guidance,
+                            pooled_projections=negative_pooled_prompt_embeds, encoder_hidden_states=text, txt_ids=ids,
+                            img_ids=latent_image_ids, joint_attention_kwargs=self._call_kwargs(state),
+                            return_dict=False)[0]
+                    noise_pred = negative_noise_pred + true_cfg_scale * (noise_pred - negative_noise_pred)
+
+                latents_dtype = latents.dtype
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if latents.dtype != latents_dtype and torch.backends.mps.is_available():
+                    latents = latents.to(latents_dtype)
+
+                if callback_on_step_end is not None:
+                    tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                    outputs = callback_on_step_end(self, i, t, {k: tensors[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = outputs.pop("latents", latents)
+                    prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+        self._current_timestep = None
+
+        # 6. Decode
+        if output_type == "latent":
+            image = latents
+        else:
+            latents = self._unpack_latents(latents, height, width, self.vae_scale_factor)
+            latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+            image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+            image = self.image_processor.postprocess(image, output_type=output_type)
+        self.maybe_free_model_hooks()
+
+        # 7. Routing maps
+        maps = None
+        if return_routing and routing:
+            rows, cols = height // (self.vae_scale_factor * 2), width // (self.vae_scale_factor * 2)
+            maps = torch.stack(routing).float().mean(dim=0).unflatten(2, (rows, cols))
+            maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
+        if not return_dict:
+            return (image, maps)
+        return FluxOutput(images=image, routing_maps=maps)
+
+    def _call_kwargs(self, state: StepState | None) -> dict:
+        """The caller's joint_attention_kwargs, with this transformer call's AnyStory state."""
+        return {**self._joint_attention_kwargs, "anystory": state} if state is not None else self._joint_attention_kwargs
+
+    def _prepare_characters(self, characters, pooled, guidance_scale, router, reference_window, redux_window,
+                            redux_scale, reference_mask, reference_shift, steps) -> _Characters:
+        count = len(characters)
         router = count >= 2 if router is None else bool(router)
         if reference_window is None:
             reference_window = (0.0, 1.0) if count <= 1 else (0.09, 1.0)
-        subject_steps = _step_window(redux_window, num_inference_steps, "redux_window")
-        reference_steps = _step_window(reference_window, num_inference_steps, "reference_window")
-        device = self.device
-        prompt_embeds, pooled, _ = self.flux.encode_prompt(
-            prompt, prompt_2=None, device=device,
-            max_sequence_length=flux_kwargs.pop("max_sequence_length", 512))
-
-        run = _Run(characters=count, subject_tokens=None, router_tokens=None, reference=None,
-                   subject_steps=subject_steps if count else range(0),
-                   reference_steps=reference_steps if count else range(0))
+        subject_steps = _step_window(redux_window, steps, "redux_window")
+        reference_steps = _step_window(reference_window, steps, "reference_window")
+        run = _Characters(count=count, subject_tokens=None, router_tokens=None, reference=None,
+                          subject_steps=subject_steps if count else range(0),
+                          reference_steps=reference_steps if count else range(0))
         if count:
-            dtype = self.dtype
+            device, dtype = self._execution_device, self.transformer.dtype
             run.subject_tokens = torch.cat([c.subject_tokens.to(device, dtype) for c in characters], 1) * redux_scale
             if router:
                 run.router_tokens = torch.cat([c.router_tokens.to(device, dtype) for c in characters], 1)
             if len(reference_steps):
                 run.reference = self._reference_pass(characters, pooled, guidance_scale, reference_mask,
                                                      reference_shift)
-        self._run = run
-        try:
-            result = self.flux(
-                prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled, generator=generator,
-                num_inference_steps=num_inference_steps, height=height, width=width,
-                guidance_scale=guidance_scale, output_type=output_type, **flux_kwargs)
-        finally:
-            self._run = None
-            self.slot.step = None
-        output = FluxOutput(images=result.images)
-        if return_routing and run.routing:
-            rows, cols = height // (self.flux.vae_scale_factor * 2), width // (self.flux.vae_scale_factor * 2)
-            maps = torch.stack(run.routing).float().mean(dim=0).unflatten(2, (rows, cols))
-            output.routing_maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)
-        return output
+        return run
 
-    @property
-    def style_loras(self) -> StyleLoras:
-        """Style LoRAs on the transformer: on for the image and text streams, off for the
-        reference pass (which draws the character as it is); the model's own reference and router
-        LoRAs stay off outside their streams, as without a style."""
-        if getattr(self, "_style_loras", None) is None:
-            self._style_loras = StyleLoras(self.flux, own=[], on_change=self._main_stream_adapters)
-        return self._style_loras
-
-    def _main_stream_adapters(self) -> None:
-        """The adapters of the main (image + text) pass: the style LoRAs, or none."""
-        styles = self._style_loras.loaded if getattr(self, "_style_loras", None) is not None else {}
-        if styles:
-            self.transformer.enable_lora()
-            self.transformer.set_adapters(list(styles), list(styles.values()))
-        else:
-            self.transformer.disable_lora()
-
-    def _reference_pass(self, characters, pooled, guidance_scale, reference_mask, reference_shift) -> ReferenceKV:
-        """Each character's reference latent through the transformer alone (no text), at
-        timestep 0, with the reference LoRA; records every block's keys and values."""
-        transformer, device, dtype = self.transformer, self.device, self.dtype
-        count = len(characters)
-        latents = torch.cat([c.reference_latents.to(device, dtype) for c in characters], 0)
-        side = self.reference_size // 16
-        ids = self.flux._prepare_latent_image_ids(1, side, side, device, dtype)
-        ids[:, 2] -= side  # the reference sits one reference-width left of the image
-        capture = ReferenceKV()
-        guidance = None
-        if transformer.config.guidance_embeds:
-            guidance = torch.full([count], guidance_scale, device=device, dtype=torch.float32)
-        self.slot.step = StepState(text_len=0, subject_len=0, characters=count, reference=None, router=None,
-                                   temb=None, capture=capture)
-        transformer.enable_lora()
-        transformer.set_adapters([REFERENCE_ADAPTER], [1.0])
-        try:
-            transformer(
-                hidden_states=latents,
-                encoder_hidden_states=latents.new_zeros(count, 0, transformer.config.joint_attention_dim),
-                pooled_projections=pooled[:1].expand(count, -1), timestep=latents.new_zeros(count),
-                img_ids=ids, txt_ids=ids.new_zeros(0, 3), guidance=guidance, return_dict=False)
-        finally:
-            self._main_stream_adapters()
-            self.slot.step = None
-        # (N, H, L, D) per character -> (1, H, N*L, D), characters in order along the keys.
-        capture.kv = {name: tuple(t.transpose(0, 1).flatten(1, 2).unsqueeze(0) for t in kv)
-                      for name, kv in capture.kv.items()}
-        masks = torch.cat([c.reference_mask.to(device, dtype) for c in characters], 1)[..., 0]  # (1, N*L)
-        bias = torch.full_like(masks, float(reference_shift))
-        if reference_mask:
-            bias = bias + (masks - 1.0) * 100.0
-        capture.mask_bias = bias
-        return capture
-
-    def _before_step(self, transformer, args, kwargs):
-        """Forward pre-hook: this step's subject tokens and processor state (nothing without a run)."""
-        run = self._run
-        if run is None:
-            return None
-        step, run.step = run.step, run.step + 1
-        subjects_on = step in run.subject_steps
+    def _step_inputs(self, run: _Characters, step: int, text: torch.Tensor, text_ids: torch.Tensor, subjects: bool,
+                     timestep, guidance, pooled) -> tuple[torch.Tensor, torch.Tensor, StepState | None]:
+        """One transformer call's text stream, its position ids and AnyStory state (None: plain).
+        `subjects`: the subject tokens join the text stream in their window (not on the negative
+        pass); the reference and the router follow the step's windows on both passes."""
+        subjects_on = subjects and step in run.subject_steps
         reference_on = step in run.reference_steps
         if not (subjects_on or reference_on):
-            self.slot.step = None
-            return None
-        text, text_ids = kwargs["encoder_hidden_states"], kwargs["txt_ids"]
+            return text, text_ids, None
         batch = text.shape[0]
         subject_len = 0
         if subjects_on:
@@ -470,7 +584,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin):
             text_ids = torch.cat([text_ids, text_ids.new_zeros(subject_len, 3)], 0)
         begin_router = None
         if run.router_tokens is not None:
-            timestep, guidance, pooled = kwargs["timestep"], kwargs.get("guidance"), kwargs["pooled_projections"]
+            transformer = self.transformer
 
             def begin_router():
                 """The router stream's input and the step's embedding, as the transformer makes them."""
@@ -479,12 +593,190 @@ class AnyStoryFluxPipeline(StyleLoraMixin):
                 temb = (transformer.time_text_embed(scaled, pooled) if guidance is None
                         else transformer.time_text_embed(scaled, guidance.to(dtype) * 1000, pooled))
                 tokens = run.router_tokens.expand(batch, -1, -1).to(temb.device)
-                return with_lora(transformer.context_embedder, ROUTER_ADAPTER, tokens), temb
+                return through(transformer.context_embedder, tokens, ROUTER_ADAPTER), temb
 
-        state = StepState(text_len=text.shape[1], subject_len=subject_len, characters=run.characters,
-                          reference=run.reference if reference_on else None, router=None, temb=None,
+        state = StepState(text_len=text.shape[1], subject_len=subject_len, characters=run.count,
+                          reference=run.reference if reference_on else None, routing_maps=self.anystory_adapter,
                           begin_router=begin_router)
-        if begin_router is not None:
-            run.routing = state.routing
-        self.slot.step = state
-        return args, {**kwargs, "encoder_hidden_states": text, "txt_ids": text_ids}
+        return text, text_ids, state
+
+    def _reference_pass(self, characters, pooled, guidance_scale, reference_mask, reference_shift) -> ReferenceKV:
+        """Each character's reference latent through the transformer alone (no text), at
+        timestep 0, with the reference LoRA; records every block's keys and values."""
+        transformer, device, dtype = self.transformer, self._execution_device, self.transformer.dtype
+        count = len(characters)
+        latents = torch.cat([c.reference_latents.to(device, dtype) for c in characters], 0)
+        side = self.reference_size // 16
+        ids = self._prepare_latent_image_ids(1, side, side, device, dtype)
+        ids[:, 2] -= side  # the reference sits one reference-width left of the image
+        capture = ReferenceKV()
+        guidance = None
+        if transformer.config.guidance_embeds:
+            guidance = torch.full([count], guidance_scale, device=device, dtype=torch.float32)
+        state = StepState(text_len=0, subject_len=0, characters=count, reference=None, capture=capture)
+        transformer.set_adapters([REFERENCE_ADAPTER], [1.0])
+        try:
+            transformer(
+                hidden_states=latents,
+                encoder_hidden_states=latents.new_zeros(count, 0, transformer.config.joint_attention_dim),
+                pooled_projections=pooled[:1].expand(count, -1), timestep=latents.new_zeros(count),
+                img_ids=ids, txt_ids=ids.new_zeros(0, 3), guidance=guidance,
+                joint_attention_kwargs={"anystory": state}, return_dict=False)
+        finally:
+            self._main_stream_adapters()
+        # (N, L, H, D) per character -> (1, N*L, H, D), characters in order along the keys.
+        capture.kv = {name: tuple(t.flatten(0, 1).unsqueeze(0) for t in kv) for name, kv in capture.kv.items()}
+        masks = torch.cat([c.reference_mask.to(device, dtype) for c in characters], 1)[..., 0]  # (1, N*L)
+        bias = torch.full_like(masks, float(reference_shift))
+        if reference_mask:
+            bias = bias + (masks - 1.0) * 100.0
+        capture.mask_bias = bias
+        return capture
+
+    # ------------------------------------------------------------------ style LoRAs
+    @property
+    def style_loras(self) -> StyleLoras:
+        """Style LoRAs on the transformer: on for the image and text streams, off for the
+        reference pass (which draws the character as it is) and the router stream (which decides
+        where each character is); the model's own reference and router LoRAs stay off outside
+        their streams, as without a style."""
+        if self._style_loras is None:
+            self._style_loras = StyleLoras(_LibraryLoraCalls(self), own=[], on_change=self._main_stream_adapters)
+        return self._style_loras
+
+    def _main_stream_adapters(self) -> None:
+        """The adapters of the image and text streams: the style LoRAs, or none."""
+        styles = self._style_loras.loaded if self._style_loras is not None else {}
+        with library_logs_quiet():
+            self.transformer.enable_lora()
+            self.transformer.set_adapters(list(styles), list(styles.values()))
+
+
+def _landed(transformer, adapter: str) -> int:
+    return sum(1 for m in transformer.modules() if adapter in (getattr(m, "lora_A", None) or {}))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _check_parts(transformer, image_encoder, subject_embedder, router_embedder, adapter) -> None:
+    """ModelError when the AnyStory parts were made for another FLUX or Redux model."""
+    config = transformer.config
+    width = config.joint_attention_dim
+    for what, embedder in (("subject", subject_embedder), ("router", router_embedder)):
+        if embedder.config.txt_in_features != width:
+            raise ModelError(f"the {what} embedder gives {embedder.config.txt_in_features}-wide tokens, this FLUX "
+                             f"text stream is {width} wide (a Redux folder for another model?)")
+        if embedder.config.redux_dim != image_encoder.config.hidden_size:
+            raise ModelError(f"the {what} embedder takes {embedder.config.redux_dim}-wide SigLIP features, "
+                             f"its image encoder gives {image_encoder.config.hidden_size}")
+    hidden = config.num_attention_heads * config.attention_head_dim
+    shape = (adapter.config.hidden_size, adapter.config.num_layers, adapter.config.num_single_layers)
+    if shape != (hidden, config.num_layers, config.num_single_layers):
+        raise ModelError(f"the AnyStory adapter is for a FLUX transformer of width {shape[0]} with {shape[1]} + "
+                         f"{shape[2]} blocks; this one has width {hidden} and {config.num_layers} + "
+                         f"{config.num_single_layers} blocks")
+
+
+def _transformer_config(base_dir: Path) -> SimpleNamespace:
+    """The FLUX transformer's configuration (with the defaults its config.json leaves out), unloaded."""
+    init, _, _ = FluxTransformer2DModel.extract_init_dict(
+        FluxTransformer2DModel.load_config(str(base_dir / "transformer")))
+    return SimpleNamespace(**init)
+
+
+def _saved_pipeline_folder(base, class_name: str) -> Path | None:
+    """`base` when it is a local folder that save_pretrained of this class wrote."""
+    index = Path(os.fspath(base)).expanduser() / "model_index.json"
+    try:
+        if json.loads(index.read_text()).get("_class_name") == class_name:
+            return index.parent
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def _anystory_parts(redux_dir: Path, adapter_file: Path, config, dtype) -> dict:
+    """The components the released checkpoint and FLUX.1-Redux add to a FluxPipeline: SigLIP and
+    its processor, the two embedders, and the adapter (routing maps, with the LoRAs pending)."""
+    from diffusers.pipelines import ReduxImageEncoder
+
+    checkpoint = read_checkpoint(adapter_file)
+    try:
+        encoder = SiglipVisionModel.from_pretrained(str(redux_dir / "image_encoder"), dtype=dtype)
+        redux = ReduxImageEncoder.from_pretrained(str(redux_dir / "image_embedder"), dtype=dtype)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelError(f"{redux_dir}: could not load ({_first_line(exc)})") from None
+    width = config.joint_attention_dim
+    if redux.config.txt_in_features != width:
+        raise ModelError(f"the Redux embedder gives {redux.config.txt_in_features}-wide tokens, this FLUX text "
+                         f"stream is {width} wide (a Redux folder for another model?)")
+    if redux.config.redux_dim != encoder.config.hidden_size:
+        raise ModelError(f"the Redux embedder takes {redux.config.redux_dim}-wide SigLIP features, its image "
+                         f"encoder gives {encoder.config.hidden_size}")
+    router_lora, routing_maps, router_embedder = split_router(checkpoint["router"])
+
+    def embedder(part: str, state: dict, grid: int) -> SubjectEmbedder:
+        """Redux's projections plus the checkpoint's corrections, gate and pooling."""
+        key = "redux_up_lora_A.weight"
+        if key not in state:
+            raise ModelError(f"{adapter_file}: part '{part}' has no {key}")
+        module = SubjectEmbedder(redux.config.redux_dim, width, lora_rank=state[key].shape[0],
+                                 lora_bias="redux_up_lora_B.bias" in state, grid=grid)
+        module.load_state_dict(redux.state_dict(), strict=False)
+        load_module_part(module, state, adapter_file, part, optional=("redux_up.", "redux_down."))
+        # nn.Module.to: ModelMixin.to warns about float32-kept modules on every dtype cast.
+        return torch.nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
+
+    size = encoder.config.image_size
+    return {
+        "redux_image_encoder": encoder.eval().requires_grad_(False),
+        "redux_feature_extractor": SiglipImageProcessorPil(size={"height": size, "width": size}),
+        "subject_embedder": embedder("redux", checkpoint["redux"], SUBJECT_GRID),
+        "router_embedder": embedder("router", router_embedder, ROUTER_GRID),
+        "anystory_adapter": _adapter(adapter_file, checkpoint["ref"], router_lora, routing_maps, config, dtype),
+    }
+
+
+def _adapter(path: Path, reference_lora: dict, router_lora: dict, routing_maps: dict, config,
+             dtype) -> AnyStoryFluxAdapter:
+    """The routing-map adapters of every block, and the checkpoint's two LoRA parts, pending."""
+    first = routing_maps.get("transformer_blocks.0", {})
+    if "to_q_routing_map_lora_A.weight" not in first:
+        raise ModelError(f"{path}: part 'router' has no routing-map adapter for transformer_blocks.0")
+    adapter = AnyStoryFluxAdapter(
+        hidden_size=config.num_attention_heads * config.attention_head_dim, num_layers=config.num_layers,
+        num_single_layers=config.num_single_layers, rank=first["to_q_routing_map_lora_A.weight"].shape[0],
+        bias="to_q_routing_map_lora_B.bias" in first)
+    blocks = [f"transformer_blocks.{i}" for i in range(config.num_layers)] + \
+        [f"single_transformer_blocks.{i}" for i in range(config.num_single_layers)]
+    for block in blocks:
+        state = routing_maps.get(block)
+        if not state or "to_q_routing_map_lora_A.weight" not in state:
+            raise ModelError(f"{path}: part 'router' has no routing-map adapter for {block}")
+        kind = "double" if block.startswith("transformer_blocks.") else "single"
+        load_module_part(adapter.block(f"{kind}.{block.rsplit('.', 1)[1]}"), state, path, "router")
+    extra = sorted(set(routing_maps) - set(blocks))
+    if extra:
+        raise ModelError(f"{path}: part 'router' has routing-map adapters for blocks this FLUX transformer lacks "
+                         f"({extra[0]}; an adapter for a deeper model?)")
+    adapter.pending_loras = {REFERENCE_ADAPTER: (reference_lora, None, path), ROUTER_ADAPTER: (router_lora, None, path)}
+    return torch.nn.Module.to(adapter, dtype=dtype).eval().requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _plain_state_dict(transformer):
+    """While inside, `transformer.state_dict()` is its plain FLUX weights: without the peft LoRA
+    layers' adapters, under the names of the unwrapped layers (how save_pretrained writes it)."""
+
+    def plain(*args, **kwargs):
+        full = type(transformer).state_dict(transformer, *args, **kwargs)
+        return {k.replace(".base_layer.", "."): v for k, v in full.items() if ".lora_" not in k}
+
+    transformer.state_dict = plain
+    try:
+        yield
+    finally:
+        del transformer.state_dict

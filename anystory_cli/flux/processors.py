@@ -10,16 +10,21 @@ A denoising step sees four streams:
   with the reference LoRA (`ReferenceKV`); it never sees the noisy latents, so its keys and
   values per block are computed once per call and appended to every image/text attention;
 - router: 9 tokens per character through the text-side weights with the router LoRA. In every
-  block it attends to the image keys and to itself, and a routing-map query/key pair picks, for
-  each image token, the character whose router tokens match best. That choice becomes a -100
-  bias on the other characters' subject and reference tokens.
+  block it attends to the image keys and to itself, and a routing-map query/key pair (the
+  block's `RoutingMap`, in `AnyStoryFluxAdapter`) picks, for each image token, the character
+  whose router tokens match best. That choice becomes a -100 bias on the other characters'
+  subject and reference tokens.
 
-The router stream needs its block's norms and feed-forward with a LoRA only it sees, and its
-own residual; it advances inside the processor of each block, which is handed the block
-(`bind`). diffusers' block forward runs unchanged for the text and image streams.
+What a transformer call adds arrives as one `joint_attention_kwargs` entry, `anystory`: a
+`StepState` made by the pipeline for that call and dropped after it, so nothing is kept on the
+processors and two pipelines sharing a transformer never see each other's state. Without it
+every processor is diffusers' `FluxAttnProcessor` (a plain FluxPipeline call with these
+processors installed is exactly the plain call).
 
-Without an active `StepState` every processor delegates to diffusers' `FluxAttnProcessor`, so a
-plain FluxPipeline call with these processors installed is exactly the plain call.
+Attention goes through diffusers' `dispatch_attention_fn`, so `transformer.set_attention_backend`
+applies here as to diffusers' own processors. The router stream's LoRA runs through peft's
+per-sample adapter selection (`adapter_names`): only the router LoRA acts on it, whatever
+adapters (style LoRAs) are active on the image and text streams.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 from torch import nn
@@ -35,31 +40,26 @@ from torch import nn
 ROUTER_ADAPTER = "anystory_router"
 REFERENCE_ADAPTER = "anystory_reference"
 MASKED = 100.0  # the bias magnitude the released model was trained with
+BASE = "__base__"  # peft's name for "no adapter" in a per-sample adapter list
 
 
-def with_lora(layer: nn.Module, adapter: str, x: torch.Tensor) -> torch.Tensor:
-    """`layer(x)` plus the LoRA `adapter`'s correction, when the layer has one. The adapters stay
-    disabled on the layers (the plain streams never pay for them); this adds one explicitly."""
-    out = layer(x)
-    lora_a = getattr(layer, "lora_A", None)
-    if lora_a is not None and adapter in lora_a:
-        out = out + layer.lora_B[adapter](lora_a[adapter](layer.lora_dropout[adapter](x))) * layer.scaling[adapter]
-    return out
+def through(layer: nn.Module, x: torch.Tensor, adapter: str | None = None) -> torch.Tensor:
+    """`layer(x)` with exactly the LoRA `adapter` (None: no adapter at all), whatever adapters are
+    active on the layer for the other streams: peft's per-sample adapter selection."""
+    if hasattr(layer, "lora_A"):
+        name = adapter if adapter in layer.lora_A else BASE
+        return layer(x, adapter_names=[name] * x.shape[0])
+    return layer(x)
 
 
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(B, L, H*D) -> (B, H, L, D)."""
-    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
-
-
-def _tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, H, L, D) -> (B, L, H*D)."""
-    return x.transpose(1, 2).flatten(2)
+    """(B, L, H*D) -> (B, L, H, D): the layout of diffusers' attention dispatch."""
+    return x.unflatten(-1, (heads, -1))
 
 
 @dataclass
 class ReferenceKV:
-    """Per block ("double.3", "single.10"): the reference stream's keys and values, (1, H, N*L, D),
+    """Per block ("double.3", "single.10"): the reference stream's keys and values, (1, N*L, H, D),
     characters in order; `mask_bias` (1, N*L), what every image/text query adds on them."""
 
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -68,15 +68,16 @@ class ReferenceKV:
 
 @dataclass
 class StepState:
-    """What one denoising step adds; set by the pipeline before the transformer runs."""
+    """What one transformer call adds; made by the pipeline for that call only."""
 
     text_len: int                    # prompt + subject tokens in encoder_hidden_states
     subject_len: int                 # subject tokens at the end of the text stream (0: none)
     characters: int
     reference: ReferenceKV | None    # None: reference tokens are off this step
-    router: torch.Tensor | None      # router stream entering the next block (None: off, or not begun)
-    temb: torch.Tensor | None        # the step's conditioning embedding (the router needs it)
+    routing_maps: nn.Module | None = None  # AnyStoryFluxAdapter: the per-block routing-map adapters
     begin_router: Callable[[], tuple[torch.Tensor, torch.Tensor]] | None = None  # -> (router, temb)
+    router: torch.Tensor | None = None  # router stream entering the next block (None: off, or not begun)
+    temb: torch.Tensor | None = None    # the step's conditioning embedding (the router needs it)
     routing: list = field(default_factory=list)  # per block (B, N, image tokens), one-hot
     capture: ReferenceKV | None = None  # set while the reference pass records its keys/values
     _fixed: torch.Tensor | None = field(default=None, repr=False)
@@ -102,9 +103,8 @@ class StepState:
             bias[:, 0, rows, queries:] += away.repeat_interleave(reference_len // self.characters, dim=2)
         return bias
 
-
     def _fixed_bias(self, queries: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-        """The reference keys' bias (mask and shift), the same in every block of the step."""
+        """The reference keys' bias (mask and shift), the same in every block of the call."""
         if self.reference is None or not bool(self.reference.mask_bias.any()):
             return None
         if self._fixed is None or self._fixed.shape[2] != queries or self._fixed.dtype != dtype:
@@ -114,38 +114,23 @@ class StepState:
         return self._fixed
 
 
-class StateSlot:
-    """The step state every processor of one transformer reads (None: plain FLUX)."""
+class AnyStoryFluxAttnProcessor(FluxAttnProcessor):
+    """One attention layer's processor: `name` ("double.3", "single.10") finds its block's
+    reference keys and routing-map adapter in the call's `StepState`; `block` is the transformer
+    block whose norms and feed-forward advance the router stream. It holds no weights and no
+    state of its own."""
 
-    def __init__(self):
-        self.step: StepState | None = None
-
-
-class AnyStoryFluxAttnProcessor(nn.Module):
-    """One block's processor. Holds that block's routing-map query/key LoRAs (the only new
-    weights inside the transformer); `bind` hands it the block whose router stream it advances."""
-
-    def __init__(self, slot: StateSlot, name: str, hidden_size: int, rank: int = 128, bias: bool = True):
+    def __init__(self, name: str, block: nn.Module):
         super().__init__()
-        self.slot = slot
-        self.name = name  # "double.3" / "single.10"
-        self.plain = FluxAttnProcessor()
-        # Parameter names are those of the released checkpoint ("...attn.processor.<name>").
-        self.to_q_routing_map_lora_A = nn.Linear(hidden_size, rank, bias=False)
-        self.to_q_routing_map_lora_B = nn.Linear(rank, hidden_size, bias=bias)
-        self.to_k_routing_map_lora_A = nn.Linear(hidden_size, rank, bias=False)
-        self.to_k_routing_map_lora_B = nn.Linear(rank, hidden_size, bias=bias)
-        self._block = None
+        self.name = name
+        self.block = block
 
-    def bind(self, block: nn.Module) -> None:
-        # Kept outside the module tree: the block owns this processor, not the other way round.
-        object.__setattr__(self, "_block", block)
-
-    def forward(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, image_rotary_emb=None):
-        state = self.slot.step
-        if state is None:
-            return self.plain(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, image_rotary_emb=None,
+                 anystory: StepState | None = None):
+        if anystory is None:
+            return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        state = anystory
         double = encoder_hidden_states is not None
         heads = attn.heads
         batch = hidden_states.shape[0]
@@ -155,19 +140,19 @@ class AnyStoryFluxAttnProcessor(nn.Module):
         key = attn.norm_k(_heads(key_raw, heads))
         value = _heads(attn.to_v(hidden_states), heads)
         if double:
-            query = torch.cat([attn.norm_added_q(_heads(attn.add_q_proj(encoder_hidden_states), heads)), query], 2)
-            key = torch.cat([attn.norm_added_k(_heads(attn.add_k_proj(encoder_hidden_states), heads)), key], 2)
-            value = torch.cat([_heads(attn.add_v_proj(encoder_hidden_states), heads), value], 2)
+            query = torch.cat([attn.norm_added_q(_heads(attn.add_q_proj(encoder_hidden_states), heads)), query], 1)
+            key = torch.cat([attn.norm_added_k(_heads(attn.add_k_proj(encoder_hidden_states), heads)), key], 1)
+            value = torch.cat([_heads(attn.add_v_proj(encoder_hidden_states), heads), value], 1)
         if image_rotary_emb is not None:
-            query = apply_rotary_emb(query, image_rotary_emb)
-            key = apply_rotary_emb(key, image_rotary_emb)
-        queries = query.shape[2]
+            query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
+            key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
+        queries = query.shape[1]
         image_len = queries - state.text_len
 
         if state.capture is not None:  # the reference pass: no text, record this block's K/V
             state.capture.kv[self.name] = (key, value)
-            out = F.scaled_dot_product_attention(query, key, value)
-            return self._project(attn, _tokens(out).to(query.dtype), encoder_hidden_states)
+            out = self._attend(query, key, value, None)
+            return self._project(attn, out, encoder_hidden_states)
 
         routing = None
         if state.begin_router is not None:
@@ -179,16 +164,21 @@ class AnyStoryFluxAttnProcessor(nn.Module):
             image_key_raw = key_raw if double else key_raw[:, -image_len:]
             rotary = None if image_rotary_emb is None else tuple(t[-image_len:] for t in image_rotary_emb)
             routing = self._advance_router(attn, state, image_in, image_key_raw, rotary,
-                                           key[:, :, -image_len:], value[:, :, -image_len:], double)
+                                           key[:, -image_len:], value[:, -image_len:], double)
             state.routing.append(routing)
 
         if state.reference is not None:
             ref_key, ref_value = state.reference.kv[self.name]
-            key = torch.cat([key, ref_key.to(key.dtype).expand(batch, -1, -1, -1)], 2)
-            value = torch.cat([value, ref_value.to(value.dtype).expand(batch, -1, -1, -1)], 2)
+            key = torch.cat([key, ref_key.to(key.dtype).expand(batch, -1, -1, -1)], 1)
+            value = torch.cat([value, ref_value.to(value.dtype).expand(batch, -1, -1, -1)], 1)
         bias = state.bias(batch, queries, image_len, routing, query.dtype, query.device)
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
-        return self._project(attn, _tokens(out).to(query.dtype), encoder_hidden_states)
+        return self._project(attn, self._attend(query, key, value, bias), encoder_hidden_states)
+
+    def _attend(self, query, key, value, bias) -> torch.Tensor:
+        """(B, L, H, D) queries -> (B, L, H*D), through diffusers' attention dispatch."""
+        out = dispatch_attention_fn(query, key, value, attn_mask=bias, backend=self._attention_backend,
+                                    parallel_config=self._parallel_config)
+        return out.flatten(2).to(query.dtype)
 
     @staticmethod
     def _project(attn, out: torch.Tensor, encoder_hidden_states):
@@ -201,52 +191,61 @@ class AnyStoryFluxAttnProcessor(nn.Module):
     def _advance_router(self, attn, state: StepState, image_in, image_key_raw, image_rotary,
                         image_key, image_value, double: bool) -> torch.Tensor:
         """Move the router stream through this block; return the routing map (B, N, image_len)."""
-        block, router, heads = self._block, state.router, attn.heads
+        block, router, heads = self.block, state.router, attn.heads
+        maps = state.routing_maps.block(self.name)
         if double:
             norm, q_proj, k_proj, v_proj = block.norm1_context, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj
             norm_q, norm_k = attn.norm_added_q, attn.norm_added_k
-            modulation = with_lora(norm.linear, ROUTER_ADAPTER, norm.silu(state.temb))
+            modulation = through(norm.linear, norm.silu(state.temb), ROUTER_ADAPTER)
             shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=1)
         else:
             norm, q_proj, k_proj, v_proj = block.norm, attn.to_q, attn.to_k, attn.to_v
             norm_q, norm_k = attn.norm_q, attn.norm_k
-            modulation = with_lora(norm.linear, ROUTER_ADAPTER, norm.silu(state.temb))
+            modulation = through(norm.linear, norm.silu(state.temb), ROUTER_ADAPTER)
             shift, scale, gate = modulation.chunk(3, dim=1)
         normed = norm.norm(router) * (1 + scale[:, None]) + shift[:, None]
 
         # Routing map: router tokens (mean over heads and a character's tokens) against image keys
         # (mean over heads), each with its own low-rank correction; argmax over characters.
         # Router positions are all zero, so their rotary embedding is the identity.
-        base_query = q_proj(normed)
-        route_query = norm_q(_heads(base_query + self.to_q_routing_map_lora_B(self.to_q_routing_map_lora_A(normed)),
-                                    heads))
-        route_query = route_query.unflatten(2, (state.characters, -1)).mean(dim=(1, 3))  # (B, N, D)
-        route_key = norm_k(_heads(image_key_raw + self.to_k_routing_map_lora_B(self.to_k_routing_map_lora_A(image_in)),
-                                  heads))
+        route_query = norm_q(_heads(through(q_proj, normed) + maps.query(normed), heads))
+        route_query = route_query.unflatten(1, (state.characters, -1)).mean(dim=(2, 3))  # (B, N, D)
+        route_key = norm_k(_heads(image_key_raw + maps.key(image_in), heads))
         if image_rotary is not None:
-            route_key = apply_rotary_emb(route_key, image_rotary)
-        logits = route_query @ route_key.mean(dim=1).transpose(1, 2)  # (B, N, image_len)
+            route_key = apply_rotary_emb(route_key, image_rotary, sequence_dim=1)
+        logits = route_query @ route_key.mean(dim=2).transpose(1, 2)  # (B, N, image_len)
         routing = torch.zeros_like(logits).scatter_(1, logits.argmax(dim=1, keepdim=True), 1.0)
 
         # The router tokens attend to the image and to themselves.
-        lora_q = q_proj.lora_B[ROUTER_ADAPTER] if ROUTER_ADAPTER in getattr(q_proj, "lora_A", {}) else None
-        query = base_query if lora_q is None else base_query + lora_q(
-            q_proj.lora_A[ROUTER_ADAPTER](q_proj.lora_dropout[ROUTER_ADAPTER](normed))) * q_proj.scaling[ROUTER_ADAPTER]
-        query = norm_q(_heads(query, heads))
-        key = norm_k(_heads(with_lora(k_proj, ROUTER_ADAPTER, normed), heads))
-        value = _heads(with_lora(v_proj, ROUTER_ADAPTER, normed), heads)
-        out = F.scaled_dot_product_attention(query, torch.cat([image_key, key], 2), torch.cat([image_value, value], 2))
-        out = _tokens(out).to(query.dtype)
+        query = norm_q(_heads(through(q_proj, normed, ROUTER_ADAPTER), heads))
+        key = norm_k(_heads(through(k_proj, normed, ROUTER_ADAPTER), heads))
+        value = _heads(through(v_proj, normed, ROUTER_ADAPTER), heads)
+        out = self._attend(query, torch.cat([image_key, key], 1), torch.cat([image_value, value], 1), None)
 
         if double:
-            router = router + gate[:, None] * with_lora(attn.to_add_out, ROUTER_ADAPTER, out)
+            router = router + gate[:, None] * through(attn.to_add_out, out, ROUTER_ADAPTER)
             hidden = block.norm2_context(router) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
             net = block.ff_context.net
             for index, layer in enumerate(net):
-                hidden = with_lora(layer, ROUTER_ADAPTER, hidden) if index == 2 else layer(hidden)
+                hidden = through(layer, hidden, ROUTER_ADAPTER) if index == 2 else layer(hidden)
             router = router + gate_mlp[:, None] * hidden
         else:
-            mlp = block.act_mlp(with_lora(block.proj_mlp, ROUTER_ADAPTER, normed))
-            router = router + gate[:, None] * with_lora(block.proj_out, ROUTER_ADAPTER, torch.cat([out, mlp], 2))
+            mlp = block.act_mlp(through(block.proj_mlp, normed, ROUTER_ADAPTER))
+            router = router + gate[:, None] * through(block.proj_out, torch.cat([out, mlp], 2), ROUTER_ADAPTER)
         state.router = router
         return routing
+
+
+def install_processors(transformer) -> None:
+    """AnyStory's processor on every attention layer of `transformer` (once: a transformer that has
+    them already keeps them)."""
+    processors = transformer.attn_processors
+    if all(isinstance(p, AnyStoryFluxAttnProcessor) for p in processors.values()):
+        return
+    modules = dict(transformer.named_modules())
+    ours = {}
+    for name in processors:
+        block_name = name[: -len(".attn.processor")]
+        kind = "double" if block_name.startswith("transformer_blocks.") else "single"
+        ours[name] = AnyStoryFluxAttnProcessor(f"{kind}.{block_name.rsplit('.', 1)[1]}", modules[block_name])
+    transformer.set_attn_processor(ours)

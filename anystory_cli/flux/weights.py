@@ -77,17 +77,25 @@ def split_router(part: dict) -> tuple[dict, dict, dict]:
     return lora, adapters, embedder
 
 
-def load_lora_part(flux, path: Path, part: str, state_dict: dict, adapter: str, dtype) -> int:
-    """Load one LoRA part into `flux.transformer` as adapter `adapter` (disabled); return the
-    number of layers it landed on. ModelError when it fits no layer or has the wrong shapes."""
-    from diffusers.utils import logging as diffusers_logging
+def load_lora_part(pipe, path: Path | str, part: str, state_dict: dict, adapter: str, dtype,
+                   metadata: dict | None = None) -> int:
+    """Load one LoRA part into `pipe.transformer` as adapter `adapter` (inactive: only its stream
+    switches it on); return the number of layers it landed on. ModelError when it fits no layer,
+    has the wrong shapes, or is not a plain LoRA (DoRA and other variants are refused)."""
+    from diffusers import FluxPipeline
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from ..library_logging import library_logs_quiet
+
+    transformer = pipe.transformer
     try:
-        normalised, alphas = type(flux).lora_state_dict(dict(state_dict), return_alphas=True)
+        with library_logs_quiet():
+            normalised, alphas = FluxPipeline.lora_state_dict(dict(state_dict), return_alphas=True)
     except Exception as exc:  # noqa: BLE001 (diffusers raises many types for formats it cannot read)
-        raise ModelError(f"{path}: part '{part}' is not a LoRA that diffusers can read ({exc})") from None
-    modules = dict(flux.transformer.named_modules())
+        raise ModelError(f"{path}: part '{part}' is not a LoRA that diffusers can read ({_first_line(exc)})") from None
+    if any("lora_magnitude_vector" in key or ".dora_scale" in key for key in normalised):
+        raise ModelError(f"{path}: part '{part}' is a DoRA adapter; only plain LoRA parts are supported")
+    modules = dict(transformer.named_modules())
     targets = LORA_TARGETS[part]
     kept = {}
     for key, value in normalised.items():
@@ -101,25 +109,36 @@ def load_lora_part(flux, path: Path, part: str, state_dict: dict, adapter: str, 
         sample = next(iter(state_dict), "(empty)")
         raise ModelError(f"{path}: part '{part}' lands on no layer of this FLUX transformer (keys like "
                          f"'{sample}'; expected 'transformer.<layer>.lora_A.weight' for its layers)")
+    kept_alphas = {}
     for key, value in (alphas or {}).items():
         match = _LORA_KEY.match(key)
         if match is not None and targets.fullmatch(match["module"]):
-            kept[key] = value
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # "no LoRA keys for the text encoder": expected here
+            kept_alphas[key] = value
+    if adapter in getattr(transformer, "peft_config", {}):
+        with library_logs_quiet():
+            transformer.delete_adapters([adapter])
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            flux.load_lora_weights(kept, adapter_name=adapter)
-    except (ValueError, RuntimeError, KeyError) as exc:
-        raise ModelError(f"{path}: part '{part}' could not be loaded ({str(exc).splitlines()[0]})") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    landed = sum(1 for m in flux.transformer.modules()
+        with library_logs_quiet():
+            pipe.load_lora_into_transformer(kept, network_alphas=kept_alphas or None, transformer=transformer,
+                                            adapter_name=adapter, metadata=None if kept_alphas else metadata,
+                                            _pipeline=pipe)
+    except (ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise ModelError(f"{path}: part '{part}' could not be loaded ({_first_line(exc)})") from None
+    config = transformer.peft_config[adapter]
+    if getattr(config, "use_dora", False):
+        with library_logs_quiet():
+            transformer.delete_adapters([adapter])
+        raise ModelError(f"{path}: part '{part}' is a DoRA adapter; only plain LoRA parts are supported")
+    landed = sum(1 for m in transformer.modules()
                  if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}))
     if landed == 0:
         raise ModelError(f"{path}: part '{part}' lands on no layer of this FLUX transformer")
     return landed
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _check_shape(path, part, module_name, key, value, layer):
