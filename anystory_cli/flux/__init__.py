@@ -8,12 +8,16 @@
 """
 from __future__ import annotations
 
-__all__ = ["CHARACTER_FORMAT", "AnyStoryFluxPipeline", "FluxCharacter", "FluxOutput", "prepare_reference"]
+__all__ = ["CHARACTER_FORMAT", "AnyStoryFluxAdapter", "AnyStoryFluxPipeline", "FluxCharacter", "FluxOutput",
+           "prepare_reference"]
 
 
 def __getattr__(name):  # diffusers takes seconds to import: only when asked for
-    if name in ("AnyStoryFluxPipeline", "FluxCharacter", "FluxOutput"):
-        from . import pipeline
+    if name in ("AnyStoryFluxPipeline", "AnyStoryFluxAdapter", "FluxCharacter", "FluxOutput"):
+        from ..library_logging import library_logs_quiet
+
+        with library_logs_quiet():  # diffusers and transformers log what they fall back to on import
+            from . import pipeline
         return getattr(pipeline, name)
     if name == "CHARACTER_FORMAT":
         from .weights import CHARACTER_FORMAT

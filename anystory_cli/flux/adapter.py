@@ -84,6 +84,18 @@ class AnyStoryFluxAdapter(ModelMixin, ConfigMixin):
 
         for adapter, file in LORA_FILES.items():
             layers = get_peft_model_state_dict(transformer, adapter_name=adapter)
-            config = transformer.peft_config[adapter].to_dict()
+            config = _plain_values(transformer.peft_config[adapter].to_dict())
             FluxPipeline.save_lora_weights(save_directory, transformer_lora_layers=layers, weight_name=file,
                                            transformer_lora_adapter_metadata=config)
+
+
+def _plain_values(value):
+    """A LoRA config as JSON takes it (diffusers keeps alphas read from a file as tensors)."""
+    if isinstance(value, dict):
+        return {k: _plain_values(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        items = [_plain_values(v) for v in value]
+        return sorted(items) if isinstance(value, set) else items
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    return value

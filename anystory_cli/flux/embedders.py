@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import register_to_config
+from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (diffusers finds a saved part's loader by this name in its module)
 from diffusers.pipelines import ReduxImageEncoder
 from torch import nn
 

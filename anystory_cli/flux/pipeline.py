@@ -196,9 +196,14 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
                          image_encoder=image_encoder, feature_extractor=feature_extractor)
         if reference_size <= 0 or reference_size % 16:
             raise InputError(f"reference_size must be a positive multiple of 16, got {reference_size}")
-        self.register_modules(redux_image_encoder=redux_image_encoder, redux_feature_extractor=redux_feature_extractor,
-                              subject_embedder=subject_embedder, router_embedder=router_embedder,
-                              anystory_adapter=anystory_adapter)
+        parts = {"redux_image_encoder": redux_image_encoder, "redux_feature_extractor": redux_feature_extractor,
+                 "subject_embedder": subject_embedder, "router_embedder": router_embedder,
+                 "anystory_adapter": anystory_adapter}
+        self.register_modules(**parts)
+        # diffusers reads a class in a folder named like one of its pipelines ("flux") as that
+        # pipeline's: model_index.json names our own classes by their full module path.
+        self.register_to_config(**{name: (type(part).__module__, type(part).__name__) for name, part in parts.items()
+                                   if type(part).__module__.startswith(__name__.split(".")[0] + ".")})
         self.register_to_config(reference_size=reference_size)
         self.model_id = ""
         self._style_loras: StyleLoras | None = None
@@ -288,6 +293,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
             kwargs = {**parts, **kwargs}
         with library_logs_quiet():
             pipe = super().from_pipe(pipeline, **kwargs)
+        pipe.set_progress_bar_config(disable=True)
         pipe.model_id = getattr(pipeline, "model_id", "") or (
             f"flux:{Path(str(pipeline.config.get('_name_or_path', 'flux'))).name}:{Path(str(adapter)).name}"
             if adapter is not None else "")
