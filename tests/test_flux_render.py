@@ -164,3 +164,23 @@ def test_flux_parts_named_by_hub_id_load_from_the_cache_and_key_as_the_folders_d
     story.write_text(yaml.safe_dump(data))
     problems = story_problems(story)
     assert len(problems) == 1 and "'bfl/not-cached' is not in the Hugging Face cache" in problems[0]
+
+
+def test_offload_puts_every_flux_part_behind_a_hook_the_siglip_encoder_too():
+    """What `--offload` asks for (diffusers' model CPU offload), placed on the CPU here: the hooks
+    are the ones a GPU run uses."""
+    from types import SimpleNamespace
+
+    from anystory_cli.devices import Runtime
+    from anystory_cli.model_loading import load_pipeline
+
+    model = SimpleNamespace(base=str(MODEL / "flux"), redux=str(MODEL / "redux"),
+                            adapter=str(MODEL / "anystory_flux.bin"))
+    comic = load_pipeline(model, runtime=Runtime("cpu", "float32", offload=True))
+    pipe = comic.pipe
+    hooked = {name for name, part in pipe.components.items() if hasattr(part, "_hf_hook")}
+    modules = {name for name, part in pipe.components.items() if hasattr(part, "parameters")}
+    assert {"transformer", "vae", "text_encoder", "text_encoder_2", "redux_image_encoder", "subject_embedder",
+            "router_embedder"} <= hooked
+    assert modules - hooked == set(pipe._exclude_from_cpu_offload) == {"anystory_adapter"}
+    pipe.remove_all_hooks()
