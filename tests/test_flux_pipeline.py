@@ -149,6 +149,8 @@ def test_from_pipe_reuses_a_flux_pipeline_and_leaves_it_plain(pipe):
         flux.transformer.x_embedder.base_layer.weight.data_ptr()  # shared, not copied
     assert torch.equal(draw(ours, characters(ours)), draw(pipe, characters(pipe)))
     assert torch.equal(plain_draw(flux), expected_plain)  # the FluxPipeline still draws plain FLUX
+    # Without characters our own loop is FluxPipeline's loop, bit for bit.
+    assert torch.equal(ours("a ball", generator=torch.Generator().manual_seed(3), **DRAW).images, expected_plain)
     back = FluxPipeline.from_pipe(ours)
     assert type(back) is FluxPipeline and back.transformer is flux.transformer
     assert torch.equal(plain_draw(back), expected_plain)
@@ -412,3 +414,25 @@ def test_loading_is_quiet_and_a_lora_for_another_base_is_one_line(tmp_path):
                             timeout=300)
     after = result.stderr.split("--- loading\n", 1)[1].strip().splitlines()
     assert len(after) == 1 and "sd.safetensors" in after[0] and "another base model" in after[0], after
+
+
+def test_a_quantization_config_goes_to_diffusers():
+    """PipelineQuantizationConfig reaches diffusers' loader; the AnyStory LoRAs land on the
+    quantized transformer and the characters still act (torchao int8 weights on a CPU)."""
+    pytest.importorskip("torchao")
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    from anystory_cli.flux import AnyStoryFluxPipeline
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
+    quantized = AnyStoryFluxPipeline.from_pretrained(MODEL / "flux", redux=MODEL / "redux",
+                                                     adapter=MODEL / "anystory_flux.bin", reference_size=SIZE,
+                                                     device="cpu", quantization_config=config)
+    layer = quantized.transformer.transformer_blocks[0].attn.to_q
+    assert "AffineQuantized" in type(layer.base_layer.weight).__name__ or \
+        type(layer.base_layer.weight) is not torch.nn.Parameter
+    full = storykit.tiny_flux_pipeline()
+    expected = draw(full, characters(full, ["red"]))
+    got = draw(quantized, characters(quantized, ["red"]))
+    assert ((got - expected).norm() / expected.norm()).item() < 0.02
+    assert quantized.lora_layers == full.lora_layers
