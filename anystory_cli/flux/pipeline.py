@@ -254,7 +254,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
                     if redux is not None or adapter is not None:
                         raise ModelError(f"{saved}: a saved AnyStory pipeline holds its Redux parts and adapter; "
                                          f"load it without redux= and adapter=")
-                    pipe = super().from_pretrained(str(saved), torch_dtype=dtype, **kwargs)
+                    pipe = super().from_pretrained(str(saved), dtype=dtype, **kwargs)
                     model_id = f"flux:{saved.name}"
                 else:
                     if redux is None or adapter is None:
@@ -263,7 +263,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
                     base_dir, redux_dir, adapter_file = check_flux_model(base, redux, adapter)
                     config = kwargs["transformer"].config if "transformer" in kwargs else _transformer_config(base_dir)
                     parts = _anystory_parts(redux_dir, adapter_file, config, dtype)
-                    pipe = super().from_pretrained(str(base_dir), torch_dtype=dtype, **parts, **kwargs)
+                    pipe = super().from_pretrained(str(base_dir), dtype=dtype, **parts, **kwargs)
                     model_id = f"flux:{base_dir.name}:{adapter_file.name}"
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
             raise ModelError(f"{base}: could not load ({_first_line(exc)})") from None
@@ -279,7 +279,9 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         """A pipeline on `pipeline`'s parts, without copying them: a FluxPipeline with `redux=`
         and `adapter=` (the LoRAs are added to its transformer, inactive on its own calls), or
         another AnyStoryFluxPipeline. Other keyword arguments as DiffusionPipeline.from_pipe."""
-        kwargs.setdefault("torch_dtype", pipeline.transformer.dtype)  # diffusers' from_pipe casts to fp32 otherwise
+        if kwargs.get("torch_dtype") is None:  # diffusers' from_pipe casts to fp32 otherwise
+            kwargs.pop("torch_dtype", None)
+            kwargs.setdefault("dtype", pipeline.transformer.dtype)
         if redux is not None or adapter is not None:
             if redux is None or adapter is None:
                 raise ModelError("from_pipe needs both redux= (FLUX.1-Redux-dev) and adapter= (anystory_flux.bin)")
