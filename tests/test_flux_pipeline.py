@@ -436,3 +436,22 @@ def test_a_quantization_config_goes_to_diffusers():
     got = draw(quantized, characters(quantized, ["red"]))
     assert ((got - expected).norm() / expected.norm()).item() < 0.02
     assert quantized.lora_layers == full.lora_layers
+
+
+def test_a_saved_pipeline_loads_by_hub_id_from_the_cache(pipe, tmp_path, monkeypatch):
+    import shutil
+
+    from anystory_cli.errors import ModelError
+    from anystory_cli.flux import AnyStoryFluxPipeline
+    cache, revision = tmp_path / "hub", "0" * 40
+    snapshot = cache / "models--someone--anystory-flux" / "snapshots" / revision
+    pipe.save_pretrained(tmp_path / "saved")
+    shutil.copytree(tmp_path / "saved", snapshot)
+    (cache / "models--someone--anystory-flux" / "refs").mkdir()
+    (cache / "models--someone--anystory-flux" / "refs" / "main").write_text(revision)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = AnyStoryFluxPipeline.from_pretrained("someone/anystory-flux", device="cpu")
+    assert torch.equal(draw(loaded, characters(loaded)), draw(pipe, characters(pipe)))
+    with pytest.raises(ModelError, match="needs redux="):  # an id that is not a saved AnyStory pipeline
+        AnyStoryFluxPipeline.from_pretrained("someone/not-cached", device="cpu")

@@ -248,6 +248,8 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         if reference_size is not None:
             kwargs["reference_size"] = reference_size
         saved = _saved_pipeline_folder(base, cls.__name__)
+        if saved is None and redux is None and adapter is None:
+            saved = _saved_pipeline_on_hub(base, cls.__name__)
         try:
             with progress_bars_off(), library_logs_quiet():
                 if saved is not None:
@@ -704,6 +706,23 @@ def _saved_pipeline_folder(base, class_name: str) -> Path | None:
     except (OSError, ValueError, AttributeError):
         pass
     return None
+
+
+def _saved_pipeline_on_hub(base, class_name: str) -> Path | None:
+    """The snapshot of hub id `base` when it is a pipeline that save_pretrained of this class
+    wrote (from the Hugging Face cache, downloaded once when online)."""
+    from ..hub import model_part_dir, names_hub_part
+
+    name = os.fspath(base)
+    if Path(name).expanduser().exists() or not names_hub_part(name) or name.count("/") != 1:
+        return None
+    try:  # model_index.json alone first: a FLUX.1 id must not download the whole model here
+        index = model_part_dir(f"{name}/model_index.json")
+    except ModelError:
+        return None
+    if _saved_pipeline_folder(index.parent, class_name) is None:
+        return None
+    return model_part_dir(name, pipeline=True)
 
 
 def _anystory_parts(redux_dir: Path, adapter_file: Path, config, dtype) -> dict:
