@@ -205,7 +205,7 @@ def _parse(data: bytes, key: str, model_id: str):
     if metadata["cache_key"] != key:
         return None, f"stored under the wrong name (it holds key {metadata['cache_key']!r})"
     if metadata["format"] == FLUX_FORMAT:
-        from .flux.pipeline import FluxCharacter
+        from .flux.character import FluxCharacter
         try:
             return FluxCharacter.from_tensors(tensors, metadata), None
         except InputError as exc:

@@ -13,7 +13,10 @@ __all__ = ["CHARACTER_FORMAT", "AnyStoryFluxAdapter", "AnyStoryFluxPipeline", "F
 
 
 def __getattr__(name):  # diffusers takes seconds to import: only when asked for
-    if name in ("AnyStoryFluxPipeline", "AnyStoryFluxAdapter", "FluxCharacter", "FluxOutput"):
+    if name == "FluxCharacter":
+        from .character import FluxCharacter
+        return FluxCharacter
+    if name in ("AnyStoryFluxPipeline", "AnyStoryFluxAdapter", "FluxOutput"):
         from ..library_logging import library_logs_quiet
 
         with library_logs_quiet():  # diffusers and transformers log what they fall back to on import

@@ -17,18 +17,16 @@ true CFG sees the same step as the positive one.
 """
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 from diffusers.utils import BaseOutput
 from PIL import Image
@@ -47,72 +45,22 @@ from ..errors import InputError, ModelError
 from ..library_logging import library_logs_quiet, progress_bars_off
 from ..loras import StyleLoraMixin, StyleLoras
 from .adapter import AnyStoryFluxAdapter
+from .character import FluxCharacter
 from .embedders import SubjectEmbedder
 from .folders import check_flux_model
+from .parts import (
+    anystory_parts,
+    check_parts,
+    first_line,
+    plain_state_dict,
+    saved_pipeline_folder,
+    saved_pipeline_on_hub,
+    transformer_config,
+)
 from .processors import REFERENCE_ADAPTER, ROUTER_ADAPTER, ReferenceKV, StepState, install_processors, through
-from .weights import CHARACTER_FORMAT, load_lora_part, load_module_part, read_checkpoint, split_router
+from .weights import load_lora_part
 
-SUBJECT_GRID, ROUTER_GRID = 9, 3  # tokens per character: 81 subject, 9 router
 LORA_PARTS = {"ref": REFERENCE_ADAPTER, "router": ROUTER_ADAPTER}  # checkpoint part -> adapter name
-
-
-@dataclass
-class FluxCharacter:
-    """A character encoded once for one model (`encode_character`); reusable across calls.
-
-    subject_tokens (1, 81, D): added to the text stream; router_tokens (1, 9, D): the router
-    stream; reference_latents (1, L, C): the masked reference's packed VAE latent;
-    reference_mask (1, L, 1): 1 on the subject's latent tokens."""
-
-    subject_tokens: torch.Tensor
-    router_tokens: torch.Tensor
-    reference_latents: torch.Tensor
-    reference_mask: torch.Tensor
-    reference_size: int
-    name: str = ""
-    model_id: str = ""
-    figure: None = None  # the story renderer's pasted figure: none on FLUX
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        names = ("subject_tokens", "router_tokens", "reference_latents", "reference_mask")
-        return {k: getattr(self, k).detach().contiguous().cpu() for k in names}
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the encoding as safetensors (atomically)."""
-        from safetensors.torch import save_file
-
-        from ..atomic import atomic_path
-        meta = {"format": CHARACTER_FORMAT, "reference_size": str(self.reference_size), "name": self.name,
-                "model_id": self.model_id}
-        with atomic_path(path) as tmp:
-            save_file(self.tensors(), str(tmp), metadata=meta)
-        return Path(path)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike) -> FluxCharacter:
-        from safetensors import SafetensorError, safe_open
-        path = Path(path)
-        if not path.is_file():
-            raise InputError(f"{path}: character encoding not found")
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                meta = handle.metadata() or {}
-                tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118 (safe_open has no __iter__)
-        except (SafetensorError, OSError) as exc:
-            raise InputError(f"{path}: corrupt character encoding ({exc})") from None
-        if meta.get("format") != CHARACTER_FORMAT:
-            raise InputError(f"{path}: not an AnyStory FLUX character encoding")
-        return cls.from_tensors(tensors, meta)
-
-    @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], meta: dict) -> FluxCharacter:
-        """The inverse of `tensors`, with the file's metadata."""
-        names = ("subject_tokens", "router_tokens", "reference_latents", "reference_mask")
-        missing = [n for n in names if n not in tensors]
-        if missing or "reference_size" not in meta:
-            raise InputError(f"not a complete FLUX character encoding (missing {(missing or ['reference_size'])[0]})")
-        return cls(**{n: tensors[n] for n in names}, reference_size=int(meta["reference_size"]),
-                   name=meta.get("name", ""), model_id=meta.get("model_id", ""))
 
 
 @dataclass
@@ -207,7 +155,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         self.register_to_config(reference_size=reference_size)
         self.model_id = ""
         self._style_loras: StyleLoras | None = None
-        _check_parts(transformer, redux_image_encoder, subject_embedder, router_embedder, anystory_adapter)
+        check_parts(transformer, redux_image_encoder, subject_embedder, router_embedder, anystory_adapter)
         self.lora_layers = self._install_loras()
         install_processors(transformer)
 
@@ -247,9 +195,9 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         dtype = torch_dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
         if reference_size is not None:
             kwargs["reference_size"] = reference_size
-        saved = _saved_pipeline_folder(base, cls.__name__)
+        saved = saved_pipeline_folder(base, cls.__name__)
         if saved is None and redux is None and adapter is None:
-            saved = _saved_pipeline_on_hub(base, cls.__name__)
+            saved = saved_pipeline_on_hub(base, cls.__name__)
         try:
             with progress_bars_off(), library_logs_quiet():
                 if saved is not None:
@@ -263,12 +211,12 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
                         raise ModelError("AnyStory on FLUX needs redux= (FLUX.1-Redux-dev) and adapter= "
                                          "(anystory_flux.bin)")
                     base_dir, redux_dir, adapter_file = check_flux_model(base, redux, adapter)
-                    config = kwargs["transformer"].config if "transformer" in kwargs else _transformer_config(base_dir)
-                    parts = _anystory_parts(redux_dir, adapter_file, config, dtype)
+                    config = kwargs["transformer"].config if "transformer" in kwargs else transformer_config(base_dir)
+                    parts = anystory_parts(redux_dir, adapter_file, config, dtype)
                     pipe = super().from_pretrained(str(base_dir), dtype=dtype, **parts, **kwargs)
                     model_id = f"flux:{base_dir.name}:{adapter_file.name}"
         except (OSError, ValueError, RuntimeError, KeyError) as exc:
-            raise ModelError(f"{base}: could not load ({_first_line(exc)})") from None
+            raise ModelError(f"{base}: could not load ({first_line(exc)})") from None
         pipe.model_id = model_id
         pipe.set_progress_bar_config(disable=True)
         if "device_map" not in kwargs:
@@ -289,7 +237,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
                 raise ModelError("from_pipe needs both redux= (FLUX.1-Redux-dev) and adapter= (anystory_flux.bin)")
             _, redux_dir, adapter_file = check_flux_model(None, redux, adapter)
             with progress_bars_off(), library_logs_quiet():
-                parts = _anystory_parts(redux_dir, adapter_file, pipeline.transformer.config,
+                parts = anystory_parts(redux_dir, adapter_file, pipeline.transformer.config,
                                         pipeline.transformer.dtype)
             for module in parts.values():
                 if isinstance(module, torch.nn.Module):
@@ -308,7 +256,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         component in its own folder (the transformer as plain FLUX weights), and the reference
         and router LoRAs as diffusers LoRA files in `anystory_adapter/`. Style LoRAs are not
         part of the model and are not saved."""
-        with _plain_state_dict(self.transformer):
+        with plain_state_dict(self.transformer):
             super().save_pretrained(save_directory, **kwargs)
         self.anystory_adapter.save_loras(Path(save_directory) / "anystory_adapter", self.transformer)
 
@@ -427,6 +375,8 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         characters = list(characters)
         self._check_characters(characters)
         count = len(characters)
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         # 1. Check inputs (FluxPipeline's checks, then one prompt per call with characters)
         self.check_inputs(prompt, prompt_2, height, width, negative_prompt=negative_prompt,
                           negative_prompt_2=negative_prompt_2, prompt_embeds=prompt_embeds,
@@ -664,146 +614,3 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
 
 def _landed(transformer, adapter: str) -> int:
     return sum(1 for m in transformer.modules() if adapter in (getattr(m, "lora_A", None) or {}))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _check_parts(transformer, image_encoder, subject_embedder, router_embedder, adapter) -> None:
-    """ModelError when the AnyStory parts were made for another FLUX or Redux model."""
-    config = transformer.config
-    width = config.joint_attention_dim
-    for what, embedder in (("subject", subject_embedder), ("router", router_embedder)):
-        if embedder.config.txt_in_features != width:
-            raise ModelError(f"the {what} embedder gives {embedder.config.txt_in_features}-wide tokens, this FLUX "
-                             f"text stream is {width} wide (a Redux folder for another model?)")
-        if embedder.config.redux_dim != image_encoder.config.hidden_size:
-            raise ModelError(f"the {what} embedder takes {embedder.config.redux_dim}-wide SigLIP features, "
-                             f"its image encoder gives {image_encoder.config.hidden_size}")
-    hidden = config.num_attention_heads * config.attention_head_dim
-    shape = (adapter.config.hidden_size, adapter.config.num_layers, adapter.config.num_single_layers)
-    if shape != (hidden, config.num_layers, config.num_single_layers):
-        raise ModelError(f"the AnyStory adapter is for a FLUX transformer of width {shape[0]} with {shape[1]} + "
-                         f"{shape[2]} blocks; this one has width {hidden} and {config.num_layers} + "
-                         f"{config.num_single_layers} blocks")
-
-
-def _transformer_config(base_dir: Path) -> SimpleNamespace:
-    """The FLUX transformer's configuration (with the defaults its config.json leaves out), unloaded."""
-    init, _, _ = FluxTransformer2DModel.extract_init_dict(
-        FluxTransformer2DModel.load_config(str(base_dir / "transformer")))
-    return SimpleNamespace(**init)
-
-
-def _saved_pipeline_folder(base, class_name: str) -> Path | None:
-    """`base` when it is a local folder that save_pretrained of this class wrote."""
-    index = Path(os.fspath(base)).expanduser() / "model_index.json"
-    try:
-        if json.loads(index.read_text()).get("_class_name") == class_name:
-            return index.parent
-    except (OSError, ValueError, AttributeError):
-        pass
-    return None
-
-
-def _saved_pipeline_on_hub(base, class_name: str) -> Path | None:
-    """The snapshot of hub id `base` when it is a pipeline that save_pretrained of this class
-    wrote (from the Hugging Face cache, downloaded once when online)."""
-    from ..hub import model_part_dir, names_hub_part
-
-    name = os.fspath(base)
-    if Path(name).expanduser().exists() or not names_hub_part(name) or name.count("/") != 1:
-        return None
-    try:  # model_index.json alone first: a FLUX.1 id must not download the whole model here
-        index = model_part_dir(f"{name}/model_index.json")
-    except ModelError:
-        return None
-    if _saved_pipeline_folder(index.parent, class_name) is None:
-        return None
-    return model_part_dir(name, pipeline=True)
-
-
-def _anystory_parts(redux_dir: Path, adapter_file: Path, config, dtype) -> dict:
-    """The components the released checkpoint and FLUX.1-Redux add to a FluxPipeline: SigLIP and
-    its processor, the two embedders, and the adapter (routing maps, with the LoRAs pending)."""
-    from diffusers.pipelines import ReduxImageEncoder
-
-    checkpoint = read_checkpoint(adapter_file)
-    try:
-        encoder = SiglipVisionModel.from_pretrained(str(redux_dir / "image_encoder"), dtype=dtype)
-        redux = ReduxImageEncoder.from_pretrained(str(redux_dir / "image_embedder"), dtype=dtype)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelError(f"{redux_dir}: could not load ({_first_line(exc)})") from None
-    width = config.joint_attention_dim
-    if redux.config.txt_in_features != width:
-        raise ModelError(f"the Redux embedder gives {redux.config.txt_in_features}-wide tokens, this FLUX text "
-                         f"stream is {width} wide (a Redux folder for another model?)")
-    if redux.config.redux_dim != encoder.config.hidden_size:
-        raise ModelError(f"the Redux embedder takes {redux.config.redux_dim}-wide SigLIP features, its image "
-                         f"encoder gives {encoder.config.hidden_size}")
-    router_lora, routing_maps, router_embedder = split_router(checkpoint["router"])
-
-    def embedder(part: str, state: dict, grid: int) -> SubjectEmbedder:
-        """Redux's projections plus the checkpoint's corrections, gate and pooling."""
-        key = "redux_up_lora_A.weight"
-        if key not in state:
-            raise ModelError(f"{adapter_file}: part '{part}' has no {key}")
-        module = SubjectEmbedder(redux.config.redux_dim, width, lora_rank=state[key].shape[0],
-                                 lora_bias="redux_up_lora_B.bias" in state, grid=grid)
-        module.load_state_dict(redux.state_dict(), strict=False)
-        load_module_part(module, state, adapter_file, part, optional=("redux_up.", "redux_down."))
-        # nn.Module.to: ModelMixin.to warns about float32-kept modules on every dtype cast.
-        return torch.nn.Module.to(module, dtype=dtype).eval().requires_grad_(False)
-
-    size = encoder.config.image_size
-    return {
-        "redux_image_encoder": encoder.eval().requires_grad_(False),
-        "redux_feature_extractor": SiglipImageProcessorPil(size={"height": size, "width": size}),
-        "subject_embedder": embedder("redux", checkpoint["redux"], SUBJECT_GRID),
-        "router_embedder": embedder("router", router_embedder, ROUTER_GRID),
-        "anystory_adapter": _adapter(adapter_file, checkpoint["ref"], router_lora, routing_maps, config, dtype),
-    }
-
-
-def _adapter(path: Path, reference_lora: dict, router_lora: dict, routing_maps: dict, config,
-             dtype) -> AnyStoryFluxAdapter:
-    """The routing-map adapters of every block, and the checkpoint's two LoRA parts, pending."""
-    first = routing_maps.get("transformer_blocks.0", {})
-    if "to_q_routing_map_lora_A.weight" not in first:
-        raise ModelError(f"{path}: part 'router' has no routing-map adapter for transformer_blocks.0")
-    adapter = AnyStoryFluxAdapter(
-        hidden_size=config.num_attention_heads * config.attention_head_dim, num_layers=config.num_layers,
-        num_single_layers=config.num_single_layers, rank=first["to_q_routing_map_lora_A.weight"].shape[0],
-        bias="to_q_routing_map_lora_B.bias" in first)
-    blocks = [f"transformer_blocks.{i}" for i in range(config.num_layers)] + \
-        [f"single_transformer_blocks.{i}" for i in range(config.num_single_layers)]
-    for block in blocks:
-        state = routing_maps.get(block)
-        if not state or "to_q_routing_map_lora_A.weight" not in state:
-            raise ModelError(f"{path}: part 'router' has no routing-map adapter for {block}")
-        kind = "double" if block.startswith("transformer_blocks.") else "single"
-        load_module_part(adapter.block(f"{kind}.{block.rsplit('.', 1)[1]}"), state, path, "router")
-    extra = sorted(set(routing_maps) - set(blocks))
-    if extra:
-        raise ModelError(f"{path}: part 'router' has routing-map adapters for blocks this FLUX transformer lacks "
-                         f"({extra[0]}; an adapter for a deeper model?)")
-    adapter.pending_loras = {REFERENCE_ADAPTER: (reference_lora, None, path), ROUTER_ADAPTER: (router_lora, None, path)}
-    return torch.nn.Module.to(adapter, dtype=dtype).eval().requires_grad_(False)
-
-
-@contextlib.contextmanager
-def _plain_state_dict(transformer):
-    """While inside, `transformer.state_dict()` is its plain FLUX weights: without the peft LoRA
-    layers' adapters, under the names of the unwrapped layers (how save_pretrained writes it)."""
-
-    def plain(*args, **kwargs):
-        full = type(transformer).state_dict(transformer, *args, **kwargs)
-        return {k.replace(".base_layer.", "."): v for k, v in full.items() if ".lora_" not in k}
-
-    transformer.state_dict = plain
-    try:
-        yield
-    finally:
-        del transformer.state_dict
