@@ -139,8 +139,11 @@ def test_from_pipe_reuses_a_flux_pipeline_and_leaves_it_plain(pipe):
     from diffusers import FluxPipeline
 
     from anystory_cli.flux import AnyStoryFluxPipeline
+    from anystory_cli.errors import ModelError
     flux = plain_flux()
     expected_plain = plain_draw(flux)
+    with pytest.raises(ModelError, match="from_pipe of a FluxPipeline needs redux="):
+        AnyStoryFluxPipeline.from_pipe(flux)
     ours = AnyStoryFluxPipeline.from_pipe(flux, redux=MODEL / "redux", adapter=MODEL / "anystory_flux.bin",
                                           reference_size=SIZE)
     for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "scheduler"):

@@ -232,9 +232,10 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         if kwargs.get("torch_dtype") is None:  # diffusers' from_pipe casts to fp32 otherwise
             kwargs.pop("torch_dtype", None)
             kwargs.setdefault("dtype", pipeline.transformer.dtype)
-        if redux is not None or adapter is not None:
+        if redux is not None or adapter is not None or not isinstance(pipeline, cls):
             if redux is None or adapter is None:
-                raise ModelError("from_pipe needs both redux= (FLUX.1-Redux-dev) and adapter= (anystory_flux.bin)")
+                raise ModelError(f"from_pipe of a {type(pipeline).__name__} needs redux= (FLUX.1-Redux-dev) and "
+                                 f"adapter= (anystory_flux.bin)")
             _, redux_dir, adapter_file = check_flux_model(None, redux, adapter)
             with progress_bars_off(), library_logs_quiet():
                 parts = anystory_parts(redux_dir, adapter_file, pipeline.transformer.config,
