@@ -30,6 +30,12 @@ def library_logs_quiet():
     import logging
     import warnings
 
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Each library sets its own level when it first logs: let that happen before ours is set.
+    diffusers_logging.get_verbosity()
+    transformers_logging.get_verbosity()
     loggers = [logging.getLogger(name) for name in ("diffusers", "transformers", "peft", "accelerate")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:

@@ -409,7 +409,26 @@ except ModelError as exc:
 """
 
 
+def test_loading_prints_nothing_and_a_lora_for_another_base_is_one_error(tmp_path, capfd):
+    from safetensors.torch import save_file
+
+    from anystory_cli.errors import ModelError
+    capfd.readouterr()
+    loaded = storykit.tiny_flux_pipeline()
+    file = tmp_path / "sd.safetensors"
+    save_file({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.zeros(4, 64),
+               "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.zeros(64, 4)},
+              str(file))
+    with pytest.raises(ModelError) as caught:
+        loaded.load_lora_weights(file)
+    assert "\n" not in str(caught.value) and "sd.safetensors" in str(caught.value)
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+@pytest.mark.slow
 def test_loading_is_quiet_and_a_lora_for_another_base_is_one_line(tmp_path):
+    """As a new user meets it: a fresh process, imports included."""
     file = tmp_path / "sd.safetensors"
     result = subprocess.run([sys.executable, "-c", LOUD_LOAD, str(file)], capture_output=True, text=True,
                             timeout=300)

@@ -220,7 +220,8 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         pipe.model_id = model_id
         pipe.set_progress_bar_config(disable=True)
         if "device_map" not in kwargs:
-            pipe.to(target)
+            with library_logs_quiet():  # diffusers' `to` looks up (and so imports) every part's class
+                pipe.to(target)
         return pipe
 
     @classmethod
