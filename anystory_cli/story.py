@@ -567,11 +567,26 @@ class FluxModel(_Strict):
                                      "(black-forest-labs/FLUX.1-Redux-dev).")]
     adapter: Annotated[NonBlank, Field(description="anystory_flux.bin: a file, or the hub file "
                                        "Junjie96/AnyStory/anystory_flux.bin.")]
+    memory: str | None = Field(None, description="Device memory to plan for: auto (the GPU's free memory) or "
+                               "a size such as 16GB, 12GiB, 24G (binary units); render --memory replaces it.")
 
     @field_validator("base", "redux", "adapter")
     @classmethod
     def _locate(cls, value: str, info: ValidationInfo) -> str:
         return _model_location(value, info)
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_size(cls, value: Any) -> Any:
+        from .errors import InputError
+        from .flux.memory import parse_memory
+
+        if value is not None:
+            try:
+                parse_memory(value, "memory")
+            except InputError as exc:
+                raise ValueError(str(exc).removeprefix("memory: ")) from None
+        return value
 
     def __str__(self) -> str:
         return f"FLUX {self.base} + {Path(self.adapter).name}"

@@ -168,6 +168,12 @@ def render(
     device: Optional[str] = _device_option(),
     dtype: Optional[str] = _dtype_option(),
     offload: bool = _offload_option(),
+    memory: Optional[str] = typer.Option(None, "--memory", help="FLUX: plan for this much device memory, auto "
+                                         "(the GPU's free memory) or a size such as 16GB (binary units); "
+                                         "replaces the story's model.memory. The plan is said before the "
+                                         "model loads."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say the panels it would draw and the memory plan "
+                                 "with its estimated peak; load no model, write nothing."),
 ) -> None:
     """Draw the panels, compose the pages, write PNG pages, a PDF and a CBZ.
 
@@ -178,6 +184,9 @@ def render(
     render ...` the processes share the panels out.
     """
     page_numbers, panel_numbers = pages, panels  # lists of numbers, from the _ranges callback
+    if dry_run:
+        _dry_run(stories, page_numbers, panel_numbers, seed, steps, memory, device, dtype, offload, as_json)
+        return
     summaries: list[Any] = []
     with guarded(as_json, extra=lambda: {"stories": [s.to_dict() for s in summaries]}):
         from ..render import Interrupted, memoize_factory, render_story, stop_on_signals
@@ -203,7 +212,7 @@ def render(
                         story, folder, pages=page_numbers, panels=panel_numbers, seed=seed,
                         steps=steps, save_routing=save_routing, pipeline_factory=factory,
                         model_fingerprint=fingerprint, cache_dir=cache, progress=reporter,
-                        runtime=runtime,
+                        runtime=runtime, memory=memory,
                     ))
         except Interrupted as stopped:
             if stopped.summary is not None:
@@ -218,6 +227,26 @@ def render(
         else:
             for summary in summaries:
                 print_summary(summary)
+
+
+def _dry_run(stories, pages, panels, seed, steps, memory, device, dtype, offload, as_json) -> None:
+    with guarded(as_json):
+        from ..render.memory_plan import describe, dry_run
+
+        runtime = _runtime(device, dtype, offload)
+        results = [dry_run(path, pages=pages, panels=panels, seed=seed, steps=steps, memory=memory,
+                           device=runtime.device) for path in stories]
+        if as_json:
+            typer.echo(json.dumps({"ok": True, "dry_run": True, "runtime": runtime.to_dict(), "stories": results},
+                                  indent=2))
+            return
+        for result in results:
+            typer.echo(f"{result['story']}: {result['title']} (model {result['model']}; dry run, nothing drawn)")
+            if result["memory_plan"] is not None:
+                typer.echo(describe(result["memory_plan"]))
+            for panel in result["panels"]:
+                who = ", ".join(panel["characters"]) or "no characters"
+                typer.echo(f"  panel {panel['panel']} (page {panel['page']}, {who}): {panel['prompt']}")
 
 
 def _rank() -> int:

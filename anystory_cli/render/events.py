@@ -36,6 +36,7 @@ class RenderSummary:
     cache_rebuilt: int = 0
     model_loaded: bool = False
     runtime: dict[str, Any] = field(default_factory=dict)  # device, dtype, offload
+    memory_plan: dict[str, Any] | None = None  # with --memory / model.memory: the plan (render/memory_plan.py)
     loras: list[dict[str, Any]] = field(default_factory=list)  # path, scale, sha256 of each used
     warnings: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)

@@ -15,6 +15,8 @@ from .characters import Characters, character_keys
 from .compose import compose_pages, done_message, export_stem, prune, write_exports, write_routing_outputs
 from .events import ProgressEvent, RenderSummary
 from .model import Model, check_model_fits, generator, image_size, story_loras, style_loras_on, warn_unknown_words
+from .memory_plan import describe as describe_plan
+from .memory_plan import plan_for_render
 from .ranks import Ranks
 from .signals import Interrupted, at_safe_points, check_stop, stop_requested
 from .store import (PanelJob, as_stored, check_output_dir, frame_sizes, load_if_current, panel_job, panel_path,
@@ -51,6 +53,7 @@ def render_story(
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Callable[[ProgressEvent], None] | None = None,
     runtime=None,
+    memory: str | None = None,
 ) -> RenderSummary:
     """Render one story into `out_dir`; see the module docstring.
 
@@ -59,6 +62,8 @@ def render_story(
     panels without loading the model (default with the real loader: a hash of the model files).
     `runtime` (devices.Runtime: device, precision, offload; default: from the environment and the
     machine) is what the default loader loads on; its device and precision key the panels.
+    `memory` ('auto' or a size, replacing the story's model.memory): the memory plan of a FLUX
+    story, chosen and said before the model loads (render/memory_plan.py).
     """
     emit = progress or (lambda event: None)
     source = str(story_path)
@@ -91,6 +96,9 @@ def render_story(
             chosen = select_panels(plans, pages, panels)
         except InputError as exc:
             raise InputError(f"{source}: {exc}") from None
+        summary.memory_plan = plan_for_render(story, [plans[i] for i in sorted(chosen)] or plans, memory, runtime)
+        if summary.memory_plan is not None:
+            emit(ProgressEvent("note", describe_plan(summary.memory_plan)))
         frames = frame_sizes(story, page_plans)
         jobs = {plan.index: panel_job(plan, frames[plan.index]) for plan in plans}
         ranks = Ranks.current()

@@ -1,0 +1,415 @@
+"""Memory plans for AnyStory on FLUX.1: what each part weighs, the peak a plan reaches, and the
+fastest plan that fits a card. Plain arithmetic on parameter and token counts, no torch: a
+`render --dry-run` answers instantly.
+
+The ledger's parts (FLUX.1-dev + FLUX.1-Redux-dev + anystory_flux.bin; bf16 unless quantized):
+the transformer (linear weights, which quantization shrinks, and the rest), the AnyStory
+reference and router LoRAs and routing-map adapters (never quantized: they load on top), T5-XXL,
+CLIP-L, the VAE, SigLIP and the two subject embedders; per call, the reference keys and values of
+every block, and the activations of the largest phase. Activations are counted in units of one
+(tokens x width) bf16 tensor of the step's queries; `STEP_UNITS` is the number of such units live
+at once in a block (read from the code, checked by benchmarks/flux_memory.py on a real-width
+slice), plus the attention bias and the reference keys and values appended in each block.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field, replace
+
+from ..errors import InputError
+
+GiB = 1024 ** 3
+
+# Parameter counts of FLUX.1-dev's other parts (diffusers/transformers models built from their
+# configurations; tests/test_flux_memory.py recounts them on the meta device).
+T5_XXL = {"linear": 4_630_511_616, "other": 131_799_040}   # embedding 32128 x 4096 + norms
+CLIP_L = 123_060_480
+VAE = {"encoder": 34_274_208, "decoder": 49_545_475}
+SIGLIP_SO400M = 428_225_600
+
+# Live (queries x width) tensors at a block's peak, in bf16 units; fp32 temporaries of the q/k
+# RMSNorm and the rotary embedding count twice. Measured on the slice (benchmarks/flux_memory.py).
+STEP_UNITS = 18.0
+# The VAE decoder's peak per output pixel, in bf16 units of its last 128-channel feature map.
+DECODE_UNITS = 6.0
+DECODE_CHANNELS = 128
+# What the CUDA context, cuBLAS workspaces and the allocator's fragmentation take beyond the
+# tensors (torch.cuda.max_memory_allocated does not see them).
+HEADROOM = int(1.0 * GiB)
+
+
+@dataclass(frozen=True)
+class FluxShape:
+    """The sizes of a FLUX transformer and the AnyStory parts on it (defaults: FLUX.1-dev)."""
+
+    heads: int = 24
+    head_dim: int = 128
+    double_blocks: int = 19
+    single_blocks: int = 38
+    text_width: int = 4096     # T5 width, the context embedder's input and the Redux output
+    pooled_dim: int = 768      # CLIP's pooled embedding
+    in_channels: int = 64      # 16 latent channels in 2x2 patches
+    mlp_ratio: int = 4
+    text_tokens: int = 512     # T5 tokens (max_sequence_length)
+    lora_rank: int = 128       # the reference and router LoRAs
+    routing_rank: int = 128    # the per-block routing-map adapters
+    embedder_rank: int = 128
+    siglip_width: int = 1152
+    subject_tokens: int = 81   # per character, in the text stream
+    router_tokens: int = 9     # per character, the router stream
+    reference_size: int = 512  # the reference image's side in pixels
+
+    @property
+    def width(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def blocks(self) -> int:
+        return self.double_blocks + self.single_blocks
+
+    @classmethod
+    def from_config(cls, config: dict, **overrides) -> FluxShape:
+        """From a FluxTransformer2DModel config.json."""
+        return cls(heads=config["num_attention_heads"], head_dim=config["attention_head_dim"],
+                   double_blocks=config["num_layers"], single_blocks=config["num_single_layers"],
+                   text_width=config["joint_attention_dim"], pooled_dim=config["pooled_projection_dim"],
+                   in_channels=config["in_channels"], **overrides)
+
+    # ------------------------------------------------------------------ parameters
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """Every linear layer of the transformer: name -> (in, out); all have a bias."""
+        w, m = self.width, self.mlp_ratio * self.width
+        layers = {"x_embedder": (self.in_channels, w), "context_embedder": (self.text_width, w),
+                  "time_text_embed.timestep_embedder.linear_1": (256, w),
+                  "time_text_embed.timestep_embedder.linear_2": (w, w),
+                  "time_text_embed.guidance_embedder.linear_1": (256, w),
+                  "time_text_embed.guidance_embedder.linear_2": (w, w),
+                  "time_text_embed.text_embedder.linear_1": (self.pooled_dim, w),
+                  "time_text_embed.text_embedder.linear_2": (w, w),
+                  "norm_out.linear": (w, 2 * w), "proj_out": (w, self.in_channels)}
+        double = {"norm1.linear": (w, 6 * w), "norm1_context.linear": (w, 6 * w),
+                  **{f"attn.{p}": (w, w) for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj",
+                                                   "add_v_proj", "to_out.0", "to_add_out")},
+                  "ff.net.0.proj": (w, m), "ff.net.2": (m, w), "ff_context.net.0.proj": (w, m),
+                  "ff_context.net.2": (m, w)}
+        single = {"norm.linear": (w, 3 * w), "proj_mlp": (w, m), "proj_out": (w + m, w),
+                  **{f"attn.{p}": (w, w) for p in ("to_q", "to_k", "to_v")}}
+        for i in range(self.double_blocks):
+            layers.update({f"transformer_blocks.{i}.{k}": v for k, v in double.items()})
+        for i in range(self.single_blocks):
+            layers.update({f"single_transformer_blocks.{i}.{k}": v for k, v in single.items()})
+        return layers
+
+    def transformer_params(self) -> tuple[int, int]:
+        """(linear weights, everything else: biases and the q/k RMSNorm weights)."""
+        layers = self.linears().values()
+        norms = (4 * self.double_blocks + 2 * self.single_blocks) * self.head_dim
+        return sum(i * o for i, o in layers), sum(o for _, o in layers) + norms
+
+    def lora_params(self) -> int:
+        """The reference and router LoRAs (rank `lora_rank` on their target layers)."""
+        ref = re.compile(r"x_embedder|transformer_blocks\.\d+\.(norm1\.linear|attn\.to_[qkv]|attn\.to_out\.0|ff\.net\.2)"
+                         r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_[qkv])")
+        router = re.compile(r"context_embedder|transformer_blocks\.\d+\.(norm1_context\.linear|attn\.add_[qkv]_proj"
+                            r"|attn\.to_add_out|ff_context\.net\.2)"
+                            r"|single_transformer_blocks\.\d+\.(norm\.linear|proj_mlp|proj_out|attn\.to_[qkv])")
+        total = 0
+        for name, (i, o) in self.linears().items():
+            total += sum(self.lora_rank * (i + o) for pattern in (ref, router) if pattern.fullmatch(name))
+        return total
+
+    def routing_adapter_params(self) -> int:
+        w, r = self.width, self.routing_rank
+        return self.blocks * 2 * (w * r + r * w + w)
+
+    def embedder_params(self) -> int:
+        """The subject (9x9) and router (3x3) embedders: Redux's projections + corrections + gate."""
+        s, t, r = self.siglip_width, self.text_width, self.embedder_rank
+        one = (s * 3 * t + 3 * t) + (3 * t * t + t) + r * (s + 3 * t) + 3 * t + r * (3 * t + t) + t + t + 1
+        return 2 * one
+
+    # ------------------------------------------------------------------ tokens
+    def image_tokens(self, size: int) -> int:
+        return (size // 16) ** 2
+
+    def reference_tokens(self, characters: int) -> int:
+        return characters * (self.reference_size // 16) ** 2
+
+
+@dataclass(frozen=True)
+class Quantization:
+    """How a model's linear weights are stored on the device."""
+
+    name: str
+    bytes_per_weight: float  # per linear weight, scales included
+    backend: str | None      # the library that does it (None: plain bf16)
+    dequantizes_layers: bool = False  # rebuilds a layer's bf16 weight before its matmul (GGUF)
+
+
+QUANTIZATIONS = {
+    "bf16": Quantization("bf16", 2.0, None),
+    # torchao Int8WeightOnlyConfig: int8 weights + one bf16 scale per output row (~1 byte).
+    "int8": Quantization("int8", 1.0, "torchao"),
+    # bitsandbytes LLM.int8 (for T5): int8 weights + fp32 row statistics.
+    "bnb-int8": Quantization("bnb-int8", 1.0, "bitsandbytes"),
+    # bitsandbytes NF4: 4 bits + an fp32 absmax per 64 weights.
+    "nf4": Quantization("nf4", 0.5 + 4 / 64, "bitsandbytes"),
+    # GGUF Q8_0: blocks of 32 int8 + an fp16 scale; Q4_K_S: about 4.5 bits a weight.
+    "gguf-q8": Quantization("gguf-q8", 34 / 32, "gguf", dequantizes_layers=True),
+    "gguf-q4": Quantization("gguf-q4", 4.5 / 8, "gguf", dequantizes_layers=True),
+}
+OFFLOADS = ("none", "model", "group", "sequential")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How the pipeline is placed: the transformer's and T5's storage, and what is offloaded.
+
+    step_time: a denoising step's time relative to bf16 with everything on the GPU. These are
+    assumptions from published FLUX figures (diffusers' quantization and offloading guides), not
+    measured here; the GPU check script measures them on a card."""
+
+    name: str
+    transformer: Quantization
+    text_encoder: Quantization
+    offload: str
+    step_time: float
+    vae_tiling: bool = False
+
+    def describe(self) -> str:
+        parts = [f"transformer {self.transformer.name}", f"T5 {self.text_encoder.name}",
+                 {"none": "all on the GPU", "model": "model offload", "group": "group offload (leaf level)",
+                  "sequential": "sequential offload"}[self.offload]]
+        if self.vae_tiling:
+            parts.append("VAE tiling")
+        return ", ".join(parts)
+
+
+_Q = QUANTIZATIONS
+PLANS = (  # fastest first
+    Plan("bf16", _Q["bf16"], _Q["bf16"], "none", 1.0),
+    Plan("bf16-offload", _Q["bf16"], _Q["bf16"], "model", 1.0),
+    Plan("int8-offload", _Q["int8"], _Q["bf16"], "model", 1.1),
+    Plan("nf4-offload", _Q["nf4"], _Q["bnb-int8"], "model", 1.15),
+    Plan("gguf-q8-offload", _Q["gguf-q8"], _Q["bf16"], "model", 1.25),
+    Plan("gguf-q4-offload", _Q["gguf-q4"], _Q["bnb-int8"], "model", 1.3),
+    Plan("group-offload", _Q["bf16"], _Q["bf16"], "group", 1.5, vae_tiling=True),
+    Plan("sequential", _Q["bf16"], _Q["bf16"], "sequential", 4.0, vae_tiling=True),
+)
+PLAN_NAMES = {p.name: p for p in PLANS}
+
+
+def slice_plan(quantization: Quantization) -> Plan:
+    """Everything resident, the transformer stored as `quantization` (the benchmark's slice)."""
+    return Plan(f"slice-{quantization.name}", quantization, _Q["bf16"], "none", 1.0)
+
+
+@dataclass(frozen=True)
+class Workload:
+    size: int        # the panel's long side in pixels (square panels: the worst case of that side)
+    characters: int  # in one panel
+
+
+@dataclass(frozen=True)
+class Parts:
+    """Parameter counts of the parts outside the transformer."""
+
+    t5: dict = field(default_factory=lambda: dict(T5_XXL))
+    clip: int = CLIP_L
+    vae: dict = field(default_factory=lambda: dict(VAE))
+    siglip: int = SIGLIP_SO400M
+
+
+# ---------------------------------------------------------------------------------------- the ledger
+def _bytes(params: float, quantization: Quantization = _Q["bf16"]) -> float:
+    return params * quantization.bytes_per_weight
+
+
+def transformer_bytes(shape: FluxShape, quantization: Quantization) -> float:
+    """The transformer with the AnyStory LoRAs and routing adapters (these stay bf16)."""
+    linear, other = shape.transformer_params()
+    return _bytes(linear, quantization) + 2 * (other + shape.lora_params() + shape.routing_adapter_params())
+
+
+def reference_kv_bytes(shape: FluxShape, characters: int) -> float:
+    """Every block's reference keys and values, kept for the whole call."""
+    return 2 * shape.blocks * shape.reference_tokens(characters) * shape.width * 2
+
+
+def step_activation_bytes(shape: FluxShape, workload: Workload) -> float:
+    """A denoising step's activations at its largest block."""
+    n = workload.characters
+    queries = shape.text_tokens + n * shape.subject_tokens + shape.image_tokens(workload.size)
+    keys = queries + shape.reference_tokens(n)
+    unit = queries * shape.width * 2
+    extra = 0.0
+    if n:
+        extra += 2 * keys * shape.width * 2              # keys and values with the reference appended
+        extra += (2 if n >= 2 else 1) * queries * keys * 2  # the attention bias (+ its cached fixed part)
+    return STEP_UNITS * unit + extra
+
+
+def reference_pass_bytes(shape: FluxShape, characters: int) -> float:
+    """The reference pass: its activations, and the keys and values it records (copied once when
+    they are regrouped per block with two or more characters)."""
+    if not characters:
+        return 0.0
+    tokens = shape.reference_tokens(characters)
+    copies = 2 if characters >= 2 else 1
+    return STEP_UNITS * tokens * shape.width * 2 + copies * reference_kv_bytes(shape, characters)
+
+
+def decode_bytes(size: int, tiling: bool) -> float:
+    side = min(size, 512) if tiling else size
+    return DECODE_UNITS * side * side * DECODE_CHANNELS * 2
+
+
+def _largest_layer_bytes(shape: FluxShape) -> float:
+    return 2 * max(i * o + o for i, o in shape.linears().values())
+
+
+def phases(shape: FluxShape, plan: Plan, workload: Workload, parts: Parts = Parts(),
+           other_bytes: float | None = None) -> dict[str, float]:
+    """Bytes on the device in each phase of a call, under `plan`.
+
+    other_bytes: when given, the bytes of the text encoders, VAE and SigLIP as counted (the
+    benchmark's slice has tiny ones) instead of the ledger's."""
+    t5 = _bytes(parts.t5["linear"], plan.text_encoder) + 2 * parts.t5["other"]
+    clip, siglip = 2 * parts.clip, 2 * parts.siglip
+    vae = 2 * (parts.vae["encoder"] + parts.vae["decoder"])
+    if other_bytes is not None:
+        t5, clip, vae, siglip = other_bytes, 0.0, 0.0, 0.0
+    transformer = transformer_bytes(shape, plan.transformer)
+    # Today's pipeline keeps SigLIP and the embedders on the device in every plan.
+    resident = siglip + 2 * shape.embedder_params()
+    kv = reference_kv_bytes(shape, workload.characters)
+    step = step_activation_bytes(shape, workload)
+    reference = reference_pass_bytes(shape, workload.characters)
+    if plan.transformer.dequantizes_layers:
+        step += _largest_layer_bytes(shape)
+        reference += _largest_layer_bytes(shape) if workload.characters else 0
+    decode = decode_bytes(workload.size, plan.vae_tiling)
+    if plan.offload == "none":
+        weights = resident + t5 + clip + vae + transformer
+        return {"text": weights, "reference": weights + reference, "step": weights + kv + step,
+                "decode": weights + kv + decode}
+    if plan.offload == "model":  # one model on the device at a time
+        return {"text": resident + t5 + clip, "reference": resident + transformer + reference,
+                "step": resident + transformer + kv + step, "decode": resident + vae + kv + decode}
+    # group / sequential offload: the weights stream in layer by layer (two layers in flight with
+    # prefetching), so what stays is the activations and the reference keys and values.
+    in_flight = (2 if plan.offload == "group" else 1) * _largest_layer_bytes(shape)
+    return {"text": resident + in_flight, "reference": resident + in_flight + reference,
+            "step": resident + in_flight + kv + step, "decode": resident + in_flight + kv + decode}
+
+
+def peak(shape: FluxShape, plan: Plan, workload: Workload, parts: Parts = Parts()) -> float:
+    return max(phases(shape, plan, workload, parts).values())
+
+
+def denoising_peak(shape: FluxShape, plan: Plan, workload: Workload, other_bytes: float) -> float:
+    """All resident: the weights (the other parts as counted) + the larger of the reference pass
+    and a denoising step. What the benchmark measures on its slice."""
+    p = phases(shape, plan, workload, other_bytes=other_bytes)
+    return max(p["reference"], p["step"])
+
+
+# ---------------------------------------------------------------------------------------- choosing
+@dataclass(frozen=True)
+class Choice:
+    plan: Plan
+    peak_bytes: float
+    budget_bytes: float
+
+    def as_dict(self) -> dict:
+        return {"plan": self.plan.name, "quantization": {"transformer": self.plan.transformer.name,
+                                                         "text_encoder": self.plan.text_encoder.name},
+                "offload": self.plan.offload, "vae_tiling": self.plan.vae_tiling,
+                "estimated_peak_gib": round(self.peak_bytes / GiB, 2),
+                "budget_gib": round(self.budget_bytes / GiB, 2), "relative_step_time": self.plan.step_time}
+
+
+class DoesNotFit(InputError):
+    """No plan fits the memory given."""
+
+
+def smallest_size(shape: FluxShape, workload: Workload, parts: Parts = Parts()) -> float:
+    """The smallest device memory any plan fits in."""
+    return min(peak(shape, p, workload, parts) for p in PLANS) + HEADROOM
+
+
+def choose_plan(budget_bytes: float, workload: Workload, shape: FluxShape = FluxShape(),
+                parts: Parts = Parts()) -> Choice:
+    """The fastest plan whose peak, plus `HEADROOM`, fits `budget_bytes`; DoesNotFit naming the
+    smallest size that would work."""
+    for plan in PLANS:
+        need = peak(shape, plan, workload, parts)
+        if need + HEADROOM <= budget_bytes:
+            return Choice(plan, need, budget_bytes)
+    least = smallest_size(shape, workload, parts)
+    raise DoesNotFit(f"no memory plan fits {format_size(budget_bytes)} for {workload.characters} character"
+                     f"{'s' if workload.characters != 1 else ''} at {workload.size} px; the smallest that works "
+                     f"is {math.ceil(least / GiB * 10) / 10:g}GB (--memory)")
+
+
+# ---------------------------------------------------------------------------------------- sizes
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(g|gb|gib|m|mb|mib|t|tb|tib)\s*", re.IGNORECASE)
+_UNITS = {"g": GiB, "m": 1024 ** 2, "t": 1024 ** 4}
+
+
+def parse_size(value: str | int | float, where: str = "--memory") -> float:
+    """'16GB', '12GiB', '24G', '512MB' -> bytes. Sizes are binary (16GB = 16 GiB), as graphics
+    cards are counted. Raises InputError naming `where` for anything else."""
+    if isinstance(value, bool):
+        raise InputError(f"{where}: expected a memory size such as 16GB, got {value!r}")
+    if isinstance(value, (int, float)):
+        raise InputError(f"{where}: give a unit, e.g. {value}GB (got the bare number {value!r})")
+    match = _SIZE.fullmatch(str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise InputError(f"{where}: expected a memory size such as 16GB, 12GiB or 24G, or auto; got {value!r}")
+    return float(match.group(1)) * _UNITS[match.group(2)[0].lower()]
+
+
+def parse_memory(value: str | int | float, where: str = "--memory") -> float | None:
+    """'auto' -> None (ask the device), else the size in bytes."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return None
+    return parse_size(value, where)
+
+
+def format_size(size: float) -> str:
+    return f"{size / GiB:.4g}GB"
+
+
+# ---------------------------------------------------------------------------------------- the table
+TABLE_SIZES_GB = (8, 12, 16, 24, 40, 80)
+
+
+def table(shape: FluxShape = FluxShape(), sizes=TABLE_SIZES_GB, panels=(512, 1024), characters=(1, 2, 3, 4)):
+    """(card GB, panel px, characters) -> Choice or DoesNotFit, for the docs."""
+    rows = []
+    for gb in sizes:
+        for px in panels:
+            for n in characters:
+                try:
+                    rows.append((gb, px, n, choose_plan(gb * GiB, Workload(px, n), shape)))
+                except DoesNotFit as exc:
+                    rows.append((gb, px, n, exc))
+    return rows
+
+
+def markdown_table(shape: FluxShape = FluxShape()) -> str:
+    lines = ["| card | panel | characters | plan | estimated peak | step time |", "|---|---|---|---|---|---|"]
+    for gb, px, n, choice in table(shape):
+        if isinstance(choice, DoesNotFit):
+            need = smallest_size(shape, Workload(px, n))
+            lines.append(f"| {gb} GB | {px} px | {n} | does not fit (needs {need / GiB:.1f} GB) | | |")
+        else:
+            lines.append(f"| {gb} GB | {px} px | {n} | {choice.plan.name} | {choice.peak_bytes / GiB:.1f} GiB "
+                         f"| ×{choice.plan.step_time:g} |")
+    return "\n".join(lines)
+
+
+def with_reference_size(shape: FluxShape, reference_size: int) -> FluxShape:
+    return replace(shape, reference_size=reference_size)

@@ -1,0 +1,138 @@
+"""Putting a memory plan (`memory.Plan`) into effect on diffusers' FluxPipeline: quantization at
+load through diffusers' quantization configs, then offloading and VAE tiling.
+
+This works on a plain FluxPipeline. AnyStory's pipeline gets it once its parts are registered
+diffusers components (its extra embedders and the reference cache are outside FluxPipeline's
+offload hooks today); until then a render refuses a plan rather than ignore it.
+"""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError, ModelError
+from .memory import Plan, Quantization
+
+EXTRA = 'pip install "anystory-cli[quant]"'
+_MODULES = {"torchao": "torchao", "bitsandbytes": "bitsandbytes", "gguf": "gguf"}
+
+
+def check_backend(quantization: Quantization, device: torch.device | str | None = None) -> None:
+    """One clear error when the quantization's library is missing or cannot run on the device."""
+    backend = quantization.backend
+    if backend is None:
+        return
+    if importlib.util.find_spec(_MODULES[backend]) is None:
+        raise InputError(f"{quantization.name} quantization needs {backend}, which is not installed ({EXTRA})")
+    if backend == "bitsandbytes" and not torch.cuda.is_available():
+        raise InputError(f"{quantization.name} quantization (bitsandbytes) needs a CUDA GPU; none is available here "
+                         f"(on a CPU use int8, torchao)")
+
+
+def transformer_quantization_config(quantization: Quantization):
+    """diffusers' quantization config for a FLUX transformer stored as `quantization` (None: bf16).
+    GGUF is not a load-time config: it comes with the file (`load_gguf_transformer`)."""
+    check_backend(quantization)
+    if quantization.backend is None:
+        return None
+    if quantization.backend == "torchao":
+        from diffusers import TorchAoConfig
+        from torchao.quantization import Int8WeightOnlyConfig
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    if quantization.backend == "bitsandbytes":
+        from diffusers import BitsAndBytesConfig
+        if quantization.name == "nf4":
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise InputError(f"{quantization.name}: a GGUF transformer is loaded from its .gguf file, not quantized at load")
+
+
+def text_encoder_quantization_config(quantization: Quantization):
+    """transformers' quantization config for T5 stored as `quantization` (None: bf16)."""
+    check_backend(quantization)
+    if quantization.backend is None:
+        return None
+    if quantization.backend == "bitsandbytes":
+        from transformers import BitsAndBytesConfig
+        if quantization.name == "nf4":
+            return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(load_in_8bit=True)
+    if quantization.backend == "torchao":
+        from torchao.quantization import Int8WeightOnlyConfig
+        from transformers import TorchAoConfig
+        return TorchAoConfig(Int8WeightOnlyConfig())
+    raise InputError(f"{quantization.name}: not a quantization for T5")
+
+
+def pipeline_quantization_config(plan: Plan):
+    """diffusers' PipelineQuantizationConfig for the plan's transformer and T5 (None: all bf16)."""
+    from diffusers import PipelineQuantizationConfig
+    mapping = {}
+    if plan.transformer.backend not in (None, "gguf"):
+        mapping["transformer"] = transformer_quantization_config(plan.transformer)
+    if plan.text_encoder.backend is not None:
+        mapping["text_encoder_2"] = text_encoder_quantization_config(plan.text_encoder)
+    return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
+
+
+def load_flux_pipeline(folder: str | Path, plan: Plan, dtype: torch.dtype = torch.bfloat16,
+                       transformer=None):
+    """A diffusers FluxPipeline from `folder`, quantized as the plan says, then placed by it.
+    transformer: one loaded beforehand (a GGUF file through `load_gguf_transformer`)."""
+    from diffusers import FluxPipeline
+
+    if plan.transformer.backend == "gguf" and transformer is None:
+        raise InputError(f"plan {plan.name}: give the GGUF transformer file (load_gguf_transformer)")
+    kwargs = {} if transformer is None else {"transformer": transformer}
+    quantization = pipeline_quantization_config(plan)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+    try:
+        pipe = FluxPipeline.from_pretrained(str(folder), torch_dtype=dtype, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{folder}: could not load with plan {plan.name} ({str(exc).splitlines()[0]})") from None
+    return apply_plan(pipe, plan)
+
+
+def load_gguf_transformer(path: str | Path, config_folder: str | Path, dtype: torch.dtype = torch.bfloat16):
+    """A FLUX transformer from a GGUF single file (weights stay quantized, dequantized per layer)."""
+    from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
+
+    check_backend(Quantization("gguf", 1.0, "gguf"))
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: GGUF file not found")
+    try:
+        return FluxTransformer2DModel.from_single_file(
+            str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), config=str(config_folder),
+            subfolder="transformer", torch_dtype=dtype)
+    except Exception as exc:  # noqa: BLE001 (gguf and diffusers raise many kinds for a bad file)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(f"{path}: not a FLUX transformer GGUF file, or truncated ({first})") from None
+
+
+def apply_plan(pipe, plan: Plan, device: str | torch.device | None = None):
+    """Place a loaded FluxPipeline as the plan says: on the device, or offloaded (model, group at
+    leaf level with CUDA streams, sequential); VAE tiling when the plan asks for it."""
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if plan.offload != "none" and device.type != "cuda":
+        raise InputError(f"plan {plan.name} offloads to the CPU from a GPU; there is no CUDA device here")
+    if plan.offload == "none":
+        pipe.to(device)
+    elif plan.offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif plan.offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif plan.offload == "group":
+        from diffusers.hooks import apply_group_offloading
+        for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):  # the text encoders too
+            apply_group_offloading(getattr(pipe, name), onload_device=device, offload_device=torch.device("cpu"),
+                                   offload_type="leaf_level", use_stream=True)
+    if plan.vae_tiling:
+        pipe.vae.enable_tiling()
+    return pipe

@@ -1,0 +1,176 @@
+"""The memory plan of a FLUX story: the panels to draw give the workload (largest panel, most
+characters in one panel), `--memory` or the story's `model.memory` the budget, the ledger
+(`flux.memory`) the plan. Nothing here loads a model."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import InputError
+from ..flux import memory
+from ..plan import PanelPlan
+from ..story import FluxModel, Story
+
+FLUX_RESOLUTION = 512  # a FLUX panel's long side when the story does not set one (the released app's)
+_PARTS_NOTE = "FLUX.1-dev's sizes"
+
+
+def story_memory(story: Story, option: str | None) -> str | None:
+    """The memory asked for: --memory wins over the story's model.memory."""
+    if option is not None:
+        return option
+    return story.model.memory if isinstance(story.model, FluxModel) else None
+
+
+def workload(plans: Sequence[PanelPlan]) -> memory.Workload:
+    """The heaviest panel's needs: the largest long side (as a square: the worst case of that side)
+    and the most characters in one panel."""
+    size = max((p.resolution or FLUX_RESOLUTION) for p in plans)
+    return memory.Workload(size=size, characters=max(len(p.characters) for p in plans))
+
+
+def model_shape(model: FluxModel) -> tuple[memory.FluxShape, memory.Parts, str]:
+    """The transformer's sizes from the local FLUX folder's config, the other parts counted from
+    their safetensors headers; FLUX.1-dev's when the folder is not on disk (a hub id)."""
+    base = Path(model.base)
+    config = base / "transformer" / "config.json"
+    if not config.is_file():
+        return memory.FluxShape(), memory.Parts(), _PARTS_NOTE
+    try:
+        shape = memory.FluxShape.from_config(json.loads(config.read_text()))
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"{config}: not a FLUX transformer config ({exc})") from None
+    t5 = _counted(base / "text_encoder_2")
+    vae = _counted(base / "vae")
+    parts = memory.Parts(t5={"linear": t5[0], "other": t5[1]}, clip=sum(_counted(base / "text_encoder")),
+                         vae={"encoder": sum(vae), "decoder": 0},
+                         siglip=sum(_counted(Path(model.redux) / "image_encoder")))
+    return shape, parts, f"{base.name}'s sizes"
+
+
+def _counted(folder: Path) -> tuple[int, int]:
+    """(2-D weights, other parameters) in a folder's safetensors files, from their headers."""
+    linear = other = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        for name, numel, dims in _header(file):
+            if dims == 2 and name.endswith(".weight") and "embed" not in name and "shared" not in name:
+                linear += numel
+            else:
+                other += numel
+    return linear, other
+
+
+def _header(file: Path):
+    import struct
+    with open(file, "rb") as handle:
+        length = struct.unpack("<Q", handle.read(8))[0]
+        header = json.loads(handle.read(length))
+    for name, entry in header.items():
+        if name != "__metadata__":
+            numel = 1
+            for d in entry["shape"]:
+                numel *= d
+            yield name, numel, len(entry["shape"])
+
+
+def device_budget(device: str) -> float | None:
+    """The free memory of a CUDA device in bytes; None where there is none (CPU, MPS)."""
+    import torch
+
+    if not device.startswith("cuda") or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(torch.device(device))
+    return float(free)
+
+
+def choose(story: Story, plans: Sequence[PanelPlan], asked: str, device: str, where: str = "--memory") -> dict:
+    """The plan for drawing `plans` of a FLUX story with the memory `asked` ('auto' or a size).
+    A dict for --json and the terminal; DoesNotFit (one line, exit 1) when nothing fits."""
+    if not isinstance(story.model, FluxModel):
+        raise InputError(f"{where}: memory plans are for FLUX models; this story's model is {story.model!r}")
+    budget = memory.parse_memory(asked, where)
+    load = workload(plans)
+    shape, parts, sizes = model_shape(story.model)
+    source = f"{where} {asked}"
+    if budget is None:
+        budget = device_budget(device)
+        if budget is None:
+            return {"plan": None, "memory": source, "panel_px": load.size, "characters": load.characters,
+                    "note": f"no CUDA device ({device}): no memory plan, the model runs on {device} as it is"}
+        source = f"{where} auto: {memory.format_size(budget)} free on {device}"
+    choice = memory.choose_plan(budget, load, shape, parts)
+    offload_need = memory.peak(shape, memory.PLAN_NAMES["bf16-offload"], load, parts) + memory.HEADROOM
+    return {**choice.as_dict(), "memory": source, "panel_px": load.size, "characters": load.characters,
+            "description": choice.plan.describe(), "sizes": sizes,
+            "bf16_offload_needs_gib": round(offload_need / memory.GiB, 1)}
+
+
+def describe(plan: dict) -> str:
+    """One line for the terminal."""
+    if plan.get("plan") is None:
+        return f"memory plan: none ({plan['note']})"
+    return (f"memory plan: {plan['plan']} ({plan['description']}), estimated peak {plan['estimated_peak_gib']} GiB "
+            f"of {plan['budget_gib']} GiB ({plan['memory']}; {plan['panel_px']} px, {plan['characters']} "
+            f"character{'s' if plan['characters'] != 1 else ''} per panel at most)")
+
+
+# Plans today's AnyStory FLUX pipeline can follow: everything on the device, or diffusers' model
+# offload (`--offload`). Quantization and group offload need its parts registered as diffusers
+# components first.
+APPLICABLE = {"bf16": False, "bf16-offload": True}  # plan -> model offload
+
+
+def check_applicable(plan: dict, runtime) -> None:
+    """InputError unless this render follows the plan: today's pipeline cannot quantize or group
+    offload, and model offload is the runtime's (--offload). Never a plan silently ignored."""
+    name = plan.get("plan")
+    if name is None:
+        return
+    if name not in APPLICABLE:
+        raise InputError(f"memory plan {name} ({plan['description']}) is not applied to AnyStory FLUX pipelines "
+                         f"yet: quantization and group/sequential offload need its parts registered as diffusers "
+                         f"components; give a larger --memory (bf16 with model offload needs "
+                         f"{plan['bf16_offload_needs_gib']}GB) or render without --memory")
+    if APPLICABLE[name] and not runtime.device.startswith("cuda"):
+        raise InputError(f"memory plan {name} offloads from a CUDA GPU; this render runs on {runtime.device}")
+    if APPLICABLE[name] and not runtime.offload:
+        raise InputError(f"memory plan {name} keeps one model on the GPU at a time: add --offload")
+    if runtime.device.startswith("cuda") and runtime.dtype == "float32":
+        raise InputError(f"memory plan {name} counts bfloat16 weights; this render asks for float32 (--dtype)")
+
+
+def plan_for_render(story: Story, plans: Sequence[PanelPlan], option: str | None, runtime) -> dict | None:
+    """The plan a render follows (None without --memory or model.memory), checked against what
+    today's pipeline can do."""
+    asked = story_memory(story, option)
+    if asked is None:
+        return None
+    plan = choose(story, plans, asked, runtime.device, "--memory" if option is not None else "model.memory")
+    check_applicable(plan, runtime)
+    return plan
+
+
+def dry_run(story_path: str | Path, *, pages=None, panels=None, seed: int | None = None, steps: int | None = None,
+            memory: str | None = None, device: str = "cpu") -> dict:
+    """What `render` would do, without loading a model or writing a file: the panels it would draw
+    (those chosen; whether they are already up to date needs the model's key) and, for a FLUX
+    story with --memory or model.memory, the memory plan."""
+    from ..plan import build_plan
+    from .validate import check_story, select_panels
+
+    story = check_story(story_path)
+    plans = build_plan(story, seed=seed, steps=steps)
+    try:
+        chosen = sorted(select_panels(plans, pages, panels))
+    except InputError as exc:
+        raise InputError(f"{story_path}: {exc}") from None
+    selected = [plans[i] for i in chosen]
+    asked = story_memory(story, memory)
+    plan = None if asked is None else choose(story, selected, asked, device,
+                                             "--memory" if memory is not None else "model.memory")
+    return {"story": str(story_path), "title": story.title, "model": str(story.model), "memory_plan": plan,
+            "panels": [{"panel": p.index + 1, "page": p.page + 1, "prompt": p.prompt,
+                        "characters": [c.name for c in p.characters], "steps": p.num_inference_steps,
+                        "resolution": p.resolution} for p in selected]}
