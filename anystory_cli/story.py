@@ -584,8 +584,9 @@ class FluxModel(_Strict):
         if value is not None:
             try:
                 parse_memory(value, "memory")
-            except InputError as exc:
-                raise ValueError(str(exc).removeprefix("memory: ")) from None
+            except InputError:
+                raise PydanticCustomError("memory_size", "expected a memory size such as 16GB, 12GiB or 24G, "
+                                          "or auto") from None
         return value
 
     def __str__(self) -> str:

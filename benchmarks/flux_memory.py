@@ -20,7 +20,7 @@ of allocations during the call.
 
     python benchmarks/flux_memory.py                 # measured vs ledger, JSON (~10 min on 2 cores)
     python benchmarks/flux_memory.py --table         # the docs/flux.md table, from the ledger only
-    python benchmarks/flux_memory.py --timing        # step cost with 0-3 characters at 512 px
+    python benchmarks/flux_memory.py --timing        # CPU seconds of a step with 0-3 characters at 512 px
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def build_slice(root: Path, shape: memory.FluxShape = SLICE, seed: int = 0) -> P
         patch_size=1, in_channels=shape.in_channels, num_layers=shape.double_blocks,
         num_single_layers=shape.single_blocks, attention_head_dim=shape.head_dim, num_attention_heads=shape.heads,
         joint_attention_dim=shape.text_width, pooled_projection_dim=shape.pooled_dim, guidance_embeds=True,
-        axes_dims_rope=(16, 56, 56))
+        axes_dims_rope=_rope_axes(shape.head_dim))
     scheduler = FlowMatchEulerDiscreteScheduler(
         base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, num_train_timesteps=1000,
         shift=3.0, use_dynamic_shifting=True)
@@ -124,7 +124,12 @@ def build_slice(root: Path, shape: memory.FluxShape = SLICE, seed: int = 0) -> P
     return root
 
 
-def load_pipeline(root: Path, mode: str):
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    side = 3 * head_dim // 8  # FLUX.1: 16, 56, 56 for 128
+    return head_dim - 2 * side, side, side
+
+
+def load_pipeline(root: Path, mode: str, device: str = "cpu", reference_size: int = 512):
     """Today's AnyStoryFluxPipeline over the slice in bf16, the transformer quantized as `mode` says
     (through diffusers' quantization_config, as a user's load would be). The one place that uses
     the pipeline's constructor: it changes when the pipeline becomes a DiffusionPipeline."""
@@ -139,14 +144,15 @@ def load_pipeline(root: Path, mode: str):
 
     dtype = torch.bfloat16
     quantization = transformer_quantization_config(memory.QUANTIZATIONS[mode]) if mode != "bf16" else None
-    transformer = FluxTransformer2DModel.from_pretrained(root / "flux", subfolder="transformer", torch_dtype=dtype,
+    transformer = FluxTransformer2DModel.from_pretrained(root / "flux", subfolder="transformer", dtype=dtype,
                                                          quantization_config=quantization)
-    flux = FluxPipeline.from_pretrained(root / "flux", transformer=transformer, torch_dtype=dtype)
+    flux = FluxPipeline.from_pretrained(root / "flux", transformer=transformer, dtype=dtype)
     flux.set_progress_bar_config(disable=True)
     encoder = SiglipVisionModel.from_pretrained(root / "redux" / "image_encoder", dtype=dtype)
-    redux = ReduxImageEncoder.from_pretrained(root / "redux" / "image_embedder", torch_dtype=dtype)
+    redux = ReduxImageEncoder.from_pretrained(root / "redux" / "image_embedder", dtype=dtype)
     adapter = root / "anystory_flux.bin"
-    return AnyStoryFluxPipeline(flux, encoder, redux, read_checkpoint(adapter), adapter, reference_size=512)
+    pipe = AnyStoryFluxPipeline(flux, encoder, redux, read_checkpoint(adapter), adapter, reference_size=reference_size)
+    return pipe.to(device)
 
 
 def resident_bytes(modules) -> int:
@@ -246,6 +252,67 @@ def worker(root: Path, mode: str, cases: list[tuple[int, int]]) -> list[dict]:
     return results
 
 
+def vae_worker(sizes=(256, 512)) -> list[dict]:
+    """FLUX.1's VAE decoder at its real configuration (random weights, bf16): the peak of decoding
+    one image, above its weights, per size."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=2, norm_num_groups=32, use_quant_conv=False,
+                        use_post_quant_conv=False).to(torch.bfloat16).eval()
+    results = []
+    for size in sizes:
+        latent = torch.randn(1, 16, size // 8, size // 8, dtype=torch.bfloat16)
+
+        def decode():
+            with torch.no_grad():
+                vae.decode(latent)
+
+        peak, _ = allocation_peak(decode, [])
+        results.append({"size": size, "decode_peak_bytes": peak,
+                        "units": round(peak / (size * size * memory.DECODE_CHANNELS * 2), 2)})
+        print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+    return results
+
+
+def timing_worker(root: Path, rounds: int, size: int = 512) -> dict:
+    """CPU seconds of one denoising step on the slice with 0 (plain FLUX), 1, 2 and 3 characters
+    (subject tokens, reference and router all on), as the difference of a 3-step and a 1-step call
+    over 2, interleaved round by round; medians over rounds."""
+    import statistics
+
+    import torch
+
+    from anystory_cli.flux.reference import prepare_reference
+
+    pipe = load_pipeline(root, "bf16")
+    g = torch.Generator().manual_seed(0)
+    characters = [pipe.encode_character(*prepare_reference(*_subject(c, b)), generator=g) for c, b in SUBJECTS]
+
+    def call(count, steps):
+        with torch.no_grad():
+            pipe(PROMPT, characters=characters[:count], num_inference_steps=steps, height=size, width=size,
+                 output_type="latent", redux_window=(0.0, 1.0), reference_window=(0.0, 1.0), router=count >= 2,
+                 generator=torch.Generator().manual_seed(0), max_sequence_length=512)
+
+    times = {count: [] for count in range(4)}
+    for _ in range(rounds):
+        for count in times:
+            clocks = []
+            for steps in (1, 3):
+                start = time.process_time()
+                call(count, steps)
+                clocks.append(time.process_time() - start)
+            times[count].append((clocks[1] - clocks[0]) / 2)
+            print(count, times[count][-1], file=sys.stderr, flush=True)
+    step = {count: statistics.median(t) for count, t in times.items()}
+    return {"image_px": size, "threads": torch.get_num_threads(), "rounds": rounds,
+            "cpu_seconds_per_step": {f"{c}_characters": round(v, 2) for c, v in step.items()},
+            "vs_plain": {f"{c}_characters": round(step[c] / step[0], 3) for c in (1, 2, 3)}}
+
+
 def _subject(color, box, size: int = 96):
     from PIL import Image, ImageDraw
     image = Image.new("RGB", (size, size), (255, 255, 255))
@@ -262,11 +329,15 @@ def compare(measured: list[dict]) -> list[dict]:
         tiny = m["resident_parts"]["tiny_parts"]
         plan = memory.slice_plan(memory.QUANTIZATIONS[m["mode"]])
         est = memory.denoising_peak(SLICE, plan, memory.Workload(m["size"], m["characters"]), other_bytes=tiny)
+        weights = (memory.transformer_bytes(SLICE, plan.transformer) + 2 * SLICE.embedder_params() + tiny)
         rows.append({"mode": m["mode"], "size": m["size"], "characters": m["characters"],
                      "measured_gib": round(m["peak_bytes"] / memory.GiB, 3), "ledger_gib": round(est / memory.GiB, 3),
                      "error": round(est / m["peak_bytes"] - 1, 3),
                      "measured_weights_gib": round(m["resident_bytes"] / memory.GiB, 3),
-                     "measured_call_gib": round(m["call_peak_bytes"] / memory.GiB, 3)})
+                     "ledger_weights_gib": round(weights / memory.GiB, 3),
+                     "measured_call_mib": round(m["call_peak_bytes"] / 2 ** 20, 1),
+                     "ledger_call_mib": round((est - weights) / 2 ** 20, 1),
+                     "call_error": round((est - weights) / m["call_peak_bytes"] - 1, 3)})
     return rows
 
 
@@ -274,6 +345,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--table", action="store_true", help="print the docs table from the ledger and stop")
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
+    parser.add_argument("--timing", action="store_true", help="measure a step's cost with 0-3 characters instead")
+    parser.add_argument("--rounds", type=int, default=2, help="--timing rounds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--measured", type=Path, help="reuse a measurement JSON instead of measuring")
@@ -283,6 +356,10 @@ def main():
         return
     if args.worker:
         print(json.dumps(worker(args.root, args.worker, CASES)))
+        return
+    if args.timing:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps({"slice": vars(SLICE), **timing_worker(build_slice(Path(tmp)), args.rounds)}, indent=2))
         return
     if args.measured:
         measured = json.loads(args.measured.read_text())
@@ -295,8 +372,9 @@ def main():
                                      check=True, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
                 measured += json.loads(out.stdout)
     rows = compare(measured)
-    print(json.dumps({"slice": vars(SLICE), "measured": measured, "ledger_vs_measured": rows,
-                      "worst_error": max(abs(r["error"]) for r in rows)}, indent=2))
+    print(json.dumps({"slice": vars(SLICE), "ledger_vs_measured": rows,
+                      "worst_error": max(abs(r["error"]) for r in rows),
+                      "worst_call_error": max(abs(r["call_error"]) for r in rows), "measured": measured}, indent=2))
 
 
 if __name__ == "__main__":

@@ -6,10 +6,9 @@ The ledger's parts (FLUX.1-dev + FLUX.1-Redux-dev + anystory_flux.bin; bf16 unle
 the transformer (linear weights, which quantization shrinks, and the rest), the AnyStory
 reference and router LoRAs and routing-map adapters (never quantized: they load on top), T5-XXL,
 CLIP-L, the VAE, SigLIP and the two subject embedders; per call, the reference keys and values of
-every block, and the activations of the largest phase. Activations are counted in units of one
-(tokens x width) bf16 tensor of the step's queries; `STEP_UNITS` is the number of such units live
-at once in a block (read from the code, checked by benchmarks/flux_memory.py on a real-width
-slice), plus the attention bias and the reference keys and values appended in each block.
+every block, and the activations of the largest phase, in units of one (tokens x width) bf16
+tensor (`STEP_UNITS` and its siblings, measured on a real-width slice by
+benchmarks/flux_memory.py).
 """
 from __future__ import annotations
 
@@ -28,12 +27,20 @@ CLIP_L = 123_060_480
 VAE = {"encoder": 34_274_208, "decoder": 49_545_475}
 SIGLIP_SO400M = 428_225_600
 
-# Live (queries x width) tensors at a block's peak, in bf16 units; fp32 temporaries of the q/k
-# RMSNorm and the rotary embedding count twice. Measured on the slice (benchmarks/flux_memory.py).
-STEP_UNITS = 18.0
-# The VAE decoder's peak per output pixel, in bf16 units of its last 128-channel feature map.
-DECODE_UNITS = 6.0
+# Activations, in bf16 (tokens x width) units, fitted by benchmarks/flux_memory.py on a
+# real-width slice at 512 px with one and two characters and checked at 1024 px and on int8
+# weights: a denoising step with AnyStory's streams peaks at STEP_UNITS (queries x width) plus
+# one (queries x keys) attention bias; a plain FLUX step at PLAIN_UNITS; the reference pass at
+# REFERENCE_UNITS (reference tokens x width) on top of the keys and values it records.
+STEP_UNITS = 18.1
+PLAIN_UNITS = 17.2
+REFERENCE_UNITS = 16.1
+# The VAE decoder's peak per output pixel, in bf16 units of its last 128-channel feature map
+# (measured at 256 and 512 px by benchmarks/flux_memory.py: 10.0 at both); with tiling it
+# decodes VAE_TILE-pixel tiles.
+DECODE_UNITS = 10.0
 DECODE_CHANNELS = 128
+VAE_TILE = 512
 # What the CUDA context, cuBLAS workspaces and the allocator's fragmentation take beyond the
 # tensors (torch.cuda.max_memory_allocated does not see them).
 HEADROOM = int(1.0 * GiB)
@@ -149,8 +156,10 @@ class Quantization:
 
 QUANTIZATIONS = {
     "bf16": Quantization("bf16", 2.0, None),
-    # torchao Int8WeightOnlyConfig: int8 weights + one bf16 scale per output row (~1 byte).
-    "int8": Quantization("int8", 1.0, "torchao"),
+    # torchao Int8WeightOnlyConfig: int8 weights + one bf16 scale per output row (~1 byte). Its
+    # matmul makes a transient up to a layer's bf16 weight (55-82 MB measured on the slice, whose
+    # largest layer is 113 MB): counted like GGUF's dequantized layer.
+    "int8": Quantization("int8", 1.0, "torchao", dequantizes_layers=True),
     # bitsandbytes LLM.int8 (for T5): int8 weights + fp32 row statistics.
     "bnb-int8": Quantization("bnb-int8", 1.0, "bitsandbytes"),
     # bitsandbytes NF4: 4 bits + an fp32 absmax per 64 weights.
@@ -179,7 +188,7 @@ class Plan:
 
     def describe(self) -> str:
         parts = [f"transformer {self.transformer.name}", f"T5 {self.text_encoder.name}",
-                 {"none": "all on the GPU", "model": "model offload", "group": "group offload (leaf level)",
+                 {"none": "all on the device", "model": "model offload", "group": "group offload (leaf level)",
                   "sequential": "sequential offload"}[self.offload]]
         if self.vae_tiling:
             parts.append("VAE tiling")
@@ -241,27 +250,24 @@ def step_activation_bytes(shape: FluxShape, workload: Workload) -> float:
     """A denoising step's activations at its largest block."""
     n = workload.characters
     queries = shape.text_tokens + n * shape.subject_tokens + shape.image_tokens(workload.size)
+    if not n:
+        return PLAIN_UNITS * queries * shape.width * 2
     keys = queries + shape.reference_tokens(n)
-    unit = queries * shape.width * 2
-    extra = 0.0
-    if n:
-        extra += 2 * keys * shape.width * 2              # keys and values with the reference appended
-        extra += (2 if n >= 2 else 1) * queries * keys * 2  # the attention bias (+ its cached fixed part)
-    return STEP_UNITS * unit + extra
+    return STEP_UNITS * queries * shape.width * 2 + queries * keys * 2
 
 
 def reference_pass_bytes(shape: FluxShape, characters: int) -> float:
-    """The reference pass: its activations, and the keys and values it records (copied once when
-    they are regrouped per block with two or more characters)."""
+    """The reference pass: its activations on top of the keys and values it records, or, with two
+    or more characters, both copies of those keys and values while they are regrouped per block."""
     if not characters:
         return 0.0
-    tokens = shape.reference_tokens(characters)
-    copies = 2 if characters >= 2 else 1
-    return STEP_UNITS * tokens * shape.width * 2 + copies * reference_kv_bytes(shape, characters)
+    kv = reference_kv_bytes(shape, characters)
+    activations = REFERENCE_UNITS * shape.reference_tokens(characters) * shape.width * 2
+    return max(activations + kv, (2 if characters >= 2 else 1) * kv)
 
 
 def decode_bytes(size: int, tiling: bool) -> float:
-    side = min(size, 512) if tiling else size
+    side = min(size, VAE_TILE) if tiling else size
     return DECODE_UNITS * side * side * DECODE_CHANNELS * 2
 
 

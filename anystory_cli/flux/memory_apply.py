@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..errors import InputError, ModelError
-from .memory import Plan, Quantization
+from .memory import VAE_TILE, Plan, Quantization
 
 EXTRA = 'pip install "anystory-cli[quant]"'
 _MODULES = {"torchao": "torchao", "bitsandbytes": "bitsandbytes", "gguf": "gguf"}
@@ -92,7 +92,7 @@ def load_flux_pipeline(folder: str | Path, plan: Plan, dtype: torch.dtype = torc
     if quantization is not None:
         kwargs["quantization_config"] = quantization
     try:
-        pipe = FluxPipeline.from_pretrained(str(folder), torch_dtype=dtype, **kwargs)
+        pipe = FluxPipeline.from_pretrained(str(folder), dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         raise ModelError(f"{folder}: could not load with plan {plan.name} ({str(exc).splitlines()[0]})") from None
     return apply_plan(pipe, plan)
@@ -133,6 +133,8 @@ def apply_plan(pipe, plan: Plan, device: str | torch.device | None = None):
         for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):  # the text encoders too
             apply_group_offloading(getattr(pipe, name), onload_device=device, offload_device=torch.device("cpu"),
                                    offload_type="leaf_level", use_stream=True)
-    if plan.vae_tiling:
+    if plan.vae_tiling:  # tiles of VAE_TILE pixels (FLUX's VAE config would tile only above 1024)
         pipe.vae.enable_tiling()
+        pipe.vae.tile_sample_min_size = VAE_TILE
+        pipe.vae.tile_latent_min_size = VAE_TILE // pipe.vae_scale_factor
     return pipe

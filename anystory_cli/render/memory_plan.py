@@ -141,15 +141,30 @@ def check_applicable(plan: dict, runtime) -> None:
         raise InputError(f"memory plan {name} counts bfloat16 weights; this render asks for float32 (--dtype)")
 
 
-def plan_for_render(story: Story, plans: Sequence[PanelPlan], option: str | None, runtime) -> dict | None:
+def plan_for_render(story: Story, source: str, option: str | None, runtime, *, pages=None, panels=None,
+                    steps: int | None = None) -> dict | None:
     """The plan a render follows (None without --memory or model.memory), checked against what
-    today's pipeline can do."""
+    today's pipeline can do; before the model is looked at."""
     asked = story_memory(story, option)
     if asked is None:
         return None
-    plan = choose(story, plans, asked, runtime.device, "--memory" if option is not None else "model.memory")
+    plan = choose(story, selected_panels(story, source, pages, panels, steps=steps), asked, runtime.device,
+                  "--memory" if option is not None else "model.memory")
     check_applicable(plan, runtime)
     return plan
+
+
+def selected_panels(story: Story, source: str, pages=None, panels=None, seed: int | None = None,
+                    steps: int | None = None) -> list[PanelPlan]:
+    """The panels --pages / --panels choose (planned without the model's keys)."""
+    from ..plan import build_plan
+    from .validate import select_panels
+
+    plans = build_plan(story, seed=seed, steps=steps)
+    try:
+        return [plans[i] for i in sorted(select_panels(plans, pages, panels))]
+    except InputError as exc:
+        raise InputError(f"{source}: {exc}") from None
 
 
 def dry_run(story_path: str | Path, *, pages=None, panels=None, seed: int | None = None, steps: int | None = None,
@@ -157,16 +172,10 @@ def dry_run(story_path: str | Path, *, pages=None, panels=None, seed: int | None
     """What `render` would do, without loading a model or writing a file: the panels it would draw
     (those chosen; whether they are already up to date needs the model's key) and, for a FLUX
     story with --memory or model.memory, the memory plan."""
-    from ..plan import build_plan
-    from .validate import check_story, select_panels
+    from .validate import check_story
 
     story = check_story(story_path)
-    plans = build_plan(story, seed=seed, steps=steps)
-    try:
-        chosen = sorted(select_panels(plans, pages, panels))
-    except InputError as exc:
-        raise InputError(f"{story_path}: {exc}") from None
-    selected = [plans[i] for i in chosen]
+    selected = selected_panels(story, str(story_path), pages, panels, seed, steps)
     asked = story_memory(story, memory)
     plan = None if asked is None else choose(story, selected, asked, device,
                                              "--memory" if memory is not None else "model.memory")

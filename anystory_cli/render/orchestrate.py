@@ -80,6 +80,10 @@ def render_story(
 
             runtime = resolve_runtime()
         summary.runtime = runtime.to_dict()
+        # The memory plan before the model is looked at or loaded.
+        summary.memory_plan = plan_for_render(story, source, memory, runtime, pages=pages, panels=panels, steps=steps)
+        if summary.memory_plan is not None:
+            emit(ProgressEvent("note", describe_plan(summary.memory_plan)))
         story_dir = Path(story_path).resolve().parent
         model = Model(story.model, story_dir, pipeline_factory, model_fingerprint, source, emit, cache_dir,
                        runtime=runtime)
@@ -96,9 +100,6 @@ def render_story(
             chosen = select_panels(plans, pages, panels)
         except InputError as exc:
             raise InputError(f"{source}: {exc}") from None
-        summary.memory_plan = plan_for_render(story, [plans[i] for i in sorted(chosen)] or plans, memory, runtime)
-        if summary.memory_plan is not None:
-            emit(ProgressEvent("note", describe_plan(summary.memory_plan)))
         frames = frame_sizes(story, page_plans)
         jobs = {plan.index: panel_job(plan, frames[plan.index]) for plan in plans}
         ranks = Ranks.current()
