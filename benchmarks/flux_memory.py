@@ -279,8 +279,8 @@ def vae_worker(sizes=(256, 512)) -> list[dict]:
 
 def timing_worker(root: Path, rounds: int, size: int = 512) -> dict:
     """CPU seconds of one denoising step on the slice with 0 (plain FLUX), 1, 2 and 3 characters
-    (subject tokens, reference and router all on), as the difference of a 3-step and a 1-step call
-    over 2, interleaved round by round; medians over rounds."""
+    (subject tokens, reference and router all on), as the difference of a 2-step and a 1-step call,
+    interleaved round by round; medians over rounds."""
     import statistics
 
     import torch
@@ -301,11 +301,11 @@ def timing_worker(root: Path, rounds: int, size: int = 512) -> dict:
     for _ in range(rounds):
         for count in times:
             clocks = []
-            for steps in (1, 3):
+            for steps in (1, 2):
                 start = time.process_time()
                 call(count, steps)
                 clocks.append(time.process_time() - start)
-            times[count].append((clocks[1] - clocks[0]) / 2)
+            times[count].append(clocks[1] - clocks[0])
             print(count, times[count][-1], file=sys.stderr, flush=True)
     step = {count: statistics.median(t) for count, t in times.items()}
     return {"image_px": size, "threads": torch.get_num_threads(), "rounds": rounds,
@@ -346,7 +346,7 @@ def main():
     parser.add_argument("--table", action="store_true", help="print the docs table from the ledger and stop")
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--timing", action="store_true", help="measure a step's cost with 0-3 characters instead")
-    parser.add_argument("--rounds", type=int, default=2, help="--timing rounds")
+    parser.add_argument("--rounds", type=int, default=1, help="--timing rounds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--measured", type=Path, help="reuse a measurement JSON instead of measuring")

@@ -5,6 +5,7 @@ printers of `render` and `train`, the summaries and tables, JSON."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import warnings
@@ -88,6 +89,10 @@ def quiet_libraries() -> None:
     if not State.debug:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # torchao (the [quant] extra), which diffusers imports when it loads a model: its optional
+        # CUDA kernels that a CPU build lacks, and torch's notes on its enum registrations.
+        for name in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 class PlainProgress:

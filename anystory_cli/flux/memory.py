@@ -406,14 +406,18 @@ def table(shape: FluxShape = FluxShape(), sizes=TABLE_SIZES_GB, panels=(512, 102
 
 
 def markdown_table(shape: FluxShape = FluxShape()) -> str:
-    lines = ["| card | panel | characters | plan | estimated peak | step time |", "|---|---|---|---|---|---|"]
+    """One row per card and panel size, one column per number of characters: the plan, its
+    estimated peak and its relative step time."""
+    cells: dict[tuple[int, int], list[str]] = {}
     for gb, px, n, choice in table(shape):
         if isinstance(choice, DoesNotFit):
-            need = smallest_size(shape, Workload(px, n))
-            lines.append(f"| {gb} GB | {px} px | {n} | does not fit (needs {need / GiB:.1f} GB) | | |")
+            cell = f"does not fit (needs {smallest_size(shape, Workload(px, n)) / GiB:.1f} GB)"
         else:
-            lines.append(f"| {gb} GB | {px} px | {n} | {choice.plan.name} | {choice.peak_bytes / GiB:.1f} GiB "
-                         f"| ×{choice.plan.step_time:g} |")
+            cell = f"{choice.plan.name}, {choice.peak_bytes / GiB:.1f} GiB, ×{choice.plan.step_time:g}"
+        cells.setdefault((gb, px), []).append(cell)
+    lines = ["| card | panel | 1 character | 2 characters | 3 characters | 4 characters |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {gb} GB | {px} px | " + " | ".join(row) + " |" for (gb, px), row in cells.items()]
     return "\n".join(lines)
 
 
