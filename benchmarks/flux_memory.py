@@ -278,7 +278,7 @@ def vae_worker(sizes=(256, 512)) -> list[dict]:
 
 
 def timing_worker(root: Path, rounds: int, size: int = 512) -> dict:
-    """CPU seconds of one denoising step on the slice with 0 (plain FLUX), 1, 2 and 3 characters
+    """CPU seconds (one thread) of a denoising step on the slice with 0 (plain FLUX), 1, 2 and 3 characters
     (subject tokens, reference and router all on), as the difference of a 2-step and a 1-step call,
     interleaved round by round; medians over rounds."""
     import statistics
@@ -287,6 +287,7 @@ def timing_worker(root: Path, rounds: int, size: int = 512) -> dict:
 
     from anystory_cli.flux.reference import prepare_reference
 
+    torch.set_num_threads(1)  # CPU time of one thread: no spinning worker threads on a shared machine
     pipe = load_pipeline(root, "bf16")
     g = torch.Generator().manual_seed(0)
     characters = [pipe.encode_character(*prepare_reference(*_subject(c, b)), generator=g) for c, b in SUBJECTS]
@@ -346,7 +347,7 @@ def main():
     parser.add_argument("--table", action="store_true", help="print the docs table from the ledger and stop")
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--timing", action="store_true", help="measure a step's cost with 0-3 characters instead")
-    parser.add_argument("--rounds", type=int, default=1, help="--timing rounds")
+    parser.add_argument("--rounds", type=int, default=2, help="--timing rounds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--measured", type=Path, help="reuse a measurement JSON instead of measuring")

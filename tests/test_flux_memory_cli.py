@@ -131,3 +131,10 @@ def test_a_tiny_flux_story_renders_with_its_plan_in_the_json(tmp_path):
     assert chosen["quantization"] == {"transformer": "bf16", "text_encoder": "bf16"}
     assert chosen["sizes"] == "flux's sizes" and chosen["estimated_peak_gib"] < 0.1
     assert summary["panels_rendered"] == [2]
+
+
+def test_model_offload_plan_needs_a_cuda_gpu(tmp_path, no_model_loads):
+    story = write_story(tmp_path, HUB, resolution=512)
+    result = run(story, "--memory", "32GB", "--device", "cpu")
+    assert result.exit_code == 1
+    assert "memory plan bf16-offload offloads from a CUDA GPU; this render runs on cpu" in result.output

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from ..errors import InputError
 
@@ -419,7 +419,3 @@ def markdown_table(shape: FluxShape = FluxShape()) -> str:
              "|---|---|---|---|---|---|"]
     lines += [f"| {gb} GB | {px} px | " + " | ".join(row) + " |" for (gb, px), row in cells.items()]
     return "\n".join(lines)
-
-
-def with_reference_size(shape: FluxShape, reference_size: int) -> FluxShape:
-    return replace(shape, reference_size=reference_size)
