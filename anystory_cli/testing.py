@@ -163,3 +163,25 @@ def tiny_story_pipeline(base=None):
     base = base if base is not None else tiny_sd_pipeline()
     encoder = tiny_image_encoder()
     return AnyStoryPipeline.from_pipe(base, encoder, tiny_adapter(base.unet, encoder))
+
+
+def write_gguf_transformer(flux_folder, path) -> None:
+    """A FLUX folder's transformer as a GGUF file, as the `gguf` package writes one: 2-D weights
+    whose rows are multiples of 32 as Q8_0, the rest F32, under diffusers' own names."""
+    import gguf
+    import numpy as np
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(str(flux_folder), subfolder="transformer")
+    writer = gguf.GGUFWriter(str(path), "flux")
+    for name, tensor in transformer.state_dict().items():
+        array = tensor.float().numpy()
+        if array.ndim == 2 and array.shape[-1] % 32 == 0:
+            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()

@@ -105,9 +105,8 @@ def tiny_renders(device: Device, tmp: Path) -> dict:
             plan = memory.Plan(name, Q[name], Q["bf16"], "none", 1.0)
             transformer = None
             if Q[name].backend == "gguf":
-                sys.path.insert(0, str(ROOT / "tests"))
-                from test_flux_memory_apply import write_gguf
-                write_gguf(tmp / "tiny-Q8_0.gguf")
+                from anystory_cli.testing import write_gguf_transformer
+                write_gguf_transformer(FIXTURE, tmp / "tiny-Q8_0.gguf")
                 transformer = memory_apply.load_gguf_transformer(tmp / "tiny-Q8_0.gguf", FIXTURE, dtype=dtype)
             pipe = memory_apply.load_flux_pipeline(FIXTURE, plan, dtype=dtype, transformer=transformer)
             latents, seconds = draw(pipe)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -48,24 +47,8 @@ def test_int8_weight_only_quantizes_the_transformer_and_stays_close(plain_latent
 
 
 def write_gguf(path: Path) -> None:
-    """The fixture's transformer as GGUF: 2-D weights whose rows are multiples of 32 as Q8_0, the
-    rest F32, under diffusers' own names."""
-    import gguf
-    from diffusers import FluxTransformer2DModel
-
-    transformer = FluxTransformer2DModel.from_pretrained(str(FLUX), subfolder="transformer")
-    writer = gguf.GGUFWriter(str(path), "flux")
-    for name, tensor in transformer.state_dict().items():
-        array = tensor.float().numpy()
-        if array.ndim == 2 and array.shape[-1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(name, array.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    from anystory_cli.testing import write_gguf_transformer
+    write_gguf_transformer(FLUX, path)
 
 
 def test_a_gguf_transformer_loads_quantized_and_draws_close(tmp_path, plain_latents):
