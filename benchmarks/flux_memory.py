@@ -278,9 +278,10 @@ def vae_worker(sizes=(256, 512)) -> list[dict]:
 
 
 def timing_worker(root: Path, rounds: int, size: int = 512) -> dict:
-    """CPU seconds (one thread) of a denoising step on the slice with 0 (plain FLUX), 1, 2 and 3 characters
-    (subject tokens, reference and router all on), as the difference of a 2-step and a 1-step call,
-    interleaved round by round; medians over rounds."""
+    """CPU seconds (one thread) of a denoising step on the slice with 0 (plain FLUX), 1, 2 and 3
+    characters (subject tokens, reference and router all on): the transformer's last forward in a
+    1-step call (the one before it, with characters, is the reference pass), interleaved round by
+    round; medians over rounds."""
     import statistics
 
     import torch
@@ -291,25 +292,25 @@ def timing_worker(root: Path, rounds: int, size: int = 512) -> dict:
     pipe = load_pipeline(root, "bf16")
     g = torch.Generator().manual_seed(0)
     characters = [pipe.encode_character(*prepare_reference(*_subject(c, b)), generator=g) for c, b in SUBJECTS]
+    stamps: list[float] = []
+    pipe.transformer.register_forward_pre_hook(lambda *a: stamps.append(time.process_time()))
+    pipe.transformer.register_forward_hook(lambda *a: stamps.append(time.process_time()))
 
-    def call(count, steps):
+    def step_seconds(count) -> float:
+        stamps.clear()
         with torch.no_grad():
-            pipe(PROMPT, characters=characters[:count], num_inference_steps=steps, height=size, width=size,
+            pipe(PROMPT, characters=characters[:count], num_inference_steps=1, height=size, width=size,
                  output_type="latent", redux_window=(0.0, 1.0), reference_window=(0.0, 1.0), router=count >= 2,
                  generator=torch.Generator().manual_seed(0), max_sequence_length=512)
+        return stamps[-1] - stamps[-2]
 
     times = {count: [] for count in range(4)}
     for _ in range(rounds):
         for count in times:
-            clocks = []
-            for steps in (1, 2):
-                start = time.process_time()
-                call(count, steps)
-                clocks.append(time.process_time() - start)
-            times[count].append(clocks[1] - clocks[0])
+            times[count].append(step_seconds(count))
             print(count, times[count][-1], file=sys.stderr, flush=True)
     step = {count: statistics.median(t) for count, t in times.items()}
-    return {"image_px": size, "threads": torch.get_num_threads(), "rounds": rounds,
+    return {"image_px": size, "threads": 1, "rounds": rounds,
             "cpu_seconds_per_step": {f"{c}_characters": round(v, 2) for c, v in step.items()},
             "vs_plain": {f"{c}_characters": round(step[c] / step[0], 3) for c in (1, 2, 3)}}
 
@@ -347,7 +348,7 @@ def main():
     parser.add_argument("--table", action="store_true", help="print the docs table from the ledger and stop")
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--timing", action="store_true", help="measure a step's cost with 0-3 characters instead")
-    parser.add_argument("--rounds", type=int, default=2, help="--timing rounds")
+    parser.add_argument("--rounds", type=int, default=1, help="--timing rounds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--measured", type=Path, help="reuse a measurement JSON instead of measuring")
