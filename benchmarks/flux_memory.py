@@ -130,29 +130,21 @@ def _rope_axes(head_dim: int) -> tuple[int, int, int]:
 
 
 def load_pipeline(root: Path, mode: str, device: str = "cpu", reference_size: int = 512):
-    """Today's AnyStoryFluxPipeline over the slice in bf16, the transformer quantized as `mode` says
-    (through diffusers' quantization_config, as a user's load would be). The one place that uses
-    the pipeline's constructor: it changes when the pipeline becomes a DiffusionPipeline."""
+    """AnyStoryFluxPipeline over the slice in bf16, the transformer quantized as `mode` says
+    (through diffusers' quantization_config, as a user's load would be)."""
     import torch
-    from diffusers import FluxPipeline, FluxTransformer2DModel
-    from diffusers.pipelines import ReduxImageEncoder
-    from transformers import SiglipVisionModel
+    from diffusers import FluxTransformer2DModel
 
     from anystory_cli.flux import AnyStoryFluxPipeline
     from anystory_cli.flux.memory_apply import transformer_quantization_config
-    from anystory_cli.flux.weights import read_checkpoint
 
     dtype = torch.bfloat16
     quantization = transformer_quantization_config(memory.QUANTIZATIONS[mode]) if mode != "bf16" else None
     transformer = FluxTransformer2DModel.from_pretrained(root / "flux", subfolder="transformer", dtype=dtype,
                                                          quantization_config=quantization)
-    flux = FluxPipeline.from_pretrained(root / "flux", transformer=transformer, dtype=dtype)
-    flux.set_progress_bar_config(disable=True)
-    encoder = SiglipVisionModel.from_pretrained(root / "redux" / "image_encoder", dtype=dtype)
-    redux = ReduxImageEncoder.from_pretrained(root / "redux" / "image_embedder", dtype=dtype)
-    adapter = root / "anystory_flux.bin"
-    pipe = AnyStoryFluxPipeline(flux, encoder, redux, read_checkpoint(adapter), adapter, reference_size=reference_size)
-    return pipe.to(device)
+    return AnyStoryFluxPipeline.from_pretrained(root / "flux", redux=root / "redux", adapter=root / "anystory_flux.bin",
+                                                reference_size=reference_size, torch_dtype=dtype, device=device,
+                                                transformer=transformer)
 
 
 def resident_bytes(modules) -> int:
@@ -220,12 +212,12 @@ def worker(root: Path, mode: str, cases: list[tuple[int, int]]) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     subjects = [_subject(color, box) for color, box in SUBJECTS]
     characters = [pipe.encode_character(*prepare_reference(image, mask), generator=g) for image, mask in subjects]
-    modules = [pipe.flux.transformer, pipe.flux.text_encoder, pipe.flux.text_encoder_2, pipe.flux.vae,
-               pipe.image_encoder, pipe.subject_embedder, pipe.router_embedder]
-    parts = {"transformer_and_adapters": resident_bytes([pipe.flux.transformer]),
+    modules = [pipe.transformer, pipe.anystory_adapter, pipe.text_encoder, pipe.text_encoder_2, pipe.vae,
+               pipe.redux_image_encoder, pipe.subject_embedder, pipe.router_embedder]
+    parts = {"transformer_and_adapters": resident_bytes([pipe.transformer, pipe.anystory_adapter]),
              "embedders": resident_bytes([pipe.subject_embedder, pipe.router_embedder]),
-             "tiny_parts": resident_bytes([pipe.flux.text_encoder, pipe.flux.text_encoder_2, pipe.flux.vae,
-                                           pipe.image_encoder])}
+             "tiny_parts": resident_bytes([pipe.text_encoder, pipe.text_encoder_2, pipe.vae,
+                                           pipe.redux_image_encoder])}
     resident = resident_bytes(modules) + sum(t.nbytes for c in characters for t in c.tensors().values())
     results = []
     for size, count in cases:

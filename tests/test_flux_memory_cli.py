@@ -66,7 +66,7 @@ def test_dry_run_says_the_plan_and_the_panels_and_writes_nothing(tmp_path, no_mo
 
 
 @pytest.mark.parametrize("size, plan, offload", [("80GB", "bf16", "none"), ("24GB", "int8-offload", "model"),
-                                                  ("12GiB", "group-offload", "group")])
+                                                  ("10GiB", "group-offload", "group")])
 def test_dry_run_json_carries_quantization_offload_and_peak(tmp_path, no_model_loads, size, plan, offload):
     story = write_story(tmp_path, HUB, resolution=1024)
     result = run(story, "--dry-run", "--memory", size, "--json", "--panels", "1")

@@ -286,9 +286,13 @@ def phases(shape: FluxShape, plan: Plan, workload: Workload, parts: Parts = Part
     vae = 2 * (parts.vae["encoder"] + parts.vae["decoder"])
     if other_bytes is not None:
         t5, clip, vae, siglip = other_bytes, 0.0, 0.0, 0.0
-    transformer = transformer_bytes(shape, plan.transformer)
-    # Today's pipeline keeps SigLIP and the embedders on the device in every plan.
-    resident = siglip + 2 * shape.embedder_params()
+    # The routing-map adapters stay on the device in every plan (they run inside the transformer's
+    # forward: the pipeline excludes them from offloading); SigLIP and the embedders run when a
+    # character is encoded, with the VAE's encoder.
+    adapters = 2 * shape.routing_adapter_params()
+    transformer = transformer_bytes(shape, plan.transformer) - adapters
+    encoders = siglip + 2 * shape.embedder_params()
+    resident = adapters
     kv = reference_kv_bytes(shape, workload.characters)
     step = step_activation_bytes(shape, workload)
     reference = reference_pass_bytes(shape, workload.characters)
@@ -297,12 +301,13 @@ def phases(shape: FluxShape, plan: Plan, workload: Workload, parts: Parts = Part
         reference += _largest_layer_bytes(shape) if workload.characters else 0
     decode = decode_bytes(workload.size, plan.vae_tiling)
     if plan.offload == "none":
-        weights = resident + t5 + clip + vae + transformer
+        weights = resident + encoders + t5 + clip + vae + transformer
         return {"text": weights, "reference": weights + reference, "step": weights + kv + step,
                 "decode": weights + kv + decode}
     if plan.offload == "model":  # one model on the device at a time
-        return {"text": resident + t5 + clip, "reference": resident + transformer + reference,
-                "step": resident + transformer + kv + step, "decode": resident + vae + kv + decode}
+        return {"text": resident + t5 + clip, "encode": resident + encoders + vae,
+                "reference": resident + transformer + reference, "step": resident + transformer + kv + step,
+                "decode": resident + vae + kv + decode}
     # group / sequential offload: the weights stream in layer by layer (two layers in flight with
     # prefetching), so what stays is the activations and the reference keys and values.
     in_flight = (2 if plan.offload == "group" else 1) * _largest_layer_bytes(shape)

@@ -1,9 +1,9 @@
 """Putting a memory plan (`memory.Plan`) into effect on diffusers' FluxPipeline: quantization at
 load through diffusers' quantization configs, then offloading and VAE tiling.
 
-This works on a plain FluxPipeline. AnyStory's pipeline gets it once its parts are registered
-diffusers components (its extra embedders and the reference cache are outside FluxPipeline's
-offload hooks today); until then a render refuses a plan rather than ignore it.
+It works on any FluxPipeline, AnyStoryFluxPipeline included (every part a registered component).
+A render does not pass the plan to its model loader yet: it refuses the plans it cannot follow
+rather than ignore them (render/memory_plan.py).
 """
 from __future__ import annotations
 
@@ -130,9 +130,14 @@ def apply_plan(pipe, plan: Plan, device: str | torch.device | None = None):
         pipe.enable_sequential_cpu_offload(device=device)
     elif plan.offload == "group":
         from diffusers.hooks import apply_group_offloading
-        for name in ("transformer", "text_encoder", "text_encoder_2", "vae"):  # the text encoders too
-            apply_group_offloading(getattr(pipe, name), onload_device=device, offload_device=torch.device("cpu"),
-                                   offload_type="leaf_level", use_stream=True)
+        kept = set(getattr(pipe, "_exclude_from_cpu_offload", ()))
+        for name, part in pipe.components.items():  # every model part, the text encoders too
+            if isinstance(part, torch.nn.Module):
+                if name in kept:
+                    part.to(device)
+                else:
+                    apply_group_offloading(part, onload_device=device, offload_device=torch.device("cpu"),
+                                           offload_type="leaf_level", use_stream=True)
     if plan.vae_tiling:  # tiles of VAE_TILE pixels (FLUX's VAE config would tile only above 1024)
         pipe.vae.enable_tiling()
         pipe.vae.tile_sample_min_size = VAE_TILE

@@ -116,9 +116,9 @@ def describe(plan: dict) -> str:
             f"character{'s' if plan['characters'] != 1 else ''} per panel at most)")
 
 
-# Plans today's AnyStory FLUX pipeline can follow: everything on the device, or diffusers' model
-# offload (`--offload`). Quantization and group offload need its parts registered as diffusers
-# components first.
+# Plans a render follows today: everything on the device, or diffusers' model offload
+# (`--offload`). Quantized and group/sequential-offload plans work on the pipeline from Python
+# (flux.memory_apply); passing them from the render to the model loader is not done yet.
 APPLICABLE = {"bf16": False, "bf16-offload": True}  # plan -> model offload
 
 
@@ -130,8 +130,8 @@ def check_applicable(plan: dict, runtime) -> None:
         return
     if name not in APPLICABLE:
         raise InputError(f"memory plan {name} ({plan['description']}) is not applied to AnyStory FLUX pipelines "
-                         f"yet: quantization and group/sequential offload need its parts registered as diffusers "
-                         f"components; give a larger --memory (bf16 with model offload needs "
+                         f"yet: render does not pass quantization or group/sequential offload to the model loader; "
+                         f"give a larger --memory (bf16 with model offload needs "
                          f"{plan['bf16_offload_needs_gib']}GB) or render without --memory")
     if APPLICABLE[name] and not runtime.device.startswith("cuda"):
         raise InputError(f"memory plan {name} offloads from a CUDA GPU; this render runs on {runtime.device}")
