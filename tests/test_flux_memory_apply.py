@@ -115,3 +115,22 @@ def test_offload_plans_need_cuda_and_tiling_is_turned_on():
     assert not pipe.vae.use_tiling
     memory_apply.apply_plan(pipe, resident(Q["bf16"], tiling=True), device="cpu")
     assert pipe.vae.use_tiling and pipe.vae.tile_sample_min_size == memory.VAE_TILE
+
+
+def test_a_plan_loads_the_anystory_pipeline_quantized_with_its_loras_landed():
+    """The plan's quantization config through AnyStoryFluxPipeline.from_pretrained: the transformer is
+    int8, the reference and router LoRAs land on it as on the full model, and apply_plan places it."""
+    pytest.importorskip("torchao")
+    from anystory_cli.flux import AnyStoryFluxPipeline
+
+    model = FLUX.parent
+    plan = memory.Plan("int8", Q["int8"], Q["bf16"], "none", 1.0)
+    kwargs = dict(redux=model / "redux", adapter=model / "anystory_flux.bin", reference_size=64, device="cpu",
+                  torch_dtype=torch.float32)
+    quantized = AnyStoryFluxPipeline.from_pretrained(
+        model / "flux", quantization_config=memory_apply.pipeline_quantization_config(plan), **kwargs)
+    full = AnyStoryFluxPipeline.from_pretrained(model / "flux", **kwargs)
+    assert memory_apply.apply_plan(quantized, plan, device="cpu") is quantized
+    base = quantized.transformer.transformer_blocks[0].attn.to_q.base_layer.weight
+    assert type(base).__name__ == "Int8Tensor"
+    assert quantized.lora_layers == full.lora_layers and all(full.lora_layers.values())
