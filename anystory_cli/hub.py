@@ -5,12 +5,18 @@ path also has means that path. The snapshot comes from the cache (`HF_HUB_CACHE`
 `HF_HOME/hub`); a part the cache lacks is downloaded once when online, only that part when a
 path inside is named, and never with HF_HUB_OFFLINE=1; neither cached nor reachable is one
 `ModelError` line. huggingface_hub is imported inside the functions.
+
+`PUBLISHED_MODELS` names the published models made of hub parts (`model: anystory-flux`), with
+what they need in memory and on disk; `cached_part` says whether the cache holds a part, never
+touching the network.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ModelError
@@ -21,6 +27,35 @@ from .library_logging import progress_bars_off
 _HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
 # Weights for other frameworks that a whole-repository download leaves behind (torch reads none).
 _OTHER_FRAMEWORKS = ["*.h5", "*.msgpack", "*.onnx", "*.onnx_data", "*.tflite", "*.ot", "*.mlmodel", "*.mlpackage/*"]
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """A model the authors published, by one name: its parts by hub id, and estimates of what it
+    needs (bf16 weights, from the parameter counts; nothing is downloaded to say so)."""
+
+    summary: str
+    parts: dict[str, str]  # the keys of a story's FLUX mapping: base, redux, adapter
+    memory_gib: float  # the weights in GPU memory at once, without offload
+    memory_note: str
+    disk_gb: float  # what the parts take in the Hugging Face cache
+
+
+# In bf16, from the parameter counts (docs/flux.md, "Memory and time"): FLUX.1-dev's transformer
+# 11.9 B parameters (22.2 GiB), T5-XXL 4.76 B (8.9 GiB), CLIP-L and the VAE 0.4 GiB (33.7 GB of
+# files); FLUX.1-Redux-dev's SigLIP 0.43 B and embedder 0.06 B (0.9 GiB, 1.0 GB); the AnyStory
+# adapter's embedders 0.3 GiB, routing adapters 0.2 GiB, reference and router LoRAs about
+# 1.8 GiB (2.4 GB). Sums: 34.7 GiB in memory, 37.1 GB on disk.
+PUBLISHED_MODELS = {
+    "anystory-flux": PublishedModel(
+        summary="the released AnyStory weights on FLUX.1-dev with FLUX.1-Redux-dev (docs/flux.md)",
+        parts={"base": "black-forest-labs/FLUX.1-dev", "redux": "black-forest-labs/FLUX.1-Redux-dev",
+               "adapter": "Junjie96/AnyStory/anystory_flux.bin"},
+        memory_gib=34.7,
+        memory_note="+0.7 GiB per character at 512 px; 24 GB cards with --offload",
+        disk_gb=37.1,
+    ),
+}
 
 
 def hub_shaped(repo_id: str) -> bool:
@@ -99,6 +134,27 @@ def cached_hub_snapshot(repo_id: str) -> Path | None:
         return Path(snapshot_download(repo_id, cache_dir=str(hub_cache_dir()), local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
         return None
+
+
+def cached_part(value: str) -> Path | None:
+    """The cached file or folder that hub part `value` ("org/name", "org/name/sub/path") names;
+    None when the cache lacks it, or, for a diffusers pipeline folder, any part its
+    model_index.json names. Never touches the network."""
+    parts = value.split("/")
+    snapshot = cached_hub_snapshot("/".join(parts[:2]))
+    if snapshot is None or not (snapshot / "/".join(parts[2:])).exists():
+        return None
+    path = snapshot / "/".join(parts[2:])
+    index = path / "model_index.json"
+    if index.is_file():
+        try:
+            components = [k for k, v in json.loads(index.read_text()).items()
+                          if not k.startswith("_") and isinstance(v, list) and v[0] is not None]
+        except (OSError, ValueError, AttributeError, IndexError):
+            return None
+        if not all((path / name).is_dir() for name in components):
+            return None
+    return path
 
 
 def hub_snapshot(repo_id: str, inside: str = "", pipeline: bool = False, download: bool = True) -> Path | None:

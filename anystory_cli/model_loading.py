@@ -1,8 +1,18 @@
-"""From a story's `model:` value to a pipeline: `load_pipeline` is the one dispatch.
+"""From a `model:` value to a pipeline: `model_source` is the one dispatch, `load_pipeline`,
+`model_fingerprint`, `model_defaults` and `check_model` its users.
 
-Every model is a folder with this layout (`model: default` names the one shipped in
-`anystory_cli/assets/default/`; "org/name" a Hugging Face hub id, whose snapshot comes from the
-hub cache; any other value is a local path)::
+A value (a story's `model:`, or `--model` after `story.model_value`) is one of:
+
+    default                the embedded model, a UNet model folder in `anystory_cli/assets/default/`
+    anystory-flux          a published model (`hub.PUBLISHED_MODELS`): FLUX parts by hub id
+    {base, redux, adapter} FLUX.1 with the released AnyStory weights (story.FluxModel)
+    flux.yaml / flux.json  a model file holding that mapping, its paths relative to the file
+    org/name               a Hugging Face hub id, whose snapshot comes from the hub cache
+    any other path         a local folder: a UNet model folder as below, or a saved
+                           AnyStoryFluxPipeline (model_index.json naming AnyStoryFluxPipeline)
+
+Every FLUX model samples with the released code's settings (`FLUX_DEFAULTS`) where the story's
+style leaves them out. A UNet model folder has this layout::
 
     my-model/
       model_index.json              a diffusers pipeline folder (`pipe.save_pretrained(...)`):
@@ -27,14 +37,16 @@ import copy
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_path
 from .errors import ModelError, OutputError
-from .hub import hub_snapshot, is_hub_id, model_part_dir
+from .hub import PUBLISHED_MODELS, hub_snapshot, is_hub_id, model_part_dir
 from .library_logging import progress_bars_off
 
 DEFAULT_MODEL = "default"
+MODEL_FILE_SUFFIXES = (".yaml", ".yml", ".json")  # a model file: the mapping a story's `model:` holds
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default"
 ADAPTER_FILE = "anystory_adapter.safetensors"
 ADAPTER_DIR = "anystory_adapter"  # the same adapter as a folder (`AnyStoryAdapter.save_pretrained`)
@@ -44,6 +56,10 @@ SAMPLING_DEFAULTS = ("paste_references_at",)  # what that file may set; a story'
 PANEL_ADAPTER = "panels"
 IMAGE_ENCODER_DIR = "image_encoder"
 PIPELINE_INDEX = "model_index.json"
+SAVED_FLUX_CLASS = "AnyStoryFluxPipeline"  # a saved FLUX pipeline folder's model_index.json `_class_name`
+# The released code's sampling (its generate(): 28 steps, guidance 3.5, 512 px panels, the last
+# set by flux/comic.py); a story's `style` overrides them.
+FLUX_DEFAULTS = {"steps": 28, "guidance": 3.5}
 WORD_SUFFIX = "</w>"  # CLIP's BPE marks the end of a word with it
 
 LAYOUT_HELP = (f"a model folder holds {PIPELINE_INDEX} with the diffusers pipeline's subfolders, "
@@ -113,13 +129,119 @@ def _own_adapter(folder: Path) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class FluxParts:
+    """FLUX.1 with the released AnyStory weights: each part a path or a hub id. `where` names what
+    named them (a built-in name, a model file) for error lines; empty for a story's mapping."""
+
+    base: str
+    redux: str
+    adapter: str
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class SavedFluxFolder:
+    """A folder written by `AnyStoryFluxPipeline.save_pretrained` (or its hub snapshot)."""
+
+    folder: Path
+
+
+def model_source(model, base_dir: str | os.PathLike[str] | None = None,
+                 download: bool = True) -> Path | FluxParts | SavedFluxFolder | None:
+    """What a model value names (see the module docstring): a UNet model folder (a Path), the FLUX
+    parts, or a saved FLUX pipeline folder. Hub ids come from the Hugging Face cache, downloaded
+    once when online; download=False (`validate`): None for a hub model not cached yet."""
+    if not isinstance(model, str):  # a story's {base, redux, adapter}
+        return FluxParts(str(model.base), str(model.redux), str(model.adapter))
+    if model in PUBLISHED_MODELS:
+        return FluxParts(**PUBLISHED_MODELS[model].parts, where=model)
+    if model == DEFAULT_MODEL:
+        return DEFAULT_MODEL_DIR
+    if not download and is_hub_id(model, base_dir):
+        folder = model_part_dir(model, download=False)
+        if folder is None:
+            return None
+    else:
+        folder = resolve_model_dir(model, base_dir)
+    if folder.suffix.lower() in MODEL_FILE_SUFFIXES and not folder.is_dir():
+        return _model_file_parts(folder)
+    if _index_class(folder) == SAVED_FLUX_CLASS:
+        return SavedFluxFolder(folder)
+    return folder
+
+
+def _model_file_parts(path: Path) -> FluxParts:
+    from .story import load_model_file
+
+    if not path.is_file():
+        raise ModelError(f"model file {path} not found")
+    model = load_model_file(path)
+    return FluxParts(model.base, model.redux, model.adapter, where=f"model file {path}")
+
+
+def builtin_models() -> list[dict]:
+    """The built-in model names (`anystory models`), each with what it is, what it needs in memory
+    and on disk, and whether it is here: the embedded model ships in the package (its sizes are
+    measured: fp32 weights, loaded as stored); a published model's parts are looked up in the
+    Hugging Face cache without touching the network (its sizes are `hub.PUBLISHED_MODELS`' estimates)."""
+    from .hub import cached_part
+
+    weights = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*.safetensors"))
+    on_disk = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
+    models = [{"name": DEFAULT_MODEL, "summary": "the embedded model: the sprite world, trained on a CPU "
+               "(docs/default-model.md)", "parts": {"folder": str(DEFAULT_MODEL_DIR)},
+               "memory_gib": round(weights / 2**30, 3), "memory_note": "fp32, runs on a CPU",
+               "disk_gb": round(on_disk / 1e9, 3), "available": True, "here": "shipped in the package",
+               "missing": []}]
+    for name, published in PUBLISHED_MODELS.items():
+        missing = [field for field, part in published.parts.items() if cached_part(part) is None]
+        here = "in the Hugging Face cache" if not missing else f"not cached: {', '.join(missing)}"
+        models.append({"name": name, "summary": published.summary, "parts": dict(published.parts),
+                       "memory_gib": published.memory_gib, "memory_note": published.memory_note,
+                       "disk_gb": published.disk_gb, "available": not missing, "here": here,
+                       "missing": missing})
+    return models
+
+
+def _index_class(folder: Path) -> str:
+    """The `_class_name` of a folder's model_index.json; '' without a readable one."""
+    try:
+        data = json.loads((folder / PIPELINE_INDEX).read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(data.get("_class_name", "")) if isinstance(data, dict) else ""
+
+
+def is_flux(model, base_dir: str | os.PathLike[str] | None = None) -> bool:
+    """Whether `model` names a FLUX model (without downloading anything)."""
+    return isinstance(model_source(model, base_dir, download=False), (FluxParts, SavedFluxFolder))
+
+
+def check_model(model, base_dir: str | os.PathLike[str] | None = None) -> None:
+    """ModelError naming the first problem of the model, found without loading or downloading
+    anything (`anystory validate`); a hub model not cached yet is not checked. The embedded
+    default is not checked: it depends on the build, not on the story (`render` says so)."""
+    if model == DEFAULT_MODEL:
+        return
+    source = model_source(model, base_dir, download=False)
+    if isinstance(source, FluxParts):
+        from .flux.folders import check_flux_model
+
+        check_flux_model(source.base, source.redux, source.adapter, download=False, where=source.where or None)
+    elif isinstance(source, Path):
+        check_model_dir(source)
+        model_defaults(str(source))  # its sampling defaults file, when it has one, must read
+
+
 def model_defaults(model, base_dir: str | os.PathLike[str] | None = None) -> dict:
-    """The sampling defaults a model folder recommends (its `DEFAULTS_FILE`), {} without one.
-    A folder that is missing is not an error here: loading it says what is wrong."""
-    if not isinstance(model, str):
-        return {}
-    folder = resolve_model_dir(model, base_dir)
-    path = folder / DEFAULTS_FILE
+    """The sampling defaults of a model: `FLUX_DEFAULTS` for FLUX, else what a model folder
+    recommends (its `DEFAULTS_FILE`), {} without one. A folder that is missing is not an error
+    here: loading it says what is wrong."""
+    source = model_source(model, base_dir)
+    if not isinstance(source, Path):
+        return dict(FLUX_DEFAULTS)
+    path = source / DEFAULTS_FILE
     if not path.is_file():
         return {}
     try:
@@ -140,12 +262,16 @@ def model_defaults(model, base_dir: str | os.PathLike[str] | None = None) -> dic
 def model_fingerprint(model, base_dir: str | os.PathLike[str] | None = None,
                       cache_dir: str | os.PathLike[str] | None = None) -> str:
     """A short id of a model folder's contents, without loading it: milliseconds while its large
-    files keep their recorded hashes (kept in `cache_dir`, default: the encoding cache's folder)."""
-    if not isinstance(model, str):  # {base, redux, adapter}: FLUX.1 with the released weights
-        return _flux_fingerprint(model)
-    folder = resolve_model_dir(model, base_dir)
-    check_model_dir(folder)
-    return _pieces_digest(_model_files(folder), cache_dir)
+    files keep their recorded hashes (kept in `cache_dir`, default: the encoding cache's folder).
+    The same FLUX parts, however named (a built-in name, a model file, a mapping, hub ids or
+    their folders), give the same id, and so share the encoding cache."""
+    source = model_source(model, base_dir)
+    if isinstance(source, FluxParts):
+        return _flux_fingerprint(source, cache_dir)
+    if isinstance(source, SavedFluxFolder):
+        return "flux-" + _pieces_digest(_model_files(source.folder), cache_dir)
+    check_model_dir(source)
+    return _pieces_digest(_model_files(source), cache_dir)
 
 
 def _model_files(folder: Path, skip: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
@@ -214,25 +340,62 @@ def _runtime(runtime):
     return runtime if runtime is not None else resolve_runtime()
 
 
-def _flux_fingerprint(model) -> str:
+def _flux_paths(parts: FluxParts) -> tuple[Path, Path, Path]:
+    """(base folder, Redux folder, adapter file), each checked (hub parts fetched)."""
     from .flux.folders import check_flux_model
 
-    base, redux, adapter = check_flux_model(model.base, model.redux, model.adapter)
+    return check_flux_model(parts.base, parts.redux, parts.adapter, where=parts.where or None)  # type: ignore[return-value]
+
+
+def _flux_fingerprint(parts: FluxParts, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    base, redux, adapter = _flux_paths(parts)
     files = [(f"base/{n}", p) for n, p in _model_files(base)] + [(f"redux/{n}", p) for n, p in _model_files(redux)]
-    return "flux-" + _pieces_digest(files + [("anystory_flux.bin", adapter)])
+    return "flux-" + _pieces_digest(files + [("anystory_flux.bin", adapter)], cache_dir)
 
 
-def _load_flux(model, runtime=None):
-    """A story's FLUX mapping -> the FLUX pipeline behind the renderer's calls (flux/comic.py),
-    on the runtime's device and precision (devices.py: bf16 on CUDA, fp32 on a CPU)."""
+def _load_flux(parts: FluxParts, runtime=None):
+    """The FLUX parts -> the FLUX pipeline behind the renderer's calls (flux/comic.py), on the
+    runtime's device and precision (devices.py: bf16 on CUDA, fp32 on a CPU)."""
     from .flux import AnyStoryFluxPipeline
-    from .flux.comic import FluxComicPipeline
 
     runtime = _runtime(runtime)
-    model_id = _flux_fingerprint(model)
+    model_id = _flux_fingerprint(parts)
+    base, redux, adapter = _flux_paths(parts)
     pipe = AnyStoryFluxPipeline.from_pretrained(
-        model.base, redux=model.redux, adapter=model.adapter, torch_dtype=runtime.torch_dtype,
+        base, redux=redux, adapter=adapter, torch_dtype=runtime.torch_dtype,
         device="cpu" if runtime.offload else runtime.torch_device)
+    return _comic_pipeline(pipe, model_id, runtime)
+
+
+def _load_saved_flux(saved: SavedFluxFolder, runtime=None):
+    """A saved AnyStoryFluxPipeline folder -> the FLUX pipeline behind the renderer's calls,
+    loaded whole by `AnyStoryFluxPipeline.from_pretrained(folder)` (a diffusers pipeline)."""
+    from diffusers import DiffusionPipeline
+
+    from .flux import AnyStoryFluxPipeline
+
+    folder = saved.folder
+    if not issubclass(AnyStoryFluxPipeline, DiffusionPipeline):
+        raise ModelError(f"{folder}: a saved {SAVED_FLUX_CLASS} folder, which this version cannot load yet "
+                         f"({SAVED_FLUX_CLASS}.from_pretrained takes the base, redux and adapter parts); "
+                         "name the three parts in a model file instead (docs/flux.md)")
+    runtime = _runtime(runtime)
+    model_id = model_fingerprint(str(folder))
+    try:
+        with progress_bars_off():
+            pipe = AnyStoryFluxPipeline.from_pretrained(str(folder), torch_dtype=runtime.torch_dtype)
+    except ModelError as exc:
+        raise ModelError(f"{folder}: {exc}") from None
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"{folder}: cannot load the saved {SAVED_FLUX_CLASS} ({_first_line(exc)})") from None
+    if not runtime.offload:
+        pipe.to(runtime.torch_device)
+    return _comic_pipeline(pipe, model_id, runtime)
+
+
+def _comic_pipeline(pipe, model_id: str, runtime):
+    from .flux.comic import FluxComicPipeline
+
     if runtime.offload:
         pipe.enable_model_cpu_offload(device=runtime.device)
     return FluxComicPipeline(pipe, model_id)
@@ -240,14 +403,20 @@ def _load_flux(model, runtime=None):
 
 def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
                   adapter: str | os.PathLike[str] | None = None, runtime=None):
-    """Load the AnyStoryPipeline that `model` names (see the module docstring). `adapter`: an
-    adapter file used instead of the folder's own (e.g. a training checkpoint to evaluate). A FLUX
-    mapping {base, redux, adapter} gives the FLUX pipeline (docs/flux.md). `runtime`
+    """Load the pipeline that `model` names (see the module docstring): a UNet model folder gives
+    an AnyStoryPipeline, a FLUX model the FLUX pipeline (docs/flux.md). `adapter`: an adapter
+    file used instead of a UNet folder's own (e.g. a training checkpoint to evaluate). `runtime`
     (devices.Runtime): device, precision and offload; default: from the environment
     (ANYSTORY_DEVICE, ANYSTORY_DTYPE, ANYSTORY_OFFLOAD) and the machine."""
-    if not isinstance(model, str):
-        return _load_flux(model, runtime)
-    folder = resolve_model_dir(model, base_dir, with_adapter=adapter is None)
+    source = model_source(model, base_dir)
+    if not isinstance(source, Path) and adapter is not None:
+        raise ModelError(f"--adapter {adapter}: a FLUX model names its own adapter (anystory_flux.bin); "
+                         "--adapter replaces the adapter of a UNet model folder")
+    if isinstance(source, FluxParts):
+        return _load_flux(source, runtime)
+    if isinstance(source, SavedFluxFolder):
+        return _load_saved_flux(source, runtime)
+    folder = source
     check_model_dir(folder, with_adapter=adapter is None)
     if adapter is None:
         adapter_file, model_id = _own_adapter(folder), model_fingerprint(model, base_dir)

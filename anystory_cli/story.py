@@ -42,6 +42,7 @@ from pydantic import (
     Discriminator,
     Field,
     Tag,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -49,8 +50,9 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from anystory_cli.errors import StoryError
+from anystory_cli.errors import ModelError, StoryError
 from anystory_cli.fonts import is_font_file_entry
+from anystory_cli.hub import PUBLISHED_MODELS
 from anystory_cli.sd.guidance import DEFAULT_INTERVAL as DEFAULT_GUIDANCE_INTERVAL
 from anystory_cli.sd.guidance import inside_schedule
 from anystory_cli.layout import LAYOUT_TEMPLATES, mm_to_px, page_size_px
@@ -300,7 +302,7 @@ def _shape_of(value: Any) -> str | None:
 
 
 # Tags pydantic inserts into error locations for the unions below; they are not field names.
-_UNION_TAGS = {"@word", "@mapping", "@list"}
+_UNION_TAGS = {"@word", "@mapping", "@list", "@name", "@folder", "@flux"}
 
 Placement = Annotated[
     Union[
@@ -375,9 +377,10 @@ class Style(_Strict):
     prompt_prefix: str = Field("", description="Put before every panel prompt, e.g. 'pixel art'.")
     prompt_suffix: str = Field("", description="Put after every panel prompt.")
     negative_prompt: str = Field("", description="Negative prompt of every panel.")
-    steps: int = Field(25, ge=1, le=500, description="Denoising steps per panel.")
+    steps: int = Field(25, ge=1, le=500, description="Denoising steps per panel (default: the model's own; "
+                       "25, and 28 on FLUX as the released code).")
     guidance: float = Field(7.5, ge=0.0, le=50.0, description="Classifier-free guidance scale (on FLUX: "
-                            "FLUX.1-dev's distilled guidance, default 3.5).")
+                            "FLUX.1-dev's distilled guidance, default 3.5). Default: the model's own.")
     resolution: int | None = Field(
         None, ge=64, le=4096, description="Long side of a drawn panel in pixels (default: the model's own "
         "size, 512 on FLUX; the short side follows the frame's shape).",
@@ -545,9 +548,6 @@ class Panel(_Strict):
     )
 
 
-FLUX_GUIDANCE = 3.5  # FLUX.1-dev's embedded (distilled) guidance, the released app's default
-
-
 def _model_location(value: str, info: ValidationInfo) -> str:
     """A folder or file relative to the story, or a hub id ("org/name", "org/name/file") kept as it
     is when no such path exists."""
@@ -593,41 +593,128 @@ class FluxModel(_Strict):
         return f"FLUX {self.base} + {Path(self.adapter).name}"
 
 
+# Built-in model names: the embedded model, and the published models made of hub parts.
+BUILTIN_MODELS = ("default", *PUBLISHED_MODELS)
+MAX_MODEL_FILE_BYTES = 64 * 1024
+
+
+def _any_of(schema: dict[str, Any]) -> None:
+    """A built-in name is a string too: the schema's alternatives may overlap (anyOf, not oneOf)."""
+    if "oneOf" in schema:
+        schema["anyOf"] = schema.pop("oneOf")
+
+
+def _model_tag(value: Any) -> str:
+    if isinstance(value, (Mapping, FluxModel)):
+        return "@flux"
+    return "@name" if value in BUILTIN_MODELS else "@folder"
+
+
+def _resolve_model(value: str | FluxModel, info: ValidationInfo) -> str | FluxModel:
+    """Built-in names and hub ids stay as they are; a path becomes absolute (relative to the
+    story, or to where `--model` was given). A bare name that is neither built in nor a file or
+    folder is an unknown model, said with the names there are."""
+    if isinstance(value, FluxModel) or value in BUILTIN_MODELS:
+        return value
+    from .hub import is_hub_id
+
+    base_dir = (info.context or {}).get("base_dir")
+    if is_hub_id(value, base_dir):
+        return value  # "org/name": from the Hugging Face cache (hub.hub_snapshot)
+    path = _resolve(Path(value), info)
+    model_file = Path(value).suffix.lower() in (".yaml", ".yml", ".json")  # loading says it is missing
+    if "/" not in value and os.sep not in value and not model_file and not path.exists():
+        raise PydanticCustomError(
+            "unknown_model", "unknown model {name}: the built-in models are {names}; else give a model "
+            "folder, a model file (.yaml, .json) or a hub id (org/name)",
+            {"name": repr(value), "names": ", ".join(BUILTIN_MODELS)})
+    return os.path.normpath(path)  # one spelling of a path ("a/../m" is "m"): it keys the panels
+
+
+ModelValue = Annotated[
+    Annotated[Literal[BUILTIN_MODELS], Tag("@name")]  # type: ignore[valid-type]
+    | Annotated[NonBlank, Tag("@folder")] | Annotated[FluxModel, Tag("@flux")],
+    Discriminator(_model_tag),
+    AfterValidator(_resolve_model),
+    Field(description="A built-in model (" + ", ".join(BUILTIN_MODELS) + ": `anystory models` lists them), a "
+          "local model folder, a model file (.yaml or .json holding the mapping below), a Hugging Face hub id "
+          "('org/name', from the hub cache, downloaded once when online), or {base, redux, adapter} for "
+          "FLUX.1 with the released AnyStory weights.", json_schema_extra=_any_of),
+]
+
+
 class Story(_Strict):
     title: Annotated[NonBlank, Field(max_length=200)] = "Untitled"
-    model: Annotated[
-        Annotated[NonBlank, Tag("folder")] | Annotated[FluxModel, Tag("flux")],
-        Discriminator(lambda v: "flux" if isinstance(v, (dict, FluxModel)) else "folder"),
-        Field(description="'default', a path to a local model folder, a Hugging Face hub id ('org/name', "
-              "from the hub cache, downloaded once when online), or {base, redux, adapter} for FLUX.1 "
-              "with the released AnyStory weights."),
-    ] = "default"
+    model: ModelValue = "default"
     seed: int = Field(0, ge=0, le=2**32 - 1)
     style: Style = Field(default_factory=Style)
     page: PageSettings = Field(default_factory=PageSettings)
     characters: dict[CharacterName, Character] = Field(default_factory=dict)
     panels: list[Panel] = Field(min_length=1, max_length=1000)
 
-    @field_validator("model")
-    @classmethod
-    def _resolve_model(cls, value: str | FluxModel, info: ValidationInfo) -> str | FluxModel:
-        if isinstance(value, FluxModel) or value == "default":
-            return value
-        from .hub import is_hub_id
+    def with_model_defaults(self, defaults: Mapping[str, Any]) -> Story:
+        """This story with the model's sampling defaults (`model_loading.model_defaults`, e.g.
+        FLUX's guidance 3.5) in the style settings the story does not set itself."""
+        style = {k: v for k, v in defaults.items() if k in Style.model_fields and k not in self.style.model_fields_set}
+        return self.model_copy(update={"style": self.style.model_copy(update=style)}) if style else self
 
-        if is_hub_id(value, (info.context or {}).get("base_dir")):
-            return value  # "org/name": from the Hugging Face cache (hub.hub_snapshot)
-        return str(_resolve(Path(value), info))
 
-    @model_validator(mode="before")
-    @classmethod
-    def _flux_guidance(cls, data: Any) -> Any:
-        """A FLUX story's guidance is FLUX.1-dev's distilled guidance: 3.5 unless the story says."""
-        if isinstance(data, dict) and isinstance(data.get("model"), dict):
-            style = data.get("style")
-            if style is None or (isinstance(style, dict) and "guidance" not in style):
-                data = {**data, "style": {**(style or {}), "guidance": FLUX_GUIDANCE}}
-        return data
+def model_value(value: Any, source: str, base_dir: str | os.PathLike[str]) -> str | FluxModel:
+    """A model named outside a story (`--model`, a model file), checked as a story's `model:` is,
+    paths relative to `base_dir`; the text of an inline mapping ("{base: ..., redux: ...,
+    adapter: ...}") is read as YAML. One ModelError line, "<source>: <field>: <problem>", else."""
+    if isinstance(value, str) and value.lstrip().startswith("{"):
+        try:
+            value = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            raise ModelError(f"{source}: not a valid mapping ({_describe_yaml_error(exc)})") from None
+    return _validated_model(value, source, base_dir)
+
+
+def load_model_file(path: str | os.PathLike[str]) -> FluxModel:
+    """A model file (.yaml, .yml or .json): the mapping a story's `model:` holds, its paths relative
+    to the file. One ModelError line naming the file and the field otherwise."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()[: MAX_MODEL_FILE_BYTES + 1]
+    except OSError as exc:
+        raise ModelError(f"model file {path}: cannot read it ({exc.strerror or exc})") from None
+    if len(raw) > MAX_MODEL_FILE_BYTES:
+        raise ModelError(f"model file {path}: over {MAX_MODEL_FILE_BYTES // 1024} KiB; expected a small mapping "
+                         "{base, redux, adapter}")
+    try:
+        data = yaml.load(raw.decode("utf-8-sig"), Loader=UniqueKeyLoader)  # JSON is YAML too
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"model file {path}: not UTF-8 text (byte {exc.start})") from None
+    except yaml.MarkedYAMLError as exc:
+        raise ModelError(f"model file {path}: {_describe_yaml_error(exc)}") from None
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise ModelError(f"model file {path}: not valid YAML or JSON ({exc})") from None
+    if not isinstance(data, Mapping):
+        raise ModelError(f"model file {path}: expected a mapping {{base, redux, adapter}}, got {_kind_of(data)}")
+    model = _validated_model(data, f"model file {path}", path.resolve().parent)
+    assert isinstance(model, FluxModel)
+    return model
+
+
+_MODEL_VALUE = TypeAdapter(ModelValue)
+
+
+def _validated_model(value: Any, source: str, base_dir: str | os.PathLike[str]) -> str | FluxModel:
+    try:
+        return _MODEL_VALUE.validate_python(value, context={"base_dir": Path(base_dir).resolve()})
+    except ValidationError as exc:
+        # One line: an unknown key first, as a misspelt key also leaves a required one missing.
+        error = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
+        loc, message = _describe_pydantic_error(error)
+        if error["type"] == "extra_forbidden":
+            key, fields = str(error["loc"][-1]), list(FluxModel.model_fields)
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            message = f"unknown key {key!r} " + (f"(did you mean {close[0]!r}?)" if close else
+                                                  f"(expected {', '.join(fields)})")
+            loc = ()
+        where = format_loc(loc)
+        raise ModelError(f"{source}: {where}: {message}" if where else f"{source}: {message}") from None
 
 
 def _resolve(value: Path | None, info: ValidationInfo) -> Path | None:
@@ -1092,7 +1179,7 @@ def _describe_pydantic_error(error: Mapping[str, Any]) -> tuple[tuple, str]:
         return loc, f"expected a list, got {_kind_of(value)}"
     message = error["msg"]
     message = message[0].lower() + message[1:] if message[:1].isupper() else message
-    if isinstance(value, (str, int, float, bool)) and kind not in {"character_name", "box_range"}:
+    if isinstance(value, (str, int, float, bool)) and kind not in {"character_name", "box_range", "unknown_model"}:
         shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
         message += f", got {shown}"
     return loc, message

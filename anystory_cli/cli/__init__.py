@@ -5,7 +5,7 @@ Everything heavy (pydantic, torch, diffusers) is imported inside the commands, s
 a terminal, plain otherwise or with NO_COLOR — and exit code 1; usage errors exit 2; an
 unexpected exception prints a short line and a hint to rerun with --debug for the traceback.
 
-    rendering.py   validate, schema, encode-character, render
+    rendering.py   validate, schema, models, encode-character, render
     importing.py   import storyboard
     training.py    train
     world.py       world sample | dataset | reference
@@ -50,6 +50,7 @@ def main(
 
 app.command()(rendering.validate)
 app.command()(rendering.schema)
+app.command()(rendering.models)
 app.add_typer(importing.import_app, name="import")
 app.command("encode-character")(rendering.encode_character)
 app.command()(rendering.render)

@@ -147,7 +147,9 @@ def evaluate_adapter_command(
     variants: str = typer.Option(",".join(["anystory", "no_paste", "no_router", "no_reference_net", "no_subject_tokens",
                                            "text_only"]), "--variants",
                                  help="Comma-separated: anystory and any ablations to draw beside it."),
-    model: str = typer.Option("default", "--model", help="'default', a model folder or a hub id (see `anystory render`)."),
+    model: str = typer.Option("default", "--model", help="The UNet model to grade: 'default', a model folder, a hub "
+                              "id (org/name) or a model file (see `anystory render`); FLUX models are not graded "
+                              "here (the judge knows the sprite world only)."),
     adapter: Optional[Path] = typer.Option(None, "--adapter", help="An adapter file or folder from `anystory "
                                            "train` (e.g. runs/…/adapter.safetensors), or a hub id, to "
                                            "grade on --model's base instead of its own adapter."),
@@ -173,8 +175,8 @@ def evaluate_adapter_command(
         interval = _guidance_interval(guidance_interval)
         panel_shape = _panel_shape(shape) if shape is not None else None
         _check_report_dir(report)
-        judge = load_judge()
         pipe = _adapter_pipeline(model, adapter)
+        judge = load_judge()
 
         def progress(stage: str, done: int, total: int) -> None:
             if not as_json and (done == total or done % 10 == 0):
@@ -238,9 +240,17 @@ def _evaluation_json(path: Path) -> dict:
 
 
 def _adapter_pipeline(model: str, adapter: Optional[Path]):
-    """The AnyStoryPipeline to grade: `model` as `render` loads it, with `adapter` instead of its own."""
-    if seams.PIPELINE_FACTORY is not None and adapter is None:
-        return seams.PIPELINE_FACTORY(model, Path.cwd())
-    from ..model_loading import load_pipeline
+    """The AnyStoryPipeline to grade: `model` as `render` loads it, with `adapter` instead of its own.
+    A FLUX model is refused: the judge grades the sprite world's UNet models, and the grading
+    turns the paper's components (QFormer, ReferenceNet, paste) off one by one."""
+    from ..errors import InputError
+    from ..model_loading import is_flux, load_pipeline
+    from .rendering import model_value
 
-    return load_pipeline(model, Path.cwd(), adapter=adapter)
+    value = model_value(model)
+    if is_flux(value, Path.cwd()):
+        raise InputError(f"--model {model}: a FLUX model; `evaluate adapter` grades UNet AnyStory models (the "
+                         "embedded one, or a folder from `anystory train`) on the sprite world")
+    if seams.PIPELINE_FACTORY is not None and adapter is None:
+        return seams.PIPELINE_FACTORY(value, Path.cwd())
+    return load_pipeline(value, Path.cwd(), adapter=adapter)

@@ -1,4 +1,4 @@
-"""`anystory validate`, `schema`, `encode-character` and `render`: stories to pages."""
+"""`anystory validate`, `schema`, `models`, `encode-character` and `render`: stories to pages."""
 
 from __future__ import annotations
 
@@ -18,18 +18,37 @@ from .output import (PlainProgress, QuietProgress, RichProgress, colour, guarded
 
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,39}\Z")  # \Z: '$' lets 'mira\n' through
 
+MODEL_HELP = ("a built-in name (default, anystory-flux: `anystory models`), a model folder, a model file "
+              "(.yaml/.json holding a story's `model:` mapping), a hub id (org/name), or an inline mapping "
+              "'{base: ..., redux: ..., adapter: ...}'; relative paths are relative to the current folder")
+
+
+def _model_option(default: Optional[str], what: str):
+    return typer.Option(default, "--model", help=f"{what}: {MODEL_HELP}.")
+
+
+def model_value(text: Optional[str]):
+    """--model as a story's `model:` value (paths relative to the current folder); one error line."""
+    if text is None:
+        return None
+    from ..story import model_value as checked
+
+    return checked(text, f"--model {text}", Path.cwd())
+
 
 def validate(
     stories: list[Path] = typer.Argument(..., help="Story files (YAML).", show_default=False,
                                        metavar="STORY"),
+    model: Optional[str] = _model_option(None, "Check the stories with this model instead of their own"),
 ) -> None:
     """Check stories without drawing: every problem, one per line, with its location."""
     with guarded():
         from ..render import story_problems
 
+        replacement = model_value(model)
         failed = False
         for path in stories:
-            problems = story_problems(path)
+            problems = story_problems(path, replacement)
             for problem in problems:
                 print_error(problem)
             if problems:
@@ -46,6 +65,29 @@ def schema() -> None:
         from ..story import story_json_schema
 
         typer.echo(json.dumps(story_json_schema(), indent=2))
+
+
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON on stdout."),
+) -> None:
+    """List the built-in model names: what each is, what it needs, whether it is here.
+
+    Memory: the weights at once without offload; disk: what its files take. Whether a published
+    model is in the Hugging Face cache is looked up there; nothing is downloaded.
+    """
+    with guarded(as_json):
+        from ..model_loading import builtin_models
+
+        listed = builtin_models()
+        if as_json:
+            typer.echo(json.dumps({"ok": True, "models": listed}, indent=2))
+            return
+        for entry in listed:
+            typer.echo(f"{entry['name']}: {entry['summary']}")
+            typer.echo(f"  memory {entry['memory_gib']:.1f} GiB ({entry['memory_note']}), "
+                       f"disk {entry['disk_gb']:.1f} GB, {entry['here']}")
+            for field, part in entry["parts"].items():
+                typer.echo(f"  {field}: {part}")
 
 
 def _check_name(value: str) -> str:
@@ -81,7 +123,7 @@ def encode_character(
                                  show_default=False),
     name: str = typer.Option(..., "--name", callback=_check_name, help="The character's name."),
     mask: Optional[Path] = typer.Option(None, "--mask", help="Mask image (white = the character)."),
-    model: str = typer.Option("default", "--model", help="'default', a model folder or a hub id (org/name)."),
+    model: str = _model_option("default", "The model that encodes"),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Cache folder (default: "
                                          "$ANYSTORY_CACHE, else the user cache folder: "
                                          "$XDG_CACHE_HOME/anystory or ~/.cache/anystory on Linux)."),
@@ -92,10 +134,14 @@ def encode_character(
     offload: bool = _offload_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
 ) -> None:
-    """Encode a character once (QFormer + ReferenceNet) into the cache; write its card."""
+    """Encode a character once into the cache, as a render with the same model does; write its card.
+
+    A story that uses the same image (and mask) with the same model then encodes nothing.
+    """
     with guarded(as_json):
         from ..render.sheets import encode_character_file
 
+        value = model_value(model)
         runtime = _runtime(device, dtype, offload)
         factory = seams.PIPELINE_FACTORY
         if factory is None:
@@ -104,7 +150,7 @@ def encode_character(
             factory = functools.partial(load_pipeline, runtime=runtime)
         quiet_libraries()
         result = encode_character_file(
-            image, name, mask_path=mask, model=model, cache_dir=cache,
+            image, name, mask_path=mask, model=value, cache_dir=cache,
             card_path=card or Path(f"{name}-card.png"), pipeline_factory=factory,
         )
         state = "already cached" if result.hit else ("re-encoded" if result.rebuilt else "encoded")
@@ -165,6 +211,7 @@ def render(
     save_routing: bool = typer.Option(False, "--save-routing", help="Write each panel's routing "
                                       "maps (.npy) and an overlay (.png) next to it."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Character cache folder."),
+    model: Optional[str] = _model_option(None, "Draw with this model instead of the story's `model:`"),
     device: Optional[str] = _device_option(),
     dtype: Optional[str] = _dtype_option(),
     offload: bool = _offload_option(),
@@ -191,6 +238,7 @@ def render(
     with guarded(as_json, extra=lambda: {"stories": [s.to_dict() for s in summaries]}):
         from ..render import Interrupted, memoize_factory, render_story, stop_on_signals
 
+        replacement = model_value(model)
         runtime = _runtime(device, dtype, offload)
         fingerprint = seams.MODEL_FINGERPRINT
         if seams.PIPELINE_FACTORY is None:
@@ -212,7 +260,7 @@ def render(
                         story, folder, pages=page_numbers, panels=panel_numbers, seed=seed,
                         steps=steps, save_routing=save_routing, pipeline_factory=factory,
                         model_fingerprint=fingerprint, cache_dir=cache, progress=reporter,
-                        runtime=runtime, memory=memory,
+                        runtime=runtime, memory=memory, model=replacement,
                     ))
         except Interrupted as stopped:
             if stopped.summary is not None:

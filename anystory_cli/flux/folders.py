@@ -49,19 +49,35 @@ def check_redux_folder(folder: Path) -> None:
                              f"image_encoder/ and image_embedder/)")
 
 
-def check_flux_model(base, redux, adapter, download: bool = True) -> tuple[Path | None, Path | None, Path | None]:
-    """(base folder, Redux folder, adapter file), each checked; ModelError naming the first problem.
-    Hub ids are fetched (download=False: a part not cached yet is None, unchecked); base None:
-    the Redux folder and the adapter only."""
-    base_dir = None if base is None else resolve_part(base, "FLUX.1 base model", download)
-    if base_dir is not None:
-        check_flux_folder(base_dir)
-    redux_dir = resolve_part(redux, "FLUX.1-Redux folder", download)
-    if redux_dir is not None:
-        check_redux_folder(redux_dir)
-    try:
-        adapter_file = resolve_part(adapter, "AnyStory adapter", download, folder=False)
-    except ModelError as exc:
-        raise ModelError(f"{exc} (expected anystory_flux.bin, e.g. the hub file "
-                         "Junjie96/AnyStory/anystory_flux.bin)") from None
-    return base_dir, redux_dir, adapter_file
+def check_flux_model(base, redux, adapter, download: bool = True,
+                     where: str | None = None) -> tuple[Path | None, Path | None, Path | None]:
+    """(base folder, Redux folder, adapter file), each checked; ModelError naming the first problem
+    ("<where>: <field>: ..." when `where`, e.g. a model file, named the parts). Hub ids are fetched
+    (download=False: a part not cached yet is None, unchecked); base None: the Redux folder and the
+    adapter only."""
+    def checked(field: str, check):
+        try:
+            return check()
+        except ModelError as exc:
+            raise ModelError(f"{where}: {field}: {exc}" if where else str(exc)) from None
+
+    def base_folder():
+        folder = None if base is None else resolve_part(base, "FLUX.1 base model", download)
+        if folder is not None:
+            check_flux_folder(folder)
+        return folder
+
+    def redux_folder():
+        folder = resolve_part(redux, "FLUX.1-Redux folder", download)
+        if folder is not None:
+            check_redux_folder(folder)
+        return folder
+
+    def adapter_file():
+        try:
+            return resolve_part(adapter, "AnyStory adapter", download, folder=False)
+        except ModelError as exc:
+            raise ModelError(f"{exc} (expected anystory_flux.bin, e.g. the hub file "
+                             "Junjie96/AnyStory/anystory_flux.bin)") from None
+
+    return checked("base", base_folder), checked("redux", redux_folder), checked("adapter", adapter_file)

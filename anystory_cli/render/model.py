@@ -91,8 +91,9 @@ class Model:
     """
 
     def __init__(self, value: str, story_dir: Path, factory, fingerprint, source: str, emit, cache_dir=None,
-                 runtime=None):
+                 runtime=None, named_by: str = "model"):
         self.value, self.story_dir, self.source, self.emit = value, story_dir, source, emit
+        self.named_by = named_by  # what errors say named it: the story's `model`, or `--model`
         self.factory = factory or functools.partial(_default_factory, runtime=runtime)
         if fingerprint is None and factory is None:
             from ..model_loading import model_fingerprint
@@ -114,7 +115,7 @@ class Model:
         try:
             return call()
         except AnyStoryError as exc:
-            raise type(exc)(f"{self.source}: model: {exc}") from None
+            raise type(exc)(f"{self.source}: {self.named_by}: {exc}") from None
 
     @property
     def loaded(self) -> bool:

@@ -54,6 +54,7 @@ def render_story(
     progress: Callable[[ProgressEvent], None] | None = None,
     runtime=None,
     memory: str | None = None,
+    model=None,
 ) -> RenderSummary:
     """Render one story into `out_dir`; see the module docstring.
 
@@ -64,6 +65,8 @@ def render_story(
     machine) is what the default loader loads on; its device and precision key the panels.
     `memory` ('auto' or a size, replacing the story's model.memory): the memory plan of a FLUX
     story, chosen and said before the model loads (render/memory_plan.py).
+    `model` (a value from `story.model_value`, e.g. `--model`) replaces the story's `model:`; its
+    relative paths are relative to the current folder.
     """
     emit = progress or (lambda event: None)
     source = str(story_path)
@@ -80,13 +83,17 @@ def render_story(
 
             runtime = resolve_runtime()
         summary.runtime = runtime.to_dict()
+        story_dir = Path(story_path).resolve().parent
+        named_by, model_dir = "model", story_dir
+        if model is not None:  # --model: relative to the current folder, said as such in errors
+            story, named_by, model_dir = story.model_copy(update={"model": model}), "--model", Path.cwd()
         # The memory plan before the model is looked at or loaded.
         summary.memory_plan = plan_for_render(story, source, memory, runtime, pages=pages, panels=panels, steps=steps)
         if summary.memory_plan is not None:
             emit(ProgressEvent("note", describe_plan(summary.memory_plan)))
-        story_dir = Path(story_path).resolve().parent
-        model = Model(story.model, story_dir, pipeline_factory, model_fingerprint, source, emit, cache_dir,
-                       runtime=runtime)
+        model = Model(story.model, model_dir, pipeline_factory, model_fingerprint, source, emit, cache_dir,
+                      runtime=runtime, named_by=named_by)
+        story = story.with_model_defaults(model.defaults)  # e.g. FLUX's steps and guidance
         loras, lora_keys = story_loras(story, story_dir, source)
         summary.loras = [{"path": str(file), "scale": scale, "sha256": digest} for file, scale, digest in loras]
         sheet_seed = story.seed if seed is None else seed

@@ -140,7 +140,7 @@ def encode_character_file(
     name: str,
     *,
     mask_path: str | os.PathLike[str] | None = None,
-    model: str = "default",
+    model: Any = "default",
     cache_dir: str | os.PathLike[str] | None = None,
     card_path: str | os.PathLike[str] | None = None,
     pipeline_factory: Callable[[str, Path], Any] | None = None,
@@ -161,7 +161,8 @@ def encode_character_file(
     try:
         pipeline = pipeline_factory(model, Path.cwd())
     except AnyStoryError as exc:
-        raise type(exc)(f"--model {model}: {exc}") from None
+        said = str(exc)  # a model file's problem already names the file
+        raise type(exc)(said if str(model) in said else f"--model {model}: {said}") from None
     warnings: list[str] = []
     cache = EncodingCache(cache_dir, on_warning=warnings.append)
     key = reference_key(Path(image_path).read_bytes(),

@@ -32,37 +32,25 @@ def layout_problems(story: Story, source: str) -> list[str]:
     return problems
 
 
-def story_problems(path: str | os.PathLike[str]) -> list[str]:
+def story_problems(path: str | os.PathLike[str], model=None) -> list[str]:
     """Every problem of a story file that can be found without a model, one line each.
 
-    A `model:` path is checked for the documented folder layout; `model: default` is not (it
-    depends on the build, not on the story; `render` says so if it is missing)."""
+    The model is checked as far as it can be without loading or downloading anything
+    (`model_loading.check_model`); `model` (a value from `story.model_value`, e.g. `--model`,
+    relative to the current folder) replaces the story's own."""
     source = str(path)
     try:
         story = load_story(path)
     except StoryError as exc:
         return list(getattr(exc, "problems", [str(exc)]))
     problems = lettering_problems(story, source) + layout_problems(story, source)
-    if story.model != "default":
-        from ..hub import is_hub_id, model_part_dir
-        from ..model_loading import check_model_dir, model_defaults
+    from ..model_loading import check_model
 
-        try:
-            folder = None
-            if isinstance(story.model, str) and is_hub_id(story.model):
-                # None: not cached yet, and the hub may provide it (`render` downloads it)
-                folder = model_part_dir(story.model, download=False)
-            elif isinstance(story.model, str):
-                folder = Path(story.model)
-            if folder is not None:
-                check_model_dir(folder)
-                model_defaults(str(folder))  # its sampling defaults file, when it has one, must read
-            if not isinstance(story.model, str):
-                from ..flux.folders import check_flux_model
-
-                check_flux_model(story.model.base, story.model.redux, story.model.adapter, download=False)
-        except AnyStoryError as exc:
-            problems.append(f"{source}: model: {exc}")
+    named_by, base_dir = ("model", Path(path).resolve().parent) if model is None else ("--model", Path.cwd())
+    try:
+        check_model(story.model if model is None else model, base_dir)
+    except AnyStoryError as exc:
+        problems.append(f"{source}: {named_by}: {exc}")
     return problems
 
 
