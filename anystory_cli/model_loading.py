@@ -193,14 +193,14 @@ def builtin_models() -> list[dict]:
                "(docs/default-model.md)", "parts": {"folder": str(DEFAULT_MODEL_DIR)},
                "memory_gib": round(weights / 2**30, 3), "memory_note": "fp32, runs on a CPU",
                "disk_gb": round(on_disk / 1e9, 3), "available": True, "here": "shipped in the package",
-               "missing": []}]
+               "missing": [], "defaults": model_defaults(DEFAULT_MODEL)}]
     for name, published in PUBLISHED_MODELS.items():
         missing = [field for field, part in published.parts.items() if cached_part(part) is None]
         here = "in the Hugging Face cache" if not missing else f"not cached: {', '.join(missing)}"
         models.append({"name": name, "summary": published.summary, "parts": dict(published.parts),
                        "memory_gib": published.memory_gib, "memory_note": published.memory_note,
                        "disk_gb": published.disk_gb, "available": not missing, "here": here,
-                       "missing": missing})
+                       "missing": missing, "defaults": dict(FLUX_DEFAULTS)})
     return models
 
 

@@ -127,6 +127,8 @@ def test_models_lists_the_built_in_names_with_their_needs_and_whether_they_are_c
     assert flux["parts"] == {"base": "black-forest-labs/FLUX.1-dev", "redux": "black-forest-labs/FLUX.1-Redux-dev",
                              "adapter": "Junjie96/AnyStory/anystory_flux.bin"}
     assert flux["available"] is False and flux["missing"] == ["base", "redux", "adapter"]
+    assert flux["defaults"] == {"steps": 28, "guidance": 3.5}
+    assert listed["default"]["defaults"] == {"paste_references_at": 0.4}
     assert 30 < flux["memory_gib"] < 40 and 30 < flux["disk_gb"] < 45
     assert listed["default"]["available"] and 0 < listed["default"]["disk_gb"] < 1
     assert list(hub_cache.iterdir()) == []  # looked up, nothing fetched
@@ -156,18 +158,16 @@ def test_a_story_keeps_a_built_in_name_and_takes_the_released_sampling_where_it_
     from anystory_cli.plan import build_plan
     from anystory_cli.story import load_story
 
-    story = load_story(write_story(tmp_path / "a", "anystory-flux"), check_images=False)
+    story = load_story(write_story(tmp_path / "a", "anystory-flux"))
     assert story.model == "anystory-flux"
-    bare = story.model_copy(update={"style": story.style.model_copy(update={})})
-    unset = load_story(write_story(tmp_path / "b", "anystory-flux"), check_images=False)
-    unset = unset.model_copy(update={"style": type(unset.style)()})  # a style that sets nothing
+    unset = story.model_copy(update={"style": type(story.style)()})  # a style that sets nothing
     plan = build_plan(unset.with_model_defaults(model_defaults("anystory-flux")))[0]
     assert (plan.num_inference_steps, plan.guidance_scale) == (28, 3.5)  # the released code's
-    own = build_plan(bare.with_model_defaults(model_defaults("anystory-flux")))[0]
-    assert own.num_inference_steps == 2  # the story's own steps win
+    own = build_plan(story.with_model_defaults(model_defaults("anystory-flux")))[0]
+    assert (own.num_inference_steps, own.guidance_scale) == (2, 3.5)  # the story's own steps win
     mapping = {field: str(path) for field, path in PARTS.items()}
     assert model_defaults(load_story(write_story(tmp_path / "c", mapping)).model) == {"steps": 28, "guidance": 3.5}
-    plain = load_story(write_story(tmp_path / "d", None), check_images=False)
+    plain = load_story(write_story(tmp_path / "d", None))
     plain = plain.model_copy(update={"style": type(plain.style)()})
     plan = build_plan(plain.with_model_defaults(model_defaults("default")))[0]
     assert (plan.num_inference_steps, plan.guidance_scale) == (25, 7.5)

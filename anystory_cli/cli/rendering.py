@@ -84,10 +84,16 @@ def models(
             return
         for entry in listed:
             typer.echo(f"{entry['name']}: {entry['summary']}")
-            typer.echo(f"  memory {entry['memory_gib']:.1f} GiB ({entry['memory_note']}), "
-                       f"disk {entry['disk_gb']:.1f} GB, {entry['here']}")
+            typer.echo(f"  memory {_size(entry['memory_gib'], 'GiB', 1024, 'MiB')} ({entry['memory_note']}), "
+                       f"disk {_size(entry['disk_gb'], 'GB', 1000, 'MB')}, {entry['here']}")
+            typer.echo("  samples with " + ", ".join(f"{k} {v}" for k, v in entry["defaults"].items())
+                       + " unless a story's style says otherwise")
             for field, part in entry["parts"].items():
                 typer.echo(f"  {field}: {part}")
+
+
+def _size(value: float, unit: str, per: int, small_unit: str) -> str:
+    return f"{value:.1f} {unit}" if value >= 1 else f"{value * per:.0f} {small_unit}"
 
 
 def _check_name(value: str) -> str:
