@@ -348,7 +348,12 @@ def _flux_paths(parts: FluxParts) -> tuple[Path, Path, Path]:
 
 
 def _flux_fingerprint(parts: FluxParts, cache_dir: str | os.PathLike[str] | None = None) -> str:
-    base, redux, adapter = _flux_paths(parts)
+    return _flux_digest(*_flux_paths(parts), cache_dir)
+
+
+def _flux_digest(base: Path, redux: Path, adapter: Path, cache_dir: str | os.PathLike[str] | None = None) -> str:
+    """The id of FLUX parts from their contents only: where they lie and how they were named
+    does not count."""
     files = [(f"base/{n}", p) for n, p in _model_files(base)] + [(f"redux/{n}", p) for n, p in _model_files(redux)]
     return "flux-" + _pieces_digest(files + [("anystory_flux.bin", adapter)], cache_dir)
 
@@ -359,8 +364,8 @@ def _load_flux(parts: FluxParts, runtime=None):
     from .flux import AnyStoryFluxPipeline
 
     runtime = _runtime(runtime)
-    model_id = _flux_fingerprint(parts)
     base, redux, adapter = _flux_paths(parts)
+    model_id = _flux_digest(base, redux, adapter)
     pipe = AnyStoryFluxPipeline.from_pretrained(
         base, redux=redux, adapter=adapter, torch_dtype=runtime.torch_dtype,
         device="cpu" if runtime.offload else runtime.torch_device)
