@@ -623,7 +623,8 @@ def _resolve_model(value: str | FluxModel, info: ValidationInfo) -> str | FluxMo
         return value  # "org/name": from the Hugging Face cache (hub.hub_snapshot)
     path = _resolve(Path(value), info)
     model_file = Path(value).suffix.lower() in (".yaml", ".yml", ".json")  # loading says it is missing
-    if "/" not in value and os.sep not in value and not model_file and not path.exists():
+    if "/" not in value and os.sep not in value and not model_file and not path_problem(value) \
+            and not path.exists():
         raise PydanticCustomError(
             "unknown_model", "unknown model {name}: the built-in models are {names}; else give a model "
             "folder, a model file (.yaml, .json) or a hub id (org/name)",
@@ -701,6 +702,13 @@ _MODEL_VALUE = TypeAdapter(ModelValue)
 
 
 def _validated_model(value: Any, source: str, base_dir: str | os.PathLike[str]) -> str | FluxModel:
+    # Text no file can be named by (a control character, too long) is said as such, not as the
+    # file system's error.
+    texts = [("", value)] if isinstance(value, str) else list(value.items()) if isinstance(value, Mapping) else []
+    for field, text in texts:
+        problem = (text_problem(text) or path_problem(text)) if isinstance(text, str) else None
+        if problem:
+            raise ModelError(f"{source}: {field}: {problem}" if field else f"{source}: {problem}")
     try:
         return _MODEL_VALUE.validate_python(value, context={"base_dir": Path(base_dir).resolve()})
     except ValidationError as exc:

@@ -353,3 +353,16 @@ def test_a_saved_flux_pipeline_folder_is_a_model_by_path_and_by_hub_id(hub_cache
         assert result.exit_code == 1 and "Traceback" not in result.stderr  # progress lines, then the error
         line = result.stderr.strip().splitlines()[-1]
         assert f"{saved}: a saved AnyStoryFluxPipeline folder, which this version cannot load yet" in line
+
+
+def test_a_model_no_file_can_be_named_by_is_one_line_saying_why(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    story = write_story(tmp_path, None)
+    long_name = "b" * 300
+    line = one_error_line(invoke("validate", story, "--model", long_name))
+    assert line.endswith("a file or folder name of 300 bytes ('bbbbbbbbbbbbbbbbbbbb'...); at most 255")
+    model_file(tmp_path, "long.yaml", redux=long_name)
+    line = one_error_line(invoke("render", story, "--model", "long.yaml", "--out", tmp_path / "out"))
+    assert f"model file {tmp_path / 'long.yaml'}: redux: a file or folder name of 300 bytes" in line
+    line = one_error_line(invoke("validate", story, "--model", "{base: a, redux: \"b\\x01\", adapter: c}"))
+    assert "redux: control character U+0001" in line
