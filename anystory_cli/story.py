@@ -666,9 +666,11 @@ def model_value(value: Any, source: str, base_dir: str | os.PathLike[str]) -> st
     adapter: ...}") is read as YAML. One ModelError line, "<source>: <field>: <problem>", else."""
     if isinstance(value, str) and value.lstrip().startswith("{"):
         try:
-            value = yaml.safe_load(value)
-        except yaml.YAMLError as exc:
+            value = yaml.load(value, Loader=UniqueKeyLoader)
+        except yaml.MarkedYAMLError as exc:
             raise ModelError(f"{source}: not a valid mapping ({_describe_yaml_error(exc)})") from None
+        except (yaml.YAMLError, ValueError, RecursionError) as exc:
+            raise ModelError(f"{source}: not a valid mapping ({exc})") from None
     return _validated_model(value, source, base_dir)
 
 
