@@ -374,27 +374,20 @@ def _load_flux(parts: FluxParts, runtime=None):
 
 def _load_saved_flux(saved: SavedFluxFolder, runtime=None):
     """A saved AnyStoryFluxPipeline folder -> the FLUX pipeline behind the renderer's calls,
-    loaded whole by `AnyStoryFluxPipeline.from_pretrained(folder)` (a diffusers pipeline)."""
-    from diffusers import DiffusionPipeline
-
+    loaded whole by `AnyStoryFluxPipeline.from_pretrained(folder)`."""
     from .flux import AnyStoryFluxPipeline
 
-    folder = saved.folder
-    if not issubclass(AnyStoryFluxPipeline, DiffusionPipeline):
-        raise ModelError(f"{folder}: a saved {SAVED_FLUX_CLASS} folder, which this version cannot load yet "
-                         f"({SAVED_FLUX_CLASS}.from_pretrained takes the base, redux and adapter parts); "
-                         "name the three parts in a model file instead (docs/flux.md)")
     runtime = _runtime(runtime)
+    folder = saved.folder
     model_id = model_fingerprint(str(folder))
     try:
-        with progress_bars_off():
-            pipe = AnyStoryFluxPipeline.from_pretrained(str(folder), torch_dtype=runtime.torch_dtype)
+        pipe = AnyStoryFluxPipeline.from_pretrained(
+            folder, torch_dtype=runtime.torch_dtype, device="cpu" if runtime.offload else runtime.torch_device)
     except ModelError as exc:
-        raise ModelError(f"{folder}: {exc}") from None
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        said = str(exc)
+        raise ModelError(said if str(folder) in said else f"{folder}: {said}") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
         raise ModelError(f"{folder}: cannot load the saved {SAVED_FLUX_CLASS} ({_first_line(exc)})") from None
-    if not runtime.offload:
-        pipe.to(runtime.torch_device)
     return _comic_pipeline(pipe, model_id, runtime)
 
 

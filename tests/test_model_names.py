@@ -314,29 +314,13 @@ def test_evaluate_adapter_refuses_a_flux_model_in_one_line(tmp_path, monkeypatch
 # ---- a saved FLUX pipeline folder ----------------------------------------------------------------
 
 
-def _saved_folder(folder: Path) -> Path:
-    """The tiny pipeline saved whole when AnyStoryFluxPipeline can save itself; else a folder that
-    says what it is (model_index.json naming AnyStoryFluxPipeline) around the fixture's files."""
-    from anystory_cli.flux import AnyStoryFluxPipeline
-
-    if hasattr(AnyStoryFluxPipeline, "save_pretrained"):
-        storykit.tiny_flux_pipeline().save_pretrained(folder)
-    else:
-        shutil.copytree(MODEL / "flux", folder)
-        index = json.loads((folder / "model_index.json").read_text())
-        (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "AnyStoryFluxPipeline"}))
-    return folder
-
-
 def test_a_saved_flux_pipeline_folder_is_a_model_by_path_and_by_hub_id(hub_cache, encodings, tmp_path):
-    from diffusers import DiffusionPipeline
-
-    from anystory_cli.flux import AnyStoryFluxPipeline
     from anystory_cli.model_loading import SavedFluxFolder, check_model, is_flux, model_fingerprint, model_source
 
-    saved = _saved_folder(tmp_path / "saved")
+    saved = tmp_path / "saved"
+    storykit.tiny_flux_pipeline().save_pretrained(saved)
     assert model_source(str(saved)) == SavedFluxFolder(saved) and is_flux(str(saved))
-    check_model(str(saved))  # not asked for the UNet folder's image_encoder/ and adapter
+    check_model(str(saved))  # not asked for a UNet folder's image_encoder/ and adapter
     snapshot = hub_cache / "models--someone--saved" / "snapshots" / ("0" * 40)
     shutil.copytree(saved, snapshot)
     (hub_cache / "models--someone--saved" / "refs").mkdir()
@@ -344,15 +328,17 @@ def test_a_saved_flux_pipeline_folder_is_a_model_by_path_and_by_hub_id(hub_cache
     assert model_source("someone/saved") == SavedFluxFolder(snapshot)
     assert model_fingerprint("someone/saved") == model_fingerprint(str(saved))
 
-    story = write_story(tmp_path / "story", str(saved))
+    story = write_story(tmp_path / "story", "someone/saved")
+    assert invoke("validate", story).exit_code == 0
     result = invoke("render", story, "--out", tmp_path / "out", "--cache", tmp_path / "cache", "--json")
-    if issubclass(AnyStoryFluxPipeline, DiffusionPipeline):
-        assert result.exit_code == 0, result.stderr
-        assert encodings == {"red": 1}
-    else:  # loading a saved folder needs AnyStoryFluxPipeline as a diffusers pipeline
-        assert result.exit_code == 1 and "Traceback" not in result.stderr  # progress lines, then the error
-        line = result.stderr.strip().splitlines()[-1]
-        assert f"{saved}: a saved AnyStoryFluxPipeline folder, which this version cannot load yet" in line
+    assert result.exit_code == 0, result.stderr
+    assert encodings == {"red": 1} and json.loads(result.stdout)["stories"][0]["panels_rendered"] == [1, 2]
+    # The same folder by path: the same model, nothing to draw or encode.
+    encodings.clear()
+    again = invoke("render", story, "--model", saved, "--out", tmp_path / "out", "--cache", tmp_path / "cache",
+                   "--json")
+    assert again.exit_code == 0, again.stderr
+    assert not encodings
 
 
 def test_a_model_no_file_can_be_named_by_is_one_line_saying_why(tmp_path, monkeypatch):
