@@ -352,3 +352,14 @@ def test_a_model_no_file_can_be_named_by_is_one_line_saying_why(tmp_path, monkey
     assert f"model file {tmp_path / 'long.yaml'}: redux: a file or folder name of 300 bytes" in line
     line = one_error_line(invoke("validate", story, "--model", "{base: a, redux: \"b\\x01\", adapter: c}"))
     assert "redux: control character U+0001" in line
+
+
+def test_a_memory_plan_is_made_for_the_released_name_and_a_model_file(hub_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model_file(tmp_path)
+    for story in (write_story(tmp_path / "a", "anystory-flux"), write_story(tmp_path / "b", "../flux.yaml")):
+        result = invoke("render", story, "--dry-run", "--memory", "16GB", "--json")
+        assert result.exit_code == 0, result.stderr
+        plan = json.loads(result.stdout)["stories"][0]["memory_plan"]
+        assert plan["plan"] and plan["estimated_peak_gib"] <= 16
+    assert list(hub_cache.iterdir()) == []

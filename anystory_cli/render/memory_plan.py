@@ -24,6 +24,22 @@ def story_memory(story: Story, option: str | None) -> str | None:
     return story.model.memory if isinstance(story.model, FluxModel) else None
 
 
+def flux_parts(story: Story):
+    """The story's FLUX parts (base, redux, adapter), however named: a mapping, a built-in name
+    such as anystory-flux, a model file (model_loading.model_source, nothing downloaded); None
+    for another model."""
+    if isinstance(story.model, FluxModel):
+        return story.model
+    from ..errors import AnyStoryError
+    from ..model_loading import FluxParts, model_source
+
+    try:
+        source = model_source(story.model, download=False)
+    except AnyStoryError:
+        return None  # a missing or broken model: loading it says what is wrong
+    return source if isinstance(source, FluxParts) else None
+
+
 def workload(plans: Sequence[PanelPlan]) -> memory.Workload:
     """The heaviest panel's needs: the largest long side (as a square: the worst case of that side)
     and the most characters in one panel."""
@@ -31,7 +47,7 @@ def workload(plans: Sequence[PanelPlan]) -> memory.Workload:
     return memory.Workload(size=size, characters=max(len(p.characters) for p in plans))
 
 
-def model_shape(model: FluxModel) -> tuple[memory.FluxShape, memory.Parts, str]:
+def model_shape(model) -> tuple[memory.FluxShape, memory.Parts, str]:
     """The transformer's sizes from the local FLUX folder's config, the other parts counted from
     their safetensors headers; FLUX.1-dev's when the folder is not on disk (a hub id)."""
     base = Path(model.base)
@@ -88,11 +104,12 @@ def device_budget(device: str) -> float | None:
 def choose(story: Story, plans: Sequence[PanelPlan], asked: str, device: str, where: str = "--memory") -> dict:
     """The plan for drawing `plans` of a FLUX story with the memory `asked` ('auto' or a size).
     A dict for --json and the terminal; DoesNotFit (one line, exit 1) when nothing fits."""
-    if not isinstance(story.model, FluxModel):
+    flux = flux_parts(story)
+    if flux is None:
         raise InputError(f"{where}: memory plans are for FLUX models; this story's model is {story.model!r}")
     budget = memory.parse_memory(asked, where)
     load = workload(plans)
-    shape, parts, sizes = model_shape(story.model)
+    shape, parts, sizes = model_shape(flux)
     source = f"{where} {asked}"
     if budget is None:
         budget = device_budget(device)
