@@ -256,7 +256,7 @@ def test_an_unknown_name_in_a_story_is_one_line_naming_the_field(tmp_path):
 
 BAD_MODEL_FILES = {
     "not a mapping": ("- a\n- b\n", "expected a mapping {base, redux, adapter}, got list"),
-    "an unknown key": (None, "unknown key 'extra' (expected base, redux, adapter)"),
+    "an unknown key": (None, "unknown key 'extra' (expected base, redux, adapter"),
     "a missing part": (None, "redux: "),
     "a part left out": (None, "adapter: required but missing"),
     "not YAML": ("base: [\n", "not valid YAML"),
