@@ -138,6 +138,7 @@ class FluxParts:
     redux: str
     adapter: str
     where: str = ""
+    memory: str | None = None  # a model file's `memory:` (render/memory_plan.py)
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ def _model_file_parts(path: Path) -> FluxParts:
     if not path.is_file():
         raise ModelError(f"model file {path} not found")
     model = load_model_file(path)
-    return FluxParts(model.base, model.redux, model.adapter, where=f"model file {path}")
+    return FluxParts(model.base, model.redux, model.adapter, where=f"model file {path}", memory=model.memory)
 
 
 def builtin_models() -> list[dict]:

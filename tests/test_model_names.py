@@ -363,3 +363,11 @@ def test_a_memory_plan_is_made_for_the_released_name_and_a_model_file(hub_cache,
         plan = json.loads(result.stdout)["stories"][0]["memory_plan"]
         assert plan["plan"] and plan["estimated_peak_gib"] <= 16
     assert list(hub_cache.iterdir()) == []
+
+
+def test_a_model_file_may_say_how_much_memory_to_plan_for(hub_cache, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model_file(tmp_path, memory="16GB")
+    result = invoke("render", write_story(tmp_path / "s", "../flux.yaml"), "--dry-run", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["stories"][0]["memory_plan"]["estimated_peak_gib"] <= 16

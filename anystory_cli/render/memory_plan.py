@@ -21,7 +21,7 @@ def story_memory(story: Story, option: str | None) -> str | None:
     """The memory asked for: --memory wins over the story's model.memory."""
     if option is not None:
         return option
-    return story.model.memory if isinstance(story.model, FluxModel) else None
+    return getattr(flux_parts(story), "memory", None)  # a mapping's or a model file's
 
 
 def flux_parts(story: Story):
