@@ -10,6 +10,7 @@ from typing import Optional
 import typer
 
 from ..sd.figures import DEFAULT_PASTE_AT
+from ..scores import MAX_TAKES
 from ..sd.guidance import DEFAULT_INTERVAL
 from . import seams
 from .output import guarded, print_adapter_result, print_base_result, print_comparison, quiet_libraries
@@ -144,6 +145,15 @@ def evaluate_adapter_command(
                                        help="Noised rendered scenes for the routing IoU (squares, whatever "
                                        "--shape)."),
     shape: Optional[str] = PANEL_SHAPE_OPTION,
+    counts: str = typer.Option("1,2,3,4", "--counts", metavar="N,N,...",
+                               help="Numbers of characters per panel to draw (1-4), e.g. 1,2: the larger counts "
+                               "left out, the panels of the others stay the same."),
+    takes: int = typer.Option(1, "--takes", min=1, max=MAX_TAKES,
+                              help="Draw each AnyStory panel up to this many times and keep the take the identity "
+                              "scores pick, as a story's style.takes; the judge grades every take."),
+    min_identity: Optional[float] = typer.Option(None, "--min-identity", min=0.0, max=1.0,
+                                                 help="Stop drawing takes of a panel once one scores at least "
+                                                 "this (style.min_identity); default: draw every take."),
     variants: str = typer.Option(",".join(["anystory", "no_paste", "no_router", "no_reference_net", "no_subject_tokens",
                                            "text_only"]), "--variants",
                                  help="Comma-separated: anystory and any ablations to draw beside it."),
@@ -172,6 +182,7 @@ def evaluate_adapter_command(
         import torch
 
         chosen = tuple(v.strip() for v in variants.split(",") if v.strip())
+        drawn_counts = _counts(counts)
         interval = _guidance_interval(guidance_interval)
         panel_shape = _panel_shape(shape) if shape is not None else None
         _check_report_dir(report)
@@ -188,11 +199,25 @@ def evaluate_adapter_command(
                                       report_dir=report, progress=progress, guidance_interval=interval,
                                       subject_strength=subject_strength, reference_strength=reference_strength,
                                       shape=panel_shape, reference_guidance=reference_guidance,
-                                      paste_at=paste_at)
+                                      paste_at=paste_at, takes=takes, min_identity=min_identity,
+                                      counts=drawn_counts)
         if as_json:
             typer.echo(json.dumps(json_safe({"ok": True, **result}), indent=2, allow_nan=False))
             return
         print_adapter_result(result)
+
+
+def _counts(text: str) -> tuple[int, ...]:
+    """'1,2' -> (1, 2): numbers of characters per panel, each 1-4."""
+    from ..errors import InputError
+
+    try:
+        values = tuple(sorted({int(part) for part in text.split(",") if part.strip()}))
+    except ValueError:
+        raise InputError(f"--counts {text!r}: expected numbers of characters such as 1,2") from None
+    if not values or not all(1 <= v <= 4 for v in values):
+        raise InputError(f"--counts {text!r}: each count must be 1, 2, 3 or 4")
+    return values
 
 
 @evaluate_app.command("compare")

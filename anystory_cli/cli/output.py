@@ -314,6 +314,16 @@ def print_adapter_result(result: dict) -> None:
     placement = result["placement"]
     typer.echo(f"placement: routing mass in region {format_rate(placement['routing_share_in_region'])}, "
                f"characters found in their regions {format_rate(placement['found_in_region'])}")
+    takes = result.get("takes", {})
+    if takes.get("takes", 1) > 1:
+        typer.echo(f"takes: up to {takes['takes']} per AnyStory panel, {format_rate(takes['takes_drawn']).strip()} drawn "
+                   f"on average; the judge's identity rate on the take the scores picked / a random take / the "
+                   f"judge's own best take:")
+        for count in counts:
+            if count in takes:
+                row = takes[count]
+                typer.echo(f"  {count} character(s): {format_rate(row['picked']).strip()} / "
+                           f"{format_rate(row['random']).strip()} / {format_rate(row['oracle']).strip()}")
     for key, goal in result["goals"].items():
         sign = "<=" if key.endswith("_max") else ">="
         typer.echo(f"goal {key} {sign} {goal:.2f}: {format_rate(result['reached'][key]).strip()}"

@@ -67,6 +67,18 @@ class FluxComicPipeline:
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
         return self.pipe.encode_character(crop, mask=cut, generator=generator, name=name)
 
+    @torch.no_grad()
+    def identity_embeddings(self, images, masks) -> np.ndarray:
+        """(K, D) float32 unit vectors: each image cut out as a reference is (square crop, subject
+        on white), then Redux's SigLIP pooled output: how alike a panel's routed region and a
+        reference look (`scores.py`)."""
+        crops = []
+        for image, mask in zip(images, masks):
+            keep = character_mask(image, mask)
+            crop, _ = prepare_reference(image.convert("RGB"), Image.fromarray(keep.astype(np.uint8) * 255))
+            crops.append(crop)
+        return self.pipe.embed_images(crops)
+
     def image_size(self, multipliers: tuple[float, float], resolution: int | None = None) -> tuple[int, int]:
         """(width, height): the long side `resolution` (default 512), the short side by the
         frame's aspect, both on FLUX's 16-pixel grid."""

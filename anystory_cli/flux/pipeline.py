@@ -311,6 +311,14 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
             reference_mask=tokens.flatten(2).transpose(1, 2).to(device=device, dtype=dtype),
             reference_size=size, name=name, model_id=self.model_id)
 
+    @torch.no_grad()
+    def embed_images(self, images: list[Image.Image]) -> np.ndarray:
+        """(K, D) float32 unit vectors: SigLIP's pooled output of each RGB image (identity scores)."""
+        pixels = self.siglip_processor.preprocess(images=[i.convert("RGB") for i in images],
+                                                  return_tensors="pt").pixel_values
+        pooled = self.image_encoder(pixels.to(device=self.device, dtype=self.dtype)).pooler_output
+        return F.normalize(pooled.float(), dim=-1).cpu().numpy()
+
     def _check_characters(self, characters: list) -> None:
         width = self.transformer.config.joint_attention_dim
         channels = self.transformer.config.in_channels

@@ -316,15 +316,17 @@ class EvalPanel:
 
 
 def adapter_eval_panels(panels_per_count: int, seed: int = 0, distractors: int = 9,
-                        size: int | tuple[int, int] = 64) -> list[EvalPanel]:
-    """Held-out panels, `panels_per_count` with each number of characters (1-4; `size`: a
-    square's side or (height, width); a tall panel too narrow for 3-4 characters gets fewer)."""
+                        size: int | tuple[int, int] = 64,
+                        counts: tuple[int, ...] = tuple(range(1, MAX_CHARACTERS + 1))) -> list[EvalPanel]:
+    """Held-out panels, `panels_per_count` with each number of characters in `counts` (1-4;
+    `size`: a square's side or (height, width); a tall panel too narrow for 3-4 characters gets
+    fewer). Leaving out the larger counts keeps the panels of the smaller ones as they are."""
     from ..plan import placement_boxes
     from ..story import CharacterRef
 
     rng = WorldRng("evaluate-adapter", int(seed))
     panels = []
-    for count in range(1, MAX_CHARACTERS + 1):
+    for count in range(1, max(counts, default=0) + 1):
         for k in range(panels_per_count):
             scene = placeable_scene(rng, rng.integer(1 << 40), count, "heldout", size)
             words = [inst.position for inst in scene.instances]
@@ -337,6 +339,8 @@ def adapter_eval_panels(panels_per_count: int, seed: int = 0, distractors: int =
                 if identity_from_seed(candidate).key() not in looks:
                     others.append(candidate)
                     looks.add(identity_from_seed(candidate).key())
+            if count not in counts:
+                continue  # drawn all the same: the later counts' panels stay the same
             panels.append(EvalPanel(scene=scene, regions=tuple(placement_boxes(refs)),
                                     candidates=tuple(scene.identity_seeds) + tuple(others),
                                     noise_seed=stable_hash("evaluate-adapter-noise", int(seed), count, k) % (1 << 63)))
@@ -498,6 +502,99 @@ def _goal_intervals(panels: list[EvalPanel], judged: list[list[dict]]) -> dict[s
             "two_blending_max": interval("2", "blended")}
 
 
+class _TakeScorer:
+    """Identity scores of a drawn evaluation panel, as a story's render scores its panels: each
+    identity's canonical reference embedded once, each routed region cut out of the panel."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.references: dict[int, np.ndarray] = {}
+
+    def reference(self, identity_seed: int) -> np.ndarray:
+        from PIL import Image
+
+        from .world.scenes import reference_image
+
+        if identity_seed not in self.references:
+            picture = Image.fromarray(reference_image(identity_seed))
+            self.references[identity_seed] = self.pipe.identity_embeddings([picture], [None])[0]
+        return self.references[identity_seed]
+
+    def __call__(self, panel: EvalPanel, image: np.ndarray, layers: dict) -> list:
+        from PIL import Image
+
+        from ..scores import routed_regions, score_panel
+
+        seeds = list(panel.scene.identity_seeds)
+        names = [f"c{i}" for i in range(len(seeds))]
+        regions = routed_regions(image_routing_maps(layers, image.shape[:2]), len(seeds))
+        picture = Image.fromarray(image)
+        found = [i for i, region in enumerate(regions) if region.mean() > 0]
+        embeddings = np.zeros((len(seeds), len(self.reference(seeds[0]))), np.float32)
+        if found:
+            embeddings[found] = self.pipe.identity_embeddings([picture] * len(found), [regions[i] for i in found])
+        return score_panel(names, np.stack([self.reference(s) for s in seeds]), regions, embeddings)
+
+
+def image_routing_maps(layers: dict, size: tuple[int, int]) -> np.ndarray:
+    """(E, H, W): the last step's routing layers at image size, averaged, as a render stores them."""
+    maps = torch.stack([F.interpolate(m.float(), size=tuple(size), mode="bilinear", align_corners=False)
+                        for m in layers.values()]).mean(dim=0)
+    return maps[0].cpu().numpy()
+
+
+def _best_of_takes(draw: Callable, judge: Judge, panel: EvalPanel, scorer: _TakeScorer, takes: int,
+                   min_identity: float | None, seconds: dict[str, float]):
+    """((image, routing layers) of the take the scores pick, a record of every take: its noise
+    seed, scores and the judge's verdicts). Take k draws from `scores.take_seed(noise_seed, k)`;
+    scoring counts in the AnyStory variant's `seconds` (a render pays it), judging does not."""
+    from dataclasses import replace
+
+    from ..scores import CharacterScore, best_take, good_enough, take_seed
+
+    drawn, record = [], []
+    for take in range(takes):
+        noise_seed = take_seed(panel.noise_seed, take)
+        image, layers = draw(replace(panel, noise_seed=noise_seed))
+        clock = time.perf_counter()
+        scores = scorer(panel, image, layers)
+        seconds["anystory"] += time.perf_counter() - clock
+        drawn.append((image, layers))
+        record.append({"noise_seed": noise_seed, "scores": [s.to_dict() for s in scores],
+                       "judged": judge_panel(judge, image, panel, list(panel.regions))})
+        if good_enough(scores, min_identity):
+            break
+    picked = best_take([[CharacterScore.from_dict(d) for d in r["scores"]] for r in record])
+    return drawn[picked], {"picked": picked, "takes": record}
+
+
+def summarise_takes(records: list[dict]) -> dict:
+    """How the scores' pick fares with the judge: the judge's identity rate on the picked take,
+    on a take drawn at random (the mean over the takes drawn), on the first take (what one take
+    draws) and on the judge's own best take (what a perfect picker would reach); per character
+    count; and the takes drawn per panel. {} without takes."""
+    if not records:
+        return {}
+
+    def rate(verdicts: list[dict]) -> float:
+        return float(np.mean([v["right"] for v in verdicts]))
+
+    groups: dict[str, list[dict]] = {}
+    for record in records:
+        groups.setdefault(str(len(record["takes"][0]["judged"])), []).append(record)
+    out: dict = {"panels": len(records), "takes_drawn": rounded_mean([len(r["takes"]) for r in records])}
+    for key, members in sorted(groups.items()):
+        picked = [rate(r["takes"][r["picked"]]["judged"]) for r in members]
+        random = [float(np.mean([rate(t["judged"]) for t in r["takes"]])) for r in members]
+        first = [rate(r["takes"][0]["judged"]) for r in members]
+        best = [max(rate(t["judged"]) for t in r["takes"]) for r in members]
+        out[key] = {"panels": len(members), "picked": rounded_mean(picked), "random": rounded_mean(random),
+                    "first": rounded_mean(first), "oracle": rounded_mean(best),
+                    "picked_beats_random": sum(p > r + 1e-9 for p, r in zip(picked, random)),
+                    "random_beats_picked": sum(r > p + 1e-9 for p, r in zip(picked, random))}
+    return out
+
+
 def draw_panel(pipe, panel: EvalPanel, encodings: list, variant: str, steps: int, guidance: float,
                record_routing: bool = False, guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
                subject_strength: float = 1.0, reference_strength: float = 0.0,
@@ -618,10 +715,16 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
                      guidance_interval: tuple[float, float] | None = DEFAULT_INTERVAL,
                      subject_strength: float = 1.0, reference_strength: float = 0.0,
                      shape: tuple[int, int] | None = None, reference_guidance: bool = True,
-                     paste_at: float = DEFAULT_PASTE_AT) -> dict:
+                     paste_at: float = DEFAULT_PASTE_AT, takes: int = 1, min_identity: float | None = None,
+                     counts: tuple[int, ...] = tuple(range(1, MAX_CHARACTERS + 1))) -> dict:
     """Identity, blending, placement and routing IoU of an `AnyStoryPipeline` on held-out
     identities, with the ablations in `variants` drawn from the same noise. Returns a plain dict
     (see `anystory evaluate adapter --json`); `report_dir` also gets the pictures.
+    `takes` > 1 draws each AnyStory panel up to that many times, as a story's `style.takes`
+    does (take 0 from the panel's own noise, `min_identity` stopping early), and keeps the take
+    the identity scores pick (`scores.best_take`); the judge, which the scores never see, grades
+    every take, so that the result also says how often the scores' pick is the judge's
+    (`result["takes"]`). `counts`: the numbers of characters per panel to draw.
     `subject_strength` (η), `reference_strength` (γ), `reference_guidance` and `paste_at` are a
     story's style settings (`paste_at`: `paste_references_at`).
     `shape` (height, width) draws the panels at that shape instead of the judge's square: the
@@ -637,7 +740,7 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
     started = time.perf_counter()
     size = judge.config.image_size
     panel_size = tuple(shape) if shape is not None else (size, size)
-    panels = adapter_eval_panels(panels_per_count, seed, distractors, panel_size)
+    panels = adapter_eval_panels(panels_per_count, seed, distractors, panel_size, tuple(counts))
     encodings: dict[int, object] = {}
 
     def encode(identity_seed: int):  # each identity once, like a story's character sheet
@@ -648,17 +751,33 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
 
     images = {v: [] for v in variants}
     judged = {v: [] for v in variants}
-    routing_layers, shares = [], []
+    routing_layers, shares, take_records = [], [], []
+    seconds = dict.fromkeys(variants, 0.0)
+    scorer = _TakeScorer(pipe) if takes > 1 else None
     total = len(panels) * len(variants)
     for n, panel in enumerate(panels):
         characters = [encode(s) for s in panel.scene.identity_seeds]
         for k, variant in enumerate(variants):
-            image, layers = draw_panel(pipe, panel, characters, variant, steps, guidance,
-                                       record_routing=variant == "anystory", guidance_interval=guidance_interval,
-                                       subject_strength=subject_strength, reference_strength=reference_strength,
-                                       size=shape, reference_guidance=reference_guidance, paste_at=paste_at)
+
+            def draw(drawn: EvalPanel, variant: str = variant):
+                clock = time.perf_counter()
+                try:
+                    return draw_panel(pipe, drawn, characters, variant, steps, guidance,
+                                      record_routing=variant == "anystory", guidance_interval=guidance_interval,
+                                      subject_strength=subject_strength, reference_strength=reference_strength,
+                                      size=shape, reference_guidance=reference_guidance, paste_at=paste_at)
+                finally:
+                    seconds[variant] += time.perf_counter() - clock
+
+            if variant == "anystory" and scorer is not None:
+                (image, layers), record = _best_of_takes(draw, judge, panel, scorer, takes, min_identity, seconds)
+                take_records.append(record)
+                verdicts = record["takes"][record["picked"]]["judged"]
+            else:
+                image, layers = draw(panel)
+                verdicts = judge_panel(judge, image, panel, list(panel.regions))
             images[variant].append(image)
-            judged[variant].append(judge_panel(judge, image, panel, list(panel.regions)))
+            judged[variant].append(verdicts)
             if layers is not None:
                 routing_layers.append(layers)
                 shares.append(region_share(layers, panel.regions))
@@ -674,10 +793,11 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
     results = {v: _by_count(panels, judged[v]) for v in variants}
     ceiling = _by_count(panels, rendered)
     anystory = results["anystory"]
+    nothing = {"identity": float("nan"), "blended": float("nan")}  # a count not drawn
     reached = {
-        "single_identity": anystory["1"]["identity"],
-        "two_identity": anystory["2"]["identity"],
-        "two_blending_max": anystory["2"]["blended"],
+        "single_identity": anystory.get("1", nothing)["identity"],
+        "two_identity": anystory.get("2", nothing)["identity"],
+        "two_blending_max": anystory.get("2", nothing)["blended"],
         "routing_iou_finest_late": iou["finest_late"],
     }
     met = {k: (reached[k] <= goal if k.endswith("_max") else reached[k] >= goal) for k, goal in ADAPTER_GOALS.items()}
@@ -697,12 +817,17 @@ def evaluate_adapter(pipe, judge: Judge, panels_per_count: int = 8, seed: int = 
         "goal_intervals": {k: list(v) for k, v in _goal_intervals(panels, judged["anystory"]).items()},
         "image_size": list(panel_size), "routing_iou_image_size": [size, size],
         "judge_heldout": {k: v for k, v in _judge_heldout(judge, panel_size).items() if not isinstance(v, dict)},
-        "seconds": {"draw": round(draw_seconds, 1), "total": round(time.perf_counter() - started, 1)},
+        "counts": sorted(set(counts)), "takes": {"takes": takes, "min_identity": min_identity,
+                                                 **summarise_takes(take_records)},
+        "seconds": {"draw": round(draw_seconds, 1), "total": round(time.perf_counter() - started, 1),
+                    "per_panel": {v: round(seconds[v] / len(panels), 3) if panels else float("nan")
+                                  for v in variants}},
         "panels": [
             {"index": i, "scene_seed": p.scene.seed, "caption": p.scene.caption,
              "identity_seeds": list(p.scene.identity_seeds), "regions": [list(r) for r in p.regions],
              "candidates": list(p.candidates),
-             "judged": {v: judged[v][i] for v in variants}, "rendered": rendered[i]}
+             "judged": {v: judged[v][i] for v in variants}, "rendered": rendered[i],
+             **({"takes": take_records[i]} if take_records else {})}
             for i, p in enumerate(panels)
         ],
     }

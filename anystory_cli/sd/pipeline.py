@@ -189,6 +189,19 @@ class AnyStoryPipeline(StyleLoraMixin):
             figure=torch.from_numpy(figure_of(reference.rgb, reference.mask)),
         )
 
+    @torch.no_grad()
+    def identity_embeddings(self, images: Sequence[Image.Image], masks: Sequence) -> np.ndarray:
+        """(K, D) float32 unit vectors: each image segmented by its mask (None: its alpha channel)
+        and square-cropped as a reference is, then the image encoder's pooled output. The same for
+        a reference and for a character's routed region of a panel, so that their cosine says
+        how alike the two look (`scores.py`)."""
+        size = self.adapter.config.reference_size
+        crops = [Image.fromarray(prepare_reference(image, mask, size).rgb) for image, mask in zip(images, masks)]
+        pixels = self.clip_processor(images=crops, return_tensors="pt").pixel_values
+        with self._encoders_on_device():
+            pooled = self.image_encoder(pixel_values=pixels.to(self.device, self.image_encoder.dtype)).pooler_output
+        return F.normalize(pooled.float(), dim=-1).cpu().numpy()
+
     # -----------------------------------------------------------------------------------------
     # generation
 
