@@ -70,6 +70,11 @@ class PanelPlan:
     dialogue: tuple[SpokenLine, ...]
     content_key: str  # sha256 of everything that changes the panel's pixels
     resolution: int | None = None  # long side in pixels; None: the model's own size
+    # Takes: seeds tried (take 0 is `seed`), and the score that stops early (render/takes.py).
+    # Not in the content key: take 0 is the panel that one take draws.
+    takes: int = 1
+    min_identity: float | None = None
+    takes_key: str = ""  # the content key without the seed: each take adds its own
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,7 @@ def build_plan(
     lora_keys: Sequence[str] | None = None,
     runtime: Mapping[str, str] | None = None,
     model_defaults: Mapping[str, Any] | None = None,
+    takes: int | None = None,
 ) -> list[PanelPlan]:
     """One plan per panel, in story order.
 
@@ -107,6 +113,8 @@ def build_plan(
     file), key the style LoRAs with their scales (a LoRA at scale 0 is not drawn with, and not
     keyed); `runtime` ({"device": ..., "dtype": ...}) keys where and at what precision the panels
     are drawn, which changes their pixels (a CPU in float32, the default, is left out of the key).
+    `takes` replaces `style.takes`; a panel with its own `seed:` (a pinned take) or without
+    characters (nothing to score) is drawn once.
     """
     story_seed = story.seed if seed is None else seed
     # The model's recommended sampling settings (`model_loading.model_defaults`) where the story's
@@ -140,19 +148,25 @@ def build_plan(
         # The resolution only when set: panels drawn at the model's own size keep their keys.
         sized = {} if story.style.resolution is None else {"resolution": story.style.resolution}
         sized.update(_runtime_and_loras(story, lora_keys, runtime))
-        key = content_key(
+        keyed = dict(
             model=f"{story.model}|{model_id}",
             wide=panel.span == "wide",
             characters=[_character_key(c, keys.get(c.name, "")) for c in characters],
             **_pixel_settings(values, has_characters=bool(characters)),
             **sized,
         )
+        key = content_key(**keyed)
+        # The same without the seed: a take's key adds its own seed, so that pinning a take's
+        # seed on the panel (`seed:`) finds the take already drawn.
+        takes_key = content_key(**{k: v for k, v in keyed.items() if k != "seed"}, takes=True)
         plans.append(
             PanelPlan(
                 index=index, page=page, slot=slot, row=row, wide=panel.span == "wide",
                 characters=characters, caption=panel.caption,
                 dialogue=tuple(SpokenLine(d.who, d.text) for d in panel.dialogue),
-                content_key=key, resolution=story.style.resolution, **values,
+                content_key=key, takes_key=takes_key, resolution=story.style.resolution,
+                takes=1 if panel.seed is not None or not characters else (takes or story.style.takes),
+                min_identity=story.style.min_identity, **values,
             )
         )
     return plans

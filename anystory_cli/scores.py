@@ -60,7 +60,7 @@ class CharacterScore:
 def routed_regions(maps: np.ndarray, characters: int) -> list[np.ndarray]:
     """Boolean (H, W) masks, one per character: the pixels whose likeliest entry of the routing
     maps (E, H, W; characters in order, then the background) is that character."""
-    if maps.ndim != 3 or maps.shape[0] < characters:
+    if maps.ndim != 3 or maps.shape[0] < characters + 1:
         raise ValueError(f"routing maps of shape {maps.shape} for {characters} character(s)")
     winner = np.asarray(maps).argmax(axis=0)
     return [winner == i for i in range(characters)]

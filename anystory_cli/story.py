@@ -58,6 +58,7 @@ from anystory_cli.sd.guidance import inside_schedule
 from anystory_cli.layout import LAYOUT_TEMPLATES, mm_to_px, page_size_px
 from anystory_cli.loras import looks_like_hub_id
 from anystory_cli.masks import ImageFileError, load_image
+from anystory_cli.scores import MAX_TAKES
 
 # Limits on what a story file may be. Each refuses hostile input with one clear line and sits
 # far above what a real story needs (a long story is tens of KB, a few thousand nodes, 8
@@ -407,6 +408,17 @@ class Style(_Strict):
         "that the base draws the character there and in its shape and colours; 0 turns it off. Default: "
         "the model's own (`anystory_defaults.json` in its folder; the embedded model's is 0.4); a model "
         "without one does not paste, as in the paper.",
+    )
+
+    takes: int = Field(
+        1, ge=1, le=MAX_TAKES, description="Draw each panel with characters up to this many times, from "
+        "seeds derived from its own, and keep the take whose weakest character's identity score is highest "
+        "(never one with a blended or missing character when another has none); review.html shows them all. "
+        "A panel's own `seed:` pins one take.",
+    )
+    min_identity: float | None = Field(
+        None, ge=0.0, le=1.0, description="Stop drawing takes of a panel once one has every character at or "
+        "above this identity score and none blended or missing (default: draw every take).",
     )
 
     loras: list[StyleLora] = Field(

@@ -204,6 +204,8 @@ def print_summary(summary) -> None:
         parts.append(f"page(s) {', '.join(map(str, summary.pages_incomplete))} incomplete")
     typer.echo(f"{summary.story}: {', '.join(parts)} -> {summary.out_dir} "
                f"({summary.timings.get('total', 0.0):.1f} s)")
+    if summary.lowest:
+        typer.echo(f"  lowest identity scores: {summary.lowest} (all takes: {summary.review})")
 
 
 class TrainProgress:

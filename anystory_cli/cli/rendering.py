@@ -12,6 +12,7 @@ from typing import Any, Optional
 
 import typer
 
+from ..scores import MAX_TAKES
 from . import seams
 from .output import (PlainProgress, QuietProgress, RichProgress, colour, guarded, print_error, print_summary,
                      print_warning, quiet_libraries)
@@ -213,6 +214,9 @@ def render(
                                        help="Replace the story seed."),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, max=500,
                                         help="Replace the denoising steps."),
+    takes: Optional[int] = typer.Option(None, "--takes", min=1, max=MAX_TAKES,
+                                        help="Replace style.takes: draw each panel with characters up to this "
+                                        "many times and keep the take whose characters score best."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON summary on stdout."),
     save_routing: bool = typer.Option(False, "--save-routing", help="Write each panel's routing "
                                       "maps (.npy) and an overlay (.png) next to it."),
@@ -264,7 +268,7 @@ def render(
                 for story, folder in zip(stories, _out_dirs(stories, out)):
                     summaries.append(render_story(
                         story, folder, pages=page_numbers, panels=panel_numbers, seed=seed,
-                        steps=steps, save_routing=save_routing, pipeline_factory=factory,
+                        steps=steps, takes=takes, save_routing=save_routing, pipeline_factory=factory,
                         model_fingerprint=fingerprint, cache_dir=cache, progress=reporter,
                         runtime=runtime, memory=memory, model=replacement,
                     ))

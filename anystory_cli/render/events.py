@@ -39,6 +39,10 @@ class RenderSummary:
     memory_plan: dict[str, Any] | None = None  # with --memory / model.memory: the plan (render/memory_plan.py)
     loras: list[dict[str, Any]] = field(default_factory=list)  # path, scale, sha256 of each used
     warnings: list[str] = field(default_factory=list)
+    # Per panel with characters: the take kept, its seed, each character's identity score (takes.py).
+    scores: list[dict[str, Any]] = field(default_factory=list)
+    lowest: str = ""  # the panels whose weakest character scores lowest, in words
+    review: str = ""  # review.html, when written or current
     timings: dict[str, float] = field(default_factory=dict)
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -19,8 +20,9 @@ from .memory_plan import describe as describe_plan
 from .memory_plan import plan_for_render
 from .ranks import Ranks
 from .signals import Interrupted, at_safe_points, check_stop, stop_requested
-from .store import (PanelJob, as_stored, check_output_dir, frame_sizes, load_if_current, panel_job, panel_path,
-                    routing_path, write_png, write_routing)
+from .review import write_review
+from .store import PanelJob, as_stored, check_output_dir, frame_sizes, load_if_current, panel_job, panel_path
+from .takes import Scorer, check_scorer, draw_takes, prune_takes, with_takes
 from .validate import check_story, select_panels
 
 
@@ -47,6 +49,7 @@ def render_story(
     panels: Iterable[int] | None = None,
     seed: int | None = None,
     steps: int | None = None,
+    takes: int | None = None,
     save_routing: bool = False,
     pipeline_factory: Callable[[str, Path], Any] | None = None,
     model_fingerprint: Callable[[str, Path], str] | None = None,
@@ -67,6 +70,7 @@ def render_story(
     story, chosen and said before the model loads (render/memory_plan.py).
     `model` (a value from `story.model_value`, e.g. `--model`) replaces the story's `model:`; its
     relative paths are relative to the current folder.
+    `takes` replaces the story's `style.takes` (`takes.py`).
     """
     emit = progress or (lambda event: None)
     source = str(story_path)
@@ -99,7 +103,8 @@ def render_story(
         sheet_seed = story.seed if seed is None else seed
         plans = build_plan(story, seed=seed, steps=steps, model_id=model.key,
                            character_keys=character_keys(story, sheet_seed, steps),
-                           lora_keys=lora_keys, runtime=runtime.key(), model_defaults=model.defaults)
+                           lora_keys=lora_keys, runtime=runtime.key(), model_defaults=model.defaults,
+                           takes=takes)
         # After the model's key: a model that is missing leaves no empty output folder behind.
         out = check_output_dir(Path(out_dir))
         page_plans = group_pages(plans)
@@ -108,7 +113,7 @@ def render_story(
         except InputError as exc:
             raise InputError(f"{source}: {exc}") from None
         frames = frame_sizes(story, page_plans)
-        jobs = {plan.index: panel_job(plan, frames[plan.index]) for plan in plans}
+        jobs = {plan.index: with_takes(panel_job(plan, frames[plan.index])) for plan in plans}
         ranks = Ranks.current()
         # Panels already drawn with the same key are kept (rank 0 looks; every rank uses its list).
         fresh = ([i for i in sorted(chosen) if not load_if_current(jobs[i], out)]
@@ -135,6 +140,8 @@ def render_story(
         if mine:
             check_model_fits(model.pipeline, plans, source)  # loads the model (stops at once)
             warn_unknown_words(story, model.pipeline, [job.plan for job in mine], source, emit)
+            scorer = Scorer(model.pipeline, story, out, source)
+            check_scorer(scorer, mine, source)
             characters = Characters(story, source, model, cache_dir, sheet_seed, steps, summary, out, emit)
             needed = list(dict.fromkeys((c.name, c.mirrored) for job in mine for c in job.plan.characters))
             with clock("encode"), at_safe_points():
@@ -145,7 +152,9 @@ def render_story(
                     stop()
                     emit(ProgressEvent("panel", f"panel {job.plan.index + 1}: {job.plan.prompt}",
                                        number - 1, len(mine)))
-                    _draw_panel(model.pipeline, job, characters.encodings, out, source, emit, stop)
+                    draw_takes(job, out, functools.partial(_draw_panel, model.pipeline, job, characters.encodings,
+                                                           source=source, emit=emit, stop=stop),
+                               scorer, emit, (number - 1, len(mine)))
                     summary.panels_rendered.append(job.plan.index + 1)
                     summary.files_written.append(str(panel_path(out, job.plan.index)))
                     emit(ProgressEvent("panel_done", f"panel {job.plan.index + 1}", number, len(mine)))
@@ -192,17 +201,21 @@ def render_story(
             write_exports(story, export_stem(story_path), composed, out, summary, emit)
             if pages is None and panels is None:
                 prune(out, len(plans), len(page_plans), jobs.values())
+                prune_takes(out, list(jobs.values()))
         else:
             waiting = ", ".join(map(str, summary.pages_incomplete))
             emit(ProgressEvent("note", f"PDF and CBZ not written: page(s) {waiting} still have "
                                        "panels to draw"))
+    with clock("review"), at_safe_points():
+        write_review(story, [jobs[i] for i in sorted(jobs)], out, summary)
     summary.timings["total"] = time.perf_counter() - start
     emit(ProgressEvent("done", done_message(summary)))
     return summary
 
 
-def _draw_panel(pipeline, job: PanelJob, encodings: dict[tuple[str, bool], Any], out: Path, source: str, emit,
-                stop: Callable[[], None] = lambda: None) -> None:
+def _draw_panel(pipeline, job: PanelJob, encodings: dict[tuple[str, bool], Any], seed: int, *, source: str, emit,
+                stop: Callable[[], None] = lambda: None):
+    """(image, routing maps as stored) of the panel drawn from `seed` (one take, `takes.py`)."""
     plan = job.plan
     width, height = image_size(pipeline, job.multipliers, plan.resolution)
 
@@ -228,15 +241,11 @@ def _draw_panel(pipeline, job: PanelJob, encodings: dict[tuple[str, bool], Any],
             guidance_scale=plan.guidance_scale,
             guidance_interval=plan.guidance_interval,
             negative_prompt=plan.negative_prompt or None,
-            generator=generator(plan.seed),
+            generator=generator(seed),
             height=height,
             width=width,
             callback_on_step_end=on_step,
         )
     except AnyStoryError as exc:
         raise type(exc)(f"{source}: panels[{plan.index}]: {exc}") from None
-    job.image = output.images[0].convert("RGB")
-    job.maps = as_stored(output.routing_maps[0].float().cpu().numpy())
-    # Maps first: a panel PNG with this key promises that its maps exist.
-    write_routing(job.maps, routing_path(out, job.key), job.key, out)
-    write_png(job.image, panel_path(out, plan.index), job.key, within=out)
+    return output.images[0].convert("RGB"), as_stored(output.routing_maps[0].float().cpu().numpy())
