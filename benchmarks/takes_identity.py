@@ -10,7 +10,11 @@ Each seed writes `seed-S-takes-1.json` and `seed-S-takes-N.json`, exactly what
     anystory evaluate adapter --seed S --panels-per-count 6 --counts 1,2 --variants anystory \\
         --routing-scenes 1 --takes N --json
 
-prints (a seed already written is not drawn again). The summary pools every seed written so far:
+prints (a seed already written is not drawn again). On this shared 2-core machine a full second
+run of every seed with one take costs a fifth more; with `--one-take-from-first` the one-take
+result of seeds after the first is the first take of the N-take run instead (the same draw by
+construction: take 1 draws from the panel's own noise), and seed 0 is drawn both ways to check
+that the two agree (`first_take_matches` in the summary). The summary pools every seed written so far:
 `evaluate compare` of the pairs (lone and two-character identity and blending with 95 % Wilson
 intervals and the sign test), the seconds per panel of each, and how the identity scores' pick
 fares with the judge (its identity rate on the picked take against a random take, the first take
@@ -33,6 +37,27 @@ def run_seed(pipe, judge, seed: int, takes: int, args) -> dict:
     result = evaluate_adapter(pipe, judge, panels_per_count=args.panels_per_count, seed=seed, variants=("anystory",),
                               routing_scenes=1, takes=takes, counts=args.counts, steps=args.steps)
     return json_safe({"ok": True, **result})
+
+
+def first_take_result(result: dict) -> dict:
+    """The one-take result contained in an N-take run: each panel's first take, as judged."""
+    one = json.loads(json.dumps(result))
+    for panel in one["panels"]:
+        panel["judged"]["anystory"] = panel.pop("takes")["takes"][0]["judged"]
+    per_take = result["seconds"]["per_panel"]["anystory"] / result["takes"]["takes_drawn"]
+    one["takes"] = {"takes": 1, "min_identity": None, "derived_from_first_take": True}
+    one["seconds"] = {"per_panel": {"anystory": round(per_take, 3)}}
+    one.pop("results", None)  # by count: read from the panels (evaluate compare does)
+    return one
+
+
+def first_take_matches(folder: Path, takes: int) -> bool | None:
+    """Seed 0's separate one-take run judged exactly as the first takes of its N-take run."""
+    drawn, run = folder / "seed-0-takes-1.drawn.json", folder / f"seed-0-takes-{takes}.json"
+    if not (drawn.exists() and run.exists()):
+        return None
+    one, first = json.loads(drawn.read_text()), first_take_result(json.loads(run.read_text()))
+    return [p["judged"]["anystory"] for p in one["panels"]] == [p["judged"]["anystory"] for p in first["panels"]]
 
 
 def summarise(folder: Path, takes: int) -> dict:
@@ -76,7 +101,8 @@ def summarise(folder: Path, takes: int) -> dict:
     cost = {str(t): round(float(np.mean([run["seconds"]["per_panel"]["anystory"] for run in runs])), 3)
             for t, runs in ((1, [a for a, _ in pairs]), (takes, [b for _, b in pairs]))}
     return {"seeds": seeds, "pairs": len(pairs), "panels_per_count": pairs[0][0]["panels_per_count"],
-            "counts": pairs[0][0].get("counts"), "takes": takes, "compare": compared["by_count"],
+            "counts": pairs[0][0].get("counts"), "takes": takes, "first_take_matches": first_take_matches(folder, takes),
+            "compare": compared["by_count"],
             "score_pick_vs_judge": agree, "seconds_per_panel": cost}
 
 
@@ -90,6 +116,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--summarise", action="store_true", help="Pool the seeds already written; draw nothing.")
+    parser.add_argument("--one-take-from-first", action="store_true",
+                        help="One take = the first take of the N-take run (seed 0 drawn both ways, compared).")
     args = parser.parse_args()
     args.counts = tuple(int(c) for c in args.counts.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -102,10 +130,16 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         pipe, judge = load_pipeline("default", Path.cwd()), load_judge()
         for seed in range(args.seeds):
-            for takes in (1, args.takes):
+            for takes in (args.takes, 1):
                 path = args.out / f"seed-{seed}-takes-{takes}.json"
                 if path.exists():
                     continue
+                if takes == 1 and args.one_take_from_first:
+                    run = json.loads((args.out / f"seed-{seed}-takes-{args.takes}.json").read_text())
+                    path.write_text(json.dumps(first_take_result(run), indent=1, allow_nan=False))
+                    if seed != 0:
+                        continue
+                    path = path.with_suffix(".drawn.json")
                 started = time.perf_counter()
                 with torch.inference_mode():
                     result = run_seed(pipe, judge, seed, takes, args)

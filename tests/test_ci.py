@@ -29,7 +29,7 @@ def test_ci_fails_when_pytest_fails_or_collects_nothing(tmp_path, pytest_exit, e
     shutil.copy(ROOT / ".ci" / "run", tmp_path / ".ci" / "run")
     stubs = tmp_path / "stubs"
     stubs.mkdir()
-    for name in ("python3", "python", "pip", "ruff"):
+    for name in ("python3", "python", "pip", "ruff", "apt-get"):
         (stubs / name).write_text(STUB_PYTHON)
         (stubs / name).chmod(stat.S_IRWXU)
     env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "PYTEST_EXIT": str(pytest_exit)}

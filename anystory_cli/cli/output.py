@@ -194,6 +194,7 @@ def print_summary(summary) -> None:
     if summary.up_to_date:
         typer.echo(f"{summary.story}: up to date, nothing to do "
                    f"({len(summary.panels_skipped)} panel(s) unchanged) -> {summary.out_dir}")
+        _print_lowest(summary)
         return
     parts = [f"{len(summary.panels_rendered)} panel(s) drawn",
              f"{len(summary.panels_skipped)} unchanged",
@@ -204,8 +205,13 @@ def print_summary(summary) -> None:
         parts.append(f"page(s) {', '.join(map(str, summary.pages_incomplete))} incomplete")
     typer.echo(f"{summary.story}: {', '.join(parts)} -> {summary.out_dir} "
                f"({summary.timings.get('total', 0.0):.1f} s)")
+    _print_lowest(summary)
+
+
+def _print_lowest(summary) -> None:
+    """The panels whose weakest character scores lowest, and where every take is shown."""
     if summary.lowest:
-        typer.echo(f"  lowest identity scores: {summary.lowest} (all takes: {summary.review})")
+        typer.echo(f"  lowest identity scores: {summary.lowest} (every take: {summary.review})")
 
 
 class TrainProgress:
