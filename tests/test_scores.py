@@ -148,3 +148,30 @@ def test_embedded_encoder_scores_a_character_high_against_its_own_reference_and_
         assert all(s.blended for s in swapped)
         margins += [s.identity - t.identity for s, t in zip(scores, swapped)]
     assert np.mean(margins) > 0.25
+
+
+def test_flux_scores_with_redux_siglip_tell_two_planted_characters_apart():
+    """The FLUX path: Redux's SigLIP (tiny, random) embeds references and routed regions; a panel
+    made of the two references side by side scores each half highest against its own."""
+    from PIL import Image
+
+    import storykit
+    from anystory_cli.flux.comic import FluxComicPipeline
+
+    comic = FluxComicPipeline(storykit.tiny_flux_pipeline(), "tiny")
+    subjects = storykit.FLUX_FIXTURE / "subjects"
+    pictures = [Image.open(subjects / f"{name}.png").convert("RGB") for name in ("red", "blue")]
+    masks = [Image.open(subjects / f"{name}_mask.png").convert("L") for name in ("red", "blue")]
+    references = comic.identity_embeddings(pictures, masks)
+    assert references.shape[0] == 2 and np.allclose(np.linalg.norm(references, axis=1), 1.0, atol=1e-5)
+    side = 64
+    panel = Image.new("RGB", (2 * side, side), (255, 255, 255))
+    for i, picture in enumerate(pictures):
+        panel.paste(picture.resize((side, side)), (i * side, 0))
+    maps = np.zeros((3, side, 2 * side), np.float32)
+    maps[0, :, :side], maps[1, :, side:] = 1.0, 1.0
+    regions = routed_regions(maps, 2)
+    scores = score_panel(["red", "blue"], references, regions, comic.identity_embeddings([panel] * 2, regions))
+    assert not any(s.blended for s in scores)
+    swapped = score_panel(["red", "blue"], references[::-1], regions, comic.identity_embeddings([panel] * 2, regions))
+    assert all(s.blended for s in swapped)

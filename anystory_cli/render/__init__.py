@@ -12,6 +12,8 @@ What is kept in the output folder::
     <story>.pdf, <story>.cbz    written once every page is complete
     .anystory/routing/<key>.png routing maps of each panel, for balloon placement on re-runs
     .anystory/exports.json      keys and sha256 of the PDF and CBZ
+    .anystory/takes/<key>.png   each take drawn, its identity scores in the PNG text (takes.py)
+    panels/scores.json, review.html   identity scores of the takes kept, a page of every take (review.py)
 
 A panel whose stored key equals its content key (prompt, characters and their reference bytes,
 seed, steps, strengths, model, frame shape) is not drawn again, and a page or export whose key is
@@ -53,6 +55,8 @@ Where each part lives:
     sheets.py       a sheet's character cut out, character cards, `anystory encode-character`
     store.py        panel PNGs and their content keys, routing maps, paths in the output folder
     compose.py      routing overlays, pages, PDF and CBZ, pruning
+    takes.py        each panel's takes drawn, scored (scores.py), stored, the best one kept
+    review.py       scores.json and review.html
     signals.py      SIGINT / SIGTERM: stop at the next safe point
     ranks.py        torchrun / accelerate launch: the panels shared out between processes
     events.py       ProgressEvent and RenderSummary
