@@ -126,7 +126,7 @@ def test_the_pdf_and_cbz_hold_the_pages_in_order(tmp_path, factory):
     assert info.findtext("PageCount") == "3"
 
 
-def test_a_new_title_rewrites_both_exports_and_nothing_else(tmp_path, factory):
+def test_a_new_title_rewrites_both_exports_the_review_page_and_nothing_else(tmp_path, factory):
     story = storykit.write_story(tmp_path / "s")
     out = tmp_path / "out"
     render(story, out, factory, tmp_path / "cache")
@@ -138,7 +138,9 @@ def test_a_new_title_rewrites_both_exports_and_nothing_else(tmp_path, factory):
     assert pdf_title_and_sizes(out / "story.pdf")[0] == "The Lost Kite"
     assert cbz(out)[1].findtext("Title") == "The Lost Kite"
     after = storykit.snapshot(out)
-    assert {k for k in before if before[k] != after.get(k)} == {"story.pdf", "story.cbz", ".anystory/exports.json"}
+    # review.html shows the title too
+    assert {k for k in before if before[k] != after.get(k)} == {"story.pdf", "story.cbz", ".anystory/exports.json",
+                                                                 "review.html"}
 
 
 def test_a_new_dpi_rewrites_the_pages_metadata_and_the_pdf_page_size(tmp_path, factory):

@@ -33,7 +33,7 @@ def write_review(story: Story, jobs: Sequence[PanelJob], out: Path, summary: Ren
     summary.lowest = describe_lowest(rows)
     if not rows:
         return
-    scores = json.dumps({"title": story.title, "panels": rows}, indent=2, sort_keys=True) + "\n"
+    scores = json.dumps({"panels": rows}, indent=2, sort_keys=True) + "\n"
     _write_if_changed(out / "panels" / "scores.json", scores.encode(), out, summary)
     page = render_review(story, jobs, takes_of, rows, out)
     review = out / "review.html"
