@@ -18,7 +18,8 @@ that the two agree (`first_take_matches` in the summary). The summary pools ever
 `evaluate compare` of the pairs (lone and two-character identity and blending with 95 % Wilson
 intervals and the sign test), the seconds per panel of each, and how the identity scores' pick
 fares with the judge (its identity rate on the picked take against a random take, the first take
-and the judge's own best).
+and the judge's own best), and how well a character's score separates the takes the judge
+identifies it in from the others (the AUC over every take's characters).
 """
 
 from __future__ import annotations
@@ -98,12 +99,24 @@ def summarise(folder: Path, takes: int) -> dict:
         losses = sum(r > p + 1e-9 for p, r in zip(row["picked"], row["random"]))
         agree[count] = {"panels": len(row["picked"]), **{k: round(float(np.mean(v)), 4) for k, v in row.items()},
                         "picked_beats_random": wins, "random_beats_picked": losses, "sign_test_p": sign_test(wins, losses)}
+    # Character by character over every take: does a higher score go with the judge's "right"?
+    right, wrong = [], []
+    for _, after in pairs:
+        for panel in after["panels"]:
+            for take in panel["takes"]["takes"]:
+                for score, verdict in zip(take["scores"], take["judged"]):
+                    (right if verdict["right"] else wrong).append(score["identity"])
+    higher = sum((r > w) + 0.5 * (r == w) for r in right for w in wrong)
+    ranking = {"characters_right": len(right), "characters_wrong": len(wrong),
+               "mean_score_right": round(float(np.mean(right)), 4) if right else None,
+               "mean_score_wrong": round(float(np.mean(wrong)), 4) if wrong else None,
+               "auc": round(higher / (len(right) * len(wrong)), 4) if right and wrong else None}
     cost = {str(t): round(float(np.mean([run["seconds"]["per_panel"]["anystory"] for run in runs])), 3)
             for t, runs in ((1, [a for a, _ in pairs]), (takes, [b for _, b in pairs]))}
     return {"seeds": seeds, "pairs": len(pairs), "panels_per_count": pairs[0][0]["panels_per_count"],
             "counts": pairs[0][0].get("counts"), "takes": takes, "first_take_matches": first_take_matches(folder, takes),
             "compare": compared["by_count"],
-            "score_pick_vs_judge": agree, "seconds_per_panel": cost}
+            "score_pick_vs_judge": agree, "score_ranks_characters": ranking, "seconds_per_panel": cost}
 
 
 def main() -> None:
