@@ -314,9 +314,10 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
     @torch.no_grad()
     def embed_images(self, images: list[Image.Image]) -> np.ndarray:
         """(K, D) float32 unit vectors: SigLIP's pooled output of each RGB image (identity scores)."""
-        pixels = self.siglip_processor.preprocess(images=[i.convert("RGB") for i in images],
-                                                  return_tensors="pt").pixel_values
-        pooled = self.image_encoder(pixels.to(device=self.device, dtype=self.dtype)).pooler_output
+        encoder = self.redux_image_encoder
+        pixels = self.redux_feature_extractor.preprocess(images=[i.convert("RGB") for i in images],
+                                                         return_tensors="pt").pixel_values
+        pooled = encoder(pixels.to(device=self._execution_device, dtype=encoder.dtype)).pooler_output
         return F.normalize(pooled.float(), dim=-1).cpu().numpy()
 
     def _check_characters(self, characters: list) -> None:
