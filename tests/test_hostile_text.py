@@ -224,7 +224,7 @@ def test_a_story_file_with_a_long_name_gets_its_exports(workspace):
     assert result.exit_code == 0, result.stderr
     stem = "é" * (MAX_STEM_BYTES // 2)
     assert export_stem(path) == stem and len(stem.encode()) == MAX_STEM_BYTES
-    assert sorted(p.name for p in out.iterdir() if p.is_file()) == [f"{stem}.cbz", f"{stem}.pdf"]
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["review.html", f"{stem}.cbz", f"{stem}.pdf"]
     assert export_stem("a/tale.yaml") == "tale" and export_stem("...yaml") == ".."
 
 
