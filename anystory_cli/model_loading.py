@@ -37,7 +37,7 @@ import copy
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .atomic import atomic_path
@@ -359,21 +359,20 @@ def _flux_digest(base: Path, redux: Path, adapter: Path, cache_dir: str | os.Pat
     return "flux-" + _pieces_digest(files + [("anystory_flux.bin", adapter)], cache_dir)
 
 
-def _load_flux(parts: FluxParts, runtime=None):
+def _load_flux(parts: FluxParts, runtime=None, plan=None):
     """The FLUX parts -> the FLUX pipeline behind the renderer's calls (flux/comic.py), on the
-    runtime's device and precision (devices.py: bf16 on CUDA, fp32 on a CPU)."""
+    runtime's device and precision (devices.py: bf16 on CUDA, fp32 on a CPU), quantized and
+    placed as the memory plan (flux.memory.Plan) says."""
     from .flux import AnyStoryFluxPipeline
 
     runtime = _runtime(runtime)
     base, redux, adapter = _flux_paths(parts)
     model_id = _flux_digest(base, redux, adapter)
-    pipe = AnyStoryFluxPipeline.from_pretrained(
-        base, redux=redux, adapter=adapter, torch_dtype=runtime.torch_dtype,
-        device="cpu" if runtime.offload else runtime.torch_device)
-    return _comic_pipeline(pipe, model_id, runtime)
+    pipe = AnyStoryFluxPipeline.from_pretrained(base, redux=redux, adapter=adapter, **_flux_load_options(runtime, plan))
+    return _comic_pipeline(pipe, model_id, runtime, plan)
 
 
-def _load_saved_flux(saved: SavedFluxFolder, runtime=None):
+def _load_saved_flux(saved: SavedFluxFolder, runtime=None, plan=None):
     """A saved AnyStoryFluxPipeline folder -> the FLUX pipeline behind the renderer's calls,
     loaded whole by `AnyStoryFluxPipeline.from_pretrained(folder)`."""
     from .flux import AnyStoryFluxPipeline
@@ -382,39 +381,65 @@ def _load_saved_flux(saved: SavedFluxFolder, runtime=None):
     folder = saved.folder
     model_id = model_fingerprint(str(folder))
     try:
-        pipe = AnyStoryFluxPipeline.from_pretrained(
-            folder, torch_dtype=runtime.torch_dtype, device="cpu" if runtime.offload else runtime.torch_device)
+        pipe = AnyStoryFluxPipeline.from_pretrained(folder, **_flux_load_options(runtime, plan))
     except ModelError as exc:
         said = str(exc)
         raise ModelError(said if str(folder) in said else f"{folder}: {said}") from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
         raise ModelError(f"{folder}: cannot load the saved {SAVED_FLUX_CLASS} ({_first_line(exc)})") from None
-    return _comic_pipeline(pipe, model_id, runtime)
+    return _comic_pipeline(pipe, model_id, runtime, plan)
 
 
-def _comic_pipeline(pipe, model_id: str, runtime):
+def _flux_load_options(runtime, plan) -> dict:
+    """from_pretrained's precision, device (the CPU when offloaded: placed after loading) and the
+    plan's quantization (diffusers' PipelineQuantizationConfig)."""
+    offloaded = runtime.offload or (plan is not None and plan.offload != "none")
+    options = {"torch_dtype": runtime.torch_dtype, "device": "cpu" if offloaded else runtime.torch_device}
+    if plan is not None:
+        from .flux.memory_apply import pipeline_quantization_config
+
+        quantization = pipeline_quantization_config(plan)
+        if quantization is not None:
+            options["quantization_config"] = quantization
+    return options
+
+
+def _comic_pipeline(pipe, model_id: str, runtime, plan=None):
+    """The loaded pipeline placed (the plan's offload and VAE tiling; --offload asks for model
+    offload at least), keyed by its weights (flux.memory.weights_id)."""
     from .flux.comic import FluxComicPipeline
+    from .flux.memory import weights_id
 
-    if runtime.offload:
-        pipe.enable_model_cpu_offload(device=runtime.device)
-    return FluxComicPipeline(pipe, model_id)
+    if plan is None:
+        if runtime.offload:
+            pipe.enable_model_cpu_offload(device=runtime.device)
+    else:
+        from .flux.memory_apply import apply_plan
+
+        if runtime.offload and plan.offload == "none":
+            plan = replace(plan, offload="model")
+        apply_plan(pipe, plan, runtime.device)
+    return FluxComicPipeline(pipe, weights_id(model_id, plan))
 
 
 def load_pipeline(model, base_dir: str | os.PathLike[str] | None = None,
-                  adapter: str | os.PathLike[str] | None = None, runtime=None):
+                  adapter: str | os.PathLike[str] | None = None, runtime=None, plan=None):
     """Load the pipeline that `model` names (see the module docstring): a UNet model folder gives
     an AnyStoryPipeline, a FLUX model the FLUX pipeline (docs/flux.md). `adapter`: an adapter
     file used instead of a UNet folder's own (e.g. a training checkpoint to evaluate). `runtime`
     (devices.Runtime): device, precision and offload; default: from the environment
-    (ANYSTORY_DEVICE, ANYSTORY_DTYPE, ANYSTORY_OFFLOAD) and the machine."""
+    (ANYSTORY_DEVICE, ANYSTORY_DTYPE, ANYSTORY_OFFLOAD) and the machine. `plan` (flux.memory.Plan,
+    a FLUX model's only): its quantization at load, its offload and VAE tiling after."""
     source = model_source(model, base_dir)
     if not isinstance(source, Path) and adapter is not None:
         raise ModelError(f"--adapter {adapter}: a FLUX model names its own adapter (anystory_flux.bin); "
                          "--adapter replaces the adapter of a UNet model folder")
     if isinstance(source, FluxParts):
-        return _load_flux(source, runtime)
+        return _load_flux(source, runtime, plan)
     if isinstance(source, SavedFluxFolder):
-        return _load_saved_flux(source, runtime)
+        return _load_saved_flux(source, runtime, plan)
+    if plan is not None:
+        raise ModelError(f"{model}: memory plan {plan.name}: memory plans are for FLUX models")
     folder = source
     check_model_dir(folder, with_adapter=adapter is None)
     if adapter is None:

@@ -579,8 +579,9 @@ class FluxModel(_Strict):
                                      "(black-forest-labs/FLUX.1-Redux-dev).")]
     adapter: Annotated[NonBlank, Field(description="anystory_flux.bin: a file, or the hub file "
                                        "Junjie96/AnyStory/anystory_flux.bin.")]
-    memory: str | None = Field(None, description="Device memory to plan for: auto (the GPU's free memory) or "
-                               "a size such as 16GB, 12GiB, 24G (binary units); render --memory replaces it.")
+    memory: str | None = Field(None, description="Device memory to plan for: auto (the GPU's free memory), "
+                               "a size such as 16GB, 12GiB, 24G (binary units), or a plan to follow whatever "
+                               "the memory, e.g. int8; render --memory replaces it.")
 
     @field_validator("base", "redux", "adapter")
     @classmethod
@@ -591,14 +592,14 @@ class FluxModel(_Strict):
     @classmethod
     def _memory_size(cls, value: Any) -> Any:
         from .errors import InputError
-        from .flux.memory import parse_memory
+        from .flux.memory import PLAN_NAMES, named_plan, parse_memory
 
-        if value is not None:
+        if value is not None and named_plan(value) is None:
             try:
                 parse_memory(value, "memory")
             except InputError:
                 raise PydanticCustomError("memory_size", "expected a memory size such as 16GB, 12GiB or 24G, "
-                                          "or auto") from None
+                                          "auto, or a plan ({plans})", {"plans": ", ".join(PLAN_NAMES)}) from None
         return value
 
     def __str__(self) -> str:

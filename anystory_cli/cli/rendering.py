@@ -226,9 +226,10 @@ def render(
     dtype: Optional[str] = _dtype_option(),
     offload: bool = _offload_option(),
     memory: Optional[str] = typer.Option(None, "--memory", help="FLUX: plan for this much device memory, auto "
-                                         "(the GPU's free memory) or a size such as 16GB (binary units); "
-                                         "replaces the story's model.memory. The plan is said before the "
-                                         "model loads."),
+                                         "(the GPU's free memory) or a size such as 16GB (binary units), or "
+                                         "follow the plan named, e.g. int8 (docs/flux.md); replaces the "
+                                         "story's model.memory. The plan is said before the model loads, "
+                                         "which loads with it."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say the panels it would draw and the memory plan "
                                  "with its estimated peak; load no model, write nothing."),
 ) -> None:
@@ -242,7 +243,7 @@ def render(
     """
     page_numbers, panel_numbers = pages, panels  # lists of numbers, from the _ranges callback
     if dry_run:
-        _dry_run(stories, page_numbers, panel_numbers, seed, steps, memory, device, dtype, offload, as_json)
+        _dry_run(stories, page_numbers, panel_numbers, seed, steps, memory, model, device, dtype, offload, as_json)
         return
     summaries: list[Any] = []
     with guarded(as_json, extra=lambda: {"stories": [s.to_dict() for s in summaries]}):
@@ -287,13 +288,14 @@ def render(
                 print_summary(summary)
 
 
-def _dry_run(stories, pages, panels, seed, steps, memory, device, dtype, offload, as_json) -> None:
+def _dry_run(stories, pages, panels, seed, steps, memory, model, device, dtype, offload, as_json) -> None:
     with guarded(as_json):
         from ..render.memory_plan import describe, dry_run
 
+        replacement = model_value(model)
         runtime = _runtime(device, dtype, offload)
         results = [dry_run(path, pages=pages, panels=panels, seed=seed, steps=steps, memory=memory,
-                           device=runtime.device) for path in stories]
+                           device=runtime.device, model=replacement) for path in stories]
         if as_json:
             typer.echo(json.dumps({"ok": True, "dry_run": True, "runtime": runtime.to_dict(), "stories": results},
                                   indent=2))

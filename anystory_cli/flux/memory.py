@@ -194,11 +194,27 @@ class Plan:
             parts.append("VAE tiling")
         return ", ".join(parts)
 
+    @property
+    def weights_key(self) -> str:
+        """What of the plan changes pixels: the stored weights ('' when all bf16). Offload and
+        VAE tiling do not (a tile is decoded with its neighbours' overlap blended)."""
+        if self.transformer.backend is None and self.text_encoder.backend is None:
+            return ""
+        return f"transformer={self.transformer.name},t5={self.text_encoder.name}"
+
+
+def weights_id(model_id: str, plan: Plan | None) -> str:
+    """A model's id with the plan's stored weights where they change pixels: what panels' and
+    character encodings' keys name the model by."""
+    key = plan.weights_key if plan is not None else ""
+    return f"{model_id}+{key}" if key else model_id
+
 
 _Q = QUANTIZATIONS
 PLANS = (  # fastest first
     Plan("bf16", _Q["bf16"], _Q["bf16"], "none", 1.0),
     Plan("bf16-offload", _Q["bf16"], _Q["bf16"], "model", 1.0),
+    Plan("int8", _Q["int8"], _Q["bf16"], "none", 1.1),  # also what a CPU can run (torchao)
     Plan("int8-offload", _Q["int8"], _Q["bf16"], "model", 1.1),
     Plan("nf4-offload", _Q["nf4"], _Q["bnb-int8"], "model", 1.15),
     Plan("gguf-q8-offload", _Q["gguf-q8"], _Q["bf16"], "model", 1.25),
@@ -331,14 +347,15 @@ def denoising_peak(shape: FluxShape, plan: Plan, workload: Workload, other_bytes
 class Choice:
     plan: Plan
     peak_bytes: float
-    budget_bytes: float
+    budget_bytes: float | None  # None: a plan named, not chosen for a budget
 
     def as_dict(self) -> dict:
         return {"plan": self.plan.name, "quantization": {"transformer": self.plan.transformer.name,
                                                          "text_encoder": self.plan.text_encoder.name},
                 "offload": self.plan.offload, "vae_tiling": self.plan.vae_tiling,
                 "estimated_peak_gib": round(self.peak_bytes / GiB, 2),
-                "budget_gib": round(self.budget_bytes / GiB, 2), "relative_step_time": self.plan.step_time}
+                "budget_gib": None if self.budget_bytes is None else round(self.budget_bytes / GiB, 2),
+                "relative_step_time": self.plan.step_time}
 
 
 class DoesNotFit(InputError):
@@ -378,15 +395,22 @@ def parse_size(value: str | int | float, where: str = "--memory") -> float:
         raise InputError(f"{where}: give a unit, e.g. {value}GB (got the bare number {value!r})")
     match = _SIZE.fullmatch(str(value))
     if not match or float(match.group(1)) <= 0:
-        raise InputError(f"{where}: expected a memory size such as 16GB, 12GiB or 24G, or auto; got {value!r}")
+        raise InputError(f"{where}: expected a memory size such as 16GB, 12GiB or 24G, auto, or a plan "
+                         f"({', '.join(PLAN_NAMES)}); got {value!r}")
     return float(match.group(1)) * _UNITS[match.group(2)[0].lower()]
 
 
 def parse_memory(value: str | int | float, where: str = "--memory") -> float | None:
-    """'auto' -> None (ask the device), else the size in bytes."""
+    """'auto' -> None (ask the device), else the size in bytes (a plan name: `named_plan`)."""
     if isinstance(value, str) and value.strip().lower() == "auto":
         return None
     return parse_size(value, where)
+
+
+def named_plan(value: str | int | float) -> Plan | None:
+    """The plan `value` names ('int8', 'nf4-offload', ...: a plan forced instead of chosen), or
+    None for 'auto' or a size."""
+    return PLAN_NAMES.get(value.strip().lower()) if isinstance(value, str) else None
 
 
 def format_size(size: float) -> str:

@@ -1,9 +1,9 @@
 """Putting a memory plan (`memory.Plan`) into effect on diffusers' FluxPipeline: quantization at
 load through diffusers' quantization configs, then offloading and VAE tiling.
 
-It works on any FluxPipeline, AnyStoryFluxPipeline included (every part a registered component).
-A render does not pass the plan to its model loader yet: it refuses the plans it cannot follow
-rather than ignore them (render/memory_plan.py).
+It works on any FluxPipeline, AnyStoryFluxPipeline included (every part a registered component);
+a render's model loader quantizes and places its FLUX pipeline through it (model_loading), after
+render/memory_plan.py refused the plans this machine cannot follow.
 """
 from __future__ import annotations
 
@@ -29,6 +29,9 @@ def check_backend(quantization: Quantization, device: torch.device | str | None 
     if backend == "bitsandbytes" and not torch.cuda.is_available():
         raise InputError(f"{quantization.name} quantization (bitsandbytes) needs a CUDA GPU; none is available here "
                          f"(on a CPU use int8, torchao)")
+    if backend == "bitsandbytes" and device is not None and torch.device(device).type != "cuda":
+        raise InputError(f"{quantization.name} quantization (bitsandbytes) needs a CUDA GPU; this runs on {device} "
+                         f"(use int8, torchao)")
 
 
 def transformer_quantization_config(quantization: Quantization):

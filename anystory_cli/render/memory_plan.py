@@ -102,22 +102,27 @@ def device_budget(device: str) -> float | None:
 
 
 def choose(story: Story, plans: Sequence[PanelPlan], asked: str, device: str, where: str = "--memory") -> dict:
-    """The plan for drawing `plans` of a FLUX story with the memory `asked` ('auto' or a size).
-    A dict for --json and the terminal; DoesNotFit (one line, exit 1) when nothing fits."""
+    """The plan for drawing `plans` of a FLUX story with the memory `asked` ('auto', a size, or a
+    plan's name: that plan, whatever the memory). A dict for --json and the terminal; DoesNotFit
+    (one line, exit 1) when nothing fits."""
     flux = flux_parts(story)
     if flux is None:
         raise InputError(f"{where}: memory plans are for FLUX models; this story's model is {story.model!r}")
-    budget = memory.parse_memory(asked, where)
+    forced = memory.named_plan(asked)
+    budget = None if forced is not None else memory.parse_memory(asked, where)
     load = workload(plans)
     shape, parts, sizes = model_shape(flux)
     source = f"{where} {asked}"
-    if budget is None:
-        budget = device_budget(device)
+    if forced is not None:
+        choice = memory.Choice(forced, memory.peak(shape, forced, load, parts), None)
+    else:
         if budget is None:
-            return {"plan": None, "memory": source, "panel_px": load.size, "characters": load.characters,
-                    "note": f"no CUDA device ({device}): no memory plan, the model runs on {device} as it is"}
-        source = f"{where} auto: {memory.format_size(budget)} free on {device}"
-    choice = memory.choose_plan(budget, load, shape, parts)
+            budget = device_budget(device)
+            if budget is None:
+                return {"plan": None, "memory": source, "panel_px": load.size, "characters": load.characters,
+                        "note": f"no CUDA device ({device}): no memory plan, the model runs on {device} as it is"}
+            source = f"{where} auto: {memory.format_size(budget)} free on {device}"
+        choice = memory.choose_plan(budget, load, shape, parts)
     offload_need = memory.peak(shape, memory.PLAN_NAMES["bf16-offload"], load, parts) + memory.HEADROOM
     return {**choice.as_dict(), "memory": source, "panel_px": load.size, "characters": load.characters,
             "description": choice.plan.describe(), "sizes": sizes,
@@ -128,40 +133,42 @@ def describe(plan: dict) -> str:
     """One line for the terminal."""
     if plan.get("plan") is None:
         return f"memory plan: none ({plan['note']})"
-    return (f"memory plan: {plan['plan']} ({plan['description']}), estimated peak {plan['estimated_peak_gib']} GiB "
-            f"of {plan['budget_gib']} GiB ({plan['memory']}; {plan['panel_px']} px, {plan['characters']} "
+    budget = "" if plan["budget_gib"] is None else f" of {plan['budget_gib']} GiB"
+    return (f"memory plan: {plan['plan']} ({plan['description']}), estimated peak {plan['estimated_peak_gib']} GiB"
+            f"{budget} ({plan['memory']}; {plan['panel_px']} px, {plan['characters']} "
             f"character{'s' if plan['characters'] != 1 else ''} per panel at most)")
 
 
-# Plans a render follows today: everything on the device, or diffusers' model offload
-# (`--offload`). Quantized and group/sequential-offload plans work on the pipeline from Python
-# (flux.memory_apply); passing them from the render to the model loader is not done yet.
-APPLICABLE = {"bf16": False, "bf16-offload": True}  # plan -> model offload
-
-
 def check_applicable(plan: dict, runtime) -> None:
-    """InputError unless this render follows the plan: today's pipeline cannot quantize or group
-    offload, and model offload is the runtime's (--offload). Never a plan silently ignored."""
+    """InputError, before any model loads, for a plan this render cannot follow: offload without
+    a CUDA device, a quantization library that is missing or cannot run here, a GGUF transformer
+    (a file render does not take), bf16 weights counted for a float32 render on a GPU."""
     name = plan.get("plan")
     if name is None:
         return
-    if name not in APPLICABLE:
-        raise InputError(f"memory plan {name} ({plan['description']}) is not applied to AnyStory FLUX pipelines "
-                         f"yet: render does not pass quantization or group/sequential offload to the model loader; "
-                         f"give a larger --memory (bf16 with model offload needs "
-                         f"{plan['bf16_offload_needs_gib']}GB) or render without --memory")
-    if APPLICABLE[name] and not runtime.device.startswith("cuda"):
+    chosen = memory.PLAN_NAMES[name]
+    if chosen.offload != "none" and not runtime.device.startswith("cuda"):
         raise InputError(f"memory plan {name} offloads from a CUDA GPU; this render runs on {runtime.device}")
-    if APPLICABLE[name] and not runtime.offload:
-        raise InputError(f"memory plan {name} keeps one model on the GPU at a time: add --offload")
+    if chosen.transformer.backend == "gguf":
+        raise InputError(f"memory plan {name} needs a GGUF transformer file, which render does not take; "
+                         f"load it from Python (flux.memory_apply.load_gguf_transformer) or give another --memory")
+    from ..flux.memory_apply import check_backend
+
+    for quantization in (chosen.transformer, chosen.text_encoder):
+        check_backend(quantization, runtime.device)
     if runtime.device.startswith("cuda") and runtime.dtype == "float32":
         raise InputError(f"memory plan {name} counts bfloat16 weights; this render asks for float32 (--dtype)")
+
+
+def loading_plan(plan: dict | None) -> memory.Plan | None:
+    """The ledger's plan a render's model loads with (model_loading.load_pipeline); None without one."""
+    return None if plan is None or plan.get("plan") is None else memory.PLAN_NAMES[plan["plan"]]
 
 
 def plan_for_render(story: Story, source: str, option: str | None, runtime, *, pages=None, panels=None,
                     steps: int | None = None) -> dict | None:
     """The plan a render follows (None without --memory or model.memory), checked against what
-    today's pipeline can do; before the model is looked at."""
+    this machine can do; before the model is looked at."""
     asked = story_memory(story, option)
     if asked is None:
         return None
@@ -185,13 +192,16 @@ def selected_panels(story: Story, source: str, pages=None, panels=None, seed: in
 
 
 def dry_run(story_path: str | Path, *, pages=None, panels=None, seed: int | None = None, steps: int | None = None,
-            memory: str | None = None, device: str = "cpu") -> dict:
+            memory: str | None = None, device: str = "cpu", model=None) -> dict:
     """What `render` would do, without loading a model or writing a file: the panels it would draw
     (those chosen; whether they are already up to date needs the model's key) and, for a FLUX
-    story with --memory or model.memory, the memory plan."""
+    story with --memory or model.memory, the memory plan. `model` (e.g. --model) replaces the
+    story's `model:` as in a render."""
     from .validate import check_story
 
     story = check_story(story_path)
+    if model is not None:
+        story = story.model_copy(update={"model": model})
     selected = selected_panels(story, str(story_path), pages, panels, seed, steps)
     asked = story_memory(story, memory)
     plan = None if asked is None else choose(story, selected, asked, device,

@@ -19,23 +19,25 @@ from ..story import Story
 from .events import ProgressEvent
 
 
-def memoize_factory(factory: Callable[[str, Path], Any]) -> Callable[[str, Path], Any]:
-    """A factory that loads each model value once (many stories, one process)."""
-    loaded: dict[str, Any] = {}
+def memoize_factory(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """A factory that loads each model value once per memory plan (many stories, one process).
+    The plan (flux.memory.Plan) reaches `factory` as plan=, only when there is one."""
+    loaded: dict[tuple, Any] = {}
 
-    def memoized(model: str, story_dir: Path):
+    def memoized(model: str, story_dir: Path, plan=None):
         # Story values are absolute paths or "default" (story.py resolves them): one key each.
-        if model not in loaded:
-            loaded[model] = factory(model, story_dir)
-        return loaded[model]
+        key = (model, plan)
+        if key not in loaded:
+            loaded[key] = factory(model, story_dir) if plan is None else factory(model, story_dir, plan=plan)
+        return loaded[key]
 
     return memoized
 
 
-def _default_factory(model: str, story_dir: Path, runtime=None):
+def _default_factory(model: str, story_dir: Path, runtime=None, plan=None):
     from ..model_loading import load_pipeline
 
-    return load_pipeline(model, story_dir, runtime=runtime)
+    return load_pipeline(model, story_dir, runtime=runtime, plan=plan)
 
 
 def story_loras(story: Story, story_dir: Path, source: str) -> tuple[list[tuple[Path, float, str]], list[str]]:
@@ -87,14 +89,17 @@ class Model:
 
     With the default loader the key is a fingerprint of the model files, so an unchanged story
     is checked without loading any weights. A custom factory without a fingerprint function is
-    loaded at once and keyed by its pipeline's `model_id`.
+    loaded at once and keyed by its pipeline's `model_id`. `plan` (a FLUX memory plan,
+    flux.memory.Plan): what the factory loads with (given as plan=); quantized weights are in the
+    key, as they are in the loaded pipeline's `model_id` (flux.memory.weights_id).
     """
 
     def __init__(self, value: str, story_dir: Path, factory, fingerprint, source: str, emit, cache_dir=None,
-                 runtime=None, named_by: str = "model"):
+                 runtime=None, named_by: str = "model", plan=None):
         self.value, self.story_dir, self.source, self.emit = value, story_dir, source, emit
         self.named_by = named_by  # what errors say named it: the story's `model`, or `--model`
         self.factory = factory or functools.partial(_default_factory, runtime=runtime)
+        self.plan = plan
         if fingerprint is None and factory is None:
             from ..model_loading import model_fingerprint
 
@@ -103,7 +108,9 @@ class Model:
         self._pipeline = None
         self.load_seconds = 0.0
         if fingerprint is not None:
-            self.key = self._guard(lambda: fingerprint(value, story_dir))
+            from ..flux.memory import weights_id
+
+            self.key = weights_id(self._guard(lambda: fingerprint(value, story_dir)), plan)
         else:
             self.key = self.pipeline.model_id
         from ..model_loading import model_defaults
@@ -126,7 +133,8 @@ class Model:
         if self._pipeline is None:
             self.emit(ProgressEvent("model", f"loading model {self.value}"))
             start = time.perf_counter()
-            self._pipeline = self._guard(lambda: self.factory(self.value, self.story_dir))
+            plan = {} if self.plan is None else {"plan": self.plan}
+            self._pipeline = self._guard(lambda: self.factory(self.value, self.story_dir, **plan))
             self.load_seconds = time.perf_counter() - start
         return self._pipeline
 

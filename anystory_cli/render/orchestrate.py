@@ -17,7 +17,7 @@ from .compose import compose_pages, done_message, export_stem, prune, write_expo
 from .events import ProgressEvent, RenderSummary
 from .model import Model, check_model_fits, generator, image_size, story_loras, style_loras_on, warn_unknown_words
 from .memory_plan import describe as describe_plan
-from .memory_plan import plan_for_render
+from .memory_plan import loading_plan, plan_for_render
 from .ranks import Ranks
 from .signals import Interrupted, at_safe_points, check_stop, stop_requested
 from .review import write_review
@@ -66,8 +66,9 @@ def render_story(
     panels without loading the model (default with the real loader: a hash of the model files).
     `runtime` (devices.Runtime: device, precision, offload; default: from the environment and the
     machine) is what the default loader loads on; its device and precision key the panels.
-    `memory` ('auto' or a size, replacing the story's model.memory): the memory plan of a FLUX
-    story, chosen and said before the model loads (render/memory_plan.py).
+    `memory` ('auto', a size or a plan's name, replacing the story's model.memory): the memory
+    plan of a FLUX story, chosen and said before the model loads, then loaded with
+    (render/memory_plan.py).
     `model` (a value from `story.model_value`, e.g. `--model`) replaces the story's `model:`; its
     relative paths are relative to the current folder.
     `takes` replaces the story's `style.takes` (`takes.py`).
@@ -96,7 +97,7 @@ def render_story(
         if summary.memory_plan is not None:
             emit(ProgressEvent("note", describe_plan(summary.memory_plan)))
         model = Model(story.model, model_dir, pipeline_factory, model_fingerprint, source, emit, cache_dir,
-                      runtime=runtime, named_by=named_by)
+                      runtime=runtime, named_by=named_by, plan=loading_plan(summary.memory_plan))
         story = story.with_model_defaults(model.defaults)  # e.g. FLUX's steps and guidance
         loras, lora_keys = story_loras(story, story_dir, source)
         summary.loras = [{"path": str(file), "scale": scale, "sha256": digest} for file, scale, digest in loras]
