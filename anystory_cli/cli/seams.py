@@ -1,6 +1,7 @@
 """The seams tests use to put tiny real models in place of the loaders; None means the real one.
 
-    PIPELINE_FACTORY(model_value, story_dir) -> AnyStoryPipeline
+    PIPELINE_FACTORY(model_value, story_dir) -> AnyStoryPipeline (with plan=flux.memory.Plan too
+        when a FLUX render has a memory plan)
     MODEL_FINGERPRINT(model_value, story_dir) -> str (keys panels without loading the model)
     BASE_PIPELINE_FACTORY(assets_dir or None) -> a diffusers text-to-image pipeline (`evaluate base`)
 """
