@@ -52,7 +52,7 @@ PUBLISHED_MODELS = {
         parts={"base": "black-forest-labs/FLUX.1-dev", "redux": "black-forest-labs/FLUX.1-Redux-dev",
                "adapter": "Junjie96/AnyStory/anystory_flux.bin"},
         memory_gib=34.7,
-        memory_note="+0.7 GiB per character at 512 px; 24 GB cards with --offload",
+        memory_note="+0.7 GiB per character at 512 px; 8-24 GB cards with --memory auto (quantized and offloaded)",
         disk_gb=37.1,
     ),
 }
