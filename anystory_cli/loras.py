@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import logging
 import os
 import warnings
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Iterator, Sequence
 
 from .errors import InputError, ModelError
 from .hub import hub_shaped
+from .library_logging import library_logs_quiet as _quiet
 
 # The file name diffusers writes (`save_lora_weights`) and looks for first in a folder.
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -128,10 +128,17 @@ class StyleLoras:
         self.loaded: dict[str, float] = {}  # adapter name -> weight, in load order
         self.warn = lambda message: warnings.warn(message, stacklevel=3)  # the CLI shows them its way
 
+    def _library(self, name: str):
+        """The pipeline's own diffusers method `name`: on a pipeline with `StyleLoraMixin`, the
+        one that mixin's calls of the same name come here to reach."""
+        if isinstance(self.pipe, StyleLoraMixin):
+            return getattr(super(StyleLoraMixin, self.pipe), name)
+        return getattr(self.pipe, name)
+
     def _active(self) -> list[str]:
         if not self.pipe.get_list_adapters():
             return []
-        return list(self.pipe.get_active_adapters())
+        return list(self._library("get_active_adapters")())
 
     def _components(self):
         for name in getattr(self.pipe, "_lora_loadable_modules", ()):
@@ -172,7 +179,7 @@ class StyleLoras:
                 if skip_text:
                     self._load_denoiser_only(state_dict, alphas, name)
                 else:
-                    self.pipe.load_lora_weights(source, adapter_name=name, **kwargs)
+                    self._library("load_lora_weights")(source, adapter_name=name, **kwargs)
         except (ValueError, RuntimeError, KeyError, OSError, TypeError, AttributeError) as exc:
             self._forget(name)
             self._activate()
@@ -230,7 +237,7 @@ class StyleLoras:
         names = self.own + list(self.loaded)
         if names:
             with _quiet():
-                self.pipe.set_adapters(names, [1.0] * len(self.own) + list(self.loaded.values()))
+                self._library("set_adapters")(names, [1.0] * len(self.own) + list(self.loaded.values()))
         if self.on_change is not None:
             self.on_change()
 
@@ -249,9 +256,9 @@ class StyleLoras:
     def _forget(self, name: str) -> None:
         with _quiet():
             if any(name in adapters for adapters in self.pipe.get_list_adapters().values()):
-                self.pipe.delete_adapters([name])
+                self._library("delete_adapters")([name])
             if not any(self.pipe.get_list_adapters().values()):
-                self.pipe.unload_lora_weights()  # unwrap the LoRA layers: plain modules again
+                self._library("unload_lora_weights")()  # unwrap the LoRA layers: plain modules again
 
     @contextlib.contextmanager
     def applied(self, loras: Sequence[tuple[object, float]]) -> Iterator[list[str]]:
@@ -317,23 +324,6 @@ class StyleLoraMixin:
 
     def get_active_adapters(self) -> list[str]:
         return self.style_loras._active()
-
-
-@contextlib.contextmanager
-def _quiet():
-    """diffusers and peft warn at every load (no text encoder keys, several adapters on one
-    model); the loader checks what landed itself."""
-    loggers = [logging.getLogger(n) for n in ("diffusers", "peft")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _first_line(exc: BaseException) -> str:

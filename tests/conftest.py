@@ -30,7 +30,6 @@ def story_pipe(request):
 
     pipe = tiny.tiny_story_pipeline(tiny.tiny_sd_pipeline() if request.param == "sd15" else tiny.tiny_sdxl_pipeline())
     yield pipe
-    pipe.unload()
 
 
 @pytest.fixture(scope="module")

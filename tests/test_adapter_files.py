@@ -31,13 +31,10 @@ def _same_weights(a, b) -> bool:
 
 
 def _draw(base, encoder, adapter):
-    pipe = AnyStoryPipeline(base, encoder, adapter)
-    try:
-        character = pipe.encode_character(tiny.sprite(), name="mira")
-        return pipe("mira on grass", characters=[character], num_inference_steps=2,
-                    generator=torch.Generator().manual_seed(0), output_type="np").images
-    finally:
-        pipe.unload()
+    pipe = AnyStoryPipeline.from_pipe(base, encoder, adapter)
+    character = pipe.encode_character(tiny.sprite(), name="mira")
+    return pipe("mira on grass", characters=[character], num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0), output_type="np").images
 
 
 def test_save_pretrained_writes_a_diffusers_folder_that_draws_what_the_file_draws(parts, tmp_path):

@@ -503,7 +503,7 @@ def test_anystory_pipeline_wraps_the_base_model(tokenizer):
     image_encoder = bm.build_image_encoder(bm.VisionConfig(**TINY_VISION))
     adapter = AnyStoryAdapter.from_unet(base.unet, 16, image_size=64, reference_size=64, num_subject_tokens=4,
                                         qformer_hidden_dim=16, qformer_heads=2, routing_dim=16, router_hidden_dim=8)
-    pipe = AnyStoryPipeline(base, image_encoder, adapter)
+    pipe = AnyStoryPipeline.from_pipe(base, image_encoder, adapter)
     reference = Image.fromarray(reference_image(train_identity_seeds(1)[0]), "RGBA")
     character = pipe.encode_character(reference, name="mira")
     out = pipe("one character on grass", characters=[character], num_inference_steps=2,
@@ -538,12 +538,10 @@ def test_anystory_draws_squares_without_the_panel_lora_and_other_shapes_with_it(
     reference = Image.fromarray(reference_image(train_identity_seeds(1)[0]), "RGBA")
 
     def draw(unet, height, width):
-        pipe = AnyStoryPipeline(bm.assemble_pipeline(**{**parts, "unet": unet}), image_encoder, adapter)
+        pipe = AnyStoryPipeline.from_pipe(bm.assemble_pipeline(**{**parts, "unet": unet}), image_encoder, adapter)
         character = pipe.encode_character(reference, name="mira")
-        out = pipe("one character on grass", characters=[character], num_inference_steps=2, height=height,
-                   width=width, generator=torch.Generator().manual_seed(0), output_type="np").images
-        pipe.unload()
-        return out
+        return pipe("one character on grass", characters=[character], num_inference_steps=2, height=height,
+                    width=width, generator=torch.Generator().manual_seed(0), output_type="np").images
 
     assert np.array_equal(draw(parts["unet"], 64, 64), draw(plain_unet, 64, 64))
     assert not np.array_equal(draw(parts["unet"], 64, 96), draw(plain_unet, 64, 96))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import dataclasses
@@ -69,17 +70,39 @@ def test_characters_change_the_image(story_pipe):
     assert not np.array_equal(story(story_pipe, [character]).images, plain(story_pipe))
 
 
-def test_unload_restores_the_original_processors():
+@contextlib.contextmanager
+def installed(pipe):
+    """The pipeline's processors on its UNet for a block (a call installs them for itself)."""
+    handle = install(pipe.adapter, pipe.unet)
+    try:
+        yield pipe.unet
+    finally:
+        handle.remove()
+
+
+def test_a_call_leaves_the_unet_as_it_found_it():
+    """The processors and the forward hook are the call's: before and after it the UNet has its
+    own processors, no hook of ours and no new parameters."""
     base = tiny.tiny_sd_pipeline()
     before = dict(base.unet.attn_processors)
     state = {k: v.clone() for k, v in base.unet.state_dict().items()}
     encoder = tiny.tiny_image_encoder()
     pipe = AnyStoryPipeline.from_pipe(base, encoder, tiny.tiny_adapter(base.unet, encoder))
+    seen = {}
+
+    def look(step_pipe, step, timestep, tensors):
+        seen.update(processors=set(type(p).__name__ for p in step_pipe.unet.attn_processors.values()),
+                    hooks=len(step_pipe.unet._forward_pre_hooks))
+        return tensors
+
+    pipe("a red blob", characters=[pipe.encode_character(tiny.sprite())], num_inference_steps=1,
+         callback_on_step_end=look, output_type="latent")
+    assert seen == {"processors": {"CrossAttentionProcessor", "SelfAttentionProcessor"}, "hooks": 1}
     assert set(base.unet.state_dict()) == set(state), "installing must not add UNet parameters"
-    pipe.unload()
     after = base.unet.attn_processors
     assert before.keys() == after.keys()
     assert all(before[k] is after[k] for k in before)
+    assert not base.unet._forward_pre_hooks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +140,11 @@ def _changed(character, seed):
 
 @pytest.mark.parametrize("training", [False, True], ids=["gathered", "dense"])
 def test_a_pixel_routed_to_character_1_ignores_character_2(sd_pipe, sd_characters, training):
-    unet = sd_pipe.base.unet
+    with installed(sd_pipe) as unet:
+        _check_pixels_ignore_the_other_character(sd_pipe, sd_characters, training, unet)
+
+
+def _check_pixels_ignore_the_other_character(sd_pipe, sd_characters, training, unet):
     size = (16, 16)
     routes, _ = _three_way_routes(size)
     first, second = sd_characters[:2]
@@ -150,7 +177,11 @@ def test_a_pixel_routed_to_character_1_ignores_character_2(sd_pipe, sd_character
 
 
 def test_dense_and_gathered_paths_agree(sd_pipe, sd_characters):
-    unet = sd_pipe.base.unet
+    with installed(sd_pipe) as unet:
+        _check_dense_and_gathered_agree(sd_characters, unet)
+
+
+def _check_dense_and_gathered_agree(sd_characters, unet):
     size = (16, 16)
     routes, _ = _three_way_routes(size)
     torch.manual_seed(0)
@@ -613,9 +644,9 @@ def _guided_unet_call(pipe, characters, reference_guidance: bool, one_hot: bool)
     torch.manual_seed(0)
     latents = torch.randn(1, 4, *size).repeat(2, 1, 1, 1)
     text = torch.randn(2, 7, 32)
-    with torch.no_grad():
-        return pipe.base.unet(latents, 500, encoder_hidden_states=text,
-                              cross_attention_kwargs={"anystory": AnyStoryContext(inputs)}).sample
+    with torch.no_grad(), installed(pipe) as unet:
+        return unet(latents, 500, encoder_hidden_states=text,
+                    cross_attention_kwargs={"anystory": AnyStoryContext(inputs)}).sample
 
 
 @pytest.mark.parametrize("one_hot", [True, False], ids=["gathered", "dense"])

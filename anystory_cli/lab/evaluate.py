@@ -652,9 +652,9 @@ def noised_routing_maps(pipe, scenes: list[Scene], characters_of: Callable, seed
 
     from diffusers import DDPMScheduler
 
-    vae = pipe.base.vae
-    scheduler = DDPMScheduler.from_config(pipe.base.scheduler.config)
-    side = pipe.base.unet.config.sample_size * pipe.base.vae_scale_factor
+    vae = pipe.vae
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
     for n, scene in enumerate(scenes):
         image = np.array(Image.fromarray(scene.image).resize((side, side), Image.Resampling.NEAREST))
         pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
@@ -674,7 +674,7 @@ def routing_iou(pipe, scenes: list[Scene], encode: Callable, seed: int = 0,
     characters and scenes, per layer resolution (side in latent pixels) and timestep; and the
     same for the foreground (any character against the union of the masks), which tells a
     router that finds characters but mixes them up from one that does not find them."""
-    total_steps = pipe.base.scheduler.config.num_train_timesteps
+    total_steps = pipe.scheduler.config.num_train_timesteps
     timesteps = [max(1, min(total_steps - 1, int(round(s * total_steps)))) for s in shares]
     sums: dict[tuple[int, int], list[float]] = {}
     foreground: dict[tuple[int, int], list[float]] = {}

@@ -144,14 +144,13 @@ def image_size(pipeline, multipliers: tuple[float, float], resolution: int | Non
     `resolution`, the long side is that many pixels. A pipeline may size its images itself."""
     if hasattr(pipeline, "image_size"):
         return pipeline.image_size(multipliers, resolution)
-    base = pipeline.base
-    scale = base.vae_scale_factor
-    native = base.unet.config.sample_size * scale
+    scale = pipeline.vae_scale_factor
+    native = pipeline.unet.config.sample_size * scale
     if resolution is not None:
         native = resolution / max(multipliers)
     # A UNet halves the latent once per down block but the last: sizes must divide by that, and
     # by 8, the base pipeline's own check.
-    step = math.lcm(8, scale * 2 ** (len(base.unet.config.block_out_channels) - 1))
+    step = math.lcm(8, scale * 2 ** (len(pipeline.unet.config.block_out_channels) - 1))
     return tuple(max(step, int(round(native * m / step)) * step) for m in multipliers)  # type: ignore[return-value]
 
 
@@ -181,7 +180,7 @@ def warn_unknown_words(story: Story, pipeline, plans: Sequence[PanelPlan], sourc
         return
 
     for plan in plans:
-        unknown = unknown_words(pipeline.base.tokenizer, plan.prompt)
+        unknown = unknown_words(pipeline.tokenizer, plan.prompt)
         if unknown:
             emit(ProgressEvent("warning", f"{source}: panels[{plan.index}].prompt: the default model does not "
                                f"know {', '.join(repr(w) for w in unknown)}; it draws the rest "

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils.accelerate_utils import apply_forward_hook
 from torch import nn
 
 from ..errors import ModelError
@@ -195,14 +196,56 @@ class AnyStoryAdapter(ModelMixin, ConfigMixin):
                 _copy_kv(adapter.reference_kv[module_key(spec.name)], modules[spec.name])
         return adapter.to(dtype=unet.dtype)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> "AnyStoryAdapter":
+        """diffusers' `from_pretrained`, which hands the modules the loaded tensors themselves;
+        copies in fresh memory compute bit for bit what the saved adapter computes (as for the
+        single file, `weights.load_adapter`), so a saved pipeline draws what it drew."""
+        adapter = super().from_pretrained(*args, **kwargs)
+        with torch.no_grad():
+            for tensor in [*adapter.parameters(), *adapter.buffers()]:
+                tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
+        return adapter
+
     def to(self, *args, **kwargs):
         # ModelMixin.to warns about modules to keep in float32 on every dtype cast, even with none
         # listed; the adapter keeps none, so it moves and casts as a plain torch module does.
         return nn.Module.to(self, *args, **kwargs)
 
+    # The adapter is called through these methods, never through `forward`: each is decorated,
+    # as AutoencoderKL.encode is, so that a pipeline's CPU offload hook moves the adapter to the
+    # execution device before its weights are used.
+
+    @apply_forward_hook
     def encode_features(self, image_features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, image_embed_dim) -> subject tokens (B, m, d_c), routing features (B, d_r)."""
         return self.subject_qformer(image_features), self.routing_qformer(image_features)[:, 0]
+
+    @apply_forward_hook
+    def reference_features(self, latents: torch.Tensor, mask: torch.Tensor,
+                           image_size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The ReferenceNet at t = 0 on a reference's latents and mask: attn1 name -> features."""
+        return self.reference_net(latents, mask, image_size)
+
+    @apply_forward_hook
+    def attention_processors(self, unet: nn.Module) -> dict:
+        """AnyStory processors for every transformer attention layer of `unet` (the others keep
+        theirs), pointing at this adapter's routers and K/V weights."""
+        check_fits(self.spec, unet)
+        processors = {}
+        for key, original in unet.attn_processors.items():
+            layer = key.removesuffix(".processor")
+            mk = module_key(layer)
+            if mk in self.routers:
+                kv = self.subject_kv[mk]
+                processors[key] = CrossAttentionProcessor(layer, self.routers[mk], kv["to_k"], kv["to_v"], original)
+            elif layer.endswith(".attn1"):
+                # The first self-attention layer gets no references, but still takes the context.
+                kv = self.reference_kv[mk] if mk in self.reference_kv else {"to_k": None, "to_v": None}
+                processors[key] = SelfAttentionProcessor(layer, kv["to_k"], kv["to_v"], original)
+            else:
+                processors[key] = original
+        return processors
 
     def fingerprint(self) -> str:
         """A short id of these weights: encodings made with other weights are refused."""
@@ -260,22 +303,9 @@ def check_fits(config: AnyStoryConfig, unet: nn.Module) -> None:
 
 
 def install(adapter: AnyStoryAdapter, unet: nn.Module) -> InstalledAdapter:
-    """Put AnyStory processors on every transformer attention layer of `unet`."""
-    check_fits(adapter.spec, unet)
+    """Put AnyStory processors on every transformer attention layer of `unet`, and the hook that
+    starts each UNet forward of a context; `remove()` takes both away."""
     originals = dict(unet.attn_processors)
-    processors = {}
-    for key, original in originals.items():
-        layer = key.removesuffix(".processor")
-        mk = module_key(layer)
-        if mk in adapter.routers:
-            kv = adapter.subject_kv[mk]
-            processors[key] = CrossAttentionProcessor(layer, adapter.routers[mk], kv["to_k"], kv["to_v"], original)
-        elif layer.endswith(".attn1"):
-            # The first self-attention layer gets no references, but still takes the context.
-            kv = adapter.reference_kv[mk] if mk in adapter.reference_kv else {"to_k": None, "to_v": None}
-            processors[key] = SelfAttentionProcessor(layer, kv["to_k"], kv["to_v"], original)
-        else:
-            processors[key] = original
-    unet.set_attn_processor(processors)
+    unet.set_attn_processor(adapter.attention_processors(unet))
     hook = unet.register_forward_pre_hook(_begin_forward_hook, with_kwargs=True)
     return InstalledAdapter(unet, originals, hook)

@@ -118,9 +118,10 @@ def paste_step(base, figures: Sequence[np.ndarray], boxes: Sequence[Box], size: 
     height, width = size
     canvas, covered = compose_figures(figures, boxes, height, width)
     unet = base.unet
-    clean = encode_canvas(base.vae, canvas, unet.device, unet.dtype)
+    device = getattr(base, "_execution_device", unet.device)  # where the UNet runs, also with offload
+    clean = encode_canvas(base.vae, canvas, device, unet.dtype)
     inside = F.interpolate(torch.from_numpy(covered)[None, None], size=clean.shape[-2:], mode="area")
-    inside = (inside >= COVERAGE).to(device=unet.device, dtype=unet.dtype)
+    inside = (inside >= COVERAGE).to(device=device, dtype=unet.dtype)
     total = base.scheduler.config.num_train_timesteps
 
     def crosses_paste_level(timesteps, step: int) -> bool:

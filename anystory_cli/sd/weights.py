@@ -87,11 +87,6 @@ def _load_adapter_folder(path: Path, dtype: torch.dtype) -> AnyStoryAdapter:
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
         text = str(exc).strip()
         raise ModelError(f"{path}: cannot load the adapter ({text.splitlines()[0] if text else type(exc).__name__})") from None
-    # from_pretrained hands the modules the loaded tensors themselves; copies in fresh memory
-    # compute bit for bit what the saved adapter computes (as for the single file, above).
-    with torch.no_grad():
-        for tensor in [*adapter.parameters(), *adapter.buffers()]:
-            tensor.data = tensor.data.clone(memory_format=torch.contiguous_format)
     return adapter.to(dtype=dtype).eval()
 
 

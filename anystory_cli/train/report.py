@@ -146,39 +146,36 @@ def preview_grid(pipe, image_encoder, adapter, rows: list[dict], recipe, out_pat
     """One line per row: references | target (with its masks) | generated | routing map (stage 2:
     the finest layers' soft maps, one colour per reference, as in the target's mask tints).
 
-    The caller removes its training processors first; this installs the pipeline's own, and
-    unloads them again before returning."""
+    The caller removes its training processors first; the pipeline's own are on the UNet during
+    each of its calls only."""
     import torch
 
     from ..sd.pipeline import AnyStoryPipeline
 
     if not rows:
         return None
-    pipeline = AnyStoryPipeline(pipe, image_encoder, adapter)
+    pipeline = AnyStoryPipeline.from_pipe(pipe, image_encoder, adapter)
     lines = []
-    try:
-        for index, row in enumerate(rows):
-            references, target, masks = _row_inputs(row, recipe.stage)
-            encodings = [pipeline.encode_character(image, mask) for image, mask in references]
-            output = pipeline(
-                row["caption"], encodings, subject_scale=1.0, reference_scale=0.0,
-                # Stage 1 trains without a router (its one character at every pixel) and leaves
-                # the router untrained, so its previews draw that way too.
-                return_routing=recipe.stage == 2, route=recipe.stage == 2, num_inference_steps=recipe.preview_steps,
-                guidance_scale=recipe.preview_guidance, output_type="pil",
-                generator=torch.Generator().manual_seed(recipe.seed + index),
-            )
-            generated = output.images[0]
-            size = adapter.config.reference_size
-            tiles = [_tile(prepare_reference(image, mask, size).rgb, f"ref {k + 1}")
-                     for k, (image, mask) in enumerate(references)]
-            tiles.append(_tile(_mask_overlay(target, masks) if masks else target, "target"))
-            tiles.append(_tile(generated, "generated"))
-            if output.routing_layers:
-                tiles.append(_tile(soft_routing(generated, finest_routing(output.routing_layers)), "routing"))
-            lines.append(tiles)
-    finally:
-        pipeline.unload()
+    for index, row in enumerate(rows):
+        references, target, masks = _row_inputs(row, recipe.stage)
+        encodings = [pipeline.encode_character(image, mask) for image, mask in references]
+        output = pipeline(
+            row["caption"], encodings, subject_scale=1.0, reference_scale=0.0,
+            # Stage 1 trains without a router (its one character at every pixel) and leaves
+            # the router untrained, so its previews draw that way too.
+            return_routing=recipe.stage == 2, route=recipe.stage == 2, num_inference_steps=recipe.preview_steps,
+            guidance_scale=recipe.preview_guidance, output_type="pil",
+            generator=torch.Generator().manual_seed(recipe.seed + index),
+        )
+        generated = output.images[0]
+        size = adapter.config.reference_size
+        tiles = [_tile(prepare_reference(image, mask, size).rgb, f"ref {k + 1}")
+                 for k, (image, mask) in enumerate(references)]
+        tiles.append(_tile(_mask_overlay(target, masks) if masks else target, "target"))
+        tiles.append(_tile(generated, "generated"))
+        if output.routing_layers:
+            tiles.append(_tile(soft_routing(generated, finest_routing(output.routing_layers)), "routing"))
+        lines.append(tiles)
     columns = max(len(line) for line in lines)
     grid = Image.new("RGB", (columns * TILE, len(lines) * (TILE + LABEL_HEIGHT)), (255, 255, 255))
     for y, line in enumerate(lines):
