@@ -47,7 +47,7 @@ from ..errors import InputError, ModelError
 from ..library_logging import library_logs_quiet
 from ..loras import StyleLoraMixin, StyleLoras
 from ..masks import prepare_reference
-from .adapter import AnyStoryAdapter, install
+from .adapter import AnyStoryAdapter, check_fits, install
 from .attention import AnyStoryContext, InjectionInputs
 from .figures import figure_of, paste_step
 from .guidance import guided_call_kwargs
@@ -92,6 +92,7 @@ class AnyStoryPipeline(StyleLoraMixin, DiffusionPipeline):
         if encoder_width != adapter.spec.image_embed_dim:
             raise ModelError(f"adapter expects image features of width {adapter.spec.image_embed_dim}, "
                              f"the image encoder gives {encoder_width}")
+        check_fits(adapter.spec, self.unet)
         self.image_encoder.eval().requires_grad_(False)
         adapter.eval().requires_grad_(False)
         self.register_modules(adapter=adapter)
@@ -465,15 +466,16 @@ class AnyStoryPipeline(StyleLoraMixin, DiffusionPipeline):
                 prompt=prompt, height=height, width=width, num_images_per_prompt=num_images_per_prompt,
                 cross_attention_kwargs=cross_attention_kwargs, return_dict=True, **base_kwargs,
             )
-        output = AnyStoryOutput(images=result.images)
+        maps = layers = None
         if return_routing:
             # The last forward's conditional rows (classifier-free guidance stacks them last).
-            layers = {name: maps[-rows:].float() for name, maps in context.maps}
-            output.routing_layers = layers
-            output.routing_maps = torch.stack([
+            layers = {name: soft[-rows:].float() for name, soft in context.maps}
+            maps = torch.stack([
                 F.interpolate(m, size=(height, width), mode="bilinear", align_corners=False)
                 for m in layers.values()
             ]).mean(dim=0)
+        # (a BaseOutput keeps as entries only the fields given when it is made)
+        output = AnyStoryOutput(images=result.images, routing_maps=maps, routing_layers=layers)
         return output if return_dict else output.to_tuple()
 
     @contextlib.contextmanager
