@@ -105,13 +105,16 @@ def test_the_model_s_own_lora_stays_on_beside_a_style_and_after_it(tmp_path):
     assert not np.array_equal(both, own)
 
 
-def test_a_lora_for_another_base_is_one_error_naming_the_file(tmp_path):
+def test_a_lora_for_another_base_is_one_error_naming_the_file(tmp_path, capfd):
     sd = tiny.tiny_story_pipeline()
     xl_lora = make_lora(tiny.tiny_sdxl_pipeline(), tmp_path, name="xl_style.safetensors")
     before = draw(sd, subject_scale=0.0)
+    capfd.readouterr()
     with pytest.raises(ModelError, match="xl_style.safetensors") as caught:
         sd.load_lora_weights(xl_lora)
     assert "\n" not in str(caught.value) and "another base" in str(caught.value)
+    assert "size mismatch" in str(caught.value)  # what does not fit, in the one line
+    assert capfd.readouterr().err == ""  # and nothing else: no library dump before it
     assert not any(sd.base.get_list_adapters().values())  # nothing left half-loaded
     assert np.array_equal(draw(sd, subject_scale=0.0), before)
 
