@@ -60,7 +60,7 @@ class Recording:
     def __call__(self, prompt, **kwargs):
         call = Call(prompt, dict(kwargs))
         self.calls.append(call)
-        base = self._pipeline.base
+        base = self._pipeline  # the pipeline that runs the loop: its UNet, its guidance scale
 
         def hook(_module, args, hook_kwargs):
             sample = args[0] if args else hook_kwargs["sample"]

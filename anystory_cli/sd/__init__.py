@@ -6,7 +6,8 @@
     attention.py      the attention processors: routing-guided cross- and self-attention
     adapter.py        the trainable parts together, installed on a UNet
     weights.py        adapter files and character encodings (safetensors)
-    pipeline.py       AnyStoryPipeline: encode characters once, draw panels with them
+    pipeline.py       AnyStoryPipeline (AnyStorySDPipeline, AnyStoryXLPipeline: diffusers pipelines):
+                      encode characters once, draw panels with them
     figures.py        the references pasted into their places at one step
     guidance.py       classifier-free guidance inside a noise interval
 """
