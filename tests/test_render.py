@@ -531,7 +531,7 @@ def test_words_the_default_model_does_not_know_are_reported_per_panel(tmp_path):
     path = storykit.write_story(tmp_path, panels, model="default")
     story = load_story(path)
     plans = build_plan(story, model_id="m")
-    pipeline = SimpleNamespace(base=SimpleNamespace(tokenizer=build_tokenizer(vocabulary())))
+    pipeline = SimpleNamespace(tokenizer=build_tokenizer(vocabulary()))
     events = []
     warn_unknown_words(story, pipeline, plans, "story.yaml", events.append)
     assert [e.kind for e in events] == ["warning"]
