@@ -460,10 +460,11 @@ def test_region_share_is_the_routing_mass_inside_each_region():
 
 
 class _OraclePipe:
-    """The tiny pipeline's base, with a router that returns `how` of each scene's true masks."""
+    """The tiny pipeline's parts, with a router that returns `how` of each scene's true masks."""
 
     def __init__(self, pipe, scenes, how):
-        self.base, self.device, self.how = pipe.base, pipe.device, how
+        self.device, self.how = pipe.device, how
+        self.vae, self.unet, self.scheduler, self.vae_scale_factor = pipe.vae, pipe.unet, pipe.scheduler, pipe.vae_scale_factor
         self.scenes = {tuple(s.identity_seeds): s for s in scenes}
         self.calls = []
 
