@@ -272,9 +272,10 @@ class AnyStoryPipeline(StyleLoraMixin, DiffusionPipeline):
         how alike the two look (`scores.py`)."""
         size = self.adapter.config.reference_size
         crops = [Image.fromarray(prepare_reference(image, mask, size).rgb) for image, mask in zip(images, masks)]
-        pixels = self.clip_processor(images=crops, return_tensors="pt").pixel_values
-        with self._encoders_on_device():
-            pooled = self.image_encoder(pixel_values=pixels.to(self.device, self.image_encoder.dtype)).pooler_output
+        pixels = self.feature_extractor(images=crops, return_tensors="pt").pixel_values
+        pixels = pixels.to(self._execution_device, self.image_encoder.dtype)
+        pooled = self.image_encoder(pixel_values=pixels).pooler_output
+        self.maybe_free_model_hooks()
         return F.normalize(pooled.float(), dim=-1).cpu().numpy()
 
     # -----------------------------------------------------------------------------------------
