@@ -11,12 +11,22 @@ automatic choice.
 With offload, each model (text encoders, UNet, VAE, ...) sits in CPU memory and moves to the GPU
 only while it runs (diffusers' `enable_model_cpu_offload`): slower, for GPUs with little memory.
 A device and a precision draw different pixels; offload does not.
+
+torch is asked only where the answer needs it: `cpu` (named, or `auto` with a torch built for
+no GPU, which can only ever run on the CPU) is known from torch's build metadata without
+importing torch, so a render with nothing to draw never imports it.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import os
+import re
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import InputError
 
@@ -60,30 +70,9 @@ class Runtime:
 def resolve_runtime(device: str | None = None, dtype: str | None = None, offload: bool | None = None) -> Runtime:
     """The runtime the options (None: not given) and the environment ask for; InputError for a
     device this machine does not have, an unknown precision, or offload without CUDA."""
-    import torch
-
     wanted = (device if device is not None else os.environ.get(DEVICE_ENV, "")).strip() or AUTO
     where = "--device" if device is not None else DEVICE_ENV
-    if wanted.lower() == AUTO:
-        chosen = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
-        local_rank = os.environ.get("LOCAL_RANK", "")
-        if chosen == "cuda" and local_rank.isdigit() and torch.cuda.device_count() > 1:
-            chosen = f"cuda:{int(local_rank) % torch.cuda.device_count()}"  # torchrun: one GPU each
-    else:
-        try:
-            chosen = str(torch.device(wanted))
-        except (RuntimeError, ValueError):
-            raise InputError(f"{where}={wanted!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-        kind = chosen.split(":")[0]
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise InputError(f"{where}={wanted!r}: torch sees no CUDA GPU here (a CPU-only torch, or no "
-                             f"driver); use --device cpu or auto")
-        if kind == "cuda" and ":" in chosen and int(chosen.split(":")[1]) >= torch.cuda.device_count():
-            raise InputError(f"{where}={wanted!r}: there are {torch.cuda.device_count()} CUDA GPUs here")
-        if kind == "mps" and not _mps_available():
-            raise InputError(f"{where}={wanted!r}: Apple's MPS is not available here; use --device cpu or auto")
-        if kind not in ("cpu", "cuda", "mps"):
-            raise InputError(f"{where}={wanted!r}: AnyStory runs on cpu, cuda or mps")
+    chosen = _chosen_device(wanted, where)
 
     precision = (dtype if dtype is not None else os.environ.get(DTYPE_ENV, "")).strip().lower() or AUTO
     where = "--dtype" if dtype is not None else DTYPE_ENV
@@ -103,6 +92,63 @@ def resolve_runtime(device: str | None = None, dtype: str | None = None, offload
         raise InputError(f"--offload (model CPU offload) needs a CUDA GPU, and this run's device is {chosen}; "
                          f"drop --offload (or unset {OFFLOAD_ENV})")
     return Runtime(chosen, precision, bool(offload))
+
+
+def _chosen_device(wanted: str, where: str) -> str:
+    """The torch device string for an --device value (`auto` or a device)."""
+    if _CPU.fullmatch(wanted):
+        return wanted  # as torch.device(wanted) says it
+    if wanted.lower() == AUTO and not gpu_build():
+        return "cpu"
+    import torch
+
+    if wanted.lower() == AUTO:
+        chosen = "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+        local_rank = os.environ.get("LOCAL_RANK", "")
+        if chosen == "cuda" and local_rank.isdigit() and torch.cuda.device_count() > 1:
+            chosen = f"cuda:{int(local_rank) % torch.cuda.device_count()}"  # torchrun: one GPU each
+        return chosen
+    try:
+        chosen = str(torch.device(wanted))
+    except (RuntimeError, ValueError):
+        raise InputError(f"{where}={wanted!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    kind = chosen.split(":")[0]
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{where}={wanted!r}: torch sees no CUDA GPU here (a CPU-only torch, or no "
+                         f"driver); use --device cpu or auto")
+    if kind == "cuda" and ":" in chosen and int(chosen.split(":")[1]) >= torch.cuda.device_count():
+        raise InputError(f"{where}={wanted!r}: there are {torch.cuda.device_count()} CUDA GPUs here")
+    if kind == "mps" and not _mps_available():
+        raise InputError(f"{where}={wanted!r}: Apple's MPS is not available here; use --device cpu or auto")
+    if kind not in ("cpu", "cuda", "mps"):
+        raise InputError(f"{where}={wanted!r}: AnyStory runs on cpu, cuda or mps")
+    return chosen
+
+
+_CPU = re.compile(r"cpu(:\d+)?")
+
+
+@functools.lru_cache(maxsize=1)
+def gpu_build() -> bool:
+    """Whether the installed torch could reach a GPU at all, read from its build metadata
+    (torch/version.py) without importing torch: a build for CUDA or ROCm, or macOS (MPS). When
+    False, `auto` is the CPU for certain; when True, torch is asked."""
+    if sys.platform == "darwin":
+        return True
+    spec = importlib.util.find_spec("torch")
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    try:
+        text = (Path(folders[0]) / "version.py").read_text()
+    except (IndexError, OSError):
+        return True  # unknown: ask torch
+    built_for = {}
+    for statement in ast.parse(text).body:
+        if isinstance(statement, (ast.Assign, ast.AnnAssign)) and isinstance(statement.value, ast.Constant):
+            targets = statement.targets if isinstance(statement, ast.Assign) else [statement.target]
+            built_for.update({t.id: statement.value.value for t in targets if isinstance(t, ast.Name)})
+    if not {"cuda", "hip"} <= built_for.keys():
+        return True  # a layout this code does not know: ask torch
+    return built_for["cuda"] is not None or built_for["hip"] is not None
 
 
 def _mps_available() -> bool:

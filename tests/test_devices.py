@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
+from anystory_cli import devices
 from anystory_cli.devices import DEVICE_ENV, DTYPE_ENV, OFFLOAD_ENV, Runtime, resolve_runtime
 from anystory_cli.errors import InputError
 
@@ -16,6 +19,7 @@ def clean_env(monkeypatch):
 
 
 def gpu(monkeypatch, cuda=True, mps=False):
+    monkeypatch.setattr(devices, "gpu_build", lambda: cuda or mps)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2 if cuda else 0)
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
@@ -39,6 +43,12 @@ def test_options_win_over_the_environment_which_wins_over_auto(monkeypatch):
     monkeypatch.setenv(OFFLOAD_ENV, "1")
     assert resolve_runtime(device="cuda").offload is True
     assert resolve_runtime(device="cuda", offload=False).offload is False
+
+
+def test_a_cpu_only_torch_is_read_from_its_build_without_importing_it():
+    assert devices.gpu_build() is (torch.version.cuda is not None or torch.version.hip is not None
+                                   or sys.platform == "darwin")
+    assert str(torch.device("cpu:0")) == "cpu:0" and resolve_runtime("cpu:0").device == "cpu:0"
 
 
 def test_the_key_holds_what_changes_pixels():
