@@ -8,14 +8,16 @@ path. No torch.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
+import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Union
 
 from PIL import Image, PngImagePlugin
 
@@ -60,31 +62,76 @@ def write_png(image: Image.Image, path: str | os.PathLike[str], dpi: int | None 
     return atomic_write(path, lambda handle: image.save(handle, format="PNG", pnginfo=info, **extra), within)
 
 
+# A page to export: its image, or the PNG file it was written to (used as it is, not re-encoded).
+PageSource = Union[Image.Image, str, os.PathLike]
+
+
 def write_pdf(
-    pages: Sequence[Image.Image], path: str | os.PathLike[str], title: str = "", dpi: int = 150,
+    pages: Iterable[PageSource], path: str | os.PathLike[str], title: str = "", dpi: int = 150,
     within: str | os.PathLike[str] | None = None,
 ) -> Path:
     """All pages in one PDF, each page sized by `dpi` (a W x H pixel page is W*72/dpi x
     H*72/dpi points). Pages are embedded without loss: each page's PNG data goes into the PDF
     as it is (img2pdf; Flate, no JPEG), so decoding a page gives back its exact pixels. No
     creation date and no random file id: the same pages give the same bytes (a resumed render
-    matches an uninterrupted one)."""
-    if not pages:
-        raise ValueError("a PDF needs at least one page")
-    import img2pdf  # imports pikepdf; only a PDF write needs it
+    matches an uninterrupted one).
 
-    rgb = [page.convert("RGB") for page in pages]
+    Written as a stream, one page at a time: img2pdf makes each page a one-page PDF in a
+    temporary folder beside `path`, and pikepdf (qpdf) joins them, reading each page's image data
+    from its file only as it writes the result. Memory does not grow with the number of pages."""
+    import img2pdf  # imports pikepdf; only a PDF write needs it
+    import pikepdf
+
+    layout = img2pdf.get_fixed_dpi_layout_fun((dpi, dpi))
+    target = Path(path)
 
     def write(handle: BinaryIO) -> None:
         # Encoding inside the write: its failures are reported like any other write failure.
-        encoded = [_png_bytes(page) for page in rgb]
-        handle.write(img2pdf.convert(
-            encoded, title=title or None, creator="anystory", producer="anystory", nodate=True,
-            layout_fun=img2pdf.get_fixed_dpi_layout_fun((dpi, dpi)),
-            engine=img2pdf.Engine.internal,
-        ))
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".anystory-pdf-") as folder:
+            parts = []
+            for number, page in enumerate(pages):
+                part = Path(folder) / f"page-{number:06d}.pdf"
+                with open(part, "wb") as stream:
+                    img2pdf.convert(_pdf_png(page), outputstream=stream, nodate=True, layout_fun=layout,
+                                    engine=img2pdf.Engine.internal)
+                parts.append(part)
+            if not parts:
+                raise ValueError("a PDF needs at least one page")
+            while len(parts) > _PARTS_AT_ONCE:  # each join keeps its parts open: bound the open files
+                groups = [parts[i:i + _PARTS_AT_ONCE] for i in range(0, len(parts), _PARTS_AT_ONCE)]
+                parts = [_join_pdfs(group, group[0].with_suffix(".joined.pdf"), pikepdf) for group in groups]
+            _join_pdfs(parts, handle, pikepdf, {"/Title": title or None, "/Creator": "anystory",
+                                                 "/Producer": "anystory"})
 
-    return atomic_write(path, write, within)
+    return atomic_write(target, write, within)
+
+
+_PARTS_AT_ONCE = 256
+
+
+def _join_pdfs(parts: Sequence[Path], into, pikepdf, info: dict[str, str | None] | None = None):
+    """The pages of `parts`, in order, saved to `into` (a path or a binary file)."""
+    with pikepdf.new() as pdf, contextlib.ExitStack() as opened:
+        for part in parts:
+            pdf.pages.extend(opened.enter_context(pikepdf.open(part)).pages)
+        for name, value in (info or {}).items():
+            if value is not None:
+                pdf.docinfo[name] = pikepdf.String(value)
+        # Image data copied as it is (no decoding, no recompression), a fixed file id.
+        pdf.save(into, static_id=True, stream_decode_level=pikepdf.StreamDecodeLevel.none,
+                 recompress_flate=False, object_stream_mode=pikepdf.ObjectStreamMode.disable)
+    return into
+
+
+def _pdf_png(page: PageSource) -> bytes:
+    """A page's PNG as the PDF takes it: RGB."""
+    if isinstance(page, Image.Image):
+        return _png_bytes(page.convert("RGB"))
+    data = Path(page).read_bytes()
+    with Image.open(io.BytesIO(data)) as image:
+        if image.mode == "RGB":
+            return data
+        return _png_bytes(image.convert("RGB"))
 
 
 def comic_info_xml(
@@ -137,25 +184,32 @@ _NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def write_cbz(
-    pages: Sequence[Image.Image],
+    pages: Iterable[PageSource],
     path: str | os.PathLike[str],
     title: str,
     reading_order: str = "ltr",
     characters: Sequence[str] = (),
     within: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """A comic book archive: 001.png, 002.png, ... and ComicInfo.xml."""
+    """A comic book archive: 001.png, 002.png, ... and ComicInfo.xml, written one page at a time
+    (a page file goes in as it is)."""
 
     def write(handle: BinaryIO) -> None:
         # Encoding inside the write: its failures are reported like any other write failure.
-        encoded = [_png_bytes(page) for page in pages]
-        sizes = [(page.width, page.height, len(data)) for page, data in zip(pages, encoded)]
-        info = comic_info_xml(title, sizes, reading_order, characters)
+        sizes = []
         # PNGs are already compressed: store them; deflate only the XML. Entries get a fixed
         # date, so the same pages give the same archive bytes (a resumed render matches).
         with zipfile.ZipFile(handle, "w", compression=zipfile.ZIP_STORED) as archive:
-            for number, data in enumerate(encoded, start=1):
+            for number, page in enumerate(pages, start=1):
+                if isinstance(page, Image.Image):
+                    data, size = _png_bytes(page), page.size
+                else:
+                    data = Path(page).read_bytes()
+                    with Image.open(io.BytesIO(data)) as image:
+                        size = image.size
                 archive.writestr(_zip_entry(f"{number:03d}.png", zipfile.ZIP_STORED), data)
+                sizes.append((*size, len(data)))
+            info = comic_info_xml(title, sizes, reading_order, characters)
             archive.writestr(_zip_entry("ComicInfo.xml", zipfile.ZIP_DEFLATED), info)
 
     return atomic_write(path, write, within)

@@ -13,7 +13,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from .. import fonts
 from ..atomic import TEMP_SUFFIX, check_within
@@ -24,30 +23,31 @@ from ..overlay import routing_overlay
 from ..plan import PagePlan
 from ..story import Story
 from .events import ProgressEvent, RenderSummary
-from .store import (STATE_DIR, PanelJob, content_hash, file_sha256, load_if_current, panel_path, stored_key,
-                    write_png)
+from .store import (STATE_DIR, PanelJob, content_hash, file_sha256, is_current, load_panel, panel_path, release,
+                    stored_key, write_png)
 
 
 PAGE_KEY_VERSION = 1
 
 
 # Part of the PDF/CBZ key: raise it when the same pages give other file bytes (a new writer).
-EXPORT_FORMAT = 2
+EXPORT_FORMAT = 3  # 3: pages streamed from their files (the CBZ holds the page files as written)
 
 
 def write_routing_outputs(jobs: Sequence[PanelJob], out: Path, summary: RenderSummary) -> None:
-    """panel-NNN-routing.png (overlay) and .npy (soft maps) for drawn panels, when outdated."""
+    """panel-NNN-routing.png (overlay) and .npy (soft maps) for stored panels, when outdated;
+    one panel in memory at a time."""
     for job in jobs:
-        if job.image is None or job.maps is None:
-            continue
         overlay_path = panel_path(out, job.plan.index, "-routing")
-        if stored_key(overlay_path) == job.key:
+        if stored_key(overlay_path) == job.key or not load_panel(job, out) or job.maps is None:
+            release(job)
             continue
         maps = job.maps.astype(np.float32)
         npy_path = overlay_path.with_suffix(".npy")
         atomic_write(npy_path, lambda handle: np.save(handle, maps, allow_pickle=False), within=out)
         write_png(routing_overlay(job.image, maps), overlay_path, job.key, within=out)
         summary.files_written += [str(npy_path), str(overlay_path)]
+        release(job)
 
 
 def _page_key(spec: PageSpec, dpi: int, jobs: Sequence[PanelJob], texts: Sequence[PanelText]) -> str:
@@ -60,14 +60,15 @@ def _page_key(spec: PageSpec, dpi: int, jobs: Sequence[PanelJob], texts: Sequenc
 
 def compose_pages(story: Story, page_plans: Sequence[PagePlan], jobs: dict[int, PanelJob],
                    out: Path, summary: RenderSummary, emit,
-                   stop: Callable[[], None] = lambda: None) -> list[tuple[str, Image.Image]]:
-    """Compose and write every complete page whose key changed; (key, image) of complete pages."""
+                   stop: Callable[[], None] = lambda: None) -> list[tuple[str, Path]]:
+    """Compose and write every complete page whose key changed, one page in memory at a time;
+    (key, file) of the complete pages."""
     composed = []
     for page in page_plans:
         stop()
         members = [jobs[i] for i in page.panels]
         number = page.index + 1
-        if any(job.image is None and not load_if_current(job, out) for job in members):
+        if not all(is_current(job, out) for job in members):
             summary.pages_incomplete.append(number)
             continue
         spec = PageSpec.from_settings(story.page, page.rows)
@@ -76,17 +77,21 @@ def compose_pages(story: Story, page_plans: Sequence[PagePlan], jobs: dict[int, 
         path = out / "pages" / f"page-{number:03d}.png"
         if stored_key(path) == key:
             summary.pages_skipped.append(number)
-            with Image.open(path) as stored:
-                composed.append((key, stored.convert("RGB")))
+            composed.append((key, path))
             continue
+        for job in members:
+            load_panel(job, out)
         maps = [job.maps if job.maps is not None and job.maps.shape[0] == job.entries else None
                 for job in members]
         image = compose_page(spec, [job.image for job in members], texts, maps)
+        for job in members:
+            release(job)
         write_png(image, path, key, dpi=story.page.dpi, within=out)
+        del image
         summary.pages_written.append(number)
         summary.files_written.append(str(path))
         emit(ProgressEvent("page", f"page {number}", len(summary.pages_written), len(page_plans)))
-        composed.append((key, image))
+        composed.append((key, path))
     return composed
 
 
@@ -104,12 +109,13 @@ def export_stem(story_path: str | os.PathLike[str]) -> str:
     return stem
 
 
-def write_exports(story: Story, stem: str, composed: Sequence[tuple[str, Image.Image]], out: Path,
+def write_exports(story: Story, stem: str, composed: Sequence[tuple[str, Path]], out: Path,
             summary: RenderSummary, emit) -> None:
-    """<stem>.pdf and <stem>.cbz, unless the recorded key and file hash say they are current."""
+    """<stem>.pdf and <stem>.cbz from the page files, unless the recorded key and file hash say
+    they are current."""
     manifest_path = out / STATE_DIR / "exports.json"
     manifest = _read_json(manifest_path)
-    pages = [image for _, image in composed]
+    pages = [page for _, page in composed]
     key = content_hash("export", EXPORT_FORMAT, story.title, story.page.reading_order, story.page.dpi,
                   sorted(story.characters), [page_key for page_key, _ in composed])
     writers = {

@@ -21,7 +21,7 @@ from .memory_plan import loading_plan, plan_for_render
 from .ranks import Ranks
 from .signals import Interrupted, at_safe_points, check_stop, stop_requested
 from .review import write_review
-from .store import PanelJob, as_stored, check_output_dir, frame_sizes, load_if_current, panel_job, panel_path
+from .store import PanelJob, as_stored, check_output_dir, frame_sizes, is_current, panel_job, panel_path
 from .takes import Scorer, check_scorer, draw_takes, prune_takes, with_takes
 from .validate import check_story, select_panels
 
@@ -117,7 +117,7 @@ def render_story(
         jobs = {plan.index: with_takes(panel_job(plan, frames[plan.index])) for plan in plans}
         ranks = Ranks.current()
         # Panels already drawn with the same key are kept (rank 0 looks; every rank uses its list).
-        fresh = ([i for i in sorted(chosen) if not load_if_current(jobs[i], out)]
+        fresh = ([i for i in sorted(chosen) if not is_current(jobs[i], out)]
                  if ranks.rank == 0 else [])
         todo = [jobs[i] for i in ranks.share(fresh, len(plans))]
     drawing = {job.plan.index for job in todo}
@@ -189,9 +189,6 @@ def render_story(
 
     # 3. Routing outputs, pages, exports: from the stored panels of every process.
     if save_routing:
-        for index in sorted(chosen):
-            if jobs[index].image is None:
-                load_if_current(jobs[index], out)
         with at_safe_points():
             write_routing_outputs([jobs[i] for i in sorted(chosen)], out, summary)
     with clock("compose"), at_safe_points():

@@ -82,7 +82,8 @@ def write_png(image: Image.Image, path: Path, key: str, dpi: int | None = None,
 
 def file_sha256(path: Path) -> str | None:
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        with open(path, "rb") as handle:  # in blocks: a long comic's PDF is not read into memory
+            return hashlib.file_digest(handle, "sha256").hexdigest()
     except OSError:
         return None
 
@@ -133,7 +134,9 @@ class PanelJob:
     plan: PanelPlan
     multipliers: tuple[float, float]
     key: str  # content key + frame shape
-    image: Image.Image | None = None  # the up-to-date panel, once known
+    stored: bool = False  # its PNG (and maps) with this key are in the output folder
+    # Loaded only while a page or an overlay needs them (memory stays flat with the panel count).
+    image: Image.Image | None = None
     maps: np.ndarray | None = None
 
     @property
@@ -147,15 +150,28 @@ def panel_job(plan: PanelPlan, frame: tuple[int, int]) -> PanelJob:
     return PanelJob(plan, multipliers, key)
 
 
-def load_if_current(job: PanelJob, out: Path) -> bool:
+def is_current(job: PanelJob, out: Path) -> bool:
+    """Whether the stored panel is whole and has this key (remembered on the job)."""
+    job.stored = job.stored or stored_key(panel_path(out, job.plan.index)) == job.key
+    return job.stored
+
+
+def load_panel(job: PanelJob, out: Path) -> bool:
     """Load the stored panel (and its routing maps) when its key matches; True if so."""
-    path = panel_path(out, job.plan.index)
-    if stored_key(path) != job.key:
+    if job.image is not None:
+        return True
+    if not is_current(job, out):
         return False
+    path = panel_path(out, job.plan.index)
     with Image.open(path) as image:
         job.image = image.convert("RGB")
     job.maps = read_routing(routing_path(out, job.key), job.key, job.entries)
     return True
+
+
+def release(job: PanelJob) -> None:
+    """Forget the loaded image and maps (they stay on disk)."""
+    job.image = job.maps = None
 
 
 def check_output_dir(out: Path) -> Path:

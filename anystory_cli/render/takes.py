@@ -205,10 +205,11 @@ def draw_takes(job: PanelJob, out: Path, draw: Callable[[int], tuple[Image.Image
         if take.scores is not None and good_enough(take.scores, plan.min_identity):
             break
     chosen = takes[kept(takes)]
-    job.image, job.maps = chosen.image, chosen.maps
-    # Maps first: a panel PNG with this key promises that its maps exist.
-    write_routing(job.maps, routing_path(out, job.key), job.key, out)
-    write_png(job.image, panel_path(out, plan.index), job.key, within=out)
+    # Maps first: a panel PNG with this key promises that its maps exist. Pages read both back
+    # from the files (as from an earlier run's), so no panel stays in memory.
+    write_routing(chosen.maps, routing_path(out, job.key), job.key, out)
+    write_png(chosen.image, panel_path(out, plan.index), job.key, within=out)
+    job.stored = True
     return drawn
 
 
