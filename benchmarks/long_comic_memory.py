@@ -12,6 +12,10 @@ A4 pages at `--dpi`. For each page count, in fresh `anystory render` processes:
   caption   every caption changed: no panel drawn, every page composed again, PDF and CBZ again;
   unchanged nothing changed: nothing drawn or written.
 
+Each story's panels are the first panels of the next, longer one (a panel's key does not
+depend on the story's length), so a story's output folder starts as a copy of the previous,
+shorter one's and its render draws only the panels that one did not have.
+
 Printed: wall seconds and the process's peak resident memory (ru_maxrss) of each, per checkout
 (`--checkout DIR` runs that source tree through PYTHONPATH; several are run in turn, page count
 by page count). The character cache is shared by all runs, so characters are encoded once.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -92,11 +97,15 @@ def main() -> None:
     results: dict[str, dict] = {str(c): {} for c in checkouts}
     with tempfile.TemporaryDirectory() as tmp:
         cache = Path(tmp) / "cache"
-        for pages in args.pages:
+        previous: dict[Path, Path] = {}
+        for pages in sorted(args.pages):
             for checkout in checkouts:
                 folder = Path(tmp) / f"{checkout.name}-{pages}"
                 folder.mkdir()
                 out = folder / "out"
+                if checkout in previous:
+                    shutil.copytree(previous[checkout], out, symlinks=True)
+                previous[checkout] = out
                 figures = {}
                 story = write_story(folder, pages, args.dpi, "It was page")
                 figures["render"] = run(checkout, story, out, cache, args.steps, args.threads)

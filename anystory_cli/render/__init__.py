@@ -27,6 +27,13 @@ is composed; the PDF and CBZ are written once every page is.
 
 Scale and faults:
 
+- Memory does not grow with the story's length: a panel is written as soon as it is drawn and
+  read back only while its page is composed; pages are composed one at a time, and the PDF and
+  CBZ are written page by page from the page files (`export`).
+- A render with nothing to draw (an unchanged story, new lettering, page settings that only
+  recompose) imports no torch, diffusers or transformers: the panels' keys need only the model
+  files' fingerprint and the runtime, which `devices` knows without torch on a CPU-only install
+  or with `--device cpu`.
 - Several stories in one process share the loaded model (`memoize_factory`) and the character
   cache, so a character with the same image is encoded once.
 - Under `torchrun` / `accelerate launch` (WORLD_SIZE > 1) the processes join one gloo process
