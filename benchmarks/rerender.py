@@ -11,7 +11,8 @@ through PYTHONPATH; checkouts alternate within each round, so machine noise hits
   unchanged  the same story again: nothing to draw, nothing to write;
   caption    the first caption changed: no panel drawn, page 1 composed again, PDF and CBZ again.
 
-Printed: the median seconds and peak memory (ru_maxrss) of each, the re-renders' ratios to the
+Printed: the cold render's stages (start and imports, check, load_model, encode, render
+(the panels), compose, export), the median seconds and peak memory (ru_maxrss) of each, the re-renders' ratios to the
 cold render, and whether each re-render imported torch, diffusers or transformers.
 """
 
@@ -62,13 +63,17 @@ def run(checkout: Path, story: Path, out: Path, cache: Path, threads: int) -> di
     env = {**os.environ, "PYTHONPATH": str(checkout), "ANYSTORY_CACHE": str(cache),
            "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "NO_COLOR": "1"}
     began = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", WRAPPER, str(report), "render", str(story), "--out", str(out)],
-                          env=env, capture_output=True, text=True, cwd=checkout)
+    done = subprocess.run([sys.executable, "-c", WRAPPER, str(report), "render", str(story), "--out", str(out),
+                           "--json"], env=env, capture_output=True, text=True, cwd=checkout)
     seconds = time.perf_counter() - began
     result = json.loads(report.read_text())
     if result["code"] != 0:
         raise SystemExit(f"{checkout}: render failed:\n{done.stderr}")
-    return {"seconds": seconds, "peak_mib": result["peak_mib"], "heavy": result["heavy"]}
+    # Where the time went: the render's own stages; before them, Python's start and the imports.
+    stages = json.loads(done.stdout)["stories"][0]["timings"]
+    stages = {"start and imports": seconds - stages["total"], **stages}
+    return {"seconds": seconds, "peak_mib": result["peak_mib"], "heavy": result["heavy"],
+            "stages": {name: round(value, 2) for name, value in stages.items()}}
 
 
 def main() -> None:
@@ -101,6 +106,7 @@ def main() -> None:
             "all_seconds": {kind: [round(s["seconds"], 2) for s in runs] for kind, runs in figures.items()},
             "peak_mib": {kind: round(max(s["peak_mib"] for s in runs), 1) for kind, runs in figures.items()},
             "ratio_to_cold": {kind: round(median[kind] / median["cold"], 3) for kind in ("unchanged", "caption")},
+            "cold stages (first round)": figures["cold"][0]["stages"],
             "re-render imports": {kind: sorted({m for s in figures[kind] for m in s["heavy"]})
                                   for kind in ("unchanged", "caption")},
         }
