@@ -87,7 +87,7 @@ def write_pdf(
 
     def write(handle: BinaryIO) -> None:
         # Encoding inside the write: its failures are reported like any other write failure.
-        with tempfile.TemporaryDirectory(dir=target.parent, prefix=".anystory-pdf-") as folder:
+        with tempfile.TemporaryDirectory(dir=target.parent, prefix=PDF_PARTS_PREFIX) as folder:
             parts = []
             for number, page in enumerate(pages):
                 part = Path(folder) / f"page-{number:06d}.pdf"
@@ -107,6 +107,7 @@ def write_pdf(
 
 
 _PARTS_AT_ONCE = 256
+PDF_PARTS_PREFIX = ".anystory-pdf-"  # the one-page PDFs' temporary folder, beside the PDF
 
 
 def _join_pdfs(parts: Sequence[Path], into, pikepdf, info: dict[str, str | None] | None = None):

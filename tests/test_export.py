@@ -240,3 +240,20 @@ def test_replacing_a_file_keeps_its_permissions(tmp_path):
     target.chmod(0o600)
     write_png(pages(1)[0], target)
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_a_long_pdf_is_joined_in_order_and_leaves_no_parts_behind(tmp_path, monkeypatch):
+    import anystory_cli.export as export
+
+    monkeypatch.setattr(export, "_PARTS_AT_ONCE", 3)  # joined in groups, then the groups joined
+    images = pages(7)
+    files = [write_png(image, tmp_path / "pages" / f"page-{i:03d}.png", dpi=100, text={"anystory:key": "k"})
+             for i, image in enumerate(images)]
+    mixed = [files[0], images[1], *files[2:]]  # page files are used as they are, images encoded
+    decoded = _pdf_pages(write_pdf(mixed, tmp_path / "comic.pdf", "Kite", dpi=100))
+    assert [np.asarray(page).tolist() for _, page in decoded] == [np.asarray(i).tolist() for i in images]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comic.pdf", "pages"]
+    monkeypatch.setattr(Image.Image, "save", _failing_save)
+    with pytest.raises(OutputError):
+        write_pdf(images, tmp_path / "comic.pdf", "Kite", dpi=100)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["comic.pdf", "pages"]

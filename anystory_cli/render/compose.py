@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict
@@ -17,7 +18,7 @@ import numpy as np
 from .. import fonts
 from ..atomic import TEMP_SUFFIX, check_within
 from ..errors import OutputError
-from ..export import atomic_write, write_cbz, write_pdf
+from ..export import PDF_PARTS_PREFIX, atomic_write, write_cbz, write_pdf
 from ..layout import PageSpec, PanelText, compose_page
 from ..overlay import routing_overlay
 from ..plan import PagePlan
@@ -182,6 +183,10 @@ def prune(out: Path, panel_count: int, page_count: int, jobs: Iterable[PanelJob]
             with contextlib.suppress(OSError):
                 if not path.is_symlink() and path.is_file() and path.stat().st_mtime < cutoff:
                     doomed.append(path)
+    for folder in out.glob(f"{PDF_PARTS_PREFIX}*"):  # a killed PDF write's one-page parts
+        with contextlib.suppress(OSError):
+            if not folder.is_symlink() and folder.is_dir() and folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder, ignore_errors=True)
     for path in doomed:
         try:
             path.unlink()
