@@ -105,7 +105,7 @@ def test_style_resolution_sets_the_long_side_on_every_model():
     assert _image_size(flux, (1.5, 1.0), 768) == (768, 512)
     assert _image_size(flux, (1.0, 2.0), 300) == (144, 304)  # FLUX's 16-pixel grid
     unet = SimpleNamespace(config=SimpleNamespace(sample_size=64, block_out_channels=(32, 64)))
-    sd = SimpleNamespace(base=SimpleNamespace(vae_scale_factor=8, unet=unet))
+    sd = SimpleNamespace(vae_scale_factor=8, unet=unet)  # a UNet pipeline: its own parts
     assert _image_size(sd, (1.5, 1.0)) == (768, 512)  # the model's own size times the shape
     assert _image_size(sd, (1.5, 1.0), 384) == (384, 256)
 
