@@ -103,6 +103,14 @@ def flux_cases() -> dict:
     return json.loads((FLUX_FIXTURE / "cases.json").read_text())
 
 
+def flux_subject(name: str):
+    """One of the fixture's subjects: (image, mask), as PIL images."""
+    from PIL import Image
+
+    files = flux_cases()["subjects"][name]
+    return Image.open(FLUX_FIXTURE / files["image"]), Image.open(FLUX_FIXTURE / files["mask"])
+
+
 def tiny_flux_pipeline():
     """AnyStoryFluxPipeline on the committed tiny FLUX fixture, on the CPU."""
     from anystory_cli.flux import AnyStoryFluxPipeline

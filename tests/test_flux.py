@@ -39,9 +39,7 @@ def pipe():
     return storykit.tiny_flux_pipeline()
 
 
-def subject(name: str) -> tuple[Image.Image, Image.Image]:
-    files = CASES["subjects"][name]
-    return Image.open(FIXTURE / files["image"]), Image.open(FIXTURE / files["mask"])
+subject = storykit.flux_subject
 
 
 def our_options(options: dict) -> dict:

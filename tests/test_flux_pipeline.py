@@ -10,7 +10,6 @@ import sys
 import pytest
 import storykit
 import torch
-from PIL import Image
 
 FIXTURE = storykit.FLUX_FIXTURE
 MODEL = storykit.FLUX_MODEL
@@ -31,9 +30,7 @@ def pipe():
     return storykit.tiny_flux_pipeline()
 
 
-def subject(name: str) -> tuple[Image.Image, Image.Image]:
-    files = CASES["subjects"][name]
-    return Image.open(FIXTURE / files["image"]), Image.open(FIXTURE / files["mask"])
+subject = storykit.flux_subject
 
 
 def characters(pipe, names=("red", "blue")):
