@@ -26,17 +26,22 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def check_embedder(what: str, embedder, width: int, image_encoder) -> None:
+    """ModelError when a Redux-shaped embedder does not join this FLUX text stream (`width`) to
+    this SigLIP encoder."""
+    if embedder.config.txt_in_features != width:
+        raise ModelError(f"the {what} embedder gives {embedder.config.txt_in_features}-wide tokens, this FLUX "
+                         f"text stream is {width} wide (a Redux folder for another model?)")
+    if embedder.config.redux_dim != image_encoder.config.hidden_size:
+        raise ModelError(f"the {what} embedder takes {embedder.config.redux_dim}-wide SigLIP features, "
+                         f"its image encoder gives {image_encoder.config.hidden_size}")
+
+
 def check_parts(transformer, image_encoder, subject_embedder, router_embedder, adapter) -> None:
     """ModelError when the AnyStory parts were made for another FLUX or Redux model."""
     config = transformer.config
-    width = config.joint_attention_dim
     for what, embedder in (("subject", subject_embedder), ("router", router_embedder)):
-        if embedder.config.txt_in_features != width:
-            raise ModelError(f"the {what} embedder gives {embedder.config.txt_in_features}-wide tokens, this FLUX "
-                             f"text stream is {width} wide (a Redux folder for another model?)")
-        if embedder.config.redux_dim != image_encoder.config.hidden_size:
-            raise ModelError(f"the {what} embedder takes {embedder.config.redux_dim}-wide SigLIP features, "
-                             f"its image encoder gives {image_encoder.config.hidden_size}")
+        check_embedder(what, embedder, config.joint_attention_dim, image_encoder)
     hidden = config.num_attention_heads * config.attention_head_dim
     shape = (adapter.config.hidden_size, adapter.config.num_layers, adapter.config.num_single_layers)
     if shape != (hidden, config.num_layers, config.num_single_layers):
@@ -92,12 +97,7 @@ def anystory_parts(redux_dir: Path, adapter_file: Path, config, dtype) -> dict:
     except (OSError, ValueError, RuntimeError) as exc:
         raise ModelError(f"{redux_dir}: could not load ({first_line(exc)})") from None
     width = config.joint_attention_dim
-    if redux.config.txt_in_features != width:
-        raise ModelError(f"the Redux embedder gives {redux.config.txt_in_features}-wide tokens, this FLUX text "
-                         f"stream is {width} wide (a Redux folder for another model?)")
-    if redux.config.redux_dim != encoder.config.hidden_size:
-        raise ModelError(f"the Redux embedder takes {redux.config.redux_dim}-wide SigLIP features, its image "
-                         f"encoder gives {encoder.config.hidden_size}")
+    check_embedder("Redux", redux, width, encoder)
     router_lora, routing_maps, router_embedder = split_router(checkpoint["router"])
 
     def embedder(part: str, state: dict, grid: int) -> SubjectEmbedder:
