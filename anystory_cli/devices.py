@@ -14,7 +14,9 @@ A device and a precision draw different pixels; offload does not.
 
 torch is asked only where the answer needs it: `cpu` (named, or `auto` with a torch built for
 no GPU, which can only ever run on the CPU) is known from torch's build metadata without
-importing torch, so a render with nothing to draw never imports it.
+importing torch. Elsewhere a render takes the kind `auto` gave the panels it drew before (kept
+beside them) as a `Request`'s assumption, and asks torch only when a panel must be drawn; a panel
+drawn on one kind of device is then never taken for another's (render/orchestrate.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import importlib.util
 import os
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import InputError
@@ -67,39 +69,81 @@ class Runtime:
         return {"device": self.device, "dtype": self.dtype, "offload": self.offload}
 
 
-def resolve_runtime(device: str | None = None, dtype: str | None = None, offload: bool | None = None) -> Runtime:
-    """The runtime the options (None: not given) and the environment ask for; InputError for a
-    device this machine does not have, an unknown precision, or offload without CUDA."""
+@dataclass(frozen=True)
+class Request:
+    """What the options and the environment ask for, checked without torch: the device as
+    written (`auto` or a device), the precision (`auto` or a name), offload."""
+    device: str
+    dtype: str
+    offload: bool
+    device_source: str = "--device"
+    dtype_source: str = "--dtype"
+    _asked: list = field(default_factory=list, compare=False, repr=False)  # torch's answer, once
+
+    def known(self) -> Runtime | None:
+        """The runtime when it is certain without torch (a CPU named, or `auto` with a torch built
+        for no GPU); None when torch must be asked."""
+        if _CPU.fullmatch(self.device) or (self.device.lower() == AUTO and not gpu_build()):
+            return self._runtime("cpu" if self.device.lower() == AUTO else self.device)
+        return None
+
+    def assuming(self, kind: str) -> Runtime | None:
+        """The runtime `auto` gave before, when it gave `kind` (cuda, mps, cpu: recorded beside
+        the panels it drew), unconfirmed; None for a device that is not `auto` or an unknown kind."""
+        if self.device.lower() != AUTO or kind not in ("cuda", "mps", "cpu"):
+            return None
+        return self._runtime(kind)
+
+    def resolve(self) -> Runtime:
+        """The runtime, asking torch where needed (once per request)."""
+        known = self.known()
+        if known is not None:
+            return known
+        if not self._asked:
+            self._asked.append(self._runtime(_chosen_device(self.device, self.device_source)))
+        return self._asked[0]
+
+    def _runtime(self, device: str) -> Runtime:
+        precision = self.dtype
+        if precision == AUTO:
+            precision = "bfloat16" if device.startswith("cuda") else "float32"
+        if self.offload and not device.startswith("cuda"):
+            raise InputError(f"--offload (model CPU offload) needs a CUDA GPU, and this run's device is {device}; "
+                             f"drop --offload (or unset {OFFLOAD_ENV})")
+        return Runtime(device, precision, self.offload)
+
+
+def request_runtime(device: str | None = None, dtype: str | None = None, offload: bool | None = None) -> Request:
+    """What the options (None: not given) and the environment ask for, checked without torch;
+    InputError for an unknown precision or a bad offload flag."""
     wanted = (device if device is not None else os.environ.get(DEVICE_ENV, "")).strip() or AUTO
-    where = "--device" if device is not None else DEVICE_ENV
-    chosen = _chosen_device(wanted, where)
-
     precision = (dtype if dtype is not None else os.environ.get(DTYPE_ENV, "")).strip().lower() or AUTO
-    where = "--dtype" if dtype is not None else DTYPE_ENV
-    if precision == AUTO:
-        precision = "bfloat16" if chosen.startswith("cuda") else "float32"
-    elif precision in DTYPES:
+    dtype_source = "--dtype" if dtype is not None else DTYPE_ENV
+    if precision != AUTO:
+        if precision not in DTYPES:
+            raise InputError(f"{dtype_source}={precision!r} is not a precision; use auto, float32, bfloat16 or float16")
         precision = DTYPES[precision]
-    else:
-        raise InputError(f"{where}={precision!r} is not a precision; use auto, float32, bfloat16 or float16")
-
     if offload is None:
         flag = os.environ.get(OFFLOAD_ENV, "").strip().lower()
         if flag not in _TRUE | _FALSE:
             raise InputError(f"{OFFLOAD_ENV}={flag!r}: use 1 or 0")
         offload = flag in _TRUE
-    if offload and not chosen.startswith("cuda"):
-        raise InputError(f"--offload (model CPU offload) needs a CUDA GPU, and this run's device is {chosen}; "
-                         f"drop --offload (or unset {OFFLOAD_ENV})")
-    return Runtime(chosen, precision, bool(offload))
+    return Request(wanted, precision, bool(offload), "--device" if device is not None else DEVICE_ENV, dtype_source)
+
+
+def resolve_runtime(device: str | None = None, dtype: str | None = None, offload: bool | None = None) -> Runtime:
+    """The runtime the options (None: not given) and the environment ask for; InputError for a
+    device this machine does not have, an unknown precision, or offload without CUDA."""
+    return request_runtime(device, dtype, offload).resolve()
+
+
+def settled(runtime) -> Runtime:
+    """A Runtime for a Runtime or a Request (resolved, asking torch where needed)."""
+    return runtime.resolve() if isinstance(runtime, Request) else runtime
 
 
 def _chosen_device(wanted: str, where: str) -> str:
     """The torch device string for an --device value (`auto` or a device)."""
-    if _CPU.fullmatch(wanted):
-        return wanted  # as torch.device(wanted) says it
-    if wanted.lower() == AUTO and not gpu_build():
-        return "cpu"
     import torch
 
     if wanted.lower() == AUTO:

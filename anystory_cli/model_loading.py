@@ -335,10 +335,11 @@ def _file_digest(path: Path, cache_dir: str | os.PathLike[str] | None = None) ->
 
 
 def _runtime(runtime):
-    """The runtime asked for (devices.Runtime), or the one the environment and the machine give."""
-    from .devices import resolve_runtime
+    """The runtime asked for (a devices.Runtime, or a Request resolved now), or the one the
+    environment and the machine give."""
+    from .devices import resolve_runtime, settled
 
-    return runtime if runtime is not None else resolve_runtime()
+    return settled(runtime) if runtime is not None else resolve_runtime()
 
 
 def _flux_paths(parts: FluxParts) -> tuple[Path, Path, Path]:

@@ -95,6 +95,40 @@ def test_torchrun_processes_take_one_gpu_each(monkeypatch):
     assert resolve_runtime().device == "cuda:1"  # two GPUs here
 
 
+def test_a_request_is_known_without_torch_only_where_torch_could_say_nothing_else(monkeypatch):
+    gpu(monkeypatch, cuda=False)
+    assert devices.request_runtime().known() == Runtime("cpu", "float32", False)
+    gpu(monkeypatch, cuda=True)
+    request = devices.request_runtime()
+    assert request.known() is None  # a GPU build: auto needs torch
+    assert devices.request_runtime("cpu", "bf16").known() == Runtime("cpu", "bfloat16", False)
+    assert request.assuming("cuda") == Runtime("cuda", "bfloat16", False)
+    assert request.assuming("mps") == Runtime("mps", "float32", False)
+    assert request.assuming("tpu") is None and request.assuming(None) is None
+    assert devices.request_runtime("cuda").assuming("cpu") is None  # only auto is assumed
+    assert request.resolve() == Runtime("cuda", "bfloat16", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert request.resolve() == Runtime("cuda", "bfloat16", False)  # torch is asked once per request
+
+
+def test_the_first_runtime_assumes_the_recorded_kind_only_for_auto_on_one_process(monkeypatch, tmp_path):
+    from anystory_cli.render.orchestrate import first_runtime
+    from anystory_cli.render.store import record_runtime
+
+    gpu(monkeypatch, cuda=False)
+    record_runtime(tmp_path, {"device": "cuda", "dtype": "bfloat16"})
+    request = devices.request_runtime()
+    assert first_runtime(request, tmp_path, False) == (Runtime("cpu", "float32"), False)  # a CPU build
+    monkeypatch.setattr(devices, "gpu_build", lambda: True)
+    request = devices.request_runtime()
+    assert first_runtime(request, tmp_path, False) == (Runtime("cuda", "bfloat16"), True)
+    assert first_runtime(request, tmp_path / "new", False) == (Runtime("cpu", "float32"), False)  # nothing recorded
+    assert first_runtime(request, tmp_path, True) == (Runtime("cpu", "float32"), False)  # a memory plan asks torch
+    assert first_runtime(devices.request_runtime("cpu"), tmp_path, False) == (Runtime("cpu", "float32"), False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert first_runtime(devices.request_runtime(), tmp_path, False) == (Runtime("cpu", "float32"), False)
+
+
 # ---------------------------------------------------------------------------------------------
 # the commands
 

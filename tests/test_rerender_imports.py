@@ -25,8 +25,10 @@ HEAVY = ("torch", "diffusers", "transformers")
 
 # The real command, then the heavy modules it imported (also after a failure).
 WRAPPER = """
-import json, sys
-from anystory_cli import cli
+import json, os, sys
+from anystory_cli import cli, devices
+if os.environ.get("AS_GPU_BUILD"):  # a torch built for CUDA: `auto` is not known without asking torch
+    devices.gpu_build = lambda: True
 try:
     cli.app(sys.argv[2:], prog_name="anystory")
 except SystemExit as stop:
@@ -36,10 +38,11 @@ open(sys.argv[1], "w").write(json.dumps({"code": code, "heavy": heavy}))
 """
 
 
-def rerender(story: Path, out: Path, cache: Path, tmp_path: Path, *options: str) -> tuple[dict, dict]:
+def rerender(story: Path, out: Path, cache: Path, tmp_path: Path, *options: str,
+             gpu_build: bool = False) -> tuple[dict, dict]:
     report = tmp_path / "report.json"
     env = {**os.environ, "ANYSTORY_CACHE": str(cache), "PYTHONPATH": str(ROOT), "NO_COLOR": "1",
-           "ANYSTORY_DEVICE": "", "ANYSTORY_DTYPE": ""}
+           "ANYSTORY_DEVICE": "", "ANYSTORY_DTYPE": "", "AS_GPU_BUILD": "1" if gpu_build else ""}
     done = subprocess.run([sys.executable, "-c", WRAPPER, str(report), "render", str(story), "--out", str(out),
                            "--json", *options], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120)
     result = json.loads(report.read_text())
@@ -99,3 +102,25 @@ def test_lettering_and_page_edits_recompose_without_torch(drawn, tmp_path):
     edit(story, lambda data: data["page"].update(border=2.0))
     modules, summary = rerender(story, out, cache, tmp_path, "--device", "cpu")
     assert modules["heavy"] == [] and summary["pages_written"] == [1] and summary["panels_rendered"] == []
+
+
+def test_auto_on_a_gpu_build_takes_the_recorded_kind_until_a_panel_must_be_drawn(drawn, tmp_path):
+    """With a torch that could reach a GPU, `auto` is not known without torch: an unchanged story
+    is keyed with the kind of device recorded beside its panels, and torch is asked only when a
+    panel is to be drawn. A recorded kind torch does not confirm rekeys the panels: a panel drawn
+    on the CPU is never taken for a CUDA one."""
+    story, out, cache = drawn
+    record = out / ".anystory" / "runtime.json"
+    assert json.loads(record.read_text()) == {"device": "cpu", "dtype": "float32"}
+    before = storykit.snapshot(out)
+    modules, summary = rerender(story, out, cache, tmp_path, gpu_build=True)
+    assert modules["heavy"] == [] and summary["panels_rendered"] == [] and summary["model_loaded"] is False
+    assert summary["runtime"]["device"] == "cpu" and "assumed" in summary["runtime"]
+    assert storykit.snapshot(out) == before
+
+    record.write_text(json.dumps({"device": "cuda", "dtype": "bfloat16"}))  # as if drawn on a GPU
+    modules, summary = rerender(story, out, cache, tmp_path, gpu_build=True)
+    assert "torch" in modules["heavy"]  # CUDA keys match no stored panel: torch is asked
+    assert summary["runtime"] == {"device": "cpu", "dtype": "float32", "offload": False}
+    assert summary["panels_rendered"] == [] and summary["model_loaded"] is False  # rekeyed for the CPU
+    assert json.loads(record.read_text()) == {"device": "cpu", "dtype": "float32"}

@@ -125,6 +125,13 @@ def _runtime(device: Optional[str], dtype: Optional[str], offload: bool):
     return resolve_runtime(device, dtype, True if offload else None)
 
 
+def _request(device: Optional[str], dtype: Optional[str], offload: bool):
+    """What the options ask for, as a devices.Request a render resolves only when it draws."""
+    from ..devices import request_runtime
+
+    return request_runtime(device, dtype, True if offload else None)
+
+
 def encode_character(
     image: Path = typer.Argument(..., help="Reference image; its alpha channel is the mask.",
                                  show_default=False),
@@ -250,7 +257,7 @@ def render(
         from ..render import Interrupted, memoize_factory, render_story, stop_on_signals
 
         replacement = model_value(model)
-        runtime = _runtime(device, dtype, offload)
+        runtime = _request(device, dtype, offload)
         fingerprint = seams.MODEL_FINGERPRINT
         if seams.PIPELINE_FACTORY is None:
             from ..model_loading import load_pipeline, model_fingerprint

@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from ..devices import Request, Runtime, request_runtime, settled
 from ..errors import AnyStoryError, InputError
 from ..plan import build_plan, group_pages
 from .characters import Characters, character_keys
@@ -17,11 +18,12 @@ from .compose import compose_pages, done_message, export_stem, prune, write_expo
 from .events import ProgressEvent, RenderSummary
 from .model import Model, check_model_fits, generator, image_size, story_loras, style_loras_on, warn_unknown_words
 from .memory_plan import describe as describe_plan
-from .memory_plan import loading_plan, plan_for_render
+from .memory_plan import loading_plan, plan_for_render, story_memory
 from .ranks import Ranks
 from .signals import Interrupted, at_safe_points, check_stop, stop_requested
 from .review import write_review
-from .store import PanelJob, as_stored, check_output_dir, frame_sizes, is_current, panel_job, panel_path
+from .store import (PanelJob, as_stored, check_output_dir, frame_sizes, is_current, panel_job, panel_path,
+                    record_runtime, recorded_device)
 from .takes import Scorer, check_scorer, draw_takes, prune_takes, with_takes
 from .validate import check_story, select_panels
 
@@ -39,6 +41,29 @@ class _Clock:
             yield
         finally:
             self.timings[stage] = self.timings.get(stage, 0.0) + time.perf_counter() - start
+
+
+def first_runtime(request: Request | Runtime, out_dir: Path, asks_memory: bool) -> tuple[Runtime, bool]:
+    """The runtime that keys the panels first, and whether it is assumed. A Request for `auto`
+    that torch would have to answer is taken, unconfirmed, as the kind of device `auto` gave the
+    panels drawn into `out_dir` before (store.recorded_device), so that a render with nothing to
+    draw needs no torch; render_story confirms it with torch as soon as a panel must be drawn, and
+    rekeys the panels when torch says otherwise. Not under torchrun (its ranks need torch anyway),
+    nor for a memory plan (which asks the device's free memory)."""
+    if isinstance(request, Runtime):
+        return request, False
+    known = request.known()
+    if known is not None:
+        return known, False
+    single = os.environ.get("WORLD_SIZE", "1").strip() in ("", "1")
+    assumed = request.assuming(recorded_device(out_dir)) if single and not asks_memory else None
+    return (assumed, True) if assumed is not None else (request.resolve(), False)
+
+
+def remember_auto(out: Path, runtime: Runtime) -> None:
+    """Keep what `auto` gave beside the panels, when it changed (first_runtime reads it)."""
+    if recorded_device(out) != runtime.key()["device"]:
+        record_runtime(out, runtime.key())
 
 
 def render_story(
@@ -64,8 +89,10 @@ def render_story(
     `pipeline_factory(model_value, story_dir)` returns an AnyStoryPipeline (default: the real
     loader, `model_loading.load_pipeline`); `model_fingerprint(model_value, story_dir)` keys the
     panels without loading the model (default with the real loader: a hash of the model files).
-    `runtime` (devices.Runtime: device, precision, offload; default: from the environment and the
-    machine) is what the default loader loads on; its device and precision key the panels.
+    `runtime` (devices.Runtime, or a devices.Request still to be resolved; default: from the
+    environment and the machine) is what the default loader loads on; its device and precision
+    key the panels (`first_runtime`: with --device auto, torch is asked only when a panel must be
+    drawn).
     `memory` ('auto', a size or a plan's name, replacing the story's model.memory): the memory
     plan of a FLUX story, chosen and said before the model loads, then loaded with
     (render/memory_plan.py).
@@ -83,43 +110,58 @@ def render_story(
     with clock("check"):
         story = check_story(story_path)
         summary.title = story.title
-        if runtime is None:
-            from ..devices import resolve_runtime
-
-            runtime = resolve_runtime()
-        summary.runtime = runtime.to_dict()
         story_dir = Path(story_path).resolve().parent
         named_by, model_dir = "model", story_dir
         if model is not None:  # --model: relative to the current folder, said as such in errors
             story, named_by, model_dir = story.model_copy(update={"model": model}), "--model", Path.cwd()
+        request = runtime if runtime is not None else request_runtime()
+        runtime, assumed = first_runtime(request, Path(out_dir), story_memory(story, memory) is not None)
         # The memory plan before the model is looked at or loaded.
         summary.memory_plan = plan_for_render(story, source, memory, runtime, pages=pages, panels=panels, steps=steps)
         if summary.memory_plan is not None:
             emit(ProgressEvent("note", describe_plan(summary.memory_plan)))
         model = Model(story.model, model_dir, pipeline_factory, model_fingerprint, source, emit, cache_dir,
-                      runtime=runtime, named_by=named_by, plan=loading_plan(summary.memory_plan))
+                      runtime=request, named_by=named_by, plan=loading_plan(summary.memory_plan))
         story = story.with_model_defaults(model.defaults)  # e.g. FLUX's steps and guidance
         loras, lora_keys = story_loras(story, story_dir, source)
         summary.loras = [{"path": str(file), "scale": scale, "sha256": digest} for file, scale, digest in loras]
         sheet_seed = story.seed if seed is None else seed
-        plans = build_plan(story, seed=seed, steps=steps, model_id=model.key,
-                           character_keys=character_keys(story, sheet_seed, steps),
-                           lora_keys=lora_keys, runtime=runtime.key(), model_defaults=model.defaults,
-                           takes=takes)
+
+        def planned(runtime):
+            """Every panel planned and keyed for `runtime`, pages, the chosen panels, their jobs."""
+            plans = build_plan(story, seed=seed, steps=steps, model_id=model.key,
+                               character_keys=character_keys(story, sheet_seed, steps),
+                               lora_keys=lora_keys, runtime=runtime.key(), model_defaults=model.defaults,
+                               takes=takes)
+            try:
+                chosen = select_panels(plans, pages, panels)
+            except InputError as exc:
+                raise InputError(f"{source}: {exc}") from None
+            page_plans = group_pages(plans)
+            frames = frame_sizes(story, page_plans)
+            jobs = {plan.index: with_takes(panel_job(plan, frames[plan.index])) for plan in plans}
+            return plans, page_plans, chosen, jobs
+
+        def to_draw(jobs, chosen) -> list[int]:
+            # Panels already drawn with the same key are kept (rank 0 looks; every rank uses its list).
+            fresh = [i for i in sorted(chosen) if not is_current(jobs[i], out)] if ranks.rank == 0 else []
+            return ranks.share(fresh, len(jobs))
+
+        plans, page_plans, chosen, jobs = planned(runtime)
         # After the model's key: a model that is missing leaves no empty output folder behind.
         out = check_output_dir(Path(out_dir))
-        page_plans = group_pages(plans)
-        try:
-            chosen = select_panels(plans, pages, panels)
-        except InputError as exc:
-            raise InputError(f"{source}: {exc}") from None
-        frames = frame_sizes(story, page_plans)
-        jobs = {plan.index: with_takes(panel_job(plan, frames[plan.index])) for plan in plans}
         ranks = Ranks.current()
-        # Panels already drawn with the same key are kept (rank 0 looks; every rank uses its list).
-        fresh = ([i for i in sorted(chosen) if not is_current(jobs[i], out)]
-                 if ranks.rank == 0 else [])
-        todo = [jobs[i] for i in ranks.share(fresh, len(plans))]
+        todo = to_draw(jobs, chosen)
+        if assumed and todo:  # a panel must be drawn: torch now says where, and the keys follow it
+            confirmed = settled(request)
+            if confirmed.key() != runtime.key():
+                plans, page_plans, chosen, jobs = planned(confirmed)
+                todo = to_draw(jobs, chosen)
+            runtime, assumed = confirmed, False
+        if not assumed and ranks.rank == 0 and isinstance(request, Request) and request.device.lower() == "auto":
+            remember_auto(out, runtime)
+        summary.runtime = {**runtime.to_dict(), **({"assumed": "as recorded beside the panels"} if assumed else {})}
+        todo = [jobs[i] for i in todo]
     drawing = {job.plan.index for job in todo}
     summary.panels_skipped = sorted(i + 1 for i in chosen if i not in drawing)
     emit(ProgressEvent("story", f"{source}: {story.title}", 0, len(todo)))

@@ -174,6 +174,27 @@ def release(job: PanelJob) -> None:
     job.image = job.maps = None
 
 
+RUNTIME_FILE = "runtime.json"  # in STATE_DIR: the device kind and precision the panels were drawn with
+
+
+def recorded_device(out: Path) -> str | None:
+    """The kind of device (cpu, cuda, mps) the last render that drew into `out` ran on; None when
+    none is recorded or the record is unreadable."""
+    try:
+        record = json.loads((out / STATE_DIR / RUNTIME_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    device = record.get("device") if isinstance(record, dict) else None
+    return device if isinstance(device, str) else None
+
+
+def record_runtime(out: Path, runtime_key: dict[str, str]) -> None:
+    """Keep the kind of device and the precision that drew the panels beside them (a later
+    render with --device auto keys its panels with it before asking torch)."""
+    text = json.dumps(runtime_key, sort_keys=True).encode()
+    export.atomic_write(out / STATE_DIR / RUNTIME_FILE, lambda handle: handle.write(text), within=out)
+
+
 def check_output_dir(out: Path) -> Path:
     """Create `out` if needed and prove it writable, before any work; OutputError if not."""
     folder = ensure_dir(out)
