@@ -139,6 +139,7 @@ class FluxParts:
     adapter: str
     where: str = ""
     memory: str | None = None  # a model file's `memory:` (render/memory_plan.py)
+    transformer: str | None = None  # a GGUF file of the transformer, drawn with instead of base's
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ def model_source(model, base_dir: str | os.PathLike[str] | None = None,
     parts, or a saved FLUX pipeline folder. Hub ids come from the Hugging Face cache, downloaded
     once when online; download=False (`validate`): None for a hub model not cached yet."""
     if not isinstance(model, str):  # a story's {base, redux, adapter}
-        return FluxParts(str(model.base), str(model.redux), str(model.adapter))
+        return FluxParts(str(model.base), str(model.redux), str(model.adapter), transformer=model.transformer)
     if model in PUBLISHED_MODELS:
         return FluxParts(**PUBLISHED_MODELS[model].parts, where=model)
     if model == DEFAULT_MODEL:
@@ -178,7 +179,8 @@ def _model_file_parts(path: Path) -> FluxParts:
     if not path.is_file():
         raise ModelError(f"model file {path} not found")
     model = load_model_file(path)
-    return FluxParts(model.base, model.redux, model.adapter, where=f"model file {path}", memory=model.memory)
+    return FluxParts(model.base, model.redux, model.adapter, where=f"model file {path}", memory=model.memory,
+                     transformer=model.transformer)
 
 
 def builtin_models() -> list[dict]:
@@ -230,6 +232,8 @@ def check_model(model, base_dir: str | os.PathLike[str] | None = None) -> None:
         from .flux.folders import check_flux_model
 
         check_flux_model(source.base, source.redux, source.adapter, download=False, where=source.where or None)
+        if source.transformer is not None:
+            gguf_file(source, download=False)
     elif isinstance(source, Path):
         check_model_dir(source)
         model_defaults(str(source))  # its sampling defaults file, when it has one, must read
@@ -349,15 +353,32 @@ def _flux_paths(parts: FluxParts) -> tuple[Path, Path, Path]:
     return check_flux_model(parts.base, parts.redux, parts.adapter, where=parts.where or None)  # type: ignore[return-value]
 
 
+def gguf_file(parts: FluxParts, download: bool = True) -> Path | None:
+    """The parts' GGUF transformer file (a path, or a hub file fetched); None without one (or, with
+    download=False, a hub file not cached yet)."""
+    from .flux.folders import resolve_part
+
+    if parts.transformer is None:
+        return None
+    try:
+        return resolve_part(parts.transformer, "GGUF transformer", download, folder=False)
+    except ModelError as exc:
+        raise ModelError(f"{parts.where}: transformer: {exc}" if parts.where else f"transformer: {exc}") from None
+
+
 def _flux_fingerprint(parts: FluxParts, cache_dir: str | os.PathLike[str] | None = None) -> str:
-    return _flux_digest(*_flux_paths(parts), cache_dir)
+    return _flux_digest(*_flux_paths(parts), cache_dir, transformer=gguf_file(parts))
 
 
-def _flux_digest(base: Path, redux: Path, adapter: Path, cache_dir: str | os.PathLike[str] | None = None) -> str:
+def _flux_digest(base: Path, redux: Path, adapter: Path, cache_dir: str | os.PathLike[str] | None = None,
+                 transformer: Path | None = None) -> str:
     """The id of FLUX parts from their contents only: where they lie and how they were named
-    does not count."""
+    does not count. A GGUF transformer file counts with them (other weights, other pixels)."""
     files = [(f"base/{n}", p) for n, p in _model_files(base)] + [(f"redux/{n}", p) for n, p in _model_files(redux)]
-    return "flux-" + _pieces_digest(files + [("anystory_flux.bin", adapter)], cache_dir)
+    files.append(("anystory_flux.bin", adapter))
+    if transformer is not None:
+        files.append(("transformer.gguf", transformer))
+    return "flux-" + _pieces_digest(files, cache_dir)
 
 
 def _load_flux(parts: FluxParts, runtime=None, plan=None):
@@ -368,8 +389,14 @@ def _load_flux(parts: FluxParts, runtime=None, plan=None):
 
     runtime = _runtime(runtime)
     base, redux, adapter = _flux_paths(parts)
-    model_id = _flux_digest(base, redux, adapter)
-    pipe = AnyStoryFluxPipeline.from_pretrained(base, redux=redux, adapter=adapter, **_flux_load_options(runtime, plan))
+    gguf = gguf_file(parts)
+    model_id = _flux_digest(base, redux, adapter, transformer=gguf)
+    options = _flux_load_options(runtime, plan)
+    if gguf is not None:  # its weights stay quantized; base's transformer/ gives the configuration
+        from .flux.memory_apply import load_gguf_transformer
+
+        options["transformer"] = load_gguf_transformer(gguf, base, dtype=runtime.torch_dtype)
+    pipe = AnyStoryFluxPipeline.from_pretrained(base, redux=redux, adapter=adapter, **options)
     return _comic_pipeline(pipe, model_id, runtime, plan)
 
 

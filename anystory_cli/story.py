@@ -579,6 +579,10 @@ class FluxModel(_Strict):
                                      "(black-forest-labs/FLUX.1-Redux-dev).")]
     adapter: Annotated[NonBlank, Field(description="anystory_flux.bin: a file, or the hub file "
                                        "Junjie96/AnyStory/anystory_flux.bin.")]
+    transformer: NonBlank | None = Field(None, description="A GGUF file of the FLUX.1 transformer (e.g. "
+                                    "flux1-dev-Q4_K_S.gguf, or a hub file org/name/file.gguf) to draw with instead "
+                                    "of base's transformer weights: they stay quantized and are dequantized layer by "
+                                    "layer (needs the gguf package: pip install \"anystory-cli[quant]\").")
     memory: str | None = Field(None, description="Device memory to plan for: auto (the GPU's free memory), "
                                "a size such as 16GB, 12GiB, 24G (binary units), or a plan to follow whatever "
                                "the memory, e.g. int8; render --memory replaces it.")
@@ -587,6 +591,11 @@ class FluxModel(_Strict):
     @classmethod
     def _locate(cls, value: str, info: ValidationInfo) -> str:
         return _model_location(value, info)
+
+    @field_validator("transformer")
+    @classmethod
+    def _locate_transformer(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else _model_location(value, info)
 
     @field_validator("memory", mode="before")
     @classmethod
@@ -603,7 +612,8 @@ class FluxModel(_Strict):
         return value
 
     def __str__(self) -> str:
-        return f"FLUX {self.base} + {Path(self.adapter).name}"
+        gguf = f" + transformer {Path(self.transformer).name}" if self.transformer else ""
+        return f"FLUX {self.base} + {Path(self.adapter).name}{gguf}"
 
 
 # Built-in model names: the embedded model, and the published models made of hub parts.

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import InputError
 
@@ -152,6 +152,7 @@ class Quantization:
     bytes_per_weight: float  # per linear weight, scales included
     backend: str | None      # the library that does it (None: plain bf16)
     dequantizes_layers: bool = False  # rebuilds a layer's bf16 weight before its matmul (GGUF)
+    label: str = ""          # how a plan says it, when not its name (a GGUF file's type and name)
 
 
 QUANTIZATIONS = {
@@ -185,9 +186,15 @@ class Plan:
     offload: str
     step_time: float
     vae_tiling: bool = False
+    # Parts the model brings already quantized ("transformer": a GGUF file, a saved quantized
+    # folder): loaded as they are, never quantized again.
+    stored: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        parts = [f"transformer {self.transformer.name}", f"T5 {self.text_encoder.name}",
+        transformer = self.transformer.label or self.transformer.name
+        if "transformer" in self.stored:
+            transformer += " (already quantized in the model)"
+        parts = [f"transformer {transformer}", f"T5 {self.text_encoder.name}",
                  {"none": "all on the device", "model": "model offload", "group": "group offload (leaf level)",
                   "sequential": "sequential offload"}[self.offload]]
         if self.vae_tiling:
@@ -198,9 +205,10 @@ class Plan:
     def weights_key(self) -> str:
         """What of the plan changes pixels: the stored weights ('' when all bf16). Offload and
         VAE tiling do not (a tile is decoded with its neighbours' overlap blended)."""
-        if self.transformer.backend is None and self.text_encoder.backend is None:
-            return ""
-        return f"transformer={self.transformer.name},t5={self.text_encoder.name}"
+        transformer = "stored" if "transformer" in self.stored else self.transformer.name
+        if transformer in ("stored", "bf16") and self.text_encoder.backend is None:
+            return ""  # a stored transformer's weights are in the model's own fingerprint
+        return f"transformer={transformer},t5={self.text_encoder.name}"
 
 
 def weights_id(model_id: str, plan: Plan | None) -> str:
@@ -362,20 +370,49 @@ class DoesNotFit(InputError):
     """No plan fits the memory given."""
 
 
-def smallest_size(shape: FluxShape, workload: Workload, parts: Parts = Parts()) -> float:
-    """The smallest device memory any plan fits in."""
-    return min(peak(shape, p, workload, parts) for p in PLANS) + HEADROOM
+# A stored transformer's step time relative to bf16 (the same published figures as PLANS').
+_STORED_STEP_TIME = {"bf16": 1.0, "int8": 1.1, "nf4": 1.15, "bnb-int8": 1.15, "gguf": 1.25}
+
+
+def stored_plans(transformer: Quantization) -> tuple[Plan, ...]:
+    """The plans for a model whose transformer comes quantized (a GGUF file, a saved quantized
+    folder): only its placement is chosen (offload, T5's storage), fastest first."""
+    base = _STORED_STEP_TIME.get("gguf" if transformer.backend == "gguf" else transformer.name, 1.25)
+    name, stored = transformer.name, ("transformer",)
+    return (Plan(name, transformer, _Q["bf16"], "none", base, stored=stored),
+            Plan(f"{name}-offload", transformer, _Q["bf16"], "model", base, stored=stored),
+            Plan(f"{name}-offload-t5-int8", transformer, _Q["bnb-int8"], "model", base + 0.05, stored=stored),
+            Plan(f"{name}-group-offload", transformer, _Q["bf16"], "group", base * 1.5, True, stored),
+            Plan(f"{name}-sequential", transformer, _Q["bf16"], "sequential", base * 4, True, stored))
+
+
+def stored_plan(named: Plan, transformer: Quantization) -> Plan | None:
+    """A named plan (--memory bf16-offload, gguf-q8-offload, ...) followed with a stored
+    transformer: its placement, when it asks for no transformer quantization or the one stored;
+    None when it names another (--memory int8 for a GGUF file)."""
+    if named.transformer.backend is not None and not transformer.name.startswith(named.transformer.name):
+        return None
+    for plan in stored_plans(transformer):
+        if (plan.offload, plan.text_encoder, plan.vae_tiling) == (named.offload, named.text_encoder, named.vae_tiling):
+            return plan
+    return replace(named, name=f"{transformer.name}-{named.name}", transformer=transformer,
+                   stored=("transformer",))
+
+
+def smallest_size(shape: FluxShape, workload: Workload, parts: Parts = Parts(), plans=PLANS) -> float:
+    """The smallest device memory any of `plans` fits in."""
+    return min(peak(shape, p, workload, parts) for p in plans) + HEADROOM
 
 
 def choose_plan(budget_bytes: float, workload: Workload, shape: FluxShape = FluxShape(),
-                parts: Parts = Parts()) -> Choice:
-    """The fastest plan whose peak, plus `HEADROOM`, fits `budget_bytes`; DoesNotFit naming the
-    smallest size that would work."""
-    for plan in PLANS:
+                parts: Parts = Parts(), plans=PLANS) -> Choice:
+    """The fastest of `plans` whose peak, plus `HEADROOM`, fits `budget_bytes`; DoesNotFit naming
+    the smallest size that would work."""
+    for plan in plans:
         need = peak(shape, plan, workload, parts)
         if need + HEADROOM <= budget_bytes:
             return Choice(plan, need, budget_bytes)
-    least = smallest_size(shape, workload, parts)
+    least = smallest_size(shape, workload, parts, plans)
     raise DoesNotFit(f"no memory plan fits {format_size(budget_bytes)} for {workload.characters} character"
                      f"{'s' if workload.characters != 1 else ''} at {workload.size} px; the smallest that works "
                      f"is {math.ceil(least / GiB * 10) / 10:g}GB (--memory)")

@@ -72,10 +72,11 @@ def text_encoder_quantization_config(quantization: Quantization):
 
 
 def pipeline_quantization_config(plan: Plan):
-    """diffusers' PipelineQuantizationConfig for the plan's transformer and T5 (None: all bf16)."""
+    """diffusers' PipelineQuantizationConfig for the plan's transformer and T5 (None: all bf16). A
+    part the model stores quantized (plan.stored) is loaded as it is, never quantized twice."""
     from diffusers import PipelineQuantizationConfig
     mapping = {}
-    if plan.transformer.backend not in (None, "gguf"):
+    if plan.transformer.backend not in (None, "gguf") and "transformer" not in plan.stored:
         mapping["transformer"] = transformer_quantization_config(plan.transformer)
     if plan.text_encoder.backend is not None:
         mapping["text_encoder_2"] = text_encoder_quantization_config(plan.text_encoder)
@@ -103,19 +104,21 @@ def load_flux_pipeline(folder: str | Path, plan: Plan, dtype: torch.dtype = torc
 
 def load_gguf_transformer(path: str | Path, config_folder: str | Path, dtype: torch.dtype = torch.bfloat16):
     """A FLUX transformer from a GGUF single file (weights stay quantized, dequantized per layer)."""
+    from .gguf_file import read_gguf_transformer
+
+    path = Path(path)
+    read_gguf_transformer(path)  # a missing, foreign or cut file: said before diffusers reads it
     from diffusers import FluxTransformer2DModel, GGUFQuantizationConfig
 
-    check_backend(Quantization("gguf", 1.0, "gguf"))
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: GGUF file not found")
     try:
         return FluxTransformer2DModel.from_single_file(
             str(path), quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), config=str(config_folder),
             subfolder="transformer", torch_dtype=dtype)
     except Exception as exc:  # noqa: BLE001 (gguf and diffusers raise many kinds for a bad file)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InputError(f"{path}: not a FLUX transformer GGUF file, or truncated ({first})") from None
+        said = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        said = said.split(". If you want", 1)[0].replace("Cannot load  because ", "")  # diffusers' advice is not ours
+        raise InputError(f"{path}: not a FLUX transformer GGUF file for {config_folder}, or truncated "
+                         f"({said})") from None
 
 
 def apply_plan(pipe, plan: Plan, device: str | torch.device | None = None):
