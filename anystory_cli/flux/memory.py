@@ -193,7 +193,7 @@ class Plan:
     def describe(self) -> str:
         transformer = self.transformer.label or self.transformer.name
         if "transformer" in self.stored:
-            transformer += " (already quantized in the model)"
+            transformer += " (already quantized)"
         parts = [f"transformer {transformer}", f"T5 {self.text_encoder.name}",
                  {"none": "all on the device", "model": "model offload", "group": "group offload (leaf level)",
                   "sequential": "sequential offload"}[self.offload]]

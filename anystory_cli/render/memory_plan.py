@@ -25,19 +25,20 @@ def story_memory(story: Story, option: str | None) -> str | None:
 
 
 def flux_parts(story: Story):
-    """The story's FLUX parts (base, redux, adapter), however named: a mapping, a built-in name
-    such as anystory-flux, a model file (model_loading.model_source, nothing downloaded); None
-    for another model."""
-    if isinstance(story.model, FluxModel):
-        return story.model
+    """The story's FLUX model: its parts (base, redux, adapter and maybe a GGUF transformer),
+    however named (a mapping, a built-in name such as anystory-flux, a model file), or a saved
+    AnyStoryFluxPipeline folder (model_loading.model_source, nothing downloaded); None for
+    another model."""
     from ..errors import AnyStoryError
-    from ..model_loading import FluxParts, model_source
+    from ..model_loading import FluxParts, SavedFluxFolder, model_source
 
+    if isinstance(story.model, FluxModel):
+        return model_source(story.model)
     try:
         source = model_source(story.model, download=False)
     except AnyStoryError:
         return None  # a missing or broken model: loading it says what is wrong
-    return source if isinstance(source, FluxParts) else None
+    return source if isinstance(source, (FluxParts, SavedFluxFolder)) else None
 
 
 def workload(plans: Sequence[PanelPlan]) -> memory.Workload:
@@ -50,7 +51,9 @@ def workload(plans: Sequence[PanelPlan]) -> memory.Workload:
 def model_shape(model) -> tuple[memory.FluxShape, memory.Parts, str]:
     """The transformer's sizes from the local FLUX folder's config, the other parts counted from
     their safetensors headers; FLUX.1-dev's when the folder is not on disk (a hub id)."""
-    base = Path(model.base)
+    saved = getattr(model, "folder", None)  # a saved AnyStoryFluxPipeline holds every part
+    base = Path(saved if saved is not None else model.base)
+    siglip = base / "redux_image_encoder" if saved is not None else Path(model.redux) / "image_encoder"
     config = base / "transformer" / "config.json"
     if not config.is_file():
         return memory.FluxShape(), memory.Parts(), _PARTS_NOTE
@@ -61,9 +64,54 @@ def model_shape(model) -> tuple[memory.FluxShape, memory.Parts, str]:
     t5 = _counted(base / "text_encoder_2")
     vae = _counted(base / "vae")
     parts = memory.Parts(t5={"linear": t5[0], "other": t5[1]}, clip=sum(_counted(base / "text_encoder")),
-                         vae={"encoder": sum(vae), "decoder": 0},
-                         siglip=sum(_counted(Path(model.redux) / "image_encoder")))
+                         vae={"encoder": sum(vae), "decoder": 0}, siglip=sum(_counted(siglip)))
     return shape, parts, f"{base.name}'s sizes"
+
+
+def stored_transformer(model, shape: memory.FluxShape) -> tuple[memory.Quantization, str] | None:
+    """How the model's transformer comes quantized, and from where: a GGUF file (its type and its
+    tensors' bytes from the header), or a saved folder whose transformer config carries a
+    quantization_config; None when it comes in full precision (a plan may quantize it)."""
+    from ..model_loading import gguf_file
+
+    if getattr(model, "transformer", None) is not None:
+        from ..flux.gguf_file import read_gguf_transformer
+
+        path = gguf_file(model)
+        if path is None:  # a hub file not cached yet: counted as FLUX.1-dev's Q8_0 would be
+            return memory.QUANTIZATIONS["gguf-q8"], str(model.transformer)
+        gguf = read_gguf_transformer(path)
+        linear, other = shape.transformer_params()
+        per_weight = max(gguf.tensor_bytes - 2 * other, 0) / linear  # the ledger then counts the file's bytes
+        return memory.Quantization(f"gguf-{gguf.quant_type.lower()}", per_weight, "gguf", dequantizes_layers=True,
+                                   label=f"GGUF {gguf.quant_type} from {path.name}"), str(path)
+    folder = getattr(model, "folder", None)
+    if folder is None:
+        return None
+    config = Path(folder) / "transformer" / "config.json"
+    try:
+        quantization = json.loads(config.read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return None  # loading the folder says what is wrong with it
+    if not quantization:
+        return None
+    return _saved_quantization(quantization, config), str(Path(folder) / "transformer")
+
+
+def _saved_quantization(config: dict, where: Path) -> memory.Quantization:
+    """The ledger's quantization for a diffusers quantization_config (torchao, bitsandbytes)."""
+    method = config.get("quant_method")
+    if method == "torchao":
+        quant_type = config.get("quant_type")
+        kind = quant_type.get("default", {}).get("_type", "") if isinstance(quant_type, dict) else str(quant_type)
+        if kind in ("Int8WeightOnlyConfig", "int8_weight_only", "int8wo"):
+            return memory.QUANTIZATIONS["int8"]
+        raise InputError(f"{where}: the transformer is stored as torchao {kind or quant_type}, which memory plans "
+                         f"do not count (they know torchao Int8WeightOnlyConfig); render it without --memory")
+    if method == "bitsandbytes":
+        return memory.QUANTIZATIONS["nf4" if config.get("load_in_4bit") else "bnb-int8"]
+    raise InputError(f"{where}: the transformer is stored quantized with {method!r}, which memory plans do not "
+                     f"count (they know torchao int8 and bitsandbytes); render it without --memory")
 
 
 def _counted(folder: Path) -> tuple[int, int]:
@@ -112,20 +160,32 @@ def choose(story: Story, plans: Sequence[PanelPlan], asked: str, device: str, wh
     budget = None if forced is not None else memory.parse_memory(asked, where)
     load = workload(plans)
     shape, parts, sizes = model_shape(flux)
+    stored = stored_transformer(flux, shape)
+    candidates = memory.PLANS if stored is None else memory.stored_plans(stored[0])
+    comes_as = {} if stored is None else {"already_quantized": ["transformer"], "transformer_from": stored[1]}
     source = f"{where} {asked}"
     if forced is not None:
+        if stored is not None:
+            named, forced = forced, memory.stored_plan(forced, stored[0])
+            if forced is None:
+                raise InputError(f"{where} {asked}: plan {named.name} quantizes the transformer to "
+                                 f"{named.transformer.name}, but this model's transformer comes as "
+                                 f"{stored[0].label or stored[0].name} ({stored[1]}); give a size, auto, or a plan "
+                                 f"that keeps the transformer as it is (bf16, bf16-offload, group-offload, sequential)")
         choice = memory.Choice(forced, memory.peak(shape, forced, load, parts), None)
     else:
         if budget is None:
             budget = device_budget(device)
             if budget is None:
+                said = {} if stored is None else {"quantization": {"transformer": stored[0].name}, **comes_as}
                 return {"plan": None, "memory": source, "panel_px": load.size, "characters": load.characters,
-                        "note": f"no CUDA device ({device}): no memory plan, the model runs on {device} as it is"}
+                        **said, "note": f"no CUDA device ({device}): no memory plan, the model runs on {device} "
+                                        f"as it is"}
             source = f"{where} auto: {memory.format_size(budget)} free on {device}"
-        choice = memory.choose_plan(budget, load, shape, parts)
+        choice = memory.choose_plan(budget, load, shape, parts, candidates)
     offload_need = memory.peak(shape, memory.PLAN_NAMES["bf16-offload"], load, parts) + memory.HEADROOM
     return {**choice.as_dict(), "memory": source, "panel_px": load.size, "characters": load.characters,
-            "description": choice.plan.describe(), "sizes": sizes,
+            "description": choice.plan.describe(), "sizes": sizes, **comes_as,
             "bf16_offload_needs_gib": round(offload_need / memory.GiB, 1)}
 
 
@@ -141,17 +201,17 @@ def describe(plan: dict) -> str:
 
 def check_applicable(plan: dict, runtime) -> None:
     """InputError, before any model loads, for a plan this render cannot follow: offload without
-    a CUDA device, a quantization library that is missing or cannot run here, a GGUF transformer
-    (a file render does not take), bf16 weights counted for a float32 render on a GPU."""
-    name = plan.get("plan")
-    if name is None:
+    a CUDA device, a quantization library that is missing or cannot run here (a GGUF plan for a
+    model without a GGUF transformer file), bf16 weights counted for a float32 render on a GPU."""
+    chosen = loading_plan(plan)
+    if chosen is None:
         return
-    chosen = memory.PLAN_NAMES[name]
+    name = chosen.name
     if chosen.offload != "none" and not runtime.device.startswith("cuda"):
         raise InputError(f"memory plan {name} offloads from a CUDA GPU; this render runs on {runtime.device}")
-    if chosen.transformer.backend == "gguf":
-        raise InputError(f"memory plan {name} needs a GGUF transformer file, which render does not take; "
-                         f"load it from Python (flux.memory_apply.load_gguf_transformer) or give another --memory")
+    if chosen.transformer.backend == "gguf" and "transformer" not in chosen.stored:
+        raise InputError(f"memory plan {name} draws with a GGUF transformer file; give the model one "
+                         f"(transformer: path/to/flux1-dev-Q4_K_S.gguf in its mapping) or another --memory")
     from ..flux.memory_apply import check_backend
 
     for quantization in (chosen.transformer, chosen.text_encoder):
@@ -162,7 +222,17 @@ def check_applicable(plan: dict, runtime) -> None:
 
 def loading_plan(plan: dict | None) -> memory.Plan | None:
     """The ledger's plan a render's model loads with (model_loading.load_pipeline); None without one."""
-    return None if plan is None or plan.get("plan") is None else memory.PLAN_NAMES[plan["plan"]]
+    if plan is None or plan.get("plan") is None:
+        return None
+    stored = tuple(plan.get("already_quantized", ()))
+    if not stored:
+        return memory.PLAN_NAMES[plan["plan"]]
+
+    def quantization(name: str) -> memory.Quantization:  # a GGUF file's type is not in the table
+        return memory.QUANTIZATIONS.get(name) or memory.Quantization(name, 0.0, "gguf", dequantizes_layers=True)
+    return memory.Plan(plan["plan"], quantization(plan["quantization"]["transformer"]),
+                       quantization(plan["quantization"]["text_encoder"]), plan["offload"],
+                       plan["relative_step_time"], plan["vae_tiling"], stored)
 
 
 def plan_for_render(story: Story, source: str, option: str | None, runtime, *, pages=None, panels=None,
