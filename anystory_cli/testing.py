@@ -165,20 +165,21 @@ def tiny_story_pipeline(base=None):
     return AnyStoryPipeline.from_pipe(base, encoder, tiny_adapter(base.unet, encoder))
 
 
-def write_gguf_transformer(flux_folder, path) -> None:
+def write_gguf_transformer(flux_folder, path, quant_type: str = "Q8_0") -> None:
     """A FLUX folder's transformer as a GGUF file, as the `gguf` package writes one: 2-D weights
-    whose rows are multiples of 32 as Q8_0, the rest F32, under diffusers' own names."""
+    whose rows are multiples of 32 as `quant_type` (a type `gguf.quants.quantize` writes in blocks
+    of 32: Q8_0, Q5_0, Q4_0, ...), the rest F32, under diffusers' own names."""
     import gguf
     import numpy as np
     from diffusers import FluxTransformer2DModel
 
+    kind = gguf.GGMLQuantizationType[quant_type]
     transformer = FluxTransformer2DModel.from_pretrained(str(flux_folder), subfolder="transformer")
     writer = gguf.GGUFWriter(str(path), "flux")
     for name, tensor in transformer.state_dict().items():
         array = tensor.float().numpy()
         if array.ndim == 2 and array.shape[-1] % 32 == 0:
-            writer.add_tensor(name, gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, gguf.quants.quantize(array, kind), raw_dtype=kind)
         else:
             writer.add_tensor(name, array.astype(np.float32))
     writer.write_header_to_file()
