@@ -155,8 +155,9 @@ def model_source(model, base_dir: str | os.PathLike[str] | None = None,
     parts, or a saved FLUX pipeline folder. Hub ids come from the Hugging Face cache, downloaded
     once when online; download=False (`validate`): None for a hub model not cached yet."""
     if not isinstance(model, str):  # a story's {base, redux, adapter}
-        return FluxParts(str(model.base), str(model.redux), str(model.adapter), memory=model.memory,
-                         transformer=model.transformer)
+        transformer = getattr(model, "transformer", None)
+        return FluxParts(str(model.base), str(model.redux), str(model.adapter), memory=getattr(model, "memory", None),
+                         transformer=None if transformer is None else str(transformer))
     if model in PUBLISHED_MODELS:
         return FluxParts(**PUBLISHED_MODELS[model].parts, where=model)
     if model == DEFAULT_MODEL:
