@@ -399,7 +399,23 @@ def _load_flux(parts: FluxParts, runtime=None, plan=None):
 
         options["transformer"] = load_gguf_transformer(gguf, base, dtype=runtime.torch_dtype)
     pipe = AnyStoryFluxPipeline.from_pretrained(base, redux=redux, adapter=adapter, **options)
+    _check_stored_precision(pipe, runtime, base / "transformer")
     return _comic_pipeline(pipe, model_id, runtime, plan)
+
+
+def _check_stored_precision(pipe, runtime, where: Path) -> None:
+    """A transformer stored quantized (torchao, bitsandbytes) keeps the precision it was saved in
+    and cannot be cast: one line when the render runs in another (a bfloat16 int8 folder drawn in
+    float32 would fail at its first matmul)."""
+    import torch
+
+    for module in pipe.transformer.modules():
+        weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        if isinstance(module, torch.nn.Linear) and weight is not None and type(weight) is not torch.nn.Parameter \
+                and type(weight).__name__ != "GGUFParameter" and weight.dtype != runtime.torch_dtype:
+            stored = str(weight.dtype).removeprefix("torch.")
+            raise ModelError(f"{where}: the transformer is stored quantized with {stored} scales; this render "
+                             f"runs in {runtime.dtype}: render with --dtype {stored}")
 
 
 def _load_saved_flux(saved: SavedFluxFolder, runtime=None, plan=None):
@@ -417,6 +433,7 @@ def _load_saved_flux(saved: SavedFluxFolder, runtime=None, plan=None):
         raise ModelError(said if str(folder) in said else f"{folder}: {said}") from None
     except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
         raise ModelError(f"{folder}: cannot load the saved {SAVED_FLUX_CLASS} ({_first_line(exc)})") from None
+    _check_stored_precision(pipe, runtime, folder / "transformer")
     return _comic_pipeline(pipe, model_id, runtime, plan)
 
 

@@ -330,3 +330,31 @@ def test_a_saved_quantized_folder_renders_with_memory_and_says_it_is_already_qua
     (pipe, options), = loaded
     assert "quantization_config" not in options  # no second quantization
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight).__name__ == "Int8Tensor"
+
+
+def test_a_quantized_base_folder_in_a_mapping_is_already_quantized_too(tmp_path, loaded):
+    """A FluxPipeline quantized through quantization_config and saved, named as `base:` with the
+    Redux folder and the adapter: the plan places it, nothing quantizes it again."""
+    pytest.importorskip("torchao")
+    from diffusers import FluxPipeline, PipelineQuantizationConfig, TorchAoConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    config = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
+    # diffusers' default for torchao integer quantization: bfloat16 scales, which the folder keeps
+    FluxPipeline.from_pretrained(str(MODEL / "flux"), quantization_config=config).save_pretrained(tmp_path / "base")
+    story = write_story(tmp_path / "story", {**TINY, "base": str(tmp_path / "base")}, panels=1)
+    refused = run(story, "--memory", "8GB", "--device", "cpu", "--dtype", "float32", "--cache", tmp_path / "cache",
+                  "--out", tmp_path / "out")
+    assert refused.exit_code == 1
+    assert error_lines(refused) == [f"error: {story}: model: {tmp_path / 'base' / 'transformer'}: the transformer is "
+                                    "stored quantized with bfloat16 scales; this render runs in float32: render "
+                                    "with --dtype bfloat16"]
+    loaded.clear()
+    said = rendered(story, tmp_path / "out", "--memory", "8GB", "--dtype", "bfloat16", cache=tmp_path / "cache")
+    assert said["memory_plan"]["plan"] == "int8" and said["memory_plan"]["already_quantized"] == ["transformer"]
+    assert said["memory_plan"]["transformer_from"] == str(tmp_path / "base" / "transformer")
+    assert said["panels_rendered"] == [1]
+    (pipe, options), = loaded
+    assert "quantization_config" not in options
+    assert type(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight).__name__ == "Int8Tensor"
+    assert all(pipe.lora_layers.values())

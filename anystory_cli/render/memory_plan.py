@@ -70,8 +70,9 @@ def model_shape(model) -> tuple[memory.FluxShape, memory.Parts, str]:
 
 def stored_transformer(model, shape: memory.FluxShape) -> tuple[memory.Quantization, str] | None:
     """How the model's transformer comes quantized, and from where: a GGUF file (its type and its
-    tensors' bytes from the header), or a saved folder whose transformer config carries a
-    quantization_config; None when it comes in full precision (a plan may quantize it)."""
+    tensors' bytes from the header), or a folder (a saved AnyStoryFluxPipeline, or the base FLUX
+    folder) whose transformer config carries a quantization_config, as save_pretrained writes it
+    for a quantized pipeline; None when it comes in full precision (a plan may quantize it)."""
     from ..model_loading import gguf_file
 
     if getattr(model, "transformer", None) is not None:
@@ -85,9 +86,9 @@ def stored_transformer(model, shape: memory.FluxShape) -> tuple[memory.Quantizat
         per_weight = max(gguf.tensor_bytes - 2 * other, 0) / linear  # the ledger then counts the file's bytes
         return memory.Quantization(f"gguf-{gguf.quant_type.lower()}", per_weight, "gguf", dequantizes_layers=True,
                                    label=f"GGUF {gguf.quant_type} from {path.name}"), str(path)
-    folder = getattr(model, "folder", None)
+    folder = getattr(model, "folder", None)  # a saved AnyStoryFluxPipeline, else the base folder
     if folder is None:
-        return None
+        folder = model.base
     config = Path(folder) / "transformer" / "config.json"
     try:
         quantization = json.loads(config.read_text()).get("quantization_config")
