@@ -78,7 +78,7 @@ def stored_transformer(model, shape: memory.FluxShape) -> tuple[memory.Quantizat
     if getattr(model, "transformer", None) is not None:
         from ..flux.gguf_file import read_gguf_transformer
 
-        path = gguf_file(model)
+        path = gguf_file(model, download=False)  # a plan downloads nothing
         if path is None:  # a hub file not cached yet: counted as FLUX.1-dev's Q8_0 would be
             return memory.QUANTIZATIONS["gguf-q8"], str(model.transformer)
         gguf = read_gguf_transformer(path)
