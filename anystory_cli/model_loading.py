@@ -234,8 +234,11 @@ def check_model(model, base_dir: str | os.PathLike[str] | None = None) -> None:
         from .flux.folders import check_flux_model
 
         check_flux_model(source.base, source.redux, source.adapter, download=False, where=source.where or None)
-        if source.transformer is not None:
-            gguf_file(source, download=False)
+        gguf = gguf_file(source, download=False) if source.transformer is not None else None
+        if gguf is not None:  # its header: a foreign, cut or unreadable file is said before a render
+            from .flux.gguf_file import read_gguf_transformer
+
+            read_gguf_transformer(gguf)
     elif isinstance(source, Path):
         check_model_dir(source)
         model_defaults(str(source))  # its sampling defaults file, when it has one, must read

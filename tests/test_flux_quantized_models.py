@@ -302,6 +302,18 @@ def test_a_bad_gguf_file_is_one_line_and_leaves_the_output_as_it_was(drawn, gguf
         assert storykit.snapshot(out) == before
 
 
+def test_validate_reads_the_gguf_files_header(tmp_path, gguf_q8):
+    from anystory_cli.render import story_problems
+
+    assert story_problems(write_story(tmp_path / "good", {**TINY, "transformer": str(gguf_q8)})) == []
+    story = write_story(tmp_path / "foreign", {**TINY, "transformer": str(foreign_gguf(tmp_path / "llama.gguf"))})
+    problems = story_problems(story)
+    assert len(problems) == 1 and "llama.gguf: not a FLUX transformer GGUF file" in problems[0]
+    story = write_story(tmp_path / "missing", {**TINY, "transformer": "gone.gguf"})
+    problems = story_problems(story)
+    assert len(problems) == 1 and "gone.gguf: GGUF transformer not found" in problems[0]
+
+
 def test_gguf_not_installed_names_the_extra(drawn, gguf_q8, monkeypatch):
     folder, out, cache = drawn
     story = write_story(folder / "no-gguf", {**TINY, "transformer": str(gguf_q8)}, panels=1)
