@@ -202,11 +202,11 @@ def test_the_plan_counts_the_gguf_files_bytes_and_only_places_it(tmp_path, gguf_
     from anystory_cli.flux import memory
     from anystory_cli.flux.gguf_file import read_gguf_transformer
     from anystory_cli.model_loading import FluxParts
-    from anystory_cli.render.memory_plan import model_shape, stored_transformer
+    from anystory_cli.render.memory_plan import model_shape, stored_parts
 
     parts = FluxParts(**TINY, transformer=str(gguf_q8))
     shape, _, _ = model_shape(parts)
-    quantization, source = stored_transformer(parts, shape)
+    (quantization, source), = stored_parts(parts, shape).values()
     assert source == str(gguf_q8) and quantization.backend == "gguf" and quantization.name == "gguf-q8_0"
     lora = 2 * (shape.lora_params() + shape.routing_adapter_params())
     assert memory.transformer_bytes(shape, quantization) - lora == pytest.approx(
@@ -333,14 +333,18 @@ def test_gguf_not_installed_names_the_extra(drawn, gguf_q8, monkeypatch):
 @pytest.fixture(scope="module")
 def int8_folder(tmp_path_factory) -> Path:
     """The tiny fixture quantized through quantization_config (torchao int8 weight-only, diffusers'
-    quant_mapping form) and saved: safetensors serialization works for torchao's Int8Tensor."""
+    quant_mapping form; the transformer and T5) and saved: safetensors serialization works for
+    torchao's Int8Tensor."""
     pytest.importorskip("torchao")
     from diffusers import PipelineQuantizationConfig, TorchAoConfig
     from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import TorchAoConfig as TransformersTorchAoConfig
 
     from anystory_cli.flux import AnyStoryFluxPipeline
 
-    config = PipelineQuantizationConfig(quant_mapping={"transformer": TorchAoConfig(Int8WeightOnlyConfig())})
+    config = PipelineQuantizationConfig(quant_mapping={
+        "transformer": TorchAoConfig(Int8WeightOnlyConfig()),
+        "text_encoder_2": TransformersTorchAoConfig(Int8WeightOnlyConfig())})
     pipe = AnyStoryFluxPipeline.from_pretrained(MODEL / "flux", redux=MODEL / "redux",
                                                 adapter=MODEL / "anystory_flux.bin", quantization_config=config,
                                                 device="cpu", torch_dtype=torch.float32)
@@ -363,12 +367,17 @@ def test_a_saved_quantized_folder_renders_with_memory_and_says_it_is_already_qua
     story = write_story(tmp_path, str(int8_folder), panels=1)
     said = rendered(story, tmp_path / "out", "--memory", memory, cache=tmp_path / "cache")
     chosen = said["memory_plan"]
-    assert chosen["plan"] == plan and chosen["already_quantized"] == ["transformer"]
-    assert chosen["quantization"]["transformer"] == "int8"
+    assert chosen["plan"] == plan and chosen["already_quantized"] == ["transformer", "text_encoder"]
+    assert chosen["quantization"] == {"transformer": "int8", "text_encoder": "int8"}
+    assert chosen["text_encoder_from"] == str(int8_folder / "text_encoder_2")
+    if plan is not None:
+        assert chosen["description"] == ("transformer int8 (already quantized), T5 int8 (already quantized), "
+                                          "all on the device")
     assert said["panels_rendered"] == [1]
     (pipe, options), = loaded
     assert "quantization_config" not in options  # no second quantization
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight).__name__ == "Int8Tensor"
+    assert type(pipe.text_encoder_2.encoder.block[0].layer[0].SelfAttention.q.weight).__name__ == "Int8Tensor"
 
 
 def test_a_quantized_base_folder_in_a_mapping_is_already_quantized_too(tmp_path, loaded):

@@ -192,9 +192,10 @@ class Plan:
 
     def describe(self) -> str:
         transformer = self.transformer.label or self.transformer.name
-        if "transformer" in self.stored:
-            transformer += " (already quantized)"
-        parts = [f"transformer {transformer}", f"T5 {self.text_encoder.name}",
+        t5 = self.text_encoder.name
+        transformer += " (already quantized)" if "transformer" in self.stored else ""
+        t5 += " (already quantized)" if "text_encoder" in self.stored else ""
+        parts = [f"transformer {transformer}", f"T5 {t5}",
                  {"none": "all on the device", "model": "model offload", "group": "group offload (leaf level)",
                   "sequential": "sequential offload"}[self.offload]]
         if self.vae_tiling:
@@ -206,9 +207,10 @@ class Plan:
         """What of the plan changes pixels: the stored weights ('' when all bf16). Offload and
         VAE tiling do not (a tile is decoded with its neighbours' overlap blended)."""
         transformer = "stored" if "transformer" in self.stored else self.transformer.name
-        if transformer in ("stored", "bf16") and self.text_encoder.backend is None:
-            return ""  # a stored transformer's weights are in the model's own fingerprint
-        return f"transformer={transformer},t5={self.text_encoder.name}"
+        t5 = "stored" if "text_encoder" in self.stored else self.text_encoder.name
+        if {transformer, t5} <= {"stored", "bf16"}:
+            return ""  # stored parts' weights are in the model's own fingerprint
+        return f"transformer={transformer},t5={t5}"
 
 
 def weights_id(model_id: str, plan: Plan | None) -> str:

@@ -78,7 +78,7 @@ def pipeline_quantization_config(plan: Plan):
     mapping = {}
     if plan.transformer.backend not in (None, "gguf") and "transformer" not in plan.stored:
         mapping["transformer"] = transformer_quantization_config(plan.transformer)
-    if plan.text_encoder.backend is not None:
+    if plan.text_encoder.backend is not None and "text_encoder" not in plan.stored:
         mapping["text_encoder_2"] = text_encoder_quantization_config(plan.text_encoder)
     return PipelineQuantizationConfig(quant_mapping=mapping) if mapping else None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 from ..errors import InputError
@@ -68,51 +69,93 @@ def model_shape(model) -> tuple[memory.FluxShape, memory.Parts, str]:
     return shape, parts, f"{base.name}'s sizes"
 
 
-def stored_transformer(model, shape: memory.FluxShape) -> tuple[memory.Quantization, str] | None:
-    """How the model's transformer comes quantized, and from where: a GGUF file (its type and its
-    tensors' bytes from the header), or a folder (a saved AnyStoryFluxPipeline, or the base FLUX
-    folder) whose transformer config carries a quantization_config, as save_pretrained writes it
-    for a quantized pipeline; None when it comes in full precision (a plan may quantize it)."""
+def stored_parts(model, shape: memory.FluxShape) -> dict[str, tuple[memory.Quantization, str]]:
+    """The parts the model brings quantized, each with where from: "transformer" (a GGUF file: its
+    type and its tensors' bytes from the header; or a folder, a saved AnyStoryFluxPipeline or the
+    base FLUX folder, whose transformer config carries a quantization_config, as save_pretrained
+    writes it for a quantized pipeline) and "text_encoder" (T5 saved quantized likewise). A part
+    not named comes in full precision, and a plan may quantize it."""
     from ..model_loading import gguf_file
 
+    stored = {}
+    folder = Path(getattr(model, "folder", None) or model.base)  # a saved AnyStoryFluxPipeline, else base
     if getattr(model, "transformer", None) is not None:
         from ..flux.gguf_file import read_gguf_transformer
 
         path = gguf_file(model, download=False)  # a plan downloads nothing
         if path is None:  # a hub file not cached yet: counted as FLUX.1-dev's Q8_0 would be
-            return memory.QUANTIZATIONS["gguf-q8"], str(model.transformer)
-        gguf = read_gguf_transformer(path)
-        linear, other = shape.transformer_params()
-        per_weight = max(gguf.tensor_bytes - 2 * other, 0) / linear  # the ledger then counts the file's bytes
-        return memory.Quantization(f"gguf-{gguf.quant_type.lower()}", per_weight, "gguf", dequantizes_layers=True,
-                                   label=f"GGUF {gguf.quant_type} from {path.name}"), str(path)
-    folder = getattr(model, "folder", None)  # a saved AnyStoryFluxPipeline, else the base folder
-    if folder is None:
-        folder = model.base
-    config = Path(folder) / "transformer" / "config.json"
+            stored["transformer"] = memory.QUANTIZATIONS["gguf-q8"], str(model.transformer)
+        else:
+            gguf = read_gguf_transformer(path)
+            linear, other = shape.transformer_params()
+            per_weight = max(gguf.tensor_bytes - 2 * other, 0) / linear  # the ledger then counts the file's bytes
+            stored["transformer"] = memory.Quantization(
+                f"gguf-{gguf.quant_type.lower()}", per_weight, "gguf", dequantizes_layers=True,
+                label=f"GGUF {gguf.quant_type} from {path.name}"), str(path)
+    else:
+        quantization = _saved_quantization(folder / "transformer", "transformer")
+        if quantization is not None:
+            stored["transformer"] = quantization, str(folder / "transformer")
+    quantization = _saved_quantization(folder / "text_encoder_2", "T5")
+    if quantization is not None:
+        stored["text_encoder"] = quantization, str(folder / "text_encoder_2")
+    return stored
+
+
+def _saved_quantization(part: Path, what: str) -> memory.Quantization | None:
+    """The ledger's quantization for the quantization_config in a part's config.json (torchao
+    int8, bitsandbytes); None without one."""
     try:
-        quantization = json.loads(config.read_text()).get("quantization_config")
+        config = json.loads((part / "config.json").read_text()).get("quantization_config")
     except (OSError, ValueError, AttributeError):
         return None  # loading the folder says what is wrong with it
-    if not quantization:
+    if not config:
         return None
-    return _saved_quantization(quantization, config), str(Path(folder) / "transformer")
-
-
-def _saved_quantization(config: dict, where: Path) -> memory.Quantization:
-    """The ledger's quantization for a diffusers quantization_config (torchao, bitsandbytes)."""
     method = config.get("quant_method")
     if method == "torchao":
         quant_type = config.get("quant_type")
         kind = quant_type.get("default", {}).get("_type", "") if isinstance(quant_type, dict) else str(quant_type)
         if kind in ("Int8WeightOnlyConfig", "int8_weight_only", "int8wo"):
             return memory.QUANTIZATIONS["int8"]
-        raise InputError(f"{where}: the transformer is stored as torchao {kind or quant_type}, which memory plans "
+        raise InputError(f"{part}: the {what} is stored as torchao {kind or quant_type}, which memory plans "
                          f"do not count (they know torchao Int8WeightOnlyConfig); render it without --memory")
     if method == "bitsandbytes":
         return memory.QUANTIZATIONS["nf4" if config.get("load_in_4bit") else "bnb-int8"]
-    raise InputError(f"{where}: the transformer is stored quantized with {method!r}, which memory plans do not "
+    raise InputError(f"{part}: the {what} is stored quantized with {method!r}, which memory plans do not "
                      f"count (they know torchao int8 and bitsandbytes); render it without --memory")
+
+
+def placements(stored: dict) -> tuple[memory.Plan, ...]:
+    """The plans to choose from: all of them; for a stored transformer, its placements only; for a
+    stored T5, those that leave T5 as it comes."""
+    plans = memory.PLANS if "transformer" not in stored else memory.stored_plans(stored["transformer"][0])
+    if "text_encoder" in stored:
+        t5 = stored["text_encoder"][0]
+        plans = tuple(replace(p, text_encoder=t5, stored=(*p.stored, "text_encoder"))
+                      for p in plans if p.text_encoder.backend is None)
+    return plans
+
+
+def follow_named(named: memory.Plan, stored: dict, where: str) -> memory.Plan:
+    """A named plan (--memory int8, bf16-offload, ...) with what the model brings quantized: its
+    placement; InputError when it would quantize a stored part to another kind."""
+    plan = named
+    if "transformer" in stored:
+        quantization, source = stored["transformer"]
+        plan = memory.stored_plan(named, quantization)
+        if plan is None:
+            raise InputError(f"{where}: plan {named.name} quantizes the transformer to {named.transformer.name}, "
+                             f"but this model's transformer comes as {quantization.label or quantization.name} "
+                             f"({source}); give a size, auto, or a plan that keeps the transformer as it is "
+                             f"(bf16, bf16-offload, group-offload, sequential)")
+    if "text_encoder" in stored:
+        quantization, source = stored["text_encoder"]
+        if plan.text_encoder.backend is not None and plan.text_encoder != quantization:
+            raise InputError(f"{where}: plan {named.name} quantizes T5 to {plan.text_encoder.name}, but this "
+                             f"model's T5 comes as {quantization.name} ({source}); give a size, auto, or a plan "
+                             f"that keeps T5 in bf16")
+        plan = replace(plan, text_encoder=quantization, stored=(*plan.stored, "text_encoder"))
+    return plan
 
 
 def _counted(folder: Path) -> tuple[int, int]:
@@ -161,24 +204,19 @@ def choose(story: Story, plans: Sequence[PanelPlan], asked: str, device: str, wh
     budget = None if forced is not None else memory.parse_memory(asked, where)
     load = workload(plans)
     shape, parts, sizes = model_shape(flux)
-    stored = stored_transformer(flux, shape)
-    candidates = memory.PLANS if stored is None else memory.stored_plans(stored[0])
-    comes_as = {} if stored is None else {"already_quantized": ["transformer"], "transformer_from": stored[1]}
+    stored = stored_parts(flux, shape)
+    candidates = placements(stored)
+    comes_as = {} if not stored else {"already_quantized": list(stored),
+                                      **{f"{part}_from": source for part, (_, source) in stored.items()}}
     source = f"{where} {asked}"
     if forced is not None:
-        if stored is not None:
-            named, forced = forced, memory.stored_plan(forced, stored[0])
-            if forced is None:
-                raise InputError(f"{where} {asked}: plan {named.name} quantizes the transformer to "
-                                 f"{named.transformer.name}, but this model's transformer comes as "
-                                 f"{stored[0].label or stored[0].name} ({stored[1]}); give a size, auto, or a plan "
-                                 f"that keeps the transformer as it is (bf16, bf16-offload, group-offload, sequential)")
-        choice = memory.Choice(forced, memory.peak(shape, forced, load, parts), None)
+        followed = follow_named(forced, stored, source)
+        choice = memory.Choice(followed, memory.peak(shape, followed, load, parts), None)
     else:
         if budget is None:
             budget = device_budget(device)
             if budget is None:
-                said = {} if stored is None else {"quantization": {"transformer": stored[0].name}, **comes_as}
+                said = {"quantization": {part: q.name for part, (q, _) in stored.items()}, **comes_as} if stored else {}
                 return {"plan": None, "memory": source, "panel_px": load.size, "characters": load.characters,
                         **said, "note": f"no CUDA device ({device}): no memory plan, the model runs on {device} "
                                         f"as it is"}
