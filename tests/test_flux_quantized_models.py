@@ -406,3 +406,16 @@ def test_a_quantized_base_folder_in_a_mapping_is_already_quantized_too(tmp_path,
     assert "quantization_config" not in options
     assert type(pipe.transformer.transformer_blocks[0].attn.to_q.base_layer.weight).__name__ == "Int8Tensor"
     assert all(pipe.lora_layers.values())
+
+
+def test_diffusers_refuses_the_quant_backend_form_for_torchao_as_the_docs_say():
+    """docs/flux.md sends users to quant_mapping: diffusers 0.42 with transformers 5 refuses
+    PipelineQuantizationConfig(quant_backend="torchao", ...) before any model is named (its and
+    transformers' TorchAoConfig signatures differ). When this starts to pass, update the docs."""
+    pytest.importorskip("torchao")
+    from diffusers import PipelineQuantizationConfig
+    from torchao.quantization import Int8WeightOnlyConfig
+
+    with pytest.raises(ValueError, match="provide a `quant_mapping` instead"):
+        PipelineQuantizationConfig(quant_backend="torchao", quant_kwargs={"quant_type": Int8WeightOnlyConfig()},
+                                   components_to_quantize=["transformer"])
