@@ -129,8 +129,8 @@ def test_a_gguf_story_renders_with_characters_close_to_float32_and_keyed_apart(t
         a, b = panel_path(tmp_path / "out-full", index), panel_path(tmp_path / "out-gguf", index)
         assert stored_key(a) != stored_key(b)
         difference = pixel_difference(a, b)
-        # of 255 (measured on this fixture: about 0.3 on average, 4 at most): close, not the same
-        assert 0 < difference.mean() < 2 and difference.max() <= 32, (difference.mean(), difference.max())
+        # of 255 (measured: 0.07 and 0.10 on average, 1 at most): close, not the same pixels
+        assert 0 < difference.mean() < 1 and difference.max() <= 16, (difference.mean(), difference.max())
 
     again = rendered(gguf_story, tmp_path / "out-gguf", "--memory", "8GB", cache=cache)
     assert again["panels_rendered"] == [] and len(loaded) == 2
