@@ -414,8 +414,11 @@ def _check_stored_precision(pipe, runtime, where: Path) -> None:
 
     for module in pipe.transformer.modules():
         weight = getattr(getattr(module, "base_layer", module), "weight", None)
+        # torchao's tensors carry the precision they dequantize to; bitsandbytes' packed integers
+        # (uint8, int8) and GGUF's (dequantized in the render's precision) are not checked here
         if isinstance(module, torch.nn.Linear) and weight is not None and type(weight) is not torch.nn.Parameter \
-                and type(weight).__name__ != "GGUFParameter" and weight.dtype != runtime.torch_dtype:
+                and type(weight).__name__ != "GGUFParameter" and weight.dtype.is_floating_point \
+                and weight.dtype != runtime.torch_dtype:
             stored = str(weight.dtype).removeprefix("torch.")
             raise ModelError(f"{where}: the transformer is stored quantized with {stored} scales; this render "
                              f"runs in {runtime.dtype}: render with --dtype {stored}")
