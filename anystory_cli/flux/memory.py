@@ -384,8 +384,9 @@ def stored_plans(transformer: Quantization) -> tuple[Plan, ...]:
     return (Plan(name, transformer, _Q["bf16"], "none", base, stored=stored),
             Plan(f"{name}-offload", transformer, _Q["bf16"], "model", base, stored=stored),
             Plan(f"{name}-offload-t5-int8", transformer, _Q["bnb-int8"], "model", base + 0.05, stored=stored),
-            Plan(f"{name}-group-offload", transformer, _Q["bf16"], "group", base * 1.5, True, stored),
-            Plan(f"{name}-sequential", transformer, _Q["bf16"], "sequential", base * 4, True, stored))
+            Plan(f"{name}-group-offload", transformer, _Q["bf16"], "group", base * 1.5, vae_tiling=True, stored=stored),
+            Plan(f"{name}-sequential", transformer, _Q["bf16"], "sequential", base * 4, vae_tiling=True,
+                 stored=stored))
 
 
 def stored_plan(named: Plan, transformer: Quantization) -> Plan | None:

@@ -271,7 +271,7 @@ def loading_plan(plan: dict | None) -> memory.Plan | None:
         return memory.QUANTIZATIONS.get(name) or memory.Quantization(name, 0.0, "gguf", dequantizes_layers=True)
     return memory.Plan(plan["plan"], quantization(plan["quantization"]["transformer"]),
                        quantization(plan["quantization"]["text_encoder"]), plan["offload"],
-                       plan["relative_step_time"], plan["vae_tiling"], stored)
+                       plan["relative_step_time"], vae_tiling=plan["vae_tiling"], stored=stored)
 
 
 def plan_for_render(story: Story, source: str, option: str | None, runtime, *, pages=None, panels=None,
