@@ -283,13 +283,12 @@ def step_activation_bytes(shape: FluxShape, workload: Workload) -> float:
 
 
 def reference_pass_bytes(shape: FluxShape, characters: int) -> float:
-    """The reference pass: its activations on top of the keys and values it records, or, with two
-    or more characters, both copies of those keys and values while they are regrouped per block."""
+    """The reference pass: its activations on top of the keys and values it records. They are
+    recorded once: regrouping them per block, (N, L, H, D) -> (1, N*L, H, D), is a view."""
     if not characters:
         return 0.0
     kv = reference_kv_bytes(shape, characters)
-    activations = REFERENCE_UNITS * shape.reference_tokens(characters) * shape.width * 2
-    return max(activations + kv, (2 if characters >= 2 else 1) * kv)
+    return REFERENCE_UNITS * shape.reference_tokens(characters) * shape.width * 2 + kv
 
 
 def decode_bytes(size: int, tiling: bool) -> float:
