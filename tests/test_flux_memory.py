@@ -135,7 +135,7 @@ def test_plans_are_ordered_fastest_first_and_the_ladder_makes_sense():
     assert peaks["group-offload"] < peaks["nf4-offload"]
     # more characters and larger panels never need less
     for plan in memory.PLANS:
-        assert memory.peak(shape, plan, memory.Workload(1024, 3)) > memory.peak(shape, plan, load)
+        assert memory.peak(shape, plan, memory.Workload(1024, 3)) >= memory.peak(shape, plan, load)
         assert memory.peak(shape, plan, memory.Workload(1024, 1)) >= memory.peak(shape, plan, memory.Workload(512, 1))
     # an 80 GB card takes everything on the GPU; bf16 with model offload does not fit 24 GB
     assert memory.choose_plan(80 * memory.GiB, load).plan.name == "bf16"

@@ -6,7 +6,8 @@ The ledger's parts (FLUX.1-dev + FLUX.1-Redux-dev + anystory_flux.bin; bf16 unle
 the transformer (linear weights, which quantization shrinks, and the rest), the AnyStory
 reference and router LoRAs and routing-map adapters (never quantized: they load on top), T5-XXL,
 CLIP-L, the VAE, SigLIP and the two subject embedders; per call, the reference keys and values of
-every block, and the activations of the largest phase, in units of one (tokens x width) bf16
+every block (on the device, or with offloading on the CPU, one block's on the device at a time),
+and the activations of the largest phase, in units of one (tokens x width) bf16
 tensor (`STEP_UNITS` and its siblings, measured on a real-width slice by
 benchmarks/flux_memory.py).
 """
@@ -282,13 +283,15 @@ def step_activation_bytes(shape: FluxShape, workload: Workload) -> float:
     return STEP_UNITS * queries * shape.width * 2 + queries * keys * 2
 
 
-def reference_pass_bytes(shape: FluxShape, characters: int) -> float:
+def reference_pass_bytes(shape: FluxShape, characters: int, kv_on_device: bool = True) -> float:
     """The reference pass: its activations on top of the keys and values it records. They are
-    recorded once: regrouping them per block, (N, L, H, D) -> (1, N*L, H, D), is a view."""
+    recorded once: regrouping them per block, (N, L, H, D) -> (1, N*L, H, D), is a view. With
+    kv_on_device False (offloading plans) each block's pair leaves for the CPU as it is made."""
     if not characters:
         return 0.0
     kv = reference_kv_bytes(shape, characters)
-    return REFERENCE_UNITS * shape.reference_tokens(characters) * shape.width * 2 + kv
+    held = kv if kv_on_device else kv / shape.blocks
+    return REFERENCE_UNITS * shape.reference_tokens(characters) * shape.width * 2 + held
 
 
 def decode_bytes(size: int, tiling: bool) -> float:
@@ -318,9 +321,13 @@ def phases(shape: FluxShape, plan: Plan, workload: Workload, parts: Parts = Part
     transformer = transformer_bytes(shape, plan.transformer) - adapters
     encoders = siglip + 2 * shape.embedder_params()
     resident = adapters
+    # The reference keys and values: on the device for the whole call when everything is there;
+    # with offloading on the CPU, one block's pair on the device while that block runs.
     kv = reference_kv_bytes(shape, workload.characters)
+    if plan.offload != "none":
+        kv = kv / shape.blocks
     step = step_activation_bytes(shape, workload)
-    reference = reference_pass_bytes(shape, workload.characters)
+    reference = reference_pass_bytes(shape, workload.characters, kv_on_device=plan.offload == "none")
     if plan.transformer.dequantizes_layers:
         step += _largest_layer_bytes(shape)
         reference += _largest_layer_bytes(shape) if workload.characters else 0
@@ -332,12 +339,12 @@ def phases(shape: FluxShape, plan: Plan, workload: Workload, parts: Parts = Part
     if plan.offload == "model":  # one model on the device at a time
         return {"text": resident + t5 + clip, "encode": resident + encoders + vae,
                 "reference": resident + transformer + reference, "step": resident + transformer + kv + step,
-                "decode": resident + vae + kv + decode}
+                "decode": resident + vae + decode}
     # group / sequential offload: the weights stream in layer by layer (two layers in flight with
-    # prefetching), so what stays is the activations and the reference keys and values.
+    # prefetching), so what stays is the activations.
     in_flight = (2 if plan.offload == "group" else 1) * _largest_layer_bytes(shape)
     return {"text": resident + in_flight, "reference": resident + in_flight + reference,
-            "step": resident + in_flight + kv + step, "decode": resident + in_flight + kv + decode}
+            "step": resident + in_flight + kv + step, "decode": resident + in_flight + decode}
 
 
 def peak(shape: FluxShape, plan: Plan, workload: Workload, parts: Parts = Parts()) -> float:

@@ -123,7 +123,8 @@ def load_gguf_transformer(path: str | Path, config_folder: str | Path, dtype: to
 
 def apply_plan(pipe, plan: Plan, device: str | torch.device | None = None):
     """Place a loaded FluxPipeline as the plan says: on the device, or offloaded (model, group at
-    leaf level with CUDA streams, sequential); VAE tiling when the plan asks for it."""
+    leaf level with CUDA streams, sequential), with AnyStory's reference keys and values on the
+    CPU too; VAE tiling when the plan asks for it."""
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if plan.offload != "none" and device.type != "cuda":
@@ -144,6 +145,8 @@ def apply_plan(pipe, plan: Plan, device: str | torch.device | None = None):
                 else:
                     apply_group_offloading(part, onload_device=device, offload_device=torch.device("cpu"),
                                            offload_type="leaf_level", use_stream=True)
+    if hasattr(pipe, "reference_kv_device"):  # AnyStory's reference keys and values follow the weights
+        pipe.reference_kv_device = None if plan.offload == "none" else "cpu"
     if plan.vae_tiling:  # tiles of VAE_TILE pixels (FLUX's VAE config would tile only above 1024)
         pipe.vae.enable_tiling()
         pipe.vae.tile_sample_min_size = VAE_TILE

@@ -154,6 +154,9 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
                                    if type(part).__module__.startswith(__name__.split(".")[0] + ".")})
         self.register_to_config(reference_size=reference_size)
         self.model_id = ""
+        # Where a call keeps the reference keys and values (None: on the execution device; "cpu"
+        # with offloading memory plans, `memory_apply.apply_plan`).
+        self.reference_kv_device: str | torch.device | None = None
         self._style_loras: StyleLoras | None = None
         check_parts(transformer, redux_image_encoder, subject_embedder, router_embedder, anystory_adapter)
         self.lora_layers = self._install_loras()
@@ -580,7 +583,8 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         side = self.reference_size // 16
         ids = self._prepare_latent_image_ids(1, side, side, device, dtype)
         ids[:, 2] -= side  # the reference sits one reference-width left of the image
-        capture = ReferenceKV()
+        store = None if self.reference_kv_device is None else torch.device(self.reference_kv_device)
+        capture = ReferenceKV(store=store, pin=store is not None and store.type == "cpu" and device.type == "cuda")
         guidance = None
         if transformer.config.guidance_embeds:
             guidance = torch.full([count], guidance_scale, device=device, dtype=torch.float32)

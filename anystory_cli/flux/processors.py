@@ -60,10 +60,31 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 @dataclass
 class ReferenceKV:
     """Per block ("double.3", "single.10"): the reference stream's keys and values, (1, N*L, H, D),
-    characters in order; `mask_bias` (1, N*L), what every image/text query adds on them."""
+    characters in order; `mask_bias` (1, N*L), what every image/text query adds on them.
+
+    store: where the keys and values are kept (None: where they are made, the execution device).
+    With an offloading memory plan they wait on the CPU, pinned when `pin`, and each block's
+    pair moves to the execution device only while that block runs."""
 
     kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     mask_bias: torch.Tensor | None = None
+    store: torch.device | None = None
+    pin: bool = False
+
+    def record(self, name: str, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.kv[name] = (self._stored(key), self._stored(value))
+
+    def _stored(self, t: torch.Tensor) -> torch.Tensor:
+        if self.store is None or t.device == self.store:
+            return t
+        if self.pin:
+            return torch.empty(t.shape, dtype=t.dtype, device=self.store, pin_memory=True).copy_(t)
+        return t.to(self.store)
+
+    def block(self, name: str, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `name`'s keys and values on `like`'s device and dtype (a copy only where they
+        are stored elsewhere; from pinned memory, without waiting for it)."""
+        return tuple(t.to(like.device, like.dtype, non_blocking=True) for t in self.kv[name])
 
 
 @dataclass
@@ -150,7 +171,7 @@ class AnyStoryFluxAttnProcessor(FluxAttnProcessor):
         image_len = queries - state.text_len
 
         if state.capture is not None:  # the reference pass: no text, record this block's K/V
-            state.capture.kv[self.name] = (key, value)
+            state.capture.record(self.name, key, value)
             out = self._attend(query, key, value, None)
             return self._project(attn, out, encoder_hidden_states)
 
@@ -168,9 +189,9 @@ class AnyStoryFluxAttnProcessor(FluxAttnProcessor):
             state.routing.append(routing)
 
         if state.reference is not None:
-            ref_key, ref_value = state.reference.kv[self.name]
-            key = torch.cat([key, ref_key.to(key.dtype).expand(batch, -1, -1, -1)], 1)
-            value = torch.cat([value, ref_value.to(value.dtype).expand(batch, -1, -1, -1)], 1)
+            ref_key, ref_value = state.reference.block(self.name, key)
+            key = torch.cat([key, ref_key.expand(batch, -1, -1, -1)], 1)
+            value = torch.cat([value, ref_value.expand(batch, -1, -1, -1)], 1)
         bias = state.bias(batch, queries, image_len, routing, query.dtype, query.device)
         return self._project(attn, self._attend(query, key, value, bias), encoder_hidden_states)
 
