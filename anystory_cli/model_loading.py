@@ -446,7 +446,8 @@ def _load_saved_flux(saved: SavedFluxFolder, runtime=None, plan=None):
 def _flux_load_options(runtime, plan) -> dict:
     """from_pretrained's precision, device (the CPU when offloaded: placed after loading) and the
     plan's quantization (diffusers' PipelineQuantizationConfig)."""
-    offloaded = runtime.offload or (plan is not None and plan.offload != "none")
+    # Offloaded, or the transformer waiting for the text encoders to leave: placed after loading.
+    offloaded = runtime.offload or (plan is not None and (plan.offload != "none" or plan.text_encoders_leave))
     options = {"torch_dtype": runtime.torch_dtype, "device": "cpu" if offloaded else runtime.torch_device}
     if plan is not None:
         from .flux.memory_apply import pipeline_quantization_config

@@ -9,7 +9,9 @@ counterpart in the released FLUX model and are not used.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +20,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..masks import character_mask
+from .memory_apply import place_for_denoising, place_for_text
 from .reference import prepare_reference
 
 DEFAULT_RESOLUTION = 512  # the long side of a panel: the released app draws 512 x 512
@@ -39,6 +42,7 @@ class FluxComicPipeline:
         self.pipe = pipe
         self.model_id = model_id
         pipe.model_id = model_id
+        self._prompts: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # prompt -> T5, CLIP pooled (CPU)
 
     @property
     def device(self):
@@ -79,6 +83,28 @@ class FluxComicPipeline:
             crops.append(crop)
         return self.pipe.embed_images(crops)
 
+    @contextlib.contextmanager
+    def prompts_encoded(self, prompts: Iterable[str]):
+        """Every prompt's T5 and CLIP embeddings computed now, before any panel is denoised, and
+        used by the panels drawn inside. With a memory plan whose text encoders leave the device
+        (`Plan.text_encoders_leave`) they leave once, after the last prompt; a prompt not given
+        here still draws the same, the encoders coming back for it."""
+        pipe = self.pipe
+        device = pipe._execution_device
+        with torch.no_grad():
+            for prompt in dict.fromkeys(prompts):
+                if prompt not in self._prompts:
+                    if pipe.text_encoders_leave:
+                        place_for_text(pipe, device)
+                    embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device)
+                    self._prompts[prompt] = (embeds.cpu(), pooled.cpu())  # small; moved per panel
+        if pipe.text_encoders_leave:
+            place_for_denoising(pipe, device)
+        try:
+            yield
+        finally:
+            self._prompts.clear()
+
     def image_size(self, multipliers: tuple[float, float], resolution: int | None = None) -> tuple[int, int]:
         """(width, height): the long side `resolution` (default 512), the short side by the
         frame's aspect, both on FLUX's 16-pixel grid."""
@@ -94,7 +120,12 @@ class FluxComicPipeline:
         characters = list(characters)
         height = height or DEFAULT_RESOLUTION
         width = width or DEFAULT_RESOLUTION
-        out = self.pipe(prompt, characters=characters, generator=generator, num_inference_steps=num_inference_steps,
+        text = {"prompt": prompt}
+        if prompt in self._prompts:
+            device = self.pipe._execution_device
+            embeds, pooled = self._prompts[prompt]
+            text = {"prompt": None, "prompt_embeds": embeds.to(device), "pooled_prompt_embeds": pooled.to(device)}
+        out = self.pipe(**text, characters=characters, generator=generator, num_inference_steps=num_inference_steps,
                         height=height, width=width, guidance_scale=guidance_scale, return_routing=return_routing,
                         callback_on_step_end=callback_on_step_end)
         maps = None

@@ -190,6 +190,10 @@ class Plan:
     # Parts the model brings already quantized ("transformer": a GGUF file, a saved quantized
     # folder): loaded as they are, never quantized again.
     stored: tuple[str, ...] = ()
+    # Everything on the device, but the text encoders and the transformer take turns: the
+    # transformer comes once a render has encoded every panel's prompt, the text encoders leave
+    # (for the CPU) before the first denoising step.
+    text_encoders_leave: bool = False
 
     def describe(self) -> str:
         transformer = self.transformer.label or self.transformer.name
@@ -199,6 +203,8 @@ class Plan:
         parts = [f"transformer {transformer}", f"T5 {t5}",
                  {"none": "all on the device", "model": "model offload", "group": "group offload (leaf level)",
                   "sequential": "sequential offload"}[self.offload]]
+        if self.text_encoders_leave:
+            parts.append("text encoders leave after the prompts")
         if self.vae_tiling:
             parts.append("VAE tiling")
         return ", ".join(parts)
@@ -224,8 +230,10 @@ def weights_id(model_id: str, plan: Plan | None) -> str:
 _Q = QUANTIZATIONS
 PLANS = (  # fastest first
     Plan("bf16", _Q["bf16"], _Q["bf16"], "none", 1.0),
+    Plan("bf16-text-off", _Q["bf16"], _Q["bf16"], "none", 1.0, text_encoders_leave=True),
     Plan("bf16-offload", _Q["bf16"], _Q["bf16"], "model", 1.0),
     Plan("int8", _Q["int8"], _Q["bf16"], "none", 1.1),  # also what a CPU can run (torchao)
+    Plan("int8-text-off", _Q["int8"], _Q["bf16"], "none", 1.1, text_encoders_leave=True),
     Plan("int8-offload", _Q["int8"], _Q["bf16"], "model", 1.1),
     Plan("nf4-offload", _Q["nf4"], _Q["bnb-int8"], "model", 1.15),
     Plan("gguf-q8-offload", _Q["gguf-q8"], _Q["bf16"], "model", 1.25),
@@ -334,8 +342,13 @@ def phases(shape: FluxShape, plan: Plan, workload: Workload, parts: Parts = Part
     decode = decode_bytes(workload.size, plan.vae_tiling)
     if plan.offload == "none":
         weights = resident + encoders + t5 + clip + vae + transformer
-        return {"text": weights, "reference": weights + reference, "step": weights + kv + step,
-                "decode": weights + kv + decode}
+        if not plan.text_encoders_leave:
+            return {"text": weights, "reference": weights + reference, "step": weights + kv + step,
+                    "decode": weights + kv + decode}
+        # The transformer and the text encoders take turns on the device (memory_apply.place_for_*).
+        text, after_text = weights - transformer, weights - t5 - clip
+        return {"text": text, "reference": after_text + reference, "step": after_text + kv + step,
+                "decode": after_text + kv + decode}
     if plan.offload == "model":  # one model on the device at a time
         return {"text": resident + t5 + clip, "encode": resident + encoders + vae,
                 "reference": resident + transformer + reference, "step": resident + transformer + kv + step,
@@ -388,6 +401,7 @@ def stored_plans(transformer: Quantization) -> tuple[Plan, ...]:
     base = _STORED_STEP_TIME.get("gguf" if transformer.backend == "gguf" else transformer.name, 1.25)
     name, stored = transformer.name, ("transformer",)
     return (Plan(name, transformer, _Q["bf16"], "none", base, stored=stored),
+            Plan(f"{name}-text-off", transformer, _Q["bf16"], "none", base, stored=stored, text_encoders_leave=True),
             Plan(f"{name}-offload", transformer, _Q["bf16"], "model", base, stored=stored),
             Plan(f"{name}-offload-t5-int8", transformer, _Q["bnb-int8"], "model", base + 0.05, stored=stored),
             Plan(f"{name}-group-offload", transformer, _Q["bf16"], "group", base * 1.5, vae_tiling=True, stored=stored),
@@ -402,7 +416,8 @@ def stored_plan(named: Plan, transformer: Quantization) -> Plan | None:
     if named.transformer.backend is not None and not transformer.name.startswith(named.transformer.name):
         return None
     for plan in stored_plans(transformer):
-        if (plan.offload, plan.text_encoder, plan.vae_tiling) == (named.offload, named.text_encoder, named.vae_tiling):
+        if (plan.offload, plan.text_encoder, plan.vae_tiling, plan.text_encoders_leave) == (
+                named.offload, named.text_encoder, named.vae_tiling, named.text_encoders_leave):
             return plan
     return replace(named, name=f"{transformer.name}-{named.name}", transformer=transformer,
                    stored=("transformer",))

@@ -124,12 +124,21 @@ def load_gguf_transformer(path: str | Path, config_folder: str | Path, dtype: to
 def apply_plan(pipe, plan: Plan, device: str | torch.device | None = None):
     """Place a loaded FluxPipeline as the plan says: on the device, or offloaded (model, group at
     leaf level with CUDA streams, sequential), with AnyStory's reference keys and values on the
-    CPU too; VAE tiling when the plan asks for it."""
+    CPU too; VAE tiling when the plan asks for it. A plan whose text encoders leave places all
+    but the transformer, and sets `pipe.text_encoders_leave`: AnyStoryFluxPipeline's call then
+    swaps the text encoders and the transformer around its prompt encoding."""
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if plan.offload != "none" and device.type != "cuda":
         raise InputError(f"plan {plan.name} offloads to the CPU from a GPU; there is no CUDA device here")
-    if plan.offload == "none":
+    if plan.offload == "none" and plan.text_encoders_leave:
+        # The transformer waits on the CPU: it takes the text encoders' place on the device once
+        # the prompts are encoded (`place_for_denoising`).
+        for name, part in pipe.components.items():
+            if isinstance(part, torch.nn.Module) and name != "transformer":
+                part.to(device)
+        pipe.text_encoders_leave = True
+    elif plan.offload == "none":
         pipe.to(device)
     elif plan.offload == "model":
         pipe.enable_model_cpu_offload(device=device)
@@ -152,3 +161,32 @@ def apply_plan(pipe, plan: Plan, device: str | torch.device | None = None):
         pipe.vae.tile_sample_min_size = VAE_TILE
         pipe.vae.tile_latent_min_size = VAE_TILE // pipe.vae_scale_factor
     return pipe
+
+
+# ---------------------------------------------------------------------------------------- text encoders
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+
+
+def place_for_text(pipe, device: str | torch.device, away: str | torch.device = "cpu") -> None:
+    """A plan whose text encoders leave (`Plan.text_encoders_leave`), while prompts are encoded:
+    the transformer off `device` (to `away`) first, then the text encoders on it."""
+    _move(pipe, ("transformer",), away, only_from=device)
+    _move(pipe, TEXT_ENCODERS, device)
+
+
+def place_for_denoising(pipe, device: str | torch.device, away: str | torch.device = "cpu") -> None:
+    """The same plan before the first denoising step: the text encoders off the execution device
+    `device` (to `away`) first, then the transformer on it."""
+    _move(pipe, TEXT_ENCODERS, away, only_from=device)
+    _move(pipe, ("transformer",), device)
+
+
+def _move(pipe, names, to, only_from=None) -> None:
+    to = torch.device(to)
+    for name in names:
+        part = getattr(pipe, name, None)
+        if not isinstance(part, torch.nn.Module) or part.device == to:
+            continue
+        if only_from is not None and part.device != torch.device(only_from):
+            continue
+        part.to(to)

@@ -48,6 +48,7 @@ from .adapter import AnyStoryFluxAdapter
 from .character import FluxCharacter
 from .embedders import SubjectEmbedder
 from .folders import check_flux_model
+from .memory_apply import place_for_denoising, place_for_text
 from .parts import (
     anystory_parts,
     check_parts,
@@ -157,6 +158,9 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         # Where a call keeps the reference keys and values (None: on the execution device; "cpu"
         # with offloading memory plans, `memory_apply.apply_plan`).
         self.reference_kv_device: str | torch.device | None = None
+        # True with a memory plan whose text encoders leave the device after encoding the prompts:
+        # they and the transformer take turns on it (`memory_apply.place_for_text/_denoising`).
+        self.text_encoders_leave = False
         self._style_loras: StyleLoras | None = None
         check_parts(transformer, redux_image_encoder, subject_embedder, router_embedder, anystory_adapter)
         self.lora_layers = self._install_loras()
@@ -416,6 +420,8 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         has_negative = negative_prompt is not None or (
             negative_prompt_embeds is not None and negative_pooled_prompt_embeds is not None)
         do_true_cfg = true_cfg_scale > 1 and has_negative
+        if self.text_encoders_leave and (prompt_embeds is None or (do_true_cfg and negative_prompt_embeds is None)):
+            place_for_text(self, device)
         prompt_embeds, pooled_prompt_embeds, text_ids = self.encode_prompt(
             prompt=prompt, prompt_2=prompt_2, prompt_embeds=prompt_embeds, pooled_prompt_embeds=pooled_prompt_embeds,
             device=device, num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
@@ -426,6 +432,8 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
                 pooled_prompt_embeds=negative_pooled_prompt_embeds, device=device,
                 num_images_per_prompt=num_images_per_prompt, max_sequence_length=max_sequence_length,
                 lora_scale=lora_scale)
+        if self.text_encoders_leave:  # before the first transformer call
+            place_for_denoising(self, device)
 
         # 3. Latents and timesteps
         latents, latent_image_ids = self.prepare_latents(

@@ -84,6 +84,13 @@ def style_loras_on(pipeline, loras: Sequence[tuple[Path, float, str]], source: s
         styles.warn = said
 
 
+def prompts_encoded(pipeline, prompts: Sequence[str]):
+    """Every panel's prompt encoded before the first panel is drawn, where the pipeline does that
+    (FLUX: its text encoders can then leave the device, as the memory plan says)."""
+    encode = getattr(pipeline, "prompts_encoded", None)
+    return encode(prompts) if encode is not None else contextlib.nullcontext()
+
+
 class Model:
     """The story's model: its key for content keys, and the pipeline on first use.
 

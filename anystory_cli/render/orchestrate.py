@@ -16,7 +16,16 @@ from ..plan import build_plan, group_pages
 from .characters import Characters, character_keys
 from .compose import compose_pages, done_message, export_stem, prune, write_exports, write_routing_outputs
 from .events import ProgressEvent, RenderSummary
-from .model import Model, check_model_fits, generator, image_size, story_loras, style_loras_on, warn_unknown_words
+from .model import (
+    Model,
+    check_model_fits,
+    generator,
+    image_size,
+    prompts_encoded,
+    story_loras,
+    style_loras_on,
+    warn_unknown_words,
+)
 from .memory_plan import describe as describe_plan
 from .memory_plan import loading_plan, plan_for_render, story_memory
 from .ranks import Ranks
@@ -189,8 +198,9 @@ def render_story(
             needed = list(dict.fromkeys((c.name, c.mirrored) for job in mine for c in job.plan.characters))
             with clock("encode"), at_safe_points():
                 characters.encode_all(needed, stop)
-            with clock("render"), at_safe_points(), style_loras_on(model.pipeline, loras, source,
-                                                                     characters._warn):
+            with clock("render"), at_safe_points(), \
+                    style_loras_on(model.pipeline, loras, source, characters._warn), \
+                    prompts_encoded(model.pipeline, [job.plan.prompt for job in mine]):
                 for number, job in enumerate(mine, start=1):
                     stop()
                     emit(ProgressEvent("panel", f"panel {job.plan.index + 1}: {job.plan.prompt}",
