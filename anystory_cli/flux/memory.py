@@ -442,6 +442,36 @@ def choose_plan(budget_bytes: float, workload: Workload, shape: FluxShape = Flux
                      f"is {math.ceil(least / GiB * 10) / 10:g}GB (--memory)")
 
 
+# ---------------------------------------------------------------------------------------- devices
+# Apple silicon (MPS) shares one memory between the CPU and the GPU: moving a part to the CPU frees
+# nothing there, so only the plans that keep every part where it is apply. Quantization does shrink
+# it: torchao's int8 weight-only layers (torchao 0.18: an int8 -> bf16 cast and a matmul, plain
+# torch operations) and GGUF (diffusers dequantizes in torch) run there; bitsandbytes needs CUDA.
+def plans_for(device: str, plans=PLANS) -> tuple[Plan, ...]:
+    """Those of `plans` a device can follow ('cuda', 'cuda:1', 'mps', 'cpu'): on MPS, those that
+    keep every part where it is."""
+    if device.split(":")[0] != "mps":
+        return tuple(plans)
+    return tuple(p for p in plans if p.offload == "none" and not p.text_encoders_leave)
+
+
+def check_plan_on(plan: Plan, device: str, dtype: str) -> None:
+    """InputError (one line) when `plan` cannot run on `device` at precision `dtype`."""
+    kind = device.split(":")[0]
+    if plan.offload != "none" and kind != "cuda":
+        reason = " (MPS's memory is shared with the CPU: offloading frees nothing)" if kind == "mps" else ""
+        raise InputError(f"memory plan {plan.name} offloads from a CUDA GPU; this render runs on {device}{reason}")
+    if plan.text_encoders_leave and kind == "mps":
+        raise InputError(f"memory plan {plan.name} moves the text encoders to the CPU, which frees nothing in MPS's "
+                         f"shared memory; use {plan.name.replace('-text-off', '')}")
+    for quantization in (plan.transformer, plan.text_encoder):
+        if quantization.backend == "bitsandbytes" and kind != "cuda":
+            raise InputError(f"memory plan {plan.name}: {quantization.name} quantization (bitsandbytes) needs a CUDA "
+                             f"GPU; this render runs on {device} (use int8, torchao)")
+    if kind in ("cuda", "mps") and dtype == "float32":
+        raise InputError(f"memory plan {plan.name} counts bfloat16 weights; this render asks for float32 (--dtype)")
+
+
 # ---------------------------------------------------------------------------------------- sizes
 _SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(g|gb|gib|m|mb|mib|t|tb|tib)\s*", re.IGNORECASE)
 _UNITS = {"g": GiB, "m": 1024 ** 2, "t": 1024 ** 4}

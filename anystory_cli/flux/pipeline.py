@@ -190,7 +190,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
                         **kwargs) -> AnyStoryFluxPipeline:
         """A folder that `save_pretrained` wrote (nothing else needed), or: FLUX.1 folder (or hub
         id) `base`, FLUX.1-Redux folder (or hub id) `redux`, the AnyStory checkpoint file
-        `adapter`. Defaults: CUDA in bf16 when available, else CPU in fp32. Other keyword
+        `adapter`. Defaults: CUDA in bf16 when available, else CPU in fp32 (MPS: bf16). Other keyword
         arguments go to DiffusionPipeline.from_pretrained: parts to use instead of the folder's
         (`transformer=...`), `quantization_config`, `variant`, ..."""
         base = base if base is not None else kwargs.pop("pretrained_model_name_or_path", None)
@@ -199,7 +199,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         torch_dtype = torch_dtype or kwargs.pop("dtype", None)
         target = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        dtype = torch_dtype or (torch.bfloat16 if target.type == "cuda" else torch.float32)
+        dtype = torch_dtype or default_dtype(target)
         if reference_size is not None:
             kwargs["reference_size"] = reference_size
         saved = saved_pipeline_folder(base, cls.__name__)
@@ -633,6 +633,12 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         with library_logs_quiet():
             self.transformer.enable_lora()
             self.transformer.set_adapters(list(styles), list(styles.values()))
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """FLUX's precision on a device when none is asked for: bf16 on a GPU (CUDA, Apple's MPS),
+    where the model was made to run, float32 on a CPU."""
+    return torch.bfloat16 if torch.device(device).type in ("cuda", "mps") else torch.float32
 
 
 def _landed(transformer, adapter: str) -> int:

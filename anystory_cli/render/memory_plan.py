@@ -216,11 +216,14 @@ def choose(story: Story, plans: Sequence[PanelPlan], asked: str, device: str, wh
         if budget is None:
             budget = device_budget(device)
             if budget is None:
+                why = "MPS shares its memory with the CPU" if device.startswith("mps") else "no CUDA device"
                 said = {"quantization": {part: q.name for part, (q, _) in stored.items()}, **comes_as} if stored else {}
                 return {"plan": None, "memory": source, "panel_px": load.size, "characters": load.characters,
-                        **said, "note": f"no CUDA device ({device}): no memory plan, the model runs on {device} "
-                                        f"as it is"}
+                        **said, "note": f"{why} ({device}): no memory plan, the model runs on {device} as it is"}
             source = f"{where} auto: {memory.format_size(budget)} free on {device}"
+        candidates = memory.plans_for(device, candidates)
+        if not candidates:
+            raise InputError(f"{where} {asked}: no memory plan for this model runs on {device}")
         choice = memory.choose_plan(budget, load, shape, parts, candidates)
     offload_need = memory.peak(shape, memory.PLAN_NAMES["bf16-offload"], load, parts) + memory.HEADROOM
     return {**choice.as_dict(), "memory": source, "panel_px": load.size, "characters": load.characters,
@@ -240,14 +243,14 @@ def describe(plan: dict) -> str:
 
 def check_applicable(plan: dict, runtime) -> None:
     """InputError, before any model loads, for a plan this render cannot follow: offload without
-    a CUDA device, a quantization library that is missing or cannot run here (a GGUF plan for a
-    model without a GGUF transformer file), bf16 weights counted for a float32 render on a GPU."""
+    a CUDA device (or text encoders leaving for the CPU on MPS), a quantization library that is
+    missing or cannot run here (a GGUF plan for a model without a GGUF transformer file), bf16
+    weights counted for a float32 render on a GPU (`flux.memory.check_plan_on`)."""
     chosen = loading_plan(plan)
     if chosen is None:
         return
     name = chosen.name
-    if chosen.offload != "none" and not runtime.device.startswith("cuda"):
-        raise InputError(f"memory plan {name} offloads from a CUDA GPU; this render runs on {runtime.device}")
+    memory.check_plan_on(chosen, runtime.device, runtime.dtype)
     if chosen.transformer.backend == "gguf" and "transformer" not in chosen.stored:
         raise InputError(f"memory plan {name} draws with a GGUF transformer file; give the model one "
                          f"(transformer: path/to/flux1-dev-Q4_K_S.gguf in its mapping) or another --memory")
@@ -255,8 +258,6 @@ def check_applicable(plan: dict, runtime) -> None:
 
     for quantization in (chosen.transformer, chosen.text_encoder):
         check_backend(quantization, runtime.device)
-    if runtime.device.startswith("cuda") and runtime.dtype == "float32":
-        raise InputError(f"memory plan {name} counts bfloat16 weights; this render asks for float32 (--dtype)")
 
 
 def loading_plan(plan: dict | None) -> memory.Plan | None:
