@@ -8,6 +8,11 @@
    characters at 512 and 1024 px against the ledger, and the seconds per denoising step (a 3-step
    call minus a 1-step call, over 2), which give the plans' relative step times.
 3. FLUX.1's VAE decoder at 512 and 1024 px (random weights): its peak against the ledger's.
+4. Placement on the slice (bf16, 2 characters, 512 and 1024 px): the text encoders leaving before
+   the first denoising step (plan bf16 against bf16-text-off: the bytes allocated when the first
+   transformer call starts, where the text encoders are then, the call's peak, equal latents), and
+   the reference K/V cache on the CPU under model offload (where the cache is stored, pinned or
+   not, the call's peak against the cache kept on the GPU, equal latents).
 
 Each part records its own failure and the script goes on. --dry runs the same code on the CPU
 with small sizes, to check the script itself before spending GPU time:
@@ -179,6 +184,93 @@ def vae_decode(device: Device, sizes) -> dict:
     return rows
 
 
+def placement_checks(device: Device, root: Path, cases) -> dict:
+    """Part 4: the text encoders' and the reference cache's placement, each against its default."""
+    import gc
+
+    torch = device.torch
+    from anystory_cli.flux.memory_apply import apply_plan
+    from anystory_cli.flux.reference import prepare_reference
+
+    def loaded(plan_name):
+        pipe = flux_memory.load_pipeline(root, "bf16", device="cpu", reference_size=flux_memory.SLICE.reference_size)
+        plan = memory.PLAN_NAMES[plan_name]
+        if plan.offload != "none" and device.name == "cpu":  # the dry run: offloading needs CUDA
+            pipe.to("cpu")
+            pipe.reference_kv_device = "cpu"
+        else:
+            apply_plan(pipe, plan, device.name)
+        g = torch.Generator().manual_seed(0)
+        characters = [pipe.encode_character(*prepare_reference(*flux_memory._subject(c, b)), generator=g)
+                      for c, b in flux_memory.SUBJECTS[:2]]
+        return pipe, characters
+
+    def draw(pipe, characters, size, count) -> dict:
+        seen: dict = {}
+        made = pipe._reference_pass
+
+        def recording(*args, **kwargs):
+            capture = made(*args, **kwargs)
+            first = next(iter(capture.kv.values()))[0]
+            seen["kv_device"], seen["kv_pinned"] = str(first.device), bool(first.is_pinned())
+            return capture
+
+        def first_call(_module, _args):
+            if "allocated_at_first_transformer_call" not in seen:
+                seen["allocated_at_first_transformer_call"] = device.allocated()
+                seen["text_encoders_at_first_transformer_call"] = [str(pipe.text_encoder.device),
+                                                                   str(pipe.text_encoder_2.device)]
+        pipe._reference_pass = recording
+        handle = pipe.transformer.register_forward_pre_hook(first_call)
+        out = {}
+
+        def call():
+            with torch.no_grad():
+                out["latents"] = pipe(flux_memory.PROMPT, characters=characters[:count], num_inference_steps=2,
+                                      height=size, width=size, output_type="latent", max_sequence_length=512,
+                                      generator=torch.Generator().manual_seed(0)).images.float().cpu()
+        try:
+            before = device.allocated()
+            seen["call_peak_bytes"] = before + device.peak_of(call)
+        finally:
+            handle.remove()
+            del pipe._reference_pass
+        return {**seen, "latents": out["latents"]}
+
+    def released():
+        gc.collect()
+        if device.name == "cuda":
+            torch.cuda.empty_cache()
+
+    results = {}
+    drawn: dict = {}  # (size, count) -> plan -> what it drew; one pipeline on the device at a time
+    for plan_name in ("bf16", "bf16-text-off"):
+        pipe, characters = loaded(plan_name)
+        results["text_encoder_bytes"] = flux_memory.resident_bytes([pipe.text_encoder, pipe.text_encoder_2])
+        for size, count in cases:
+            drawn.setdefault((size, count), {})[plan_name] = draw(pipe, characters, size, count)
+        del pipe, characters
+        released()
+    rows = []
+    for (size, count), plans in drawn.items():
+        latents = [p.pop("latents") for p in plans.values()]
+        rows.append({"size": size, "characters": count, **plans, "latents_equal": bool(torch.equal(*latents))})
+    results["text_encoders"] = rows
+
+    pipe, characters = loaded("bf16-offload")
+    rows = []
+    for size, count in cases:
+        seen = {}
+        for where in ("cpu", None):
+            pipe.reference_kv_device = where
+            seen[f"cache_on_{where or 'device'}"] = draw(pipe, characters, size, count)
+        latents = [d.pop("latents") for d in seen.values()]
+        rows.append({"size": size, "characters": count, **seen, "latents_equal": bool(torch.equal(*latents)),
+                     "ledger_cache_bytes": int(memory.reference_kv_bytes(flux_memory.SLICE, count))})
+    results["reference_cache_model_offload"] = rows
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dry", action="store_true", help="on the CPU, small sizes: check the script")
@@ -203,6 +295,8 @@ def main():
         results["slice"] = vars(flux_memory.SLICE)
         recorded(results, "slice_plans", lambda: slice_plans(device, root, cases, modes))
         recorded(results, "vae_decode", lambda: vae_decode(device, (64, 128) if args.dry else (512, 1024)))
+        recorded(results, "placement", lambda: placement_checks(device, root, [(64, 2)] if args.dry
+                                                                  else [(512, 2), (1024, 2)]))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "flux_gpu_check.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
