@@ -153,3 +153,12 @@ def test_the_ledger_does_not_count_the_text_encoders_while_denoising():
                                               + 2 * shape.routing_adapter_params())
         assert leave.weights_key == stay.weights_key  # same pixels, same panel keys
     assert memory.choose_plan(24 * memory.GiB, load).plan.name == "int8-text-off"
+
+
+def test_a_plain_flux_pipeline_gets_everything_on_the_device_under_a_text_off_plan():
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(MODEL / "flux"))
+    pipe.transformer.to("meta")  # would stay there if apply_plan held it back
+    with pytest.raises(NotImplementedError, match="meta"):  # it tries to bring it to the device
+        apply_plan(pipe, memory.PLAN_NAMES["bf16-text-off"], "cpu")

@@ -126,12 +126,13 @@ def apply_plan(pipe, plan: Plan, device: str | torch.device | None = None):
     leaf level with CUDA streams, sequential), with AnyStory's reference keys and values on the
     CPU too; VAE tiling when the plan asks for it. A plan whose text encoders leave places all
     but the transformer, and sets `pipe.text_encoders_leave`: AnyStoryFluxPipeline's call then
-    swaps the text encoders and the transformer around its prompt encoding."""
+    swaps the text encoders and the transformer around its prompt encoding (diffusers' own
+    FluxPipeline, which does not, gets everything on the device)."""
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if plan.offload != "none" and device.type != "cuda":
         raise InputError(f"plan {plan.name} offloads to the CPU from a GPU; there is no CUDA device here")
-    if plan.offload == "none" and plan.text_encoders_leave:
+    if plan.offload == "none" and plan.text_encoders_leave and hasattr(pipe, "text_encoders_leave"):
         # The transformer waits on the CPU: it takes the text encoders' place on the device once
         # the prompts are encoded (`place_for_denoising`).
         for name, part in pipe.components.items():
