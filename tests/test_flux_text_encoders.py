@@ -78,6 +78,7 @@ def test_a_render_encodes_every_prompt_before_the_first_panel_is_denoised(tmp_pa
         assert result.exit_code == 0, result.output
         plan = json.loads(result.stdout)["stories"][0].get("memory_plan")
         assert (plan or {}).get("plan") == memory_option
+        assert plan is None or (plan["text_encoders_leave"] and plan["offload"] == "none")
         first = events.index("transformer")
         assert "t5" not in events[first:] and "clip" not in events[first:]
         assert events[:first].count("t5") == 3  # each panel's prompt once

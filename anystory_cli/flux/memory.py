@@ -382,6 +382,7 @@ class Choice:
         return {"plan": self.plan.name, "quantization": {"transformer": self.plan.transformer.name,
                                                          "text_encoder": self.plan.text_encoder.name},
                 "offload": self.plan.offload, "vae_tiling": self.plan.vae_tiling,
+                "text_encoders_leave": self.plan.text_encoders_leave,
                 "estimated_peak_gib": round(self.peak_bytes / GiB, 2),
                 "budget_gib": None if self.budget_bytes is None else round(self.budget_bytes / GiB, 2),
                 "relative_step_time": self.plan.step_time}
