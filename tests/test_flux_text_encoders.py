@@ -163,3 +163,23 @@ def test_a_plain_flux_pipeline_gets_everything_on_the_device_under_a_text_off_pl
     pipe.transformer.to("meta")  # would stay there if apply_plan held it back
     with pytest.raises(NotImplementedError, match="meta"):  # it tries to bring it to the device
         apply_plan(pipe, memory.PLAN_NAMES["bf16-text-off"], "cpu")
+
+
+def test_under_model_offload_the_text_encoders_leave_before_the_first_step():
+    """accelerate's hooks (placed on the CPU here: the hooks a GPU run gets) would move T5 off
+    only when the Redux encoder starts, which a call with encoded characters never runs."""
+    pipe = storykit.tiny_flux_pipeline()
+    g = torch.Generator().manual_seed(0)
+    characters = [pipe.encode_character(*storykit.flux_subject("red"), generator=g)]
+    pipe.enable_model_cpu_offload(device="cpu")
+    try:
+        events: list[str] = []
+        for hook in pipe._all_hooks:
+            name = next(n for n, part in pipe.components.items() if part is hook.model)
+            hook.offload = (lambda made, name: lambda: (events.append(f"off {name}"), made())[1])(hook.offload, name)
+        _watch(pipe, events)
+        pipe("red plays", characters=characters, num_inference_steps=1, height=64, width=64, output_type="latent")
+        first = events.index("transformer")
+        assert "t5" in events[:first] and "off text_encoder_2" in events[events.index("t5"):first]
+    finally:
+        pipe.remove_all_hooks()

@@ -20,7 +20,7 @@ from PIL import Image
 
 from ..errors import InputError
 from ..masks import character_mask
-from .memory_apply import place_for_denoising, place_for_text
+from .memory_apply import place_for_denoising, place_for_text, release_offloaded_text_encoders
 from .reference import prepare_reference
 
 DEFAULT_RESOLUTION = 512  # the long side of a panel: the released app draws 512 x 512
@@ -100,6 +100,8 @@ class FluxComicPipeline:
                     self._prompts[prompt] = (embeds.cpu(), pooled.cpu())  # small; moved per panel
         if pipe.text_encoders_leave:
             place_for_denoising(pipe, device)
+        else:
+            release_offloaded_text_encoders(pipe)
         try:
             yield
         finally:

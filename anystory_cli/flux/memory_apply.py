@@ -182,6 +182,17 @@ def place_for_denoising(pipe, device: str | torch.device, away: str | torch.devi
     _move(pipe, ("transformer",), device)
 
 
+def release_offloaded_text_encoders(pipe) -> None:
+    """Under model offload, the text encoders back on the CPU now. accelerate's hooks move a part
+    off the GPU only when the next one in `model_cpu_offload_seq` starts; after T5 comes the Redux
+    encoder, which a call with encoded characters never runs, so T5 would stay beside the
+    transformer through every step."""
+    encoders = [part for part in (getattr(pipe, name, None) for name in TEXT_ENCODERS) if part is not None]
+    for hook in getattr(pipe, "_all_hooks", ()):
+        if any(hook.model is part for part in encoders):
+            hook.offload()
+
+
 def _move(pipe, names, to, only_from=None) -> None:
     to = torch.device(to)
     for name in names:

@@ -48,7 +48,7 @@ from .adapter import AnyStoryFluxAdapter
 from .character import FluxCharacter
 from .embedders import SubjectEmbedder
 from .folders import check_flux_model
-from .memory_apply import place_for_denoising, place_for_text
+from .memory_apply import place_for_denoising, place_for_text, release_offloaded_text_encoders
 from .parts import (
     anystory_parts,
     check_parts,
@@ -434,6 +434,8 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
                 lora_scale=lora_scale)
         if self.text_encoders_leave:  # before the first transformer call
             place_for_denoising(self, device)
+        else:
+            release_offloaded_text_encoders(self)
 
         # 3. Latents and timesteps
         latents, latent_image_ids = self.prepare_latents(
