@@ -21,6 +21,7 @@ of allocations during the call.
     python benchmarks/flux_memory.py                 # measured vs ledger, JSON (~10 min on 2 cores)
     python benchmarks/flux_memory.py --table         # the docs/flux.md table, from the ledger only
     python benchmarks/flux_memory.py --timing        # CPU seconds of a step with 0-3 characters at 512 px
+    python benchmarks/flux_memory.py --deep          # the reference pass on a 24-block slice (seconds)
 """
 from __future__ import annotations
 
@@ -244,6 +245,51 @@ def worker(root: Path, mode: str, cases: list[tuple[int, int]]) -> list[dict]:
     return results
 
 
+# Narrow but deep: with 24 blocks the recorded reference keys and values outweigh the reference
+# pass's activations several times, so a second copy of them would show in the pass's peak.
+DEEP = memory.FluxShape(heads=2, head_dim=64, double_blocks=1, single_blocks=23, text_width=64, pooled_dim=32,
+                        lora_rank=8, routing_rank=8, embedder_rank=8, siglip_width=16, reference_size=256)
+
+
+def reference_pass_peak(pipe, characters) -> int:
+    """The allocations' peak from the start of the reference pass to the start of the first
+    denoising step (the pass, and what the pipeline does with what it recorded before the loop)."""
+    import torch
+
+    marks: list[int] = []
+    handle = pipe.transformer.register_forward_pre_hook(lambda *a: marks.append(time.time_ns()))
+
+    def call():
+        with torch.no_grad():
+            pipe("a red ball and a blue ball", characters=characters, num_inference_steps=1, height=64, width=64,
+                 output_type="latent", max_sequence_length=16, generator=torch.Generator().manual_seed(0))
+
+    try:
+        _, windows = allocation_peak(call, marks)
+    finally:
+        handle.remove()
+    return windows[0]
+
+
+def deep_worker(root: Path) -> dict:
+    """The reference pass on the DEEP slice with two characters, against the ledger."""
+    import torch
+
+    from anystory_cli.flux.reference import prepare_reference
+
+    torch.set_num_threads(1)
+    build_slice(root, DEEP)
+    pipe = load_pipeline(root, "bf16", reference_size=DEEP.reference_size)
+    g = torch.Generator().manual_seed(0)
+    characters = [pipe.encode_character(*prepare_reference(*_subject(c, b)), generator=g) for c, b in SUBJECTS[:2]]
+    measured = reference_pass_peak(pipe, characters)
+    kv = memory.reference_kv_bytes(DEEP, 2)
+    ledger = memory.reference_pass_bytes(DEEP, 2)
+    return {"slice": vars(DEEP), "characters": 2, "measured_bytes": measured, "kv_bytes": int(kv),
+            "ledger_bytes": int(ledger), "error": round(ledger / measured - 1, 3),
+            "with_a_second_copy_bytes": int(max(ledger, 2 * kv))}
+
+
 def vae_worker(sizes=(256, 512)) -> list[dict]:
     """FLUX.1's VAE decoder at its real configuration (random weights, bf16): the peak of decoding
     one image, above its weights, per size."""
@@ -341,6 +387,7 @@ def main():
     parser.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     parser.add_argument("--timing", action="store_true", help="measure a step's cost with 0-3 characters instead")
     parser.add_argument("--rounds", type=int, default=1, help="--timing rounds")
+    parser.add_argument("--deep", action="store_true", help="the reference pass on a 24-block slice instead")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--root", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--measured", type=Path, help="reuse a measurement JSON instead of measuring")
@@ -350,6 +397,10 @@ def main():
         return
     if args.worker:
         print(json.dumps(worker(args.root, args.worker, CASES)))
+        return
+    if args.deep:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(deep_worker(Path(tmp)), indent=2))
         return
     if args.timing:
         with tempfile.TemporaryDirectory() as tmp:
