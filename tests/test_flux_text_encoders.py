@@ -183,3 +183,11 @@ def test_under_model_offload_the_text_encoders_leave_before_the_first_step():
         assert "t5" in events[:first] and "off text_encoder_2" in events[events.index("t5"):first]
     finally:
         pipe.remove_all_hooks()
+
+
+def test_a_device_named_without_its_index_is_the_one_a_module_reports():
+    from anystory_cli.flux.memory_apply import _same_device
+
+    assert _same_device("cuda", "cuda:0") and _same_device("cuda:1", "cuda") and _same_device("cpu", "cpu")
+    assert not _same_device("cuda:0", "cuda:1") and not _same_device("cuda", "cpu")
+    assert not _same_device("mps", "cpu")

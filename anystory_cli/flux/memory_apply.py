@@ -194,11 +194,16 @@ def release_offloaded_text_encoders(pipe) -> None:
 
 
 def _move(pipe, names, to, only_from=None) -> None:
-    to = torch.device(to)
     for name in names:
         part = getattr(pipe, name, None)
-        if not isinstance(part, torch.nn.Module) or part.device == to:
+        if not isinstance(part, torch.nn.Module) or _same_device(part.device, to):
             continue
-        if only_from is not None and part.device != torch.device(only_from):
+        if only_from is not None and not _same_device(part.device, only_from):
             continue
         part.to(to)
+
+
+def _same_device(a, b) -> bool:
+    """'cuda' and 'cuda:0' are one device (a module reports the index, a device named may not)."""
+    a, b = torch.device(a), torch.device(b)
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
