@@ -191,3 +191,17 @@ def test_a_device_named_without_its_index_is_the_one_a_module_reports():
     assert _same_device("cuda", "cuda:0") and _same_device("cuda:1", "cuda") and _same_device("cpu", "cpu")
     assert not _same_device("cuda:0", "cuda:1") and not _same_device("cuda", "cpu")
     assert not _same_device("mps", "cpu")
+
+
+def test_a_stored_bitsandbytes_t5_is_never_planned_to_leave():
+    from anystory_cli.render.memory_plan import loading_plan, placements
+
+    q = memory.QUANTIZATIONS
+    assert not any(p.text_encoders_leave for p in placements({"text_encoder": (q["bnb-int8"], "t5")}))
+    assert [p.name for p in placements({"text_encoder": (q["int8"], "t5")}) if p.text_encoders_leave] == \
+        ["bf16-text-off", "int8-text-off"]
+    gguf = memory.Quantization("gguf-q8_0", 34 / 32, "gguf", dequantizes_layers=True)
+    leaving = [p for p in placements({"transformer": (gguf, "f.gguf")}) if p.text_encoders_leave]
+    assert [p.name for p in leaving] == ["gguf-q8_0-text-off"]
+    said = {**memory.Choice(leaving[0], 1.0, None).as_dict(), "already_quantized": ["transformer"]}
+    assert loading_plan(said).text_encoders_leave  # what a render loads with keeps the placement

@@ -131,8 +131,10 @@ def placements(stored: dict) -> tuple[memory.Plan, ...]:
     plans = memory.PLANS if "transformer" not in stored else memory.stored_plans(stored["transformer"][0])
     if "text_encoder" in stored:
         t5 = stored["text_encoder"][0]
+        # A bitsandbytes T5 cannot be moved between devices: it stays, so no plan moves it away.
         plans = tuple(replace(p, text_encoder=t5, stored=(*p.stored, "text_encoder"))
-                      for p in plans if p.text_encoder.backend is None)
+                      for p in plans if p.text_encoder.backend is None
+                      and not (p.text_encoders_leave and t5.backend == "bitsandbytes"))
     return plans
 
 
@@ -272,7 +274,8 @@ def loading_plan(plan: dict | None) -> memory.Plan | None:
         return memory.QUANTIZATIONS.get(name) or memory.Quantization(name, 0.0, "gguf", dequantizes_layers=True)
     return memory.Plan(plan["plan"], quantization(plan["quantization"]["transformer"]),
                        quantization(plan["quantization"]["text_encoder"]), plan["offload"],
-                       plan["relative_step_time"], vae_tiling=plan["vae_tiling"], stored=stored)
+                       plan["relative_step_time"], vae_tiling=plan["vae_tiling"], stored=stored,
+                       text_encoders_leave=plan["text_encoders_leave"])
 
 
 def plan_for_render(story: Story, source: str, option: str | None, runtime, *, pages=None, panels=None,
