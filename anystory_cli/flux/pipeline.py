@@ -99,18 +99,6 @@ class _Characters:
     reference_steps: range
 
 
-class _LibraryLoraCalls:
-    """The pipeline as diffusers' own LoRA methods see it: `StyleLoras` loads and switches style
-    LoRAs through these, under the pipeline's style-LoRA methods that keep its own adapters."""
-
-    def __init__(self, pipe):
-        self._pipe = pipe
-
-    def __getattr__(self, name):
-        method = getattr(super(StyleLoraMixin, self._pipe), name, None)  # past StyleLoraMixin in the MRO
-        return method if method is not None else getattr(self._pipe, name)
-
-
 class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
     """The released AnyStory model on FLUX.1-dev + FLUX.1-Redux-dev (see docs/flux.md)."""
 
@@ -626,7 +614,7 @@ class AnyStoryFluxPipeline(StyleLoraMixin, FluxPipeline):
         where each character is); the model's own reference and router LoRAs stay off outside
         their streams, as without a style."""
         if self._style_loras is None:
-            self._style_loras = StyleLoras(_LibraryLoraCalls(self), own=[], on_change=self._main_stream_adapters)
+            self._style_loras = StyleLoras(self, own=[], on_change=self._main_stream_adapters)
         return self._style_loras
 
     def _main_stream_adapters(self) -> None:
