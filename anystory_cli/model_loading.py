@@ -591,26 +591,37 @@ def load_panel_lora(unet, folder: str | os.PathLike[str]) -> bool:
     diffusers loads the LoRA into a float32 copy of the UNet, where it is merged into the layers it
     adapts, once; a forward whose latents change between square and not square swaps those layers'
     weights in place. The UNet stays a plain diffusers UNet: no LoRA matmuls at each step, and
-    squares run on exactly its weights."""
+    squares run on exactly its weights.
+
+    A float32 UNet's copy shares its weights (no second UNet in memory); each adapted layer's
+    weight is copied just before the LoRA is merged into it, and that copy is the panel weight."""
     import torch
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     path = Path(folder) / PANEL_LORA_FILE
     if not path.is_file():
         return False
-    merged = copy.deepcopy(unet)
-    if merged.dtype != torch.float32:
+    parameters = list(unet.parameters())
+    trainable = [p.requires_grad for p in parameters]  # peft freezes what it does not add
+    shared = unet.dtype == torch.float32
+    merged = copy.deepcopy(unet, {id(p): p for p in parameters} if shared else None)
+    if not shared:
         merged.to(dtype=torch.float32)
     try:
         with progress_bars_off():
             merged.load_lora_adapter(str(path), prefix="unet", adapter_name=PANEL_ADAPTER)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelError(f"{path}: cannot load the panel LoRA ({_first_line(exc)})") from None
+    finally:
+        for parameter, flag in zip(parameters, trainable):
+            parameter.requires_grad_(flag)
     panel_weights = {}
     for name, module in merged.named_modules():
         if isinstance(module, BaseTunerLayer):
+            base = module.get_base_layer()
+            base.weight = torch.nn.Parameter(base.weight.detach().clone(), requires_grad=False)
             module.merge(adapter_names=[PANEL_ADAPTER])
-            panel_weights[f"{name}.weight"] = module.get_base_layer().weight.detach().clone()
+            panel_weights[f"{name}.weight"] = base.weight.detach()
     if not panel_weights:
         raise ModelError(f"{path}: the panel LoRA adapts no layer of this UNet")
     swap = _PanelWeights(unet, panel_weights, path)

@@ -3,7 +3,7 @@
 The story is drawn once by the shipped default model (one panel, one step); then the real
 command re-renders it in fresh processes: unchanged, with a new caption and line of dialogue,
 and with a page setting that only recomposes the page. Each process reports the modules it
-imported.
+imported (an unchanged story does not even render review.html again: no Jinja2).
 """
 
 from __future__ import annotations
@@ -33,8 +33,9 @@ try:
     cli.app(sys.argv[2:], prog_name="anystory")
 except SystemExit as stop:
     code = stop.code or 0
-heavy = sorted({name.split(".")[0] for name in sys.modules} & {"torch", "diffusers", "transformers"})
-open(sys.argv[1], "w").write(json.dumps({"code": code, "heavy": heavy}))
+top = {name.split(".")[0] for name in sys.modules}
+heavy = sorted(top & {"torch", "diffusers", "transformers"})
+open(sys.argv[1], "w").write(json.dumps({"code": code, "heavy": heavy, "jinja2": "jinja2" in top}))
 """
 
 
@@ -78,6 +79,7 @@ def test_an_unchanged_story_is_checked_without_torch(drawn, tmp_path):
     before = storykit.snapshot(out)
     modules, summary = rerender(story, out, cache, tmp_path)
     assert modules["heavy"] == []
+    assert not modules["jinja2"]  # review.html's key is unchanged: the page is not rendered again
     assert summary["panels_rendered"] == [] and summary["model_loaded"] is False
     assert summary["runtime"]["device"] == "cpu"
     assert storykit.snapshot(out) == before

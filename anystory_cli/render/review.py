@@ -5,11 +5,14 @@ review.html (beside `pages/`, offline: no script, no CDN, images by relative pat
 panel with characters: each take with its routing overlay, each character's identity score and
 flags, the prompt, and the exact `seed:` line that keeps a take (`takes.py`: a pinned seed finds
 its take already drawn). Every value is escaped by Jinja2's autoescape. Both files are written
-only when their bytes change, so an unchanged story writes nothing.
+only when their bytes change, so an unchanged story writes nothing. review.html ends with a key
+of what it shows (the template's values and the template itself): when the key is unchanged the
+page is not rendered again, and Jinja2 is not even imported (a re-render is waited for).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -23,6 +26,8 @@ from .store import PanelJob, panel_path
 from .takes import Take, describe_lowest, kept, overlay_path, panel_scores, read_takes
 
 REVIEW_TEMPLATE = "review.html.j2"  # in anystory_cli/render/templates/
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+KEY_LINE = "<!-- review key {} -->\n"  # the last line of review.html
 
 
 def write_review(story: Story, jobs: Sequence[PanelJob], out: Path, summary: RenderSummary) -> None:
@@ -35,10 +40,28 @@ def write_review(story: Story, jobs: Sequence[PanelJob], out: Path, summary: Ren
         return
     scores = json.dumps({"panels": rows}, indent=2, sort_keys=True) + "\n"
     _write_if_changed(out / "panels" / "scores.json", scores.encode(), out, summary)
-    page = render_review(story, jobs, takes_of, rows, out)
     review = out / "review.html"
-    _write_if_changed(review, page.encode(), out, summary)
+    values = review_values(story, jobs, takes_of, rows, out)
+    key_line = KEY_LINE.format(_values_key(values))
+    if not _ends_with(review, key_line.encode()):
+        _write_if_changed(review, (render_template(values) + key_line).encode(), out, summary)
     summary.review = str(review)
+
+
+def _values_key(values: dict[str, Any]) -> str:
+    digest = hashlib.sha256((TEMPLATES / REVIEW_TEMPLATE).read_bytes())
+    digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _ends_with(path: Path, tail: bytes) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - len(tail)))
+            return handle.read() == tail
+    except OSError:
+        return False
 
 
 def _write_if_changed(path: Path, data: bytes, out: Path, summary: RenderSummary) -> None:
@@ -55,12 +78,17 @@ def _relative(path: Path, out: Path) -> str:
     return Path(os.path.relpath(path, out)).as_posix()
 
 
-def render_review(story: Story, jobs: Sequence[PanelJob], takes_of: dict[int, list[Take]],
-                  rows: Sequence[dict[str, Any]], out: Path) -> str:
+def render_template(values: dict[str, Any]) -> str:
     import jinja2
 
-    environment = jinja2.Environment(loader=jinja2.PackageLoader("anystory_cli.render", "templates"),
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES),
                                      autoescape=True, keep_trailing_newline=True, undefined=jinja2.StrictUndefined)
+    return environment.get_template(REVIEW_TEMPLATE).render(**values)
+
+
+def review_values(story: Story, jobs: Sequence[PanelJob], takes_of: dict[int, list[Take]],
+                  rows: Sequence[dict[str, Any]], out: Path) -> dict[str, Any]:
+    """What review.html shows, as plain values for its template."""
     by_panel = {row["panel"]: row for row in rows}
     panels = []
     for job in jobs:
@@ -81,10 +109,8 @@ def render_review(story: Story, jobs: Sequence[PanelJob], takes_of: dict[int, li
                        "scores": [s.to_dict() for s in take.scores] if take.scores is not None else None}
                       for k, take in enumerate(takes)],
         })
-    return environment.get_template(REVIEW_TEMPLATE).render(
-        title=story.title, panels=panels, lowest=describe_lowest(rows),
-        colours=_character_colours(),
-    )
+    return {"title": story.title, "panels": panels, "lowest": describe_lowest(rows),
+            "colours": _character_colours()}
 
 
 def _character_colours() -> list[str]:

@@ -16,6 +16,7 @@ subject strength 0 a call draws exactly what the base pipeline draws.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from dataclasses import dataclass
@@ -77,11 +78,30 @@ def image_processor_for(adapter: AnyStoryAdapter) -> CLIPImageProcessorPil:
     )
 
 
+def _device_found_once(method):
+    """diffusers finds a pipeline's execution device by walking every module of every component,
+    milliseconds each time; it cannot change within one call, so each call finds it once
+    (`_execution_device` returns it until the call returns)."""
+
+    @functools.wraps(method)
+    def found_once(self, *args, **kwargs):
+        if self._call_device is not None:  # a call inside a call
+            return method(self, *args, **kwargs)
+        self._call_device = DiffusionPipeline._execution_device.fget(self)
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._call_device = None
+
+    return found_once
+
+
 class AnyStoryPipeline(StyleLoraMixin, DiffusionPipeline):
     """What both shapes share. Not built directly: `from_pipe` and `from_pretrained` called on
     this class pick the shape from the base pipeline or from the folder's model_index.json."""
 
     _base_class: type[DiffusionPipeline]  # the diffusers pipeline this shape extends
+    _call_device: torch.device | None = None  # during a call: its execution device (`_device_found_once`)
 
     def _init_anystory(self, adapter: AnyStoryAdapter, model_id: str | None) -> None:
         if not isinstance(adapter, AnyStoryAdapter):
@@ -197,6 +217,12 @@ class AnyStoryPipeline(StyleLoraMixin, DiffusionPipeline):
         return self.adapter.config.max_characters
 
     @property
+    def _execution_device(self) -> torch.device:
+        if self._call_device is not None:
+            return self._call_device
+        return DiffusionPipeline._execution_device.fget(self)
+
+    @property
     def _compute_dtype(self) -> torch.dtype:
         return self.unet.dtype
 
@@ -222,6 +248,7 @@ class AnyStoryPipeline(StyleLoraMixin, DiffusionPipeline):
         return ((latents - shift) * vae.config.scaling_factor).to(self._compute_dtype)
 
     @torch.no_grad()
+    @_device_found_once
     def null_subject(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Subject tokens (m, d_c) and routing feature (d_r,) of an all-zero image: the background
         entry, and every entry's tokens in the unconditional branch."""
@@ -234,6 +261,7 @@ class AnyStoryPipeline(StyleLoraMixin, DiffusionPipeline):
         return self._null_subject
 
     @torch.no_grad()
+    @_device_found_once
     def encode_character(self, image: Image.Image, mask=None, name: str = "") -> CharacterEncoding:
         """Encode a reference once: subject tokens, routing feature, ReferenceNet features.
 
@@ -265,6 +293,7 @@ class AnyStoryPipeline(StyleLoraMixin, DiffusionPipeline):
         )
 
     @torch.no_grad()
+    @_device_found_once
     def identity_embeddings(self, images: Sequence[Image.Image], masks: Sequence) -> np.ndarray:
         """(K, D) float32 unit vectors: each image segmented by its mask (None: its alpha channel)
         and square-cropped as a reference is, then the image encoder's pooled output. The same for
@@ -385,6 +414,7 @@ class AnyStoryPipeline(StyleLoraMixin, DiffusionPipeline):
         )
 
     @torch.no_grad()
+    @_device_found_once
     def __call__(
         self,
         prompt: str | list[str] | None = None,
@@ -513,6 +543,7 @@ class AnyStoryPipeline(StyleLoraMixin, DiffusionPipeline):
                           base_kwargs.get("generator"), callback)
 
     @torch.no_grad()
+    @_device_found_once
     def route_latents(self, latents: torch.Tensor, timestep: int, prompt: str | None,
                       characters: Sequence[CharacterEncoding], *,
                       prompt_embeds: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
