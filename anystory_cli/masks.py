@@ -54,6 +54,16 @@ def _readable_formats() -> tuple[str, ...]:
     return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
 
 
+def _open_image(path: Path) -> Image.Image:
+    """`Image.open` over IMAGE_FORMATS: first over those Pillow knows without importing all its
+    plugins (PNG, JPEG, GIF, BMP: tens of milliseconds a process saves), then over the rest."""
+    Image.preinit()
+    try:
+        return Image.open(path, formats=tuple(name for name in IMAGE_FORMATS if name in Image.OPEN))
+    except UnidentifiedImageError:
+        return Image.open(path, formats=_readable_formats())
+
+
 def load_image(
     path: str | Path, what: str = "image", *, max_pixels: int = MAX_IMAGE_PIXELS
 ) -> Image.Image:
@@ -79,7 +89,7 @@ def load_image(
             # It also warns while opening a file over Image.MAX_IMAGE_PIXELS (and raises over
             # twice that): here both mean "too large".
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path, formats=_readable_formats()) as image:
+            with _open_image(path) as image:
                 width, height = image.size
                 if width == 0 or height == 0:
                     raise ImageFileError(path, "image has zero size")
