@@ -54,6 +54,23 @@ def test_the_loader_swaps_the_panel_lora_in_for_wide_latents_only():
             assert torch.equal(drawn, plain.unet(latents, 500, context).sample) == same, size
 
 
+def test_the_panel_weights_are_diffusers_own_lora_merge_and_the_unet_keeps_its_weights():
+    base, _ = load_base(DEFAULT_MODEL_DIR)
+    plain, _ = load_base(DEFAULT_MODEL_DIR, panel_lora=False)
+    assert {n: p.requires_grad for n, p in base.unet.named_parameters()} == \
+        {n: p.requires_grad for n, p in plain.unet.named_parameters()}
+    fused, _ = load_base(DEFAULT_MODEL_DIR, panel_lora=False)
+    fused.load_lora_weights(str(DEFAULT_MODEL_DIR), weight_name=PANEL_LORA_FILE, adapter_name="panels")
+    fused.fuse_lora(adapter_names=["panels"])
+    context = torch.randn(1, 77, base.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for size, like in (((16, 32), fused), ((32, 16), fused), ((16, 16), plain)):
+            latents = torch.randn(1, 8, *size, generator=torch.Generator().manual_seed(1))
+            assert torch.equal(base.unet(latents, 500, context).sample, like.unet(latents, 500, context).sample), size
+    kept = {n: p for n, p in base.unet.named_parameters()}
+    assert all(torch.equal(p, kept[n]) for n, p in plain.unet.named_parameters())  # after a square: its own
+
+
 def test_loading_the_default_model_imports_nothing_of_the_sprite_world():
     code = ("import sys; from anystory_cli.model_loading import load_pipeline; load_pipeline('default'); "
             "import anystory_cli.render; "
