@@ -11,15 +11,18 @@ from, then transformers' CLIP models, so that what the render pays for the impor
 from what it pays to read and build the model. Stages, in order:
 
   start          Python's start and this package's render module
-  import torch / import diffusers / import transformers
-  load model     the rest of the model load: reading and building the parts, the panel LoRA,
-                 the adapter
-  encode <name>  each character: cut out, image encoder, ReferenceNet
+  import torch / import diffusers, transformers
+  check          the story, the model files' fingerprint, the panels' keys
+  load model + encode <first character>: the rest of the model load (reading and building the
+                 parts, the panel LoRA, the adapter; its seconds on the next line), then the
+                 first character's encoding
+  encode <name>  each other character: cut out, image encoder, ReferenceNet
   panel <n>      each panel: its denoising steps, decode, identity scores, the stored files
   compose        the pages; export: PDF and CBZ; review: scores.json and review.html
 
 For each stage the median wall seconds and the median CPU seconds (all threads; on a shared
-machine, CPU seconds move less than wall seconds), and each run's peak memory (ru_maxrss).
+machine, CPU seconds move less than wall seconds; `--threads 1` keeps them comparable), and each
+run's peak memory (ru_maxrss).
 """
 
 from __future__ import annotations
@@ -49,14 +52,14 @@ import torch
 mark("import torch")
 import diffusers
 from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-mark("import diffusers")
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModel
-mark("import transformers")
+mark("import diffusers, transformers")
 def progress(event):
     if event.kind == "model":
         mark("check story, keys")
     elif event.kind == "character":
-        mark("load model + encode " + event.message.split(":")[0].split()[-1])
+        first = not any(name.startswith("load model") for name, _, _ in marks)
+        mark(("load model + " if first else "") + "encode " + event.message.split(":")[0].split()[-1])
     elif event.kind == "panel_done":
         mark(event.message)
 summary = render_story(sys.argv[1], sys.argv[2], cache_dir=sys.argv[3], progress=progress)
@@ -82,12 +85,9 @@ def one_run(checkout: Path, threads: int) -> dict:
     stages = {"python start": (marks[0][1] - began, marks[0][2])}
     for (_, wall, cpu), (name, wall_next, cpu_next) in zip(marks, marks[1:]):
         stages[name] = (wall_next - wall, cpu_next - cpu)
-    # Split the combined stages with the render's own clock (wall seconds only).
+    # The model loads on the first character's encode: the render's own clock tells them apart.
     first = next(name for name in stages if name.startswith("load model + "))
-    wall, _ = stages.pop(first)
-    split = {"load model (after the imports)": (timings["load_model"], None),
-             first.replace("load model + ", ""): (wall - timings["load_model"], None)}
-    stages = _insert_before(stages, next(iter(n for n in stages if n.startswith(("encode", "panel")))), split)
+    stages = _insert_after(stages, first, {"  of which loading the model": (timings["load_model"], None)})
     tail = ("compose", "export", "review")
     wall, _ = stages.pop("compose + export + review")
     stages.update({name: (timings.get(name, 0.0), None) for name in tail})
@@ -96,12 +96,12 @@ def one_run(checkout: Path, threads: int) -> dict:
     return {"stages": stages, "peak_mib": result["peak_mib"], "panels": len(result["panels"])}
 
 
-def _insert_before(stages: dict, before: str, new: dict) -> dict:
+def _insert_after(stages: dict, after: str, new: dict) -> dict:
     out = {}
     for name, value in stages.items():
-        if name == before:
-            out.update(new)
         out[name] = value
+        if name == after:
+            out.update(new)
     return out
 
 
