@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .router import MASKED, LayerRouter, hard_routes
+from .router import MASKED, LayerRouter, entry_argmax, hard_routes
 
 
 @dataclass
@@ -107,6 +107,11 @@ class AnyStoryContext:
     maps: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # (layer, (B, E, h, w))
     coarse_maps: list[tuple[str, torch.Tensor]] = field(default_factory=list)  # recorded in training
     _memo: dict = field(default_factory=dict)
+    # The pixel groups of `previous_routes` per resolution: a cross-attention layer's gathered
+    # path sorts its pixels by the gates it has just computed, and the self-attention layer that
+    # follows reads the same gates at the same resolution.
+    _groups: dict = field(default_factory=dict)
+    _groups_of: torch.Tensor | None = None  # the routes `_groups` were made from
 
     def begin_forward(self, batch_size: int) -> None:
         if self.batch is None or self.batch.subject_tokens.shape[0] != batch_size:
@@ -159,6 +164,15 @@ class AnyStoryContext:
         if routes.shape[-2:] != size:
             routes = F.interpolate(routes, size=size, mode="nearest")
         return routes.flatten(2)
+
+    def groups_at(self, gates: torch.Tensor, size: tuple[int, int]) -> list[_PixelGroups]:
+        """The pixel groups of one-hot `gates` (B, E, h*w), which are `previous_routes` read at
+        `size`: computed once per routing and resolution."""
+        if self._groups_of is not self.previous_routes:
+            self._groups, self._groups_of = {}, self.previous_routes
+        if size not in self._groups:
+            self._groups[size] = _pixel_groups(gates)
+        return self._groups[size]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +242,17 @@ def _rows_seeing_references(inputs: InjectionInputs, batch: int, device) -> torc
     return sees
 
 
+def _selected_rows(selected: torch.Tensor) -> slice | torch.Tensor | None:
+    """The True rows of a (G,) bool mask as an index: None if there are none, a slice where they
+    are consecutive (indexing with it gives views, not copies), else their positions."""
+    rows = selected.nonzero().squeeze(1).tolist()
+    if not rows:
+        return None
+    if rows == list(range(rows[0], rows[-1] + 1)):
+        return slice(rows[0], rows[-1] + 1)
+    return torch.tensor(rows, device=selected.device)
+
+
 def _is_one_hot(gates: torch.Tensor) -> bool:
     return bool(((gates == 0) | (gates == 1)).all() and (gates.sum(dim=1) == 1).all())
 
@@ -256,7 +281,7 @@ class _PixelGroups:
 def _pixel_groups(gates: torch.Tensor) -> list[_PixelGroups]:
     """One group per distinct owner map among the rows of one-hot gates (B, E, L). The mirrored
     halves of classifier-free guidance share a map, so one image gives one group."""
-    owner = gates.argmax(dim=1)  # (B, L)
+    owner = entry_argmax(gates)  # (B, L)
     members: list[list[int]] = []
     for row in range(owner.shape[0]):
         match = next((m for m in members if torch.equal(owner[m[0]], owner[row])), None)
@@ -269,23 +294,37 @@ def _pixel_groups(gates: torch.Tensor) -> list[_PixelGroups]:
         order = torch.argsort(owner[rows[0]], stable=True)
         index = slice(None) if len(members) == 1 else torch.tensor(rows, device=owner.device)
         counts = torch.bincount(owner[rows[0]], minlength=gates.shape[1]).tolist()
-        groups.append(_PixelGroups(index, order, torch.argsort(order), counts))
+        groups.append(_PixelGroups(index, order, _inverse_permutation(order), counts))
     return groups
 
 
-def _attend_by_group(hidden_states: torch.Tensor, gates: torch.Tensor, attend) -> torch.Tensor:
+def _inverse_permutation(order: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.shape[0], device=order.device)
+    return inverse
+
+
+def _attend_by_group(hidden_states: torch.Tensor, groups: list[_PixelGroups], attend) -> torch.Tensor:
     """The gathered path's skeleton: per group of rows, sort the pixels by owner, let
     `attend(group, sorted_states)` return attention heads (G, heads, L, d) in sorted order, then
     merge heads and put the pixels back in place. Returns (B, L, inner)."""
     out = None
-    for group in _pixel_groups(gates):
+    for group in groups:
         sorted_states = hidden_states[group.rows].index_select(1, group.order)
-        merged = _merge_heads(attend(group, sorted_states)).to(hidden_states.dtype)
-        merged = merged.index_select(1, group.inverse)
+        merged = _unsort_heads(attend(group, sorted_states), group.inverse).to(hidden_states.dtype)
+        if len(groups) == 1:
+            return merged
         if out is None:
             out = merged.new_empty(hidden_states.shape[0], *merged.shape[1:])
         out[group.rows] = merged
     return out
+
+
+def _unsort_heads(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """(G, heads, L, d) in sorted pixel order -> (G, L, heads * d) in place order: merging the
+    heads and unsorting the pixels in one copy."""
+    g, heads, length, d = x.shape
+    return x.transpose(1, 2).index_select(1, inverse).view(g, length, heads * d)
 
 
 def attention_with_lse(query, key, value) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,11 +399,12 @@ class CrossAttentionProcessor(_Processor):
             query, out = _base_attention(attn, hidden_states, context, attention_mask)
             out = out + inputs.subject_scale * self._dense_subject_attention(anystory, query, gates)
         else:
-            out = self._gathered(anystory, attn, hidden_states, context, gates)
+            out = self._gathered(anystory, attn, hidden_states, context, anystory.groups_at(gates, size))
         return _finish(attn, out, residual)
 
     def _route(self, ctx: AnyStoryContext, hidden_states, size):
-        """Coarse soft map (or None), refined soft map M and gates σ(M), each (B, E, L)."""
+        """Coarse soft map, refined soft map M and gates σ(M), each (B, E, L); the soft maps are
+        None unless recorded (router maps) or trained on."""
         inputs = ctx.batch
         if inputs.fixed_routes is not None:
             gates = ctx.gates_at(inputs.fixed_routes.to(hidden_states.dtype), size)
@@ -375,7 +415,10 @@ class CrossAttentionProcessor(_Processor):
         skip = inputs.mirrored_rows
         routing = inputs.routing_features[skip:].to(hidden_states.dtype)
         coarse, fine = self.router(routing, hidden_states[skip:], ctx.logit_bias(size)[skip:], size)
-        coarse, soft, gates = coarse.softmax(dim=1), fine.softmax(dim=1), hard_routes(fine, training=inputs.training)
+        gates = hard_routes(fine, training=inputs.training)
+        if not (inputs.record_maps or inputs.training):  # the soft maps are only recorded
+            return None, None, torch.cat([gates, gates]) if skip else gates
+        coarse, soft = coarse.softmax(dim=1), fine.softmax(dim=1)
         if skip:
             coarse, soft, gates = (torch.cat([x, x]) for x in (coarse, soft, gates))
         return coarse, soft, gates
@@ -397,7 +440,7 @@ class CrossAttentionProcessor(_Processor):
             out = out + gates[:, entry, :, None] * _merge_heads(attended)
         return out
 
-    def _gathered(self, ctx: AnyStoryContext, attn, hidden_states, context, gates) -> torch.Tensor:
+    def _gathered(self, ctx: AnyStoryContext, attn, hidden_states, context, groups) -> torch.Tensor:
         """Text attention plus, for each pixel, only its own entry's subject attention."""
         key, value = self._subject_kv(ctx, attn.heads)
         scale = ctx.batch.subject_scale
@@ -406,13 +449,12 @@ class CrossAttentionProcessor(_Processor):
             rows = group.rows
             query, text_key, text_value = _qkv(attn, sorted_states, context[rows])
             attended = F.scaled_dot_product_attention(query, text_key, text_value)
-            subject = torch.cat([
-                F.scaled_dot_product_attention(query[:, :, part], key[rows, entry], value[rows, entry])
-                for entry, part in group.segments()
-            ], dim=2)
-            return attended + scale * subject
+            for entry, part in group.segments():
+                subject = F.scaled_dot_product_attention(query[:, :, part], key[rows, entry], value[rows, entry])
+                attended[:, :, part] += subject if scale == 1 else scale * subject  # 1 · x is x
+            return attended
 
-        return _attend_by_group(hidden_states, gates, attend)
+        return _attend_by_group(hidden_states, groups, attend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,12 +484,14 @@ class SelfAttentionProcessor(_Processor):
         ref_key, ref_value = self._reference_kv(anystory, attn.heads)  # (B, N, heads, Lr, d)
         size = anystory.spatial_size(hidden_states.shape[1])
         gates = anystory.gates_at(anystory.previous_routes, size)  # (B, E, L)
-        sees = _rows_seeing_references(inputs, hidden_states.shape[0], hidden_states.device)
+        batch = hidden_states.shape[0]
+        sees = anystory.memo(("sees", batch), lambda: _rows_seeing_references(inputs, batch, hidden_states.device))
         if anystory.dense():
             query, key, value = _qkv(attn, hidden_states, hidden_states)
             out = _merge_heads(self._dense(query, key, value, ref_key, ref_value, gates, sees, inputs.reference_scale))
         else:
-            out = self._gathered(attn, hidden_states, ref_key, ref_value, gates, sees, inputs.reference_scale)
+            groups = anystory.groups_at(gates, size)
+            out = self._gathered(attn, hidden_states, ref_key, ref_value, groups, sees, inputs.reference_scale)
         return _finish(attn, out.to(hidden_states.dtype), residual)
 
     def _reference_kv(self, ctx: AnyStoryContext, heads: int):
@@ -472,7 +516,7 @@ class SelfAttentionProcessor(_Processor):
         return F.scaled_dot_product_attention(query, keys, values, attn_mask=bias)
 
     @staticmethod
-    def _gathered(attn, hidden_states, ref_key, ref_value, gates, sees, gamma):
+    def _gathered(attn, hidden_states, ref_key, ref_value, groups, sees, gamma):
         """Every pixel's plain self-attention, then, for the pixels routed to a character in the
         rows that `sees` (B,) references, the attention over its reference tokens merged in as if
         both had shared one softmax: out = (1 - w) · own + w · ref with w = σ(lse_ref + γ - lse_own).
@@ -481,13 +525,12 @@ class SelfAttentionProcessor(_Processor):
         def attend(group, sorted_states):
             query, key, value = _qkv(attn, sorted_states, sorted_states)
             attended, lse = attention_with_lse(query, key, value)
-            group_sees = sees[group.rows]
-            if not group_sees.any():
-                return attended
             # Rows of the group that see references: all of them but reference guidance's
             # unconditional half, which keeps its place in the group so that the plain
             # self-attention above stays one batched call.
-            local = slice(None) if group_sees.all() else group_sees.nonzero().squeeze(1)
+            local = _selected_rows(sees[group.rows])
+            if local is None:
+                return attended
             keys, values = ref_key[group.rows][local], ref_value[group.rows][local]
             queries, own_lse = query[local], lse[local]
             for entry, part in group.segments():
@@ -495,7 +538,10 @@ class SelfAttentionProcessor(_Processor):
                     continue
                 ref_out, ref_lse = attention_with_lse(queries[:, :, part], keys[:, entry], values[:, entry])
                 weight = torch.sigmoid(ref_lse + gamma - own_lse[:, :, part])[..., None].to(ref_out.dtype)
-                attended[local, :, part] = torch.lerp(attended[local, :, part], ref_out, weight)
+                if isinstance(local, slice):  # a view: blend in place
+                    attended[local, :, part].lerp_(ref_out, weight)
+                else:
+                    attended[local, :, part] = torch.lerp(attended[local, :, part], ref_out, weight)
             return attended
 
-        return _attend_by_group(hidden_states, gates, attend)
+        return _attend_by_group(hidden_states, groups, attend)

@@ -74,7 +74,7 @@ class LayerRouter(nn.Module):
         )
         coarse = self._logits(self.coarse_query(routing_features), coarse_keys, logit_bias)
         # Masked cross-attention: entry e attends only to the tokens whose coarse argmax is e.
-        owner = coarse.argmax(dim=1, keepdim=True)  # (B, 1, L)
+        owner = entry_argmax(coarse, keepdim=True)  # (B, 1, L)
         entries = torch.arange(coarse.shape[1], device=coarse.device)[None, :, None]
         not_own = torch.where(owner == entries, 0.0, MASKED).to(coarse.dtype)  # (B, E, L)
         attention = self._logits(self.refine_query(self.refine_norm(routing_features)), refine_keys, not_own)
@@ -106,8 +106,16 @@ def hard_routes(logits: torch.Tensor, training: bool, tau: float = 1.0) -> torch
     so the diffusion loss reaches the router through the gates."""
     if training:
         return F.gumbel_softmax(logits, tau=tau, hard=True, dim=1)
-    index = logits.argmax(dim=1, keepdim=True)
+    index = entry_argmax(logits, keepdim=True)
     return torch.zeros_like(logits).scatter_(1, index, 1.0)
+
+
+def entry_argmax(x: torch.Tensor, keepdim: bool = False) -> torch.Tensor:
+    """The argmax over the entry axis (dim 1) of (B, E, L) maps: the first maximum, as argmax
+    gives it. `max`'s indices are that same index, and on a CPU about 20x faster than `argmax`
+    along a short axis that is not the last (0.01 ms against 0.2 ms for 3 x 1024), which counts at
+    two or three argmaxes per cross-attention layer and step."""
+    return x.max(dim=1, keepdim=keepdim).indices
 
 
 def downsample_masks(masks: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
