@@ -8,6 +8,7 @@ AnyStory steps interleaved round by round. Times are per step, averaged over eve
 
     python benchmarks/step_profile.py               # prints a Markdown table
     python benchmarks/step_profile.py --rounds 4
+    python benchmarks/step_profile.py --layers      # one layer of each resolution, part by part
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from step_overhead import characters_for, small_sdxl, step_times
 
 from anystory_cli.sd import attention
+from anystory_cli.sd.adapter import install
 
 # (owner, attribute, label): the parts of the step that AnyStory adds or replaces.
 PARTS = [
@@ -72,14 +74,74 @@ def instrument(pipe) -> None:
     pipe.unet.forward = _timed(pipe.unet.forward, unet_label)
 
 
+def _median_ms(function, repeats: int = 30) -> float:
+    function()
+    times = []
+    for _ in range(repeats):
+        start = time.thread_time()
+        function()
+        times.append(time.thread_time() - start)
+    return 1000 * statistics.median(times)
+
+
+@torch.no_grad()
+def layer_costs(pipe, characters) -> None:
+    """Median CPU time of one transformer block's attention layers at 32x32 and at 16x16 tokens,
+    plain and with two characters (batch of 2: both halves of guidance), and of their parts."""
+    inputs = pipe._injection_inputs(characters, None, 1, (64, 64), 1.0, 0.0, False)
+    context = attention.AnyStoryContext(inputs)
+    installed = install(pipe.adapter, pipe.unet)
+    modules = dict(pipe.unet.named_modules())
+    plain = AttnProcessor2_0()
+    torch.manual_seed(0)
+    print("| layer | plain | two characters | router | subject attentions | pixel sort |")
+    print("|---|---|---|---|---|---|")
+    for block, tokens in (("down_blocks.1.attentions.0.transformer_blocks.0", 1024),
+                          ("down_blocks.2.attentions.0.transformer_blocks.0", 256)):
+        self_attn, cross_attn = modules[block + ".attn1"], modules[block + ".attn2"]
+        states = torch.randn(2, tokens, cross_attn.to_q.in_features)
+        text = torch.randn(2, 77, cross_attn.to_k.in_features)
+        context.begin_forward(2)
+        size = context.spatial_size(tokens)
+        processor = cross_attn.processor
+        _, _, gates = processor._route(context, states, size)
+        groups = attention._pixel_groups(gates)
+        context.previous_routes = gates.view(*gates.shape[:2], *size)
+        query = attention._split_heads(cross_attn.to_q(states), cross_attn.heads)
+        key, value = processor._subject_kv(context, cross_attn.heads)
+
+        def subject_attentions():
+            for entry, part in groups[0].segments():
+                torch.nn.functional.scaled_dot_product_attention(query[:, :, part], key[:, entry], value[:, entry])
+
+        def anystory_cross():
+            context.previous_routes = None  # a fresh routing, sorted again
+            return processor(cross_attn, states, text, anystory=context)
+
+        cross = (_median_ms(lambda: plain(cross_attn, states, text)), _median_ms(anystory_cross),
+                 _median_ms(lambda: processor._route(context, states, size)), _median_ms(subject_attentions),
+                 _median_ms(lambda: attention._pixel_groups(gates)))
+        print(f"| cross-attention, {tokens} tokens | " + " | ".join(f"{t:.2f} ms" for t in cross) + " |")
+        _, _, gates = processor._route(context, states, size)
+        context.previous_routes = gates.view(*gates.shape[:2], *size)
+        own = (_median_ms(lambda: plain(self_attn, states)),
+               _median_ms(lambda: self_attn.processor(self_attn, states, None, anystory=context)))
+        print(f"| self-attention, {tokens} tokens | " + " | ".join(f"{t:.2f} ms" for t in own) + " | | | |")
+    installed.remove()
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--layers", action="store_true", help="time one layer of each resolution instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
     pipe = small_sdxl()
     characters = characters_for(pipe, 2)
+    if args.layers:
+        layer_costs(pipe, characters)
+        return
     instrument(pipe)
     step_times(pipe, None, 2)
     step_times(pipe, characters, 2)

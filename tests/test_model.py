@@ -330,6 +330,41 @@ def test_routing_maps_are_per_layer_distributions_averaged_at_image_size(sd_pipe
     torch.testing.assert_close(out.routing_maps, torch.stack(upsampled).mean(dim=0))
 
 
+def test_recording_the_routing_maps_changes_no_pixel(sd_pipe, sd_characters):
+    """The soft maps are computed only when recorded; the gates, and so the image, are the same."""
+    recorded = story(sd_pipe, sd_characters[:3], return_routing=True, reference_scale=0.5)
+    unrecorded = story(sd_pipe, sd_characters[:3], reference_scale=0.5)
+    assert np.array_equal(recorded.images, unrecorded.images)
+
+
+def test_entry_argmax_is_the_first_maximum_like_argmax():
+    from anystory_cli.sd.router import MASKED, entry_argmax
+
+    torch.manual_seed(0)
+    for trial in range(20):
+        maps = torch.randint(0, 3, (2, 4, 97)).float()  # many ties
+        maps[:, :, :5] = MASKED if trial % 2 else float("nan")
+        if trial % 3 == 0:  # a layout that is not contiguous
+            maps = maps.transpose(0, 1).contiguous().transpose(0, 1)
+        assert torch.equal(entry_argmax(maps), maps.argmax(dim=1))
+        assert torch.equal(entry_argmax(maps, keepdim=True), maps.argmax(dim=1, keepdim=True))
+
+
+def test_pixel_sort_is_made_once_per_routing_and_resolution(sd_pipe, sd_characters, monkeypatch):
+    """A cross-attention layer sorts its pixels by its new gates; the self-attention layer after it
+    reads the same gates at the same resolution and reuses that sort."""
+    from anystory_cli.sd import attention
+
+    sorts = []
+    original = attention._pixel_groups
+    monkeypatch.setattr(attention, "_pixel_groups", lambda gates: sorts.append(gates.shape) or original(gates))
+    sd_pipe("a red blob on grass", characters=sd_characters[:2], num_inference_steps=1, generator=generator(),
+            output_type="latent", reference_scale=0.5)
+    cross_layers = len(sd_pipe.adapter.spec.cross_layers)
+    resolution_changes = sum(1 for a, b in zip(sorts, sorts[1:]) if a[-1] != b[-1])
+    assert len(sorts) == cross_layers + resolution_changes
+
+
 def test_router_hard_routes_and_fully_masked_rows_stay_finite():
     from anystory_cli.sd.router import MASKED, LayerRouter, hard_routes
 
