@@ -318,7 +318,11 @@ def _dry_run(stories, pages, panels, seed, steps, memory, model, device, dtype, 
 
 def _rank() -> int:
     """This process's rank under torchrun / accelerate launch (0 when alone)."""
+    from ..render.ranks import Ranks
+
+    if Ranks.launched() <= 1:
+        return 0
     try:
-        return int(os.environ.get("RANK", "0") or 0) if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1 else 0
+        return int(os.environ.get("RANK", "0") or 0)
     except ValueError:
         return 0

@@ -64,7 +64,7 @@ def first_runtime(request: Request | Runtime, out_dir: Path, asks_memory: bool) 
     known = request.known()
     if known is not None:
         return known, False
-    single = os.environ.get("WORLD_SIZE", "1").strip() in ("", "1")
+    single = Ranks.launched() <= 1
     assumed = request.assuming(recorded_device(out_dir)) if single and not asks_memory else None
     return (assumed, True) if assumed is not None else (request.resolve(), False)
 

@@ -49,13 +49,18 @@ class Ranks:
     def __init__(self, rank: int = 0, world: int = 1):
         self.rank, self.world = rank, world
 
+    @staticmethod
+    def launched() -> int:
+        """How many processes the launcher (torchrun, accelerate launch) started: WORLD_SIZE, 1
+        when unset or unreadable. Read without torch."""
+        try:
+            return int(os.environ.get("WORLD_SIZE", "1") or 1)
+        except ValueError:
+            return 1
+
     @classmethod
     def current(cls) -> "Ranks":
-        try:
-            world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-        except ValueError:
-            world = 1
-        if world <= 1:
+        if cls.launched() <= 1:
             return cls()
         dist = _process_group()
         return cls(dist.get_rank(), dist.get_world_size())
